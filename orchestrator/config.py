@@ -1,0 +1,273 @@
+"""Run configuration: schema of a whole run and its one-pass loader.
+
+`load_config(path)` returns a typed `RunConfig` or raises `ConfigError` whose `problems`
+are lines `file: key.path: message`, all problems of the file at once. Code below the
+loader receives typed objects only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from serving.specs import ServingSpec
+from workers.specs import DataSpec, GenerationSpec, ScalingSpec, StrictModel
+
+
+class GatesSpec(StrictModel):
+    """Offline gate of a candidate against production on held-out data (fractions, not %)."""
+
+    max_error_increase: float = Field(0.0, ge=0, le=1, description="candidate error - production error")
+    max_nfr: float = Field(0.02, ge=0, le=1)
+    max_nfi: Optional[float] = Field(None, ge=0)
+    max_class_nfr: float = Field(0.1, ge=0, le=1, description="worst per-class NFR")
+    # Retrieval: candidate queries on the production gallery must beat production's own.
+    require_bct: bool = True
+
+
+class RolloutStep(StrictModel):
+    """One canary step: candidate weight, time to bake, evidence needed before deciding."""
+
+    weight: float = Field(..., gt=0, le=1)
+    bake_seconds: float = Field(60.0, ge=0)
+    min_requests: int = Field(100, ge=0)
+    min_labels: int = Field(100, ge=0)
+
+
+def _default_steps() -> list[RolloutStep]:
+    return [RolloutStep(weight=w) for w in (0.05, 0.25, 0.5)]
+
+
+class RolloutSpec(StrictModel):
+    """How the controller moves traffic: steps, the statistical rule and its limits."""
+
+    steps: list[RolloutStep] = Field(default_factory=_default_steps, min_length=1)
+    shadow_bake_seconds: float = Field(30.0, ge=0)
+    nfr_limit: float = Field(0.01, gt=0, lt=1, description="largest acceptable live NFR")
+    # Error bounds of the sequential rule: chance of rolling back a candidate at half the
+    # limit, and of promoting one at twice the limit.
+    false_rollback_rate: float = Field(0.05, gt=0, lt=0.5)
+    false_promote_rate: float = Field(0.05, gt=0, lt=0.5)
+    error_rate_limit: float = Field(0.01, ge=0, le=1, description="share of failed candidate requests")
+    latency_p99_ms: float = Field(500.0, gt=0)
+    tick_seconds: float = Field(2.0, gt=0)
+    metric_source: Literal["router", "prometheus"] = "router"
+    prometheus_url: str = "http://127.0.0.1:9090"
+    max_source_errors: int = Field(10, ge=1, description="consecutive metric-source errors before pausing")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_increase(cls, steps: list[RolloutStep]) -> list[RolloutStep]:
+        weights = [s.weight for s in steps]
+        if any(b <= a for a, b in zip(weights, weights[1:])):
+            raise ValueError(f"step weights must increase strictly, got {weights}")
+        return steps
+
+
+class RunConfig(StrictModel):
+    """A whole run: data, the chain of generations, scaling, gates, serving and rollout."""
+
+    run_dir: Path = Path("runs/default")
+    data: DataSpec = Field(default_factory=DataSpec)
+    generations: list[GenerationSpec] = Field(..., min_length=1)
+    # Whose embeddings fill the served gallery; default: the first generation.
+    gallery_generation: Optional[str] = None
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    gates: GatesSpec = Field(default_factory=GatesSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+
+    def generation(self, name: str) -> GenerationSpec:
+        """The generation called `name` (KeyError naming the known ones otherwise)."""
+        for g in self.generations:
+            if g.name == name:
+                return g
+        raise KeyError(f"unknown generation {name!r}; known: {[g.name for g in self.generations]}")
+
+    def parent_of(self, name: str) -> Optional[GenerationSpec]:
+        """The generation before `name` in the chain (None for the first)."""
+        names = [g.name for g in self.generations]
+        i = names.index(name)
+        return self.generations[i - 1] if i > 0 else None
+
+    @property
+    def gallery(self) -> str:
+        return self.gallery_generation or self.generations[0].name
+
+    def config_hash(self) -> str:
+        """Stable sha256 of the validated config (for lineage records)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+_MESSAGES = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "missing": "required key is missing",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "model_type": "must be a mapping of keys",
+    "model_attributes_type": "must be a mapping of keys",
+    "dict_type": "must be a mapping of keys",
+    "too_short": "must have at least {min_length} item(s)",
+    "string_too_short": "must have at least {min_length} character(s)",
+    "string_too_long": "must have at most {max_length} characters",
+    "string_pattern_mismatch": "must match {pattern}",
+    "path_type": "must be a path",
+}
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Known keys of the model that owns the last element of `loc` (for 'did you mean')."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel class inside Optional[...] / list[...] annotations, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _num(v: Any) -> Any:
+    """0.0 -> 0, 1e-05 stays: numbers in messages read as the user wrote them."""
+    return f"{v:g}" if isinstance(v, float) else v
+
+
+def _message(err: dict, root: type[BaseModel]) -> str:
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        key = str(err["loc"][-1])
+        close = difflib.get_close_matches(key, _fields_at(root, err["loc"]), n=1, cutoff=0.6)
+        return "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected', '')}, got {err.get('input')!r}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    if kind in _MESSAGES:
+        try:
+            return _MESSAGES[kind].format(**{k: _num(v) for k, v in ctx.items()}) + (
+                f", got {err['input']!r}" if kind.endswith(("_type", "_parsing")) else ""
+            )
+        except (KeyError, IndexError):
+            pass
+    return err["msg"]
+
+
+def _semantic_problems(raw: dict) -> list[tuple[str, str]]:
+    """Cross-field checks the field types cannot express, as (key path, message).
+
+    Runs on the raw mapping, defensively, so that its problems are reported in the same
+    pass as the type errors.
+    """
+    problems = []
+    gens = raw.get("generations")
+    gens = gens if isinstance(gens, list) else []
+    seen: dict[str, int] = {}
+    for i, g in enumerate(gens):
+        if not isinstance(g, dict):
+            continue
+        name = g.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append((f"generations[{i}].name",
+                                 f"duplicate name {name!r} (also generations[{seen[name]}])"))
+            seen.setdefault(name, i)
+        if i == 0:
+            if g.get("recipe") == "lqf":
+                problems.append((f"generations[{i}].recipe",
+                                 "lqf fine-tunes a parent; the first generation has none"))
+            compat = g.get("compat") if isinstance(g.get("compat"), dict) else {}
+            for term in ("bct", "focal_distillation"):
+                if compat.get(term) is not None:
+                    problems.append((f"generations[{i}].compat.{term}",
+                                     "the first generation has no production model to be compatible with"))
+    gallery = raw.get("gallery_generation")
+    if gallery is not None and seen and gallery not in seen:
+        problems.append(("gallery_generation", f"unknown generation {gallery!r}; known: {list(seen)}"))
+    return problems
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read, parse and validate a run config; raise ConfigError listing every problem."""
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise ConfigError([f"{path}: file not found"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        pos = f"line {where.line + 1}, column {where.column + 1}: " if where else ""
+        raise ConfigError([f"{name}: {pos}not valid YAML ({getattr(e, 'problem', None) or e})"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{name}: cannot read file ({e})"]) from None
+    if raw is None:
+        raise ConfigError([f"{name}: file is empty"])
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{name}: top level must be a mapping of keys, got {type(raw).__name__}"])
+    return parse_config(raw, name=name, base_dir=path.resolve().parent)
+
+
+def parse_config(raw: dict, name: str = "<config>", base_dir: Optional[Path] = None) -> RunConfig:
+    """Validate an already-parsed mapping (paths resolved against `base_dir`)."""
+    lines = []
+    cfg = None
+    try:
+        cfg = RunConfig.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as e:
+        lines = [f"{name}: {_format_loc(err['loc'])}: {_message(err, RunConfig)}" for err in e.errors()]
+    lines += [f"{name}: {loc}: {msg}" for loc, msg in _semantic_problems(raw)]
+    if lines or cfg is None:
+        raise ConfigError(lines)
+    return cfg

@@ -1,0 +1,89 @@
+"""Model checkpoints: one self-describing file, written atomically, verified by sha256.
+
+The file holds only tensors and plain values, so it loads with
+`torch.load(weights_only=True)`: no pickle of arbitrary objects is ever executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from workers.models import GracefulNet, build_model
+from workers.specs import ArchSpec
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, changed, truncated or not one of ours."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_file(path: str | Path) -> Path:
+    """Accept either the checkpoint directory or the model file itself."""
+    p = Path(path)
+    return p / MODEL_FILE if p.is_dir() else p
+
+
+def save_model(model: GracefulNet, path: str | Path, meta: Optional[dict[str, Any]] = None) -> str:
+    """Write `model` to `path` (a directory, or a file name) and return the file's sha256."""
+    target = Path(path)
+    if target.suffix != ".pt":
+        target.mkdir(parents=True, exist_ok=True)
+        target = target / MODEL_FILE
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    blob = {
+        "format": FORMAT_VERSION,
+        "arch": model.spec.model_dump(mode="json"),
+        "input_dim": model.input_dim,
+        "num_classes": model.num_classes,
+        "state_dict": state,
+        "meta": meta or {},
+    }
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    torch.save(blob, tmp)
+    os.replace(tmp, target)  # a reader never sees a half-written checkpoint
+    return sha256_file(target)
+
+
+def load_model(path: str | Path, sha256: Optional[str] = None) -> tuple[GracefulNet, dict[str, Any]]:
+    """Load a checkpoint (weights_only), verifying its sha256 first when one is given."""
+    f = model_file(path)
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint not found: {f}")
+    if sha256 is not None:
+        actual = sha256_file(f)
+        if actual != sha256:
+            raise CheckpointError(
+                f"checkpoint {f} was changed or truncated: sha256 {actual[:12]}... "
+                f"!= recorded {sha256[:12]}...; refusing to load it"
+            )
+    try:
+        blob = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt files
+        raise CheckpointError(f"checkpoint {f} cannot be read: {type(e).__name__}: {e}") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {f} is not a graceful model file (format {FORMAT_VERSION})")
+    try:
+        spec = ArchSpec.model_validate(blob["arch"])
+        model = build_model(spec, int(blob["input_dim"]), int(blob["num_classes"]))
+        model.load_state_dict(blob["state_dict"], strict=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {f} does not match its architecture: {e}") from None
+    model.eval()
+    return model, dict(blob.get("meta") or {})

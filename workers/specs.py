@@ -1,0 +1,150 @@
+"""Typed configuration of the training data plane (data, architectures, training, compatibility).
+
+These models are composed into the run config by `orchestrator.config`; they live here so
+that `workers` never imports `orchestrator` (see DESIGN.md, dependency direction).
+Every model rejects unknown keys; ranges are checked by the field constraints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataSpec(StrictModel):
+    """Where the samples come from and how they are split (deterministic by `seed`)."""
+
+    source: Literal["mnist1d", "digits", "npz"] = "mnist1d"
+    # npz: a file with arrays `x` (N, L) float and `y` (N,) int; relative to the config file.
+    path: Optional[Path] = None
+    num_samples: int = Field(15000, gt=0, description="mnist1d only: samples generated")
+    seed: int = Field(0, ge=0)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    # Cache for generated datasets; default ~/.cache/graceful (or $GRACEFUL_CACHE).
+    cache_dir: Optional[Path] = None
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, v: Optional[Path], info: ValidationInfo) -> Optional[Path]:
+        if v is None:
+            return v
+        base = (info.context or {}).get("base_dir")
+        p = v if v.is_absolute() or base is None else Path(base) / v
+        if not p.is_file():
+            raise ValueError(f"file not found: {p}")
+        return p
+
+    @model_validator(mode="after")
+    def _npz_needs_path(self) -> "DataSpec":
+        if self.source == "npz" and self.path is None:
+            raise ValueError("source 'npz' needs `path` to a .npz file with arrays x and y")
+        if self.test_fraction + self.val_fraction >= 0.9:
+            raise ValueError("test_fraction + val_fraction must leave at least 10% for training")
+        return self
+
+
+class ArchSpec(StrictModel):
+    """A model: an embedding network and a classifier head on top of it."""
+
+    type: Literal["mlp", "cnn1d"] = "cnn1d"
+    width: int = Field(32, gt=0, description="hidden units (mlp) or channels (cnn1d)")
+    depth: int = Field(3, ge=1, le=16, description="hidden layers (mlp) or conv layers (cnn1d)")
+    kernel_size: int = Field(5, ge=1, le=31, description="cnn1d only")
+    embed_dim: int = Field(64, gt=0)
+    # cosine: L2-normalised embedding and a cosine head (normalised softmax) -- what BCT
+    # needs (shared/notes/compat-experiments.md); linear: ReLU-free embedding + linear head.
+    head: Literal["cosine", "linear"] = "cosine"
+    scale: float = Field(16.0, gt=0, description="cosine head: logit scale")
+    activation: Literal["relu", "leaky_relu"] = "relu"
+    negative_slope: float = Field(0.01, gt=0, lt=1, description="leaky_relu only")
+
+
+class TrainSpec(StrictModel):
+    """Optimisation settings of one generation."""
+
+    steps: int = Field(3000, gt=0, description="optimiser steps (global batches)")
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    seed: int = Field(0, ge=0)
+    eval_every: int = Field(500, gt=0, description="steps between validation + checkpoint")
+
+
+class BCTSpec(StrictModel):
+    """Backward-compatible training: new embedding through frozen old heads (influence loss)."""
+
+    weight: float = Field(1.0, ge=0)
+    # production: only the model in production; ancestors: every ancestor with weight
+    # decay**distance (normalised), which always includes the gallery's model.
+    against: Literal["production", "ancestors"] = "ancestors"
+    decay: float = Field(0.5, gt=0, le=1)
+
+
+class FocalDistillationSpec(StrictModel):
+    """Positive-congruent training (Yan et al. 2021): per-sample weight alpha + beta*[old right]."""
+
+    form: Literal["kl", "lm"] = "kl"
+    alpha: float = Field(0.0, ge=0)
+    beta: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, ge=0)
+
+
+class EnsembleSpec(StrictModel):
+    """ELODI-style distillation from an ensemble of same-architecture reference models."""
+
+    members: int = Field(4, ge=1, le=32)
+    weight: float = Field(0.5, ge=0)
+    top_k: Optional[int] = Field(None, ge=1, description="only the ensemble's top-K classes")
+    margin: float = Field(0.0, ge=0, description="ignore logit gaps below this margin")
+
+
+class CompatSpec(StrictModel):
+    """Compatibility terms added to the task loss; all off by default."""
+
+    bct: Optional[BCTSpec] = None
+    focal_distillation: Optional[FocalDistillationSpec] = None
+    ensemble: Optional[EnsembleSpec] = None
+
+
+class LQFSpec(StrictModel):
+    """Linearised fine-tuning around the parent's weights (Achille et al. 2021)."""
+
+    target_scale: float = Field(5.0, gt=0, description="one-hot targets are scaled by this")
+    damping: float = Field(1e-3, gt=0)
+    update_interval: int = Field(20, ge=1, description="steps between K-FAC factor updates")
+    precondition: bool = True
+
+
+class GenerationSpec(StrictModel):
+    """One generation of the chain: what it sees, its model, how it is trained."""
+
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    arch: ArchSpec = Field(default_factory=ArchSpec)
+    # How much of the training pool this generation sees (a prefix, so later generations
+    # see a superset: continual learning). Fraction of the pool in (0, 1].
+    train_fraction: float = Field(1.0, gt=0, le=1)
+    label_noise: float = Field(0.0, ge=0, lt=1, description="fraction of training labels replaced")
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    compat: CompatSpec = Field(default_factory=CompatSpec)
+    recipe: Literal["standard", "lqf"] = "standard"
+    lqf: LQFSpec = Field(default_factory=LQFSpec)
+
+
+class ScalingSpec(StrictModel):
+    """Ray Train scaling: the same config runs on 2 CPU workers here and on a GPU cluster."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=0)
