@@ -124,6 +124,7 @@ class LQFSpec(StrictModel):
     damping: float = Field(1e-3, gt=0)
     update_interval: int = Field(20, ge=1, description="steps between K-FAC factor updates")
     precondition: bool = True
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum on the (preconditioned) gradient")
 
 
 class GenerationSpec(StrictModel):

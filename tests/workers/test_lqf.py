@@ -1,0 +1,194 @@
+"""LQF: linearised forward vs finite differences, K-FAC factors by hand, loss, recipe, serving."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from workers.checkpoint import CheckpointError, load_model, save_model
+from workers.data import Split
+from workers.lqf import (KFAC, LinearizedNet, conv1d_factors, damped_inverses, fit_lqf, fold, linear_factors,
+                         load_servable, make_lqf, save_lqf, square_loss)
+from workers.models import build_model
+from workers.specs import ArchSpec, GenerationSpec, LQFSpec, TrainSpec
+
+LEAKY = dict(activation="leaky_relu", negative_slope=0.1)
+
+
+def _parent(type_: str = "cnn1d", head: str = "cosine", seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(ArchSpec(type=type_, width=6, depth=2, embed_dim=5, head=head, **LEAKY), 16, 3)
+
+
+def _set_delta(lin: LinearizedNet, tangents: list[torch.Tensor], eps: float) -> None:
+    with torch.no_grad():
+        for d, t in zip(lin.delta, tangents):
+            d.copy_(eps * t)
+
+
+@pytest.mark.parametrize("type_,head", [("cnn1d", "cosine"), ("mlp", "linear")])
+def test_linearised_forward_matches_finite_difference_jvp(type_, head):
+    parent = _parent(type_, head).double()
+    lin = LinearizedNet(parent).double()
+    x = torch.randn(7, 16, dtype=torch.float64)
+    tangents = [torch.randn_like(p) for p in parent.parameters()]
+    f0 = parent(x)
+    # Central difference of the parent along the tangent: (f(w0 + h v) - f(w0 - h v)) / 2h.
+    h = 1e-5
+    outs = []
+    for sign in (1, -1):
+        moved = _parent(type_, head).double()
+        moved.load_state_dict(parent.state_dict())
+        with torch.no_grad():
+            for p, t in zip(moved.parameters(), tangents):
+                p.add_(sign * h * t)
+        outs.append(moved(x))
+    fd_jvp = (outs[0] - outs[1]) / (2 * h)
+    eps = 0.3
+    _set_delta(lin, tangents, eps)
+    with torch.no_grad():
+        got = lin(x)
+    torch.testing.assert_close(got, f0 + eps * fd_jvp, rtol=1e-6, atol=1e-6)
+    # And it is linear in delta, unlike the network: doubling delta doubles the change.
+    _set_delta(lin, tangents, 2 * eps)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x) - f0, 2 * (got - f0), rtol=1e-9, atol=1e-9)
+
+
+def test_linearised_model_starts_at_parent_and_trains_only_delta():
+    parent = _parent()
+    lin = LinearizedNet(parent)
+    x = torch.randn(4, 16)
+    z, logits = lin.embed_and_logits(x)
+    z0, l0 = parent.embed_and_logits(x)
+    torch.testing.assert_close(logits, l0)
+    torch.testing.assert_close(z, z0)
+    square_loss(logits, torch.tensor([0, 1, 2, 0]), 5.0).backward()
+    assert all(d.grad is not None and d.grad.abs().sum() > 0 for d in lin.delta)
+    assert all(not p.requires_grad for p in lin.base.parameters())
+
+
+def test_relu_parent_becomes_leaky_and_arch_must_match():
+    relu = build_model(ArchSpec(width=6, depth=2), 16, 3)
+    lin = LinearizedNet(relu, ArchSpec(width=6, depth=2, negative_slope=0.2))
+    assert lin.spec.activation == "leaky_relu" and lin.spec.negative_slope == 0.2
+    with pytest.raises(ValueError, match="width"):
+        LinearizedNet(relu, ArchSpec(width=8, depth=2))
+
+
+def test_square_loss_hand_case():
+    logits = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    # targets [[2, 0], [0, 2]]: residual^2 sums 1 and 4 -> 0.5 * 5 / 2
+    assert square_loss(logits, torch.tensor([0, 1]), 2.0).item() == pytest.approx(1.25)
+
+
+def test_linear_factors_hand_computed_2x2():
+    a = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    g = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    A, G = linear_factors(a, g, bias=False)
+    torch.testing.assert_close(A, torch.tensor([[5.0, 1.0], [1.0, 2.0]]))
+    torch.testing.assert_close(G, torch.tensor([[0.5, 0.0], [0.0, 2.0]]))
+    # With a bias the input gains a constant 1: [1,2,1] and [3,0,1] -> extra row/col means.
+    A_b, _ = linear_factors(a, g, bias=True)
+    torch.testing.assert_close(A_b, torch.tensor([[5.0, 1.0, 2.0], [1.0, 2.0, 1.0], [2.0, 1.0, 1.0]]))
+
+
+def test_kfac_on_2x2_layer_is_exact_gauss_newton_per_sample():
+    """For one sample the curvature block of a Linear layer IS a (x) g: K-FAC's A (x) G is
+    then exact, so preconditioning with tiny damping solves the Newton system."""
+    a = torch.tensor([[1.0, 2.0]])
+    g = torch.tensor([[3.0, -1.0]])
+    A, G = linear_factors(a, g, bias=False)  # A = [[1,2],[2,4]], G = [[9,-3],[-3,1]]
+    torch.testing.assert_close(A, torch.tensor([[1.0, 2.0], [2.0, 4.0]]))
+    torch.testing.assert_close(G, torch.tensor([[9.0, -3.0], [-3.0, 1.0]]))
+    # Gauss-Newton of the 2x2 weight (row-major vec): J = g (x) a, F = J^T J = G (x) A.
+    J = torch.kron(g, a)
+    torch.testing.assert_close(J.T @ J, torch.kron(G, A))
+    # Damped inverse of a PD factor pair approximates the inverse of (G (x) A + l I).
+    A2 = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    G2 = torch.tensor([[1.0, 0.2], [0.2, 3.0]], dtype=torch.float64)
+    A_inv, G_inv = damped_inverses(A2, G2, 1e-10)
+    grad = torch.tensor([[1.0, -2.0], [0.5, 4.0]], dtype=torch.float64)
+    want = torch.linalg.solve(torch.kron(G2, A2), grad.reshape(-1)).reshape(2, 2)
+    torch.testing.assert_close(G_inv @ grad @ A_inv, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv1d_factors_equal_linear_factors_on_patches():
+    # C_in = 1, k = 2, stride 1, no padding, L = 3: patches [x0, x1] and [x1, x2].
+    a = torch.tensor([[[1.0, 2.0, 3.0]]])
+    g = torch.tensor([[[1.0, -1.0]]])  # C_out = 1, L_out = 2
+    A, G = conv1d_factors(a, g, kernel_size=2, stride=1, padding=0, bias=False)
+    # A = mean of [1,2][1,2]^T and [2,3][2,3]^T = [[2.5, 4], [4, 6.5]]; G = 1 + 1 = 2 (sum over t)
+    torch.testing.assert_close(A, torch.tensor([[2.5, 4.0], [4.0, 6.5]]))
+    torch.testing.assert_close(G, torch.tensor([[2.0]]))
+
+
+def test_kfac_hooks_capture_inputs_of_each_layer():
+    parent = _parent("mlp", "linear")
+    lin = LinearizedNet(parent)
+    kfac = KFAC(lin, damping=1e-3)
+    assert len(kfac.layers) == 4  # two hidden Linear, projection, linear head
+    x = torch.randn(32, 16)
+    kfac.update(x)
+    first = kfac.layers[0]
+    want_A, _ = linear_factors(x, torch.zeros(32, 6), bias=True)
+    torch.testing.assert_close(first.A, want_A)
+    # G of the head's output layer: E[eps eps^T] with eps ~ N(0, I) -> close to I on average.
+    kfac2 = KFAC(LinearizedNet(parent), damping=1e-3, seed=1)
+    for _ in range(30):
+        kfac2.update(torch.randn(64, 16))
+    torch.testing.assert_close(kfac2.layers[-1].G, torch.eye(3), atol=0.1, rtol=0)
+
+
+def test_precondition_changes_grads_and_recipe_lowers_loss():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 16)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0).astype(np.int64)
+    train = Split(x, y)
+    parent = _parent()
+    gen = GenerationSpec(name="g1", arch=parent.spec, recipe="lqf",
+                         train=TrainSpec(steps=60, batch_size=64, lr=0.05),
+                         lqf=LQFSpec(target_scale=4.0, damping=1e-2, update_interval=5))
+    before = square_loss(LinearizedNet(parent)(torch.as_tensor(x)), torch.as_tensor(y), 4.0).item()
+    lin = fit_lqf(parent, train, gen)
+    with torch.no_grad():
+        after = square_loss(lin(torch.as_tensor(x)), torch.as_tensor(y), 4.0).item()
+    assert after < 0.7 * before
+    # The preconditioner really changes the step direction.
+    recipe = make_lqf(parent, gen)
+    loss = recipe.task_loss(recipe.model(torch.as_tensor(x[:64])), torch.as_tensor(y[:64]))
+    loss.backward()
+    raw = [d.grad.clone() for d in recipe.model.delta]
+    recipe.before_step(0, torch.as_tensor(x[:64]))
+    assert any(not torch.allclose(r, d.grad) for r, d in zip(raw, recipe.model.delta))
+
+
+def test_lqf_checkpoint_round_trip_serves_the_linearised_model(tmp_path):
+    parent = _parent()
+    lin = LinearizedNet(parent)
+    _set_delta(lin, [torch.randn_like(p) for p in parent.parameters()], 0.1)
+    sha = save_lqf(lin, tmp_path / "g1")
+    served, meta = load_servable(tmp_path / "g1", sha256=sha)
+    assert meta["recipe"] == "lqf" and isinstance(served, LinearizedNet)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(served.embed_and_logits(x), lin.embed_and_logits(x))
+    # Folding (the plain net at w0 + delta) is only first order: its gap to the linearised
+    # model is second order, so halving delta quarters it.
+    tangents = [torch.randn_like(p, dtype=torch.float64) for p in parent.parameters()]
+    lin64 = LinearizedNet(parent).double()
+    gaps = []
+    for eps in (1e-4, 5e-5):
+        _set_delta(lin64, tangents, eps)
+        with torch.no_grad():
+            gaps.append((fold(lin64).double()(x.double()) - lin64(x.double())).abs().max().item())
+    assert gaps[0] > 0 and 3.5 < gaps[0] / gaps[1] < 4.5
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path / "g1")  # a plain loader must not silently serve it wrong
+    with pytest.raises(CheckpointError):
+        load_servable(tmp_path / "g1", sha256="0" * 64)
+    # Ordinary checkpoints pass through.
+    sha2 = save_model(parent, tmp_path / "g0")
+    plain, _ = load_servable(tmp_path / "g0", sha256=sha2)
+    assert not isinstance(plain, LinearizedNet)

@@ -1,0 +1,406 @@
+"""Linearised fine-tuning (LQF: Linear Quadratic Fine-tuning, Achille et al., CVPR 2021).
+
+A generation with `recipe: lqf` does not train the parent's network; it trains the
+first-order Taylor expansion of it around the parent's weights w0:
+
+    f_lin(x; w) = f(x; w0) + J(x; w0) (w - w0)
+
+computed with forward-mode autodiff (`torch.func.jvp`): one forward pass carrying the
+tangent `w - w0`, never a materialised Jacobian. Three things change together:
+
+- the model: ReLU becomes leaky ReLU (slope from `arch.negative_slope`), because a ReLU's
+  Jacobian is zero wherever a unit is off at w0, so those units could never move;
+- the loss: square loss on one-hot targets scaled by `lqf.target_scale` -- with a model
+  linear in w this is a convex quadratic in w;
+- the optimiser: SGD with momentum on gradients preconditioned per Linear/Conv1d layer (and
+  the cosine head) by a Kronecker-factored curvature A (x) G (K-FAC), with factored Tikhonov
+  damping `lqf.damping`, factors refreshed every `lqf.update_interval` steps.
+
+Because f_lin is linear in w, its Gauss-Newton curvature J^T J depends only on w0 and the
+data, never on w: every curvature batch estimates the same matrix, so the factors are a
+running mean over all batches seen (not an exponential average).
+
+Serving: folding (serving the plain network at w0 + delta) is *not* exact -- a non-linear
+network is not its own linearisation -- so an LQF checkpoint stores w0 and delta and
+serves as `LinearizedNet` (one forward pass plus a JVP, about 2-3x a plain forward).
+`save_lqf` writes it in the checkpoint format of `workers.checkpoint` (tensors only,
+`weights_only` loadable, sha256 verified); `load_servable` loads either kind of checkpoint.
+`fold` is offered as an approximation for callers that need a plain network; its gap is
+measured by benchmarks/lqf.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+from torch.nn import functional as F
+
+from workers.checkpoint import FORMAT_VERSION, MODEL_FILE, CheckpointError, load_model, model_file, sha256_file
+from workers.data import Split
+from workers.models import CosineHead, GracefulNet, build_model
+from workers.specs import ArchSpec, GenerationSpec, LQFSpec, TrainSpec
+from workers.training import ExtraLoss, accuracy, batch_indices
+
+_ARCH_MUST_MATCH = ("type", "width", "depth", "kernel_size", "embed_dim", "head", "scale")
+
+
+def lqf_arch(parent_arch: ArchSpec, arch: Optional[ArchSpec] = None) -> ArchSpec:
+    """The architecture an LQF generation trains: the parent's, with leaky ReLU.
+
+    `arch` (the generation's own arch) must describe the same network as the parent's --
+    linearisation cannot change shapes -- and only contributes the leaky slope.
+    """
+    arch = arch or parent_arch
+    diff = [k for k in _ARCH_MUST_MATCH if getattr(arch, k) != getattr(parent_arch, k)]
+    if diff:
+        raise ValueError(f"recipe lqf fine-tunes the parent's network; arch differs in {diff}")
+    return parent_arch.model_copy(update={"activation": "leaky_relu", "negative_slope": arch.negative_slope})
+
+
+class _EmbedAndLogits(nn.Module):
+    """`functional_call` calls `forward`; this makes `forward` return both outputs."""
+
+    def __init__(self, net: GracefulNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.net._post(self.net.project(self.net.trunk(x)))
+        return z, self.net.head(F.normalize(z, dim=-1) if self.net.spec.head == "cosine" else z)
+
+
+class LinearizedNet(nn.Module):
+    """f(x; w0) + J(x; w0) delta, with the interface of `GracefulNet`.
+
+    `base` holds w0 (frozen); `delta` (one tensor per parameter of `base`, zero at start)
+    is what trains. `embed_and_logits` linearises the pre-normalisation embedding and the
+    logits jointly in one JVP; the embedding is then L2-normalised for a cosine head (as
+    `GracefulNet.embed` is), which retrieval does anyway. `head(z)` applies the head with
+    folded weights w0 + delta: exact for a linear head (its logits are bilinear, the
+    second-order term aside) and what BCT needs when this model later serves as an old one.
+    """
+
+    def __init__(self, parent: GracefulNet, arch: Optional[ArchSpec] = None):
+        super().__init__()
+        self.spec = lqf_arch(parent.spec, arch)
+        self.input_dim, self.num_classes = parent.input_dim, parent.num_classes
+        self.base = build_model(self.spec, self.input_dim, self.num_classes)
+        self.base.load_state_dict(parent.state_dict())
+        self.base.requires_grad_(False)
+        self.names = [n for n, _ in self.base.named_parameters()]
+        self.delta = nn.ParameterList([nn.Parameter(torch.zeros_like(p)) for p in self.base.parameters()])
+        # Not a registered submodule: it shares `base` and must not duplicate its state.
+        object.__setattr__(self, "_both", _EmbedAndLogits(self.base))
+
+    def _primals(self) -> tuple[torch.Tensor, ...]:
+        return tuple(p.detach() for p in self.base.parameters())
+
+    def _raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pre-normalisation embedding, logits), both linearised."""
+
+        def f(*params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return functional_call(self._both, {f"net.{n}": p for n, p in zip(self.names, params)}, (x,))
+
+        (z0, l0), (dz, dl) = jvp(f, self._primals(), tuple(self.delta))
+        return z0 + dz, l0 + dl
+
+    def embed_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, logits = self._raw(x)
+        return (F.normalize(z, dim=-1) if self.spec.head == "cosine" else z), logits
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed_and_logits(x)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._raw(x)[1]
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        head_names = [n for n in self.names if n.startswith("classifier.")]
+        params = {n[len("classifier."):]: self._param(n) for n in head_names}
+        return functional_call(self.base.classifier, params, (z,))
+
+    def _param(self, name: str) -> torch.Tensor:
+        i = self.names.index(name)
+        return self.base.get_parameter(name) + self.delta[i]
+
+
+def fold(model: LinearizedNet) -> GracefulNet:
+    """The plain network at w0 + delta: a first-order approximation of `model`, not equal
+    to it (the gap is second order in delta). For callers that cannot serve a JVP."""
+    net = build_model(model.spec, model.input_dim, model.num_classes)
+    with torch.no_grad():
+        net.load_state_dict({n: model._param(n) for n in model.names}, strict=False)
+    return net.eval()
+
+
+def square_loss(logits: torch.Tensor, y: torch.Tensor, target_scale: float) -> torch.Tensor:
+    """0.5 * mean over the batch of ||logits - target_scale * onehot(y)||^2.
+
+    Example: logits [[1, 0], [0, 0]], y [0, 1], scale 2 -> targets [[2, 0], [0, 2]],
+    squared residuals 1 + 0 and 0 + 4, loss 0.5 * (1 + 4) / 2 = 1.25.
+    """
+    target = target_scale * F.one_hot(y, logits.shape[-1]).to(logits.dtype)
+    return 0.5 * (logits - target).pow(2).sum(-1).mean()
+
+
+# --- K-FAC ------------------------------------------------------------------------------
+
+def linear_factors(a: torch.Tensor, g: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-FAC factors of a Linear layer: A = mean_b [a;1][a;1]^T, G = mean_b g g^T.
+
+    `a` (B, in) are the layer's inputs, `g` (B, out) the per-sample gradients of the loss
+    with respect to its outputs. The per-sample curvature block E[(a a^T) (x) (g g^T)] is
+    approximated by A (x) G. Example, 2x2 without bias: a = [[1, 2], [3, 0]],
+    g = [[1, 0], [0, 2]] -> A = ([[1, 2], [2, 4]] + [[9, 0], [0, 0]]) / 2 = [[5, 1], [1, 2]],
+    G = ([[1, 0], [0, 0]] + [[0, 0], [0, 4]]) / 2 = [[0.5, 0], [0, 2]].
+    """
+    if bias:
+        a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
+    return a.T @ a / a.shape[0], g.T @ g / g.shape[0]
+
+
+def conv1d_factors(a: torch.Tensor, g: torch.Tensor, kernel_size: int, stride: int, padding: int,
+                   bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-FAC factors of a Conv1d layer (KFC, Grosse & Martens 2016).
+
+    `a` (B, C_in, L) inputs, `g` (B, C_out, L_out) output gradients. Every output position
+    t is a Linear layer on the patch a_t (C_in * k values, channel-major as in the weight's
+    reshape (C_out, C_in * k)); assuming positions uncorrelated, the block is
+    sum_t E[a_t a_t^T] (x) E[g_t g_t^T] = A (x) G with A the mean over batch and positions
+    of a_t a_t^T and G the batch mean of sum_t g_t g_t^T.
+    """
+    patches = F.unfold(a.unsqueeze(2), (1, kernel_size), padding=(0, padding), stride=(1, stride))
+    p = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (B * L_out, C_in * k)
+    if bias:
+        p = torch.cat([p, p.new_ones(p.shape[0], 1)], 1)
+    gt = g.transpose(1, 2).reshape(-1, g.shape[1])  # (B * L_out, C_out)
+    return p.T @ p / p.shape[0], gt.T @ gt / g.shape[0]
+
+
+def damped_inverses(A: torch.Tensor, G: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A + pi sqrt(l) I)^-1, (G + sqrt(l)/pi I)^-1 with pi^2 = (tr A / dim A) / (tr G / dim G).
+
+    Factored Tikhonov damping (Martens & Grosse 2015): the product approximates
+    A (x) G + l I while splitting l between the factors in proportion to their scales.
+    """
+    ta, tg = A.trace() / A.shape[0], G.trace() / G.shape[0]
+    pi = torch.sqrt(ta / tg) if ta > 0 and tg > 0 else torch.tensor(1.0)
+    r = math.sqrt(damping)
+    eye = lambda n: torch.eye(n, dtype=A.dtype)  # noqa: E731
+    return torch.linalg.inv(A + pi * r * eye(A.shape[0])), torch.linalg.inv(G + r / pi * eye(G.shape[0]))
+
+
+@dataclass
+class _Layer:
+    module: nn.Module
+    weight: int  # index into LinearizedNet.delta
+    bias: Optional[int]
+    A: Optional[torch.Tensor] = None
+    G: Optional[torch.Tensor] = None
+    inv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    a: Optional[torch.Tensor] = field(default=None, repr=False)
+    g: Optional[torch.Tensor] = field(default=None, repr=False)
+
+
+class KFAC:
+    """Kronecker-factored preconditioner of a `LinearizedNet`'s delta gradients.
+
+    Covers every Linear and Conv1d layer of the network and the cosine head (a bias-free
+    linear map of the normalised embedding whose row c is scaled by scale / |w_c|; the
+    projection onto the sphere's tangent plane is left out, it only removes the radial
+    direction the logits do not depend on). Other parameters keep their plain gradient.
+    """
+
+    def __init__(self, model: LinearizedNet, damping: float, seed: int = 0):
+        self.model, self.damping, self.updates = model, damping, 0
+        self.gen = torch.Generator().manual_seed(seed)
+        index = {n: i for i, n in enumerate(model.names)}
+        self.layers: list[_Layer] = []
+        for name, m in model.base.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv1d, CosineHead)):
+                b = index.get(f"{name}.bias") if getattr(m, "bias", None) is not None else None
+                self.layers.append(_Layer(m, index[f"{name}.weight"], b))
+
+    def _factors(self, L: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
+        m = L.module
+        if isinstance(m, nn.Conv1d):
+            return conv1d_factors(L.a, L.g, m.kernel_size[0], m.stride[0], m.padding[0], L.bias is not None)
+        if isinstance(m, CosineHead):
+            g = L.g * (m.scale / m.weight.norm(dim=1))
+            return linear_factors(F.normalize(L.a, dim=-1), g, bias=False)
+        return linear_factors(L.a, L.g, L.bias is not None)
+
+    @torch.no_grad()
+    def _capture(self, x: torch.Tensor) -> None:
+        handles = []
+
+        def hook(L: _Layer):
+            def fwd(_m, inputs, out):
+                L.a = inputs[0].detach()
+                out.register_hook(lambda g: setattr(L, "g", g.detach()))
+            return fwd
+
+        for L in self.layers:
+            handles.append(L.module.register_forward_hook(hook(L)))
+        try:
+            with torch.enable_grad():
+                xg = x.detach().clone().requires_grad_(True)
+                logits = self.model.base(xg)
+                # Square loss: the output Hessian is I, so a standard-normal output gradient
+                # gives E[g g^T] = J_s^T J_s, the exact Gauss-Newton factor in expectation.
+                eps = torch.randn(logits.shape, generator=self.gen, dtype=logits.dtype)
+                torch.autograd.grad(logits, xg, grad_outputs=eps)
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Add a curvature batch to the running means and refresh the damped inverses."""
+        self._capture(x)
+        self.updates += 1
+        w = 1.0 / self.updates
+        for L in self.layers:
+            A, G = self._factors(L)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # Every worker must precondition identically or DDP replicas drift apart.
+                for t in (A, G):
+                    torch.distributed.all_reduce(t)
+                    t /= torch.distributed.get_world_size()
+            L.A = A if L.A is None else (1 - w) * L.A + w * A
+            L.G = G if L.G is None else (1 - w) * L.G + w * G
+            L.inv = damped_inverses(L.A, L.G, self.damping)
+            L.a = L.g = None
+
+    @torch.no_grad()
+    def precondition(self) -> None:
+        """Replace each covered layer's delta gradient by G^-1 grad A^-1 (in place)."""
+        delta = self.model.delta
+        for L in self.layers:
+            if L.inv is None or delta[L.weight].grad is None:
+                continue
+            gw = delta[L.weight].grad
+            mat = gw.reshape(gw.shape[0], -1)
+            if L.bias is not None:
+                mat = torch.cat([mat, delta[L.bias].grad.unsqueeze(1)], 1)
+            A_inv, G_inv = L.inv
+            out = G_inv @ mat @ A_inv
+            if L.bias is not None:
+                delta[L.bias].grad.copy_(out[:, -1])
+                out = out[:, :-1]
+            gw.copy_(out.reshape(gw.shape))
+
+
+# --- the recipe -------------------------------------------------------------------------
+
+class LQFRecipe:
+    """Everything a training loop needs for `recipe: lqf`, built by `make_lqf`.
+
+    Per step the loop does:  loss = recipe.task_loss(logits, y) (+ compatibility terms);
+    opt.zero_grad(); loss.backward(); recipe.before_step(step, x); opt.step(); sched.step().
+    """
+
+    def __init__(self, model: LinearizedNet, lqf: LQFSpec, train: TrainSpec):
+        self.model, self.lqf, self.train = model, lqf, train
+        self.kfac = KFAC(model, lqf.damping, seed=train.seed) if lqf.precondition else None
+        # Decoupled weight decay on delta pulls w towards w0: the prior LQF's quadratic needs.
+        self.opt = torch.optim.SGD(model.delta.parameters(), lr=train.lr, momentum=lqf.momentum,
+                                   weight_decay=train.weight_decay)
+        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, train.steps)
+                      if train.schedule == "cosine" else torch.optim.lr_scheduler.ConstantLR(self.opt, 1.0))
+
+    def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return square_loss(logits, y, self.lqf.target_scale)
+
+    def before_step(self, step: int, x: torch.Tensor) -> None:
+        """Refresh the curvature every `update_interval` steps and precondition the grads."""
+        if self.kfac is None:
+            return
+        if step % self.lqf.update_interval == 0:
+            self.kfac.update(x)
+        self.kfac.precondition()
+
+
+def make_lqf(parent: GracefulNet, gen: GenerationSpec) -> LQFRecipe:
+    """Linearise `parent` for generation `gen` and build its loss and optimiser."""
+    torch.manual_seed(gen.train.seed)
+    return LQFRecipe(LinearizedNet(parent, gen.arch), gen.lqf, gen.train)
+
+
+def fit_lqf(parent: GracefulNet, train: Split, gen: GenerationSpec, extra_loss: Optional[ExtraLoss] = None,
+            val: Optional[Split] = None, log: Optional[Callable[[dict], None]] = None) -> LinearizedNet:
+    """Single-process LQF fine-tuning of `parent` (the LQF analogue of `training.fit`)."""
+    recipe = make_lqf(parent, gen)
+    model, spec = recipe.model, gen.train
+    x_all, y_all = torch.as_tensor(train.x), torch.as_tensor(train.y)
+    for step in range(spec.steps):
+        idx = torch.as_tensor(batch_indices(len(train), spec.batch_size, step, spec.seed))
+        x, y = x_all[idx], y_all[idx]
+        z, logits = model.embed_and_logits(x)
+        loss = recipe.task_loss(logits, y)
+        if extra_loss is not None:
+            loss = loss + extra_loss(model, x, y, idx, z, logits)  # type: ignore[arg-type]
+        recipe.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        recipe.before_step(step, x)
+        recipe.opt.step()
+        recipe.sched.step()
+        if log is not None and ((step + 1) % spec.eval_every == 0 or step + 1 == spec.steps):
+            row = {"step": step + 1, "loss": float(loss.detach())}
+            if val is not None and len(val):
+                row["val_accuracy"] = accuracy(model, val)  # type: ignore[arg-type]
+            log(row)
+    return model.eval()
+
+
+# --- checkpoints ------------------------------------------------------------------------
+
+def save_lqf(model: LinearizedNet, path: str | Path, meta: Optional[dict[str, Any]] = None) -> str:
+    """Write an LQF checkpoint (w0 and delta) in the `workers.checkpoint` format; sha256."""
+    target = Path(path)
+    if target.suffix != ".pt":
+        target = target / MODEL_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "format": FORMAT_VERSION,
+        "kind": "lqf",
+        "arch": model.spec.model_dump(mode="json"),
+        "input_dim": model.input_dim,
+        "num_classes": model.num_classes,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "meta": {**(meta or {}), "recipe": "lqf"},
+    }
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    torch.save(blob, tmp)
+    os.replace(tmp, target)
+    return sha256_file(target)
+
+
+def load_servable(path: str | Path, sha256: Optional[str] = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Load any generation's checkpoint for serving: a `GracefulNet`, or a `LinearizedNet`
+    for `recipe: lqf`. Verifies the sha256 first; loads with `weights_only=True`."""
+    f = model_file(path)
+    if sha256 is not None and f.is_file() and sha256_file(f) != sha256:
+        raise CheckpointError(f"checkpoint {f} was changed or truncated; refusing to load it")
+    try:
+        blob = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception:
+        blob = None
+    if not (isinstance(blob, dict) and blob.get("kind") == "lqf"):
+        return load_model(f)  # reports missing, corrupt or foreign files
+    try:
+        spec = ArchSpec.model_validate(blob["arch"])
+        parent = build_model(spec, int(blob["input_dim"]), int(blob["num_classes"]))
+        model = LinearizedNet(parent, spec)
+        model.load_state_dict(blob["state_dict"], strict=True)
+    except Exception as e:
+        raise CheckpointError(f"LQF checkpoint {f} does not match its architecture: {e}") from None
+    return model.eval(), dict(blob.get("meta") or {})
+
