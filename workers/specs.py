@@ -125,6 +125,7 @@ class LQFSpec(StrictModel):
     update_interval: int = Field(20, ge=1, description="steps between K-FAC factor updates")
     precondition: bool = True
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum on the (preconditioned) gradient")
+    exact_step: bool = Field(True, description="scale each step to the batch's exact quadratic minimiser")
 
 
 class GenerationSpec(StrictModel):

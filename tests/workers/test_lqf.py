@@ -192,3 +192,23 @@ def test_lqf_checkpoint_round_trip_serves_the_linearised_model(tmp_path):
     sha2 = save_model(parent, tmp_path / "g0")
     plain, _ = load_servable(tmp_path / "g0", sha256=sha2)
     assert not isinstance(plain, LinearizedNet)
+
+
+def test_exact_step_lands_on_the_batch_minimum_along_the_direction():
+    parent = _parent()
+    gen = GenerationSpec(name="g1", arch=parent.spec, recipe="lqf",
+                         train=TrainSpec(steps=1, lr=1.0, weight_decay=0.0),
+                         lqf=LQFSpec(momentum=0.0, damping=1e-2))
+    recipe = make_lqf(parent, gen)
+    x, y = torch.randn(32, 16), torch.randint(0, 3, (32,))
+    recipe.task_loss(recipe.model(x), y).backward()
+    recipe.before_step(0, x)
+    step = [d.grad.clone() for d in recipe.model.delta]
+
+    def loss_at(t: float) -> float:
+        _set_delta(recipe.model, step, -t)
+        with torch.no_grad():
+            return recipe.task_loss(recipe.model(x), y).item()
+
+    best = loss_at(1.0)
+    assert best < loss_at(0.0) and best < loss_at(0.8) and best < loss_at(1.2)
