@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from benchmarks.lqf import figure, parser, save_figure
 from orchestrator.metrics import error_rate, retrieval_top1
 from workers.data import Dataset, generation_train_split, load_dataset
 from workers.models import GracefulNet, build_model
@@ -134,14 +135,10 @@ def table(rows: list[dict], seeds: int) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     by = {(r["method"], r["generation"]): r for r in rows}
     gens = list(range(5))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = figure(2, (10, 4))
+    ax1, ax2 = axes[0]
     for m in METHODS:
         ks = [k for k in gens if (m, k) in by]
         ax2.plot(ks, [100 * by[(m, k)]["top1_vs_g0"] for k in ks], "o-", label=m)
@@ -156,17 +153,12 @@ def plot(rows: list[dict], path: Path) -> None:
             title="compatibility tax", xticks=gens)
     ax2.set(xlabel="generation k", ylabel="M(gk, g0) top-1 (%)", title="compatibility with g0's gallery",
             xticks=gens)
-    for ax in (ax1, ax2):
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, [ax1, ax2], path)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap = parser([0, 1], METHODS)
+    ap.description = __doc__
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--weight", type=float, default=1.0, help="BCT influence loss weight")
     ap.add_argument("--decay", type=float, default=0.5, help="bct_ancestors: weight per step back")

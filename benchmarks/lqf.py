@@ -114,13 +114,35 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def figure(ncols: int, figsize: tuple[float, float]):
+    """(fig, axes) of a headless matplotlib figure with `ncols` panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    return plt.subplots(1, ncols, figsize=figsize, squeeze=False)
+
+
+def save_figure(fig, axes, path: Path) -> None:
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parser(seeds: list[int], methods: list[str]) -> argparse.ArgumentParser:
+    """The benchmarks' common flags: --seeds (split a long run by seed) and --methods."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    ap.add_argument("--methods", nargs="+", default=methods, choices=methods)
+    return ap
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    fig, axes = figure(1, (6, 4.5))
+    ax = axes[0, 0]
     for m in METHODS:
         rs = [r for r in rows if r["method"] == m]
         if not rs:
@@ -133,16 +155,11 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("error of generation 1 (%)")
     ax.set_ylabel("negative flip rate vs generation 0 (%)")
     ax.set_title("MNIST-1D: fine-tuning g1 from g0 (mean ± std, dots: seeds)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, [ax], path)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap = parser([0, 1, 2], METHODS)
     ap.add_argument("--num-samples", type=int, default=25000, help="test split 40 %%: 10,000 samples")
     ap.add_argument("--g0-fraction", type=float, default=0.25)
     ap.add_argument("--width", type=int, default=32)
