@@ -141,11 +141,12 @@ def plot(rows: list[dict], path: Path) -> None:
     ax1, ax2 = axes[0]
     for m in METHODS:
         ks = [k for k in gens if (m, k) in by]
-        ax2.plot(ks, [100 * by[(m, k)]["top1_vs_g0"] for k in ks], "o-", label=m)
+        color = f"C{METHODS.index(m)}"  # the same colour for a method in both panels
+        ax2.plot(ks, [100 * by[(m, k)]["top1_vs_g0"] for k in ks], "o-", label=m, color=color)
         if m != "independent":
             ks = [k for k in ks if ("independent", k) in by]
             ax1.plot(ks, [100 * (by[("independent", k)]["top1_self"] - by[(m, k)]["top1_self"]) for k in ks],
-                     "o-", label=m)
+                     "o-", label=m, color=color)
     if ("independent", 0) in by:
         ax2.axhline(100 * by[("independent", 0)]["top1_self"], color="grey", ls="--", label="M(g0, g0)")
     ax1.axhline(0, color="grey", lw=0.8)
