@@ -1,0 +1,139 @@
+"""Compatibility losses, added to the task loss of a new generation.
+
+- BCT influence loss (Shen et al., CVPR 2020): the new embedding through the frozen
+  classifier heads of older models, so new queries can search the old gallery.
+- Focal Distillation (Yan et al., CVPR 2021): distil the production model with per-sample
+  weight alpha + beta * [old model is right], in KL or logit-matching form.
+- Ensemble distillation (in the style of ELODI, Zhao et al., CVPR 2022): match the mean
+  logits of same-architecture reference models (mean squared logit difference).
+All take tensors of the batch and cached old outputs aligned with it; none runs an old model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from workers.models import CosineHead, GracefulNet
+
+
+@dataclass(frozen=True)
+class FrozenHead:
+    """The classifier head of an older model, as plain arrays (cheap to ship to workers).
+
+    Cosine heads keep their row-normalised weight and scale; linear heads weight and bias.
+    """
+
+    name: str
+    weight: np.ndarray  # (C_old, D)
+    bias: Optional[np.ndarray]  # (C_old,) for linear heads
+    scale: Optional[float]  # cosine heads only
+    importance: float = 1.0  # relative weight among the BCT constraints
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.weight.shape[1])
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        w = torch.as_tensor(self.weight, dtype=z.dtype, device=z.device)
+        if self.scale is not None:
+            return self.scale * F.normalize(z, dim=-1) @ w.T  # w already row-normalised
+        b = torch.as_tensor(self.bias, dtype=z.dtype, device=z.device)
+        return z @ w.T + b
+
+
+def frozen_head(model: GracefulNet, name: str, importance: float = 1.0) -> FrozenHead:
+    """Freeze `model`'s head into arrays."""
+    head = model.classifier
+    with torch.no_grad():
+        if isinstance(head, CosineHead):
+            return FrozenHead(name, F.normalize(head.weight, dim=-1).cpu().numpy(), None,
+                              float(head.scale), importance)
+        return FrozenHead(name, head.weight.cpu().numpy(), head.bias.cpu().numpy(), None, importance)
+
+
+def bct_influence_loss(z: torch.Tensor, y: torch.Tensor, heads: Sequence[FrozenHead]) -> torch.Tensor:
+    """Cross-entropy of the new embedding `z` through each frozen old head, weighted by the
+    heads' importance (normalised to sum 1).
+
+    Samples whose class an old head does not know (y >= its number of classes) are masked
+    out for that head. The embedding sizes must match: a head of size D cannot score a
+    D'-dimensional embedding, and a learned projection would change what the gallery
+    compares, so we refuse instead (`ValueError`).
+    """
+    if not heads:
+        return z.new_zeros(())
+    total = sum(h.importance for h in heads)
+    loss = z.new_zeros(())
+    for h in heads:
+        if h.embed_dim != z.shape[1]:
+            raise ValueError(
+                f"BCT against {h.name!r}: its head expects embeddings of size {h.embed_dim}, the new "
+                f"model produces {z.shape[1]}; use the same arch.embed_dim for compatible generations")
+        known = y < h.num_classes
+        if not bool(known.any()):
+            continue
+        ce = F.cross_entropy(h.logits(z[known]), y[known], reduction="sum") / len(y)
+        loss = loss + (h.importance / total) * ce
+    return loss
+
+
+def focal_weights(old_logits: torch.Tensor, y: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """Per-sample weight alpha + beta * [old model predicts y]."""
+    return alpha + beta * (old_logits.argmax(dim=1) == y).to(old_logits.dtype)
+
+
+def focal_distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, y: torch.Tensor,
+                            form: str = "kl", alpha: float = 0.0, beta: float = 1.0,
+                            temperature: float = 1.0) -> torch.Tensor:
+    """Focal Distillation: mean over the batch of w_i * d_i, with w_i = alpha + beta*[old right].
+
+    kl: d_i = T^2 * KL(softmax(old/T) || softmax(new/T)) (T^2 keeps gradients comparable
+    across temperatures); lm: d_i = 1/2 * ||new_i - old_i||^2 (logit matching).
+    Old logits may have fewer classes than new ones (new classes): only shared ones count.
+    """
+    c = old_logits.shape[1]
+    new = new_logits[:, :c]
+    w = focal_weights(old_logits, y, alpha, beta)
+    if form == "kl":
+        t = temperature
+        d = F.kl_div(F.log_softmax(new / t, dim=1), F.log_softmax(old_logits / t, dim=1),
+                     reduction="none", log_target=True).sum(dim=1) * t * t
+    elif form == "lm":
+        d = 0.5 * (new - old_logits).pow(2).sum(dim=1)
+    else:
+        raise ValueError(f"unknown focal distillation form {form!r} (kl or lm)")
+    return (w * d).mean()
+
+
+def ensemble_distillation_loss(new_logits: torch.Tensor, ensemble_logits: torch.Tensor,
+                               top_k: Optional[int] = None, margin: float = 0.0) -> torch.Tensor:
+    """Mean squared difference between the new logits and the ensemble's mean logits.
+
+    top_k: only the ensemble's K highest classes of each sample count (the tail of the
+    logits carries little about the decision and much noise). margin: differences smaller
+    than it cost nothing, (max(|d| - margin, 0))^2.
+    """
+    d = (new_logits - ensemble_logits).abs()
+    if margin > 0:
+        d = (d - margin).clamp_min(0.0)
+    sq = d.pow(2)
+    if top_k is not None and top_k < ensemble_logits.shape[1]:
+        idx = ensemble_logits.topk(top_k, dim=1).indices
+        return sq.gather(1, idx).mean()
+    return sq.mean()
+
+
+def ancestor_importances(distances: Sequence[int], decay: float) -> list[float]:
+    """Weights decay**distance, normalised to sum 1 (distance 1 = the parent)."""
+    raw = [decay ** d for d in distances]
+    s = sum(raw)
+    return [r / s for r in raw]
