@@ -21,6 +21,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # Modules adding subcommands; each defines register(subparsers) -> None.
 COMMAND_MODULES: list[str] = [
     "orchestrator.cli",
+    "orchestrator.cli_train",
 ]
 
 
@@ -104,8 +105,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except SystemExit:
-        raise
+    except SystemExit as e:  # load_or_exit: the problems are printed already
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     except Exception as e:  # one line for the operator; the traceback on request
         if os.environ.get("GRACEFUL_DEBUG"):
             raise

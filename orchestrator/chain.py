@@ -1,0 +1,96 @@
+"""The chain of generations on disk, and turning one generation of it into a training job.
+
+Constraints of generation k (see DESIGN.md and shared/notes/compat-experiments.md):
+the production model (its parent in the chain) for Focal Distillation and LQF, and for
+BCT either production alone or every ancestor with importance decay**distance; the model
+whose embeddings fill the served gallery is always among the BCT constraints, because
+compatibility is not transitive.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+from orchestrator.config import RunConfig
+from workers.losses import ancestor_importances
+from workers.train import ConstraintModel, TrainJob, TrainResult, run_training
+
+
+class ChainError(RuntimeError):
+    """The chain is not in a state that allows the asked action (e.g. parent untrained)."""
+
+
+def generation_dir(cfg: RunConfig, name: str) -> Path:
+    return Path(cfg.run_dir) / "generations" / name
+
+
+def read_metrics(cfg: RunConfig, name: str) -> Optional[dict]:
+    """The metrics.json `graceful train` left for `name`, or None when it is not trained."""
+    d = generation_dir(cfg, name)
+    if not (d / "model.pt").is_file() or not (d / "metrics.json").is_file():
+        return None
+    return json.loads((d / "metrics.json").read_text())
+
+
+def next_untrained(cfg: RunConfig) -> Optional[str]:
+    for g in cfg.generations:
+        if read_metrics(cfg, g.name) is None:
+            return g.name
+    return None
+
+
+def _constraint(cfg: RunConfig, name: str, importance: float = 1.0) -> ConstraintModel:
+    m = read_metrics(cfg, name)
+    if m is None:
+        raise ChainError(f"generation {name!r} is not trained yet (no checkpoint under "
+                         f"{generation_dir(cfg, name)}); run `graceful train CONFIG --generation {name}` first")
+    return ConstraintModel(name, str(generation_dir(cfg, name)), m["sha256"], importance)
+
+
+def constraint_names(cfg: RunConfig, name: str) -> list[tuple[str, float]]:
+    """(ancestor name, BCT importance) pairs for generation `name`."""
+    names = [g.name for g in cfg.generations]
+    k = names.index(name)
+    gen = cfg.generation(name)
+    if k == 0 or gen.compat.bct is None:
+        return []
+    if gen.compat.bct.against == "production":
+        picked = [names[k - 1]]
+        if cfg.gallery in names[:k] and cfg.gallery not in picked:
+            picked.append(cfg.gallery)
+        distances = [k - names.index(n) for n in picked]
+    else:
+        picked = names[:k][::-1]  # parent first
+        distances = list(range(1, k + 1))
+    return list(zip(picked, ancestor_importances(distances, gen.compat.bct.decay)))
+
+
+def build_job(cfg: RunConfig, name: str, verbose: bool = True) -> TrainJob:
+    """The training job of generation `name`: its specs, constraints and where to write."""
+    gen = cfg.generation(name)
+    parent = cfg.parent_of(name)
+    production = _constraint(cfg, parent.name) if parent is not None else None
+    bct = tuple(_constraint(cfg, n, w) for n, w in constraint_names(cfg, name))
+    run_dir = Path(cfg.run_dir).resolve()
+    return TrainJob(
+        generation=gen, data=cfg.data, scaling=cfg.scaling,
+        out_dir=str(generation_dir(cfg, name).resolve()),
+        storage_path=str(run_dir / "ray"),
+        # The config hash in the name: a changed config never resumes a stale run.
+        run_name=f"{name}-{cfg.config_hash()[:10]}",
+        config_hash=cfg.config_hash(), production=production, bct=bct, verbose=verbose,
+    )
+
+
+def train_generation(cfg: RunConfig, name: str, log: Callable[[str], None] = print,
+                     job: Optional[TrainJob] = None) -> TrainResult:
+    """Train generation `name` on Ray Train (starting a local Ray if none is running)."""
+    import ray
+
+    job = job or build_job(cfg, name)
+    if not ray.is_initialized():
+        # Workers' progress comes through a queue; Ray's own worker logs stay in its log files.
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    return run_training(job, log)

@@ -1,0 +1,54 @@
+"""Which older models constrain a generation, and CLI errors of `graceful train` (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.chain import ChainError, build_job, constraint_names, next_untrained
+from orchestrator.cli import main
+from orchestrator.config import parse_config
+
+
+def _cfg(tmp_path, against="ancestors", gallery=None):
+    gens = [{"name": f"g{k}", **({"compat": {"bct": {"against": against, "decay": 0.5}}} if k else {})}
+            for k in range(4)]
+    raw = {"run_dir": str(tmp_path), "generations": gens}
+    if gallery:
+        raw["gallery_generation"] = gallery
+    return parse_config(raw)
+
+
+def test_ancestors_weighted_by_distance(tmp_path):
+    """g3's ancestors g2, g1, g0 at distances 1, 2, 3: 0.5^d = .5, .25, .125 -> /0.875 = 4/7, 2/7, 1/7."""
+    got = constraint_names(_cfg(tmp_path), "g3")
+    assert [n for n, _ in got] == ["g2", "g1", "g0"]
+    assert [w for _, w in got] == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+
+
+def test_production_only_still_includes_the_gallery_model(tmp_path):
+    """against: production -> the parent g2 plus the gallery's model g0 (distance 3):
+    .5 and .125 -> 0.8 and 0.2."""
+    got = constraint_names(_cfg(tmp_path, "production"), "g3")
+    assert [n for n, _ in got] == ["g2", "g0"]
+    assert [w for _, w in got] == pytest.approx([0.8, 0.2])
+    assert constraint_names(_cfg(tmp_path, "production"), "g1") == [("g0", 1.0)]
+    assert constraint_names(_cfg(tmp_path), "g0") == []
+
+
+def test_untrained_parent_is_a_clear_error(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert next_untrained(cfg) == "g0"
+    with pytest.raises(ChainError, match="'g0' is not trained yet"):
+        build_job(cfg, "g1")
+
+
+def test_cli_train_errors(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"run_dir: {tmp_path / 'run'}\ngenerations: [{{name: g0}}, {{name: g1}}]\n")
+    assert main(["train", str(p), "--generation", "g9"]) == 2
+    assert "unknown generation 'g9'" in capsys.readouterr().err
+    assert main(["train", str(p), "--generation", "g1"]) == 1
+    assert "run `graceful train CONFIG --generation g0` first" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generations: [{name: g0, train: {steps: 0}}]\n")
+    assert main(["train", str(bad)]) == 2

@@ -1,0 +1,386 @@
+"""Training one generation on Ray Train, with compatibility terms against older models.
+
+The driver (`run_training`) computes what the constraints need once per generation, as
+Ray tasks: the frozen heads of the BCT models, the production model's logits on the
+training split (Focal Distillation) and the mean logits of an ensemble of reference models
+trained in parallel (ensemble distillation). The workers (`_train_loop_per_worker`) run
+DDP over their shard of each global batch and look the cached outputs up by row index, so
+no old model runs inside the training step. Each evaluation reports metrics and a
+checkpoint; a restarted worker group, or a rerun of the same command, resumes from the
+latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from workers.checkpoint import load_model, save_model
+from workers.data import Split, fingerprint, generation_train_split, load_dataset
+from workers.losses import (FrozenHead, bct_influence_loss, ensemble_distillation_loss,
+                            focal_distillation_loss, frozen_head)
+from workers.models import GracefulNet, build_model
+from workers.specs import CompatSpec, DataSpec, GenerationSpec, ScalingSpec
+from workers.training import ExtraLoss, accuracy, batch_indices, fit, make_optimizer, predict
+
+STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class ConstraintModel:
+    """An older generation a new one is constrained against."""
+
+    name: str
+    path: str  # checkpoint directory or file
+    sha256: str
+    importance: float = 1.0  # weight among the BCT heads
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything needed to train one generation; built by the orchestrator from the config."""
+
+    generation: GenerationSpec
+    data: DataSpec
+    scaling: ScalingSpec
+    out_dir: str  # run_dir/generations/<name>
+    storage_path: str  # Ray Train storage (local path or URI)
+    run_name: str  # stable per (generation, config): a rerun resumes the same run
+    config_hash: str = ""  # of the run config, recorded for lineage
+    production: Optional[ConstraintModel] = None  # Focal Distillation target; LQF parent
+    bct: tuple[ConstraintModel, ...] = ()
+    # Tests only: SIGKILL one worker once at this step (a marker file makes it once).
+    fault_at_step: Optional[int] = None
+    fault_marker: Optional[str] = None
+    verbose: bool = True
+
+
+@dataclass
+class CompatTargets:
+    """Cached outputs of older models, aligned with the rows of the generation's train split."""
+
+    heads: list[FrozenHead] = field(default_factory=list)
+    old_logits: Optional[np.ndarray] = None
+    ensemble_logits: Optional[np.ndarray] = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    name: str
+    checkpoint: str
+    sha256: str
+    metrics: dict[str, Any]
+
+
+def make_extra_loss(compat: CompatSpec, targets: CompatTargets,
+                    device: torch.device = torch.device("cpu")) -> Optional[ExtraLoss]:
+    """The sum of the configured compatibility terms, as an `ExtraLoss` for the loop."""
+    terms: list[Callable[..., torch.Tensor]] = []
+    if compat.bct is not None and compat.bct.weight > 0 and targets.heads:
+        w, heads = compat.bct.weight, targets.heads
+        terms.append(lambda y, idx, z, logits: w * bct_influence_loss(z, y, heads))
+    fd = compat.focal_distillation
+    if fd is not None and fd.weight > 0 and targets.old_logits is not None:
+        old = torch.as_tensor(targets.old_logits, device=device)
+        terms.append(lambda y, idx, z, logits: fd.weight * focal_distillation_loss(
+            logits, old[idx], y, fd.form, fd.alpha, fd.beta, fd.temperature))
+    ens = compat.ensemble
+    if ens is not None and ens.weight > 0 and targets.ensemble_logits is not None:
+        ref = torch.as_tensor(targets.ensemble_logits, device=device)
+        terms.append(lambda y, idx, z, logits: ens.weight * ensemble_distillation_loss(
+            logits, ref[idx], ens.top_k, ens.margin))
+    if not terms:
+        return None
+
+    def extra(model, x, y, idx, z, logits):
+        return sum(t(y, idx, z, logits) for t in terms)
+
+    return extra
+
+
+# --- driver-side preparation (Ray tasks) ---------------------------------------------------
+
+def _logits_of(path: str, sha256: str, x: np.ndarray) -> np.ndarray:
+    model, _ = _load_any(path, sha256)
+    return predict(model, x)[1]
+
+
+def _load_any(path: str, sha256: Optional[str]) -> tuple[nn.Module, dict]:
+    from workers.lqf import load_servable  # LQF checkpoints are served through a JVP
+
+    return load_servable(path, sha256)
+
+
+def _train_reference(gen: GenerationSpec, data: DataSpec, seed: int) -> np.ndarray:
+    """One ensemble reference: the generation's architecture and data, another seed, no
+    compatibility terms; returns its logits on the generation's training rows."""
+    torch.set_num_threads(1)
+    ds = load_dataset(data)
+    split = generation_train_split(ds, gen.train_fraction, gen.label_noise, gen.train.seed)
+    torch.manual_seed(seed)
+    model = build_model(gen.arch, ds.input_dim, ds.num_classes)
+    fit(model, split, gen.train.model_copy(update={"seed": seed}))
+    return predict(model, split.x)[1]
+
+
+def build_targets(job: TrainJob, split: Split, log: Callable[[str], None] = print) -> CompatTargets:
+    """Compute the cached outputs the configured constraints need, as Ray tasks."""
+    import ray
+
+    gen, compat = job.generation, job.generation.compat
+    targets = CompatTargets()
+    if compat.bct is not None:
+        for c in job.bct:
+            model, _ = _load_any(c.path, c.sha256)
+            if not isinstance(model, GracefulNet):
+                raise ValueError(f"BCT against {c.name}: only plain (non-LQF) models have a head to freeze")
+            targets.heads.append(frozen_head(model, c.name, c.importance))
+    if compat.focal_distillation is not None:
+        if job.production is None:
+            raise ValueError("focal_distillation needs a production model")
+        task = ray.remote(num_cpus=1)(_logits_of)
+        targets.old_logits = ray.get(task.remote(job.production.path, job.production.sha256, split.x))
+    if compat.ensemble is not None:
+        cache = Path(job.out_dir) / f"ensemble_logits_{fingerprint(split)}_{compat.ensemble.members}.npy"
+        if cache.is_file():
+            targets.ensemble_logits = np.load(cache)
+            log(f"[{gen.name}] ensemble logits from cache {cache.name}")
+        else:
+            t0 = time.time()
+            task = ray.remote(num_cpus=1)(_train_reference)
+            seeds = [1000 + 17 * k + gen.train.seed for k in range(compat.ensemble.members)]
+            log(f"[{gen.name}] training {len(seeds)} ensemble references in parallel on Ray ...")
+            refs = [task.remote(gen, job.data, s) for s in seeds]
+            targets.ensemble_logits = np.mean(ray.get(refs), axis=0).astype(np.float32)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.save(cache, targets.ensemble_logits)
+            log(f"[{gen.name}] ensemble references done in {time.time() - t0:.1f}s")
+    return targets
+
+
+# --- the per-worker loop ---------------------------------------------------------------------
+
+class _EmbedAndLogits(nn.Module):
+    """DDP synchronises gradients only through forward(): expose both outputs there."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.embed_and_logits(x)
+
+
+def _train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    job: TrainJob = config["job"]
+    targets: CompatTargets = config["targets"]
+    progress = config.get("progress")  # a ray.util.queue.Queue the driver prints from
+    gen, spec = job.generation, job.generation.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
+
+    ds = load_dataset(job.data)
+    split = generation_train_split(ds, gen.train_fraction, gen.label_noise, gen.train.seed)
+    torch.manual_seed(spec.seed)  # identical initial weights on every worker
+    lqf = None
+    if gen.recipe == "lqf":
+        from workers.lqf import make_lqf
+
+        parent, _ = load_model(job.production.path, job.production.sha256)
+        lqf = make_lqf(parent, gen)
+        model = lqf.model
+        opt, sched = lqf.opt, lqf.sched
+    else:
+        model = build_model(gen.arch, ds.input_dim, ds.num_classes)
+        opt, sched = make_optimizer(model, spec)
+    model.to(device)
+    ddp = ray.train.torch.prepare_model(_EmbedAndLogits(model))
+    extra = make_extra_loss(gen.compat, targets, device)
+
+    start, history, resumed_from = 0, [], None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, history = int(state["step"]), list(state["history"])
+        resumed_from = start
+        if rank == 0 and progress is not None:
+            progress.put(f"[{gen.name}] resuming from the checkpoint at step {start}/{spec.steps}")
+
+    x_all = torch.as_tensor(split.x, device=device)
+    y_all = torch.as_tensor(split.y, device=device)
+    t0 = time.time()
+    for step in range(start, spec.steps):
+        # Every worker draws the same global batch and takes its own slice of it.
+        idx = torch.as_tensor(batch_indices(len(split), spec.batch_size, step, spec.seed)[rank::world],
+                              device=device)
+        x, y = x_all[idx], y_all[idx]
+        z, logits = ddp(x)
+        loss = lqf.task_loss(logits, y) if lqf else F.cross_entropy(logits, y)
+        if extra is not None:
+            loss = loss + extra(model, x, y, idx, z, logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if lqf is not None:
+            lqf.before_step(step, x)
+        opt.step()
+        sched.step()
+
+        if job.fault_at_step is not None and step == job.fault_at_step and rank == world - 1:
+            marker = Path(job.fault_marker or Path(job.out_dir) / ".fault-injected")
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        last = step + 1 == spec.steps
+        if (step + 1) % spec.eval_every == 0 or last:
+            row = {"step": step + 1, "loss": float(loss.detach()), "seconds": round(time.time() - t0, 2),
+                   "resumed_from_step": resumed_from}
+            if rank == 0:
+                row["val_accuracy"] = accuracy(model, ds.val) if len(ds.val) else float("nan")
+                history.append(row)
+                with tempfile.TemporaryDirectory() as d:
+                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict(), "step": step + 1, "history": history},
+                               Path(d) / STATE_FILE)
+                    ray.train.report({**row, "history": json.dumps(history)},
+                                     checkpoint=ray.train.Checkpoint.from_directory(d))
+                if progress is not None:
+                    progress.put(f"[{gen.name}] step {step + 1}/{spec.steps}  loss {row['loss']:.4f}  "
+                                 f"val_acc {row['val_accuracy']:.4f}  ({row['seconds']:.1f}s)")
+            else:
+                ray.train.report(row)
+
+
+# --- the driver ----------------------------------------------------------------------------
+
+def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResult:
+    """Train `job.generation` on Ray Train (ray must be initialised) and write
+    `out_dir/model.pt` and `out_dir/metrics.json`. Resumes an interrupted run."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    gen = job.generation
+    t_start = time.time()
+    ds = load_dataset(job.data)
+    split = generation_train_split(ds, gen.train_fraction, gen.label_noise, gen.train.seed)
+    if gen.recipe == "lqf" and job.production is None:
+        raise ValueError(f"{gen.name}: recipe lqf needs a parent (production) model")
+    targets = build_targets(job, split, log)
+    log(f"[{gen.name}] training on Ray Train: {job.scaling.num_workers} worker(s), "
+        f"{'GPU' if job.scaling.use_gpu else 'CPU'}, {len(split)} samples, {gen.train.steps} steps")
+    resources = {"CPU": job.scaling.cpus_per_worker}
+    if job.scaling.use_gpu:
+        resources["GPU"] = 1
+    from ray.util.queue import Queue
+
+    progress = Queue() if job.verbose else None
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"job": job, "targets": targets, "progress": progress},
+        scaling_config=ray.train.ScalingConfig(num_workers=job.scaling.num_workers,
+                                               use_gpu=job.scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=job.run_name, storage_path=job.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    result = _fit_printing(trainer, progress, log)
+    if result.checkpoint is None:
+        raise RuntimeError(f"{gen.name}: training reported no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    history = list(state["history"])
+    meta = {"generation": gen.name, "parent": job.production.name if job.production else None}
+    if gen.recipe == "lqf":
+        from workers.lqf import make_lqf, save_lqf
+
+        parent, _ = load_model(job.production.path, job.production.sha256)
+        model = make_lqf(parent, gen).model
+        model.load_state_dict(state["model"])
+        sha = save_lqf(model.eval(), job.out_dir, meta)
+    else:
+        model = build_model(gen.arch, ds.input_dim, ds.num_classes)
+        model.load_state_dict(state["model"])
+        sha = save_model(model.eval(), job.out_dir, meta)
+    last = history[-1] if history else {}
+    metrics = {
+        "name": gen.name, "parent": meta["parent"], "sha256": sha, "recipe": gen.recipe,
+        "config_hash": job.config_hash,
+        "train_seconds": round(time.time() - t_start, 2), "val_accuracy": last.get("val_accuracy"),
+        "test_accuracy": accuracy(model, ds.test), "history": history,
+        "resumed_from_step": next((h["resumed_from_step"] for h in history if h.get("resumed_from_step")), None),
+        "data_fingerprint": fingerprint(split), "train_samples": len(split),
+        "constraints": {"bct": [{"name": c.name, "importance": c.importance} for c in job.bct]
+                        if gen.compat.bct else [],
+                        "focal_distillation": job.production.name if gen.compat.focal_distillation and job.production else None,
+                        "ensemble_members": gen.compat.ensemble.members if gen.compat.ensemble else 0},
+        "scaling": job.scaling.model_dump(),
+    }
+    out = Path(job.out_dir)
+    tmp = out / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, out / "metrics.json")
+    log(f"[{gen.name}] done in {metrics['train_seconds']:.1f}s: val_acc {metrics['val_accuracy']:.4f}, "
+        f"test_acc {metrics['test_accuracy']:.4f}; checkpoint {out / 'model.pt'} (sha256 {sha[:12]}...)")
+    return TrainResult(gen.name, str(out / "model.pt"), sha, metrics)
+
+
+def _fit_printing(trainer, progress, log: Callable[[str], None]):
+    """trainer.fit(), printing the workers' progress lines as they arrive."""
+    if progress is None:
+        return trainer.fit()
+    from ray.util.queue import Empty
+
+    done = threading.Event()
+
+    def pump() -> None:
+        while True:
+            try:
+                log(progress.get(timeout=0.5))
+            except Empty:
+                if done.is_set():
+                    return
+            except Exception:  # the queue actor is gone: nothing more to print
+                return
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    try:
+        return trainer.fit()
+    finally:
+        done.set()
+        t.join(timeout=5)
+        try:
+            import ray
+
+            ray.kill(progress.actor)
+        except Exception:
+            pass
+
+
+def with_fault(job: TrainJob, at_step: int, marker: str) -> TrainJob:
+    """A copy of `job` whose last worker SIGKILLs itself once at `at_step` (tests)."""
+    return replace(job, fault_at_step=at_step, fault_marker=marker)
