@@ -1,0 +1,151 @@
+"""Deploying generations and the router on Ray Serve (the side-effecting edge).
+
+Each generation is its own Serve application (`ModelRef.app_name`, not exposed over HTTP)
+running `ModelServer`; the router application (`ROUTER_APP`) is the only HTTP ingress.
+Needs a connected Ray cluster (`ray.init`) in the calling process.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from ray import serve
+
+from serving.refs import Gallery, ModelRef, app_name_for
+from serving.specs import ServingSpec
+from workers.checkpoint import CheckpointError, load_model, model_file, sha256_file
+
+ROUTER_APP = "graceful"
+
+
+class ModelServer:
+    """One generation: its verified checkpoint, batched across requests.
+
+    `inject_fault` is for fault drills only: {"error": true} makes every prediction raise,
+    {"delay_s": s} makes it that much slower.
+    """
+
+    def __init__(self, ref: ModelRef, max_batch_size: int, batch_wait_timeout_s: float,
+                 inject_fault: Optional[dict] = None):
+        import torch
+
+        # Replicas share two cores with everything else; intra-op threads only contend.
+        torch.set_num_threads(1)
+        self._torch = torch
+        self.ref = ref
+        self.model, self.meta = load_model(ref.uri, ref.sha256)  # raises: never served unverified
+        self.fault = dict(inject_fault or {})
+        for method in (self.predict, self.embed):
+            method.set_max_batch_size(max_batch_size)
+            method.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def _run(self, xs: list[np.ndarray], fn) -> list[np.ndarray]:
+        sizes = [len(x) for x in xs]
+        with self._torch.inference_mode():
+            out = fn(self._torch.from_numpy(np.concatenate(xs))).numpy()
+        return np.split(out, np.cumsum(sizes)[:-1])
+
+    async def _fault(self) -> None:
+        if self.fault.get("delay_s"):
+            import asyncio
+
+            await asyncio.sleep(float(self.fault["delay_s"]))
+        if self.fault.get("error"):
+            raise RuntimeError(f"injected fault in generation {self.ref.name}")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def predict(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+        """Class probabilities, (rows, classes) float32 per request."""
+        await self._fault()
+        return self._run(xs, lambda t: self._torch.softmax(self.model(t), dim=-1))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def embed(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+        """Retrieval embeddings, (rows, dim) float32 per request."""
+        await self._fault()
+        return self._run(xs, self.model.embed)
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.ref.name, "sha256": self.ref.sha256, "input_dim": self.model.input_dim,
+                "num_classes": self.model.num_classes}
+
+
+def verify(ref: ModelRef) -> None:
+    """Fail fast in the caller when a checkpoint is missing or changed (the replica checks again)."""
+    try:
+        actual = sha256_file(model_file(ref.uri))
+    except OSError as e:
+        raise CheckpointError(f"{ref.name}: checkpoint {ref.uri} cannot be read ({e})") from None
+    if actual != ref.sha256:
+        raise CheckpointError(f"{ref.name}: checkpoint {ref.uri} has sha256 {actual[:12]}..., "
+                              f"recorded {ref.sha256[:12]}...; refusing to serve it")
+
+
+def deploy_generation(ref: ModelRef, spec: ServingSpec, inject_fault: Optional[dict] = None) -> str:
+    """Deploy `ref` as its own Serve application; returns the application name."""
+    verify(ref)
+    dep = serve.deployment(ModelServer).options(
+        name="model", num_replicas=spec.replicas, max_ongoing_requests=spec.max_ongoing_requests,
+        ray_actor_options={"num_cpus": spec.cpus_per_replica})
+    serve.run(dep.bind(ref, spec.max_batch_size, spec.batch_wait_timeout_s, inject_fault),
+              name=ref.app_name, route_prefix=None)
+    return ref.app_name
+
+
+def start_serving(spec: ServingSpec, production: ModelRef, candidates: Sequence[ModelRef] = (),
+                  gallery: Optional[Gallery] = None, weights: Optional[dict[str, float]] = None,
+                  shadows: Optional[Sequence[str]] = None, admin_token: Optional[str] = None) -> str:
+    """Start Serve on spec.host:spec.port, deploy every generation and the router.
+
+    Defaults: production takes all traffic, every candidate shadows. Returns the base URL.
+    """
+    from serving.router import Router
+
+    model, _ = load_model(production.uri, production.sha256)
+    serve.start(http_options={"host": spec.host, "port": spec.port})
+    refs = [production, *candidates]
+    for ref in refs:
+        deploy_generation(ref, spec)
+    router = serve.deployment(Router).options(name="router", num_replicas=1, max_ongoing_requests=1024,
+                            ray_actor_options={"num_cpus": spec.router_cpus})
+    serve.run(router.bind(
+        spec.model_dump(mode="json"), model.input_dim, production.name,
+        {r.name: {"app": r.app_name, "sha256": r.sha256} for r in refs},
+        weights or {production.name: 1.0},
+        list(shadows) if shadows is not None else [c.name for c in candidates],
+        gallery, admin_token), name=ROUTER_APP, route_prefix="/")
+    return base_url(spec)
+
+
+def base_url(spec: ServingSpec) -> str:
+    return f"http://{spec.host}:{spec.port}"
+
+
+def router_handle():
+    return serve.get_app_handle(ROUTER_APP)
+
+
+def add_generation(ref: ModelRef, spec: ServingSpec, shadow: bool = True,
+                   inject_fault: Optional[dict] = None) -> dict[str, Any]:
+    """Deploy a candidate next to the running router and attach it (weight 0, shadow by
+    default). Returns the new traffic plan. A checkpoint failing verification is never
+    deployed."""
+    app_name = deploy_generation(ref, spec, inject_fault)
+    try:
+        return router_handle().attach.remote(ref.name, app_name, ref.sha256, shadow).result()
+    except Exception:
+        serve.delete(app_name)
+        raise
+
+
+def remove_generation(name: str) -> dict[str, Any]:
+    """Detach a generation from the router (it must serve no traffic), then delete its app."""
+    plan = router_handle().detach.remote(name).result()
+    serve.delete(app_name_for(name))
+    return plan
+
+
+def stop_serving() -> None:
+    """Shut Serve down: the router and every generation application."""
+    serve.shutdown()
