@@ -91,6 +91,8 @@ class Router:
         self._publish_plan()
         self._refresher: Optional[asyncio.Task] = None
         self._background: set[asyncio.Task] = set()
+        self._pending: dict[str, list] = {}  # generation -> [queued shadow copies, rows]
+        self._shadow_backlog = 0  # copies admitted and not finished
         self.gallery = gallery
         self.index = None
         if gallery is not None:
@@ -158,24 +160,48 @@ class Router:
             c.requests_shadow += 1
         self.m["graceful_requests"].inc(tags={"generation": gen, "role": role})
 
-    async def _mirror(self, gen: str, x: np.ndarray):
+    async def _call_shadow(self, gen: str, x: np.ndarray):
         """One mirrored call, bounded by the shadow timeout: probabilities, or a marker."""
+        entry = self.gens.get(gen)
+        if entry is None:  # detached meanwhile
+            return _ERROR
         t0 = time.perf_counter()
-        self._count_request(gen, "shadow")
-        resp = self.gens[gen]["handle"].predict.remote(x)
+        resp = entry["handle"].predict.remote(x)
         try:
             probs = await asyncio.wait_for(resp, self.shadow_timeout_s)
         except asyncio.TimeoutError:
             resp.cancel()
-            self.stats.of(gen).shadow_timeouts += 1
-            self.m["graceful_shadow_timeouts"].inc(tags={"generation": gen})
             return _TIMEOUT
         except Exception:
-            self.stats.of(gen).shadow_errors += 1
-            self.m["graceful_errors"].inc(tags={"generation": gen, "role": "shadow"})
             return _ERROR
         self._observe(gen, "shadow", (time.perf_counter() - t0) * 1000)
         return probs
+
+    def _count_failure(self, gen: str, outcome: str, n: int) -> None:
+        if outcome == _TIMEOUT:
+            self.stats.of(gen).shadow_timeouts += n
+            self.m["graceful_shadow_timeouts"].inc(n, tags={"generation": gen})
+        else:
+            self.stats.of(gen).shadow_errors += n
+            self.m["graceful_errors"].inc(n, tags={"generation": gen, "role": "shadow"})
+
+    def _admit_shadow(self, gen: str) -> bool:
+        """Memory and CPU stay bounded when shadows fall behind: beyond the backlog cap a
+        copy is skipped, and counted."""
+        if self._shadow_backlog >= self.spec["shadow_max_inflight"]:
+            self.stats.of(gen).shadow_dropped += 1
+            self.m["graceful_shadow_dropped"].inc(tags={"generation": gen})
+            return False
+        self._shadow_backlog += 1
+        self._count_request(gen, "shadow")
+        return True
+
+    async def _production_mirror(self, prod: str, x: np.ndarray):
+        out = await self._call_shadow(prod, x)
+        self._shadow_backlog -= 1
+        if not isinstance(out, np.ndarray):
+            self._count_failure(prod, out, 1)
+        return out
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -188,41 +214,55 @@ class Router:
             return probs
         return fuse(prod_probs, probs, self.fusion_weight)
 
-    async def _finish_mirrors(self, rid: str, plan: TrafficPlan, primary: str, primary_probs: Optional[np.ndarray],
-                              tasks: dict[str, asyncio.Future]) -> None:
-        """Await the mirrored calls (never on the response path) and compare with production."""
-        results = {g: await t for g, t in tasks.items()}
-        prod = plan.production
-        prod_probs = primary_probs if primary == prod else results.get(prod)
-        if not isinstance(prod_probs, np.ndarray):
-            return  # no reference: nothing to compare
-        prod_pred = prod_probs.argmax(1)
-        if primary != prod and primary_probs is not None:
+    def _enqueue_shadow(self, gen: str, rid: str, x: np.ndarray, ref) -> None:
+        """Coalesce shadow copies: one handle call per generation carries every copy queued
+        within `shadow_batch_wait_s` (or `max_batch_size` rows), so a shadow costs the
+        router a fraction of a handle call per request."""
+        queue = self._pending.setdefault(gen, [[], 0])
+        queue[0].append((rid, x, ref))
+        queue[1] += len(x)
+        if queue[1] >= self.spec["max_batch_size"]:
+            self._flush(gen)
+        elif len(queue[0]) == 1:
+            asyncio.get_running_loop().call_later(self.spec["shadow_batch_wait_s"], self._flush, gen)
+
+    def _flush(self, gen: str) -> None:
+        queue = self._pending.pop(gen, None)
+        if queue:
+            self._spawn(self._run_shadows(gen, queue[0]))
+
+    async def _run_shadows(self, gen: str, items: list) -> None:
+        """Send coalesced copies, then compare each with production (off the response path)."""
+        x = items[0][1] if len(items) == 1 else np.concatenate([item[1] for item in items])
+        out = await self._call_shadow(gen, x)
+        self._shadow_backlog -= len(items)
+        if not isinstance(out, np.ndarray):
+            self._count_failure(gen, out, len(items))
+            return
+        start = 0
+        for rid, xi, ref in items:
+            probs = out[start:start + len(xi)]
+            start += len(xi)
+            if isinstance(ref, asyncio.Future):
+                ref = await ref
+            if isinstance(ref, np.ndarray):
+                pred = self._candidate_view(ref, probs).argmax(1)
+                self.store.add(rid, gen, pred)
+                self._compare(gen, ref.argmax(1), pred)
+
+    async def _finish_canary(self, rid: str, prod: str, primary: str, served_pred: np.ndarray,
+                             early: asyncio.Future) -> None:
+        ref = await early
+        if isinstance(ref, np.ndarray):
+            prod_pred = ref.argmax(1)
             self.store.add(rid, prod, prod_pred)
-            self._compare(primary, prod_pred, primary_probs.argmax(1))
-        for g, probs in results.items():
-            if g != prod and isinstance(probs, np.ndarray):
-                pred = self._candidate_view(prod_probs, probs).argmax(1)
-                self.store.add(rid, g, pred)
-                self._compare(g, prod_pred, pred)
+            self._compare(primary, prod_pred, served_pred)
 
     def _compare(self, gen: str, prod_pred: np.ndarray, pred: np.ndarray) -> None:
         n_dis = self.stats.record_comparison(gen, prod_pred, pred)
         self.m["graceful_compared_samples"].inc(len(pred), tags={"generation": gen})
         if n_dis:
             self.m["graceful_disagreements"].inc(n_dis, tags={"generation": gen})
-
-    def _send_mirrors(self, gens, x: np.ndarray) -> dict[str, asyncio.Future]:
-        if not gens:
-            return {}
-        if len(self._background) >= self.spec["shadow_max_inflight"]:
-            # Memory and CPU stay bounded when shadows fall behind: skip, and say so.
-            for g in gens:
-                self.stats.of(g).shadow_dropped += 1
-                self.m["graceful_shadow_dropped"].inc(tags={"generation": g})
-            return {}
-        loop = asyncio.get_running_loop()
-        return {g: loop.create_task(self._mirror(g, x)) for g in gens}
 
     # --- data routes -----------------------------------------------------------------
 
@@ -240,10 +280,12 @@ class Router:
         primary = plan.choose(user if user is not None else rid)
         mirrors = plan.mirrors(primary)
         prod = plan.production
-        # A candidate's production mirror goes out with the primary: it is the fallback
-        # when the candidate fails and the fusion partner. Pure shadows go out after the
-        # primary answered, so they never compete with it for a core.
-        early = self._send_mirrors([prod], x) if primary != prod else {}
+        # A candidate's production copy goes out with the primary: it is the fallback
+        # when the candidate fails, the fusion partner and the flip reference. Pure shadows
+        # go out after the primary answered, so they never compete with it for a core.
+        early = None
+        if primary != prod and self._admit_shadow(prod):
+            early = asyncio.get_running_loop().create_task(self._production_mirror(prod, x))
         self._count_request(primary, "primary")
         t0 = time.perf_counter()
         probs: Optional[np.ndarray] = None
@@ -254,23 +296,26 @@ class Router:
         except Exception as e:
             self.stats.of(primary).errors += 1
             self.m["graceful_errors"].inc(tags={"generation": primary, "role": "primary"})
-            fallback = await early[prod] if prod in early else None
+            fallback = await early if early is not None else None
             if not isinstance(fallback, np.ndarray):
                 return _json({"error": f"generation {primary} failed: {type(e).__name__}", "request_id": rid}, 503)
             self.stats.of(primary).fallbacks += 1
             answer, served = fallback, prod
         else:
             answer = probs
-            if primary != prod and self.fusion_weight is not None and prod in early:
-                prod_probs = await early[prod]
+            if early is not None and self.fusion_weight is not None:
+                prod_probs = await early
                 if isinstance(prod_probs, np.ndarray):
                     answer = self._candidate_view(prod_probs, probs)
         self.stats.of(served).samples_primary += len(x)
         pred = answer.argmax(1)
         self.store.put(rid, prod, {served: pred})
-        tasks = {**early, **self._send_mirrors([g for g in mirrors if g not in early], x)}
-        if tasks:
-            self._spawn(self._finish_mirrors(rid, plan, primary, probs, tasks))
+        if early is not None and served == primary:
+            self._spawn(self._finish_canary(rid, prod, primary, pred, early))
+        ref = probs if primary == prod else early
+        for g in mirrors:
+            if g != prod and self._admit_shadow(g):
+                self._enqueue_shadow(g, rid, x, ref)
         return _json({"request_id": rid, "generation": served, "predictions": pred.tolist(),
                       "probabilities": np.round(answer, 6).tolist()})
 
@@ -358,7 +403,7 @@ class Router:
                 "started_at": self.started, "uptime_s": round(time.time() - self.started, 3),
                 "feedback": {**self.stats.feedback, "stored": len(self.store),
                              "expired": self.store.expired, "evicted": self.store.evicted},
-                "shadows_in_flight": len(self._background), "generations": gens}
+                "shadows_in_flight": self._shadow_backlog, "generations": gens}
 
     @app.get("/v1/status")
     async def http_status(self) -> Response:

@@ -30,6 +30,7 @@ class ServingSpec(StrictModel):
     # Fusion: answer with (1-w)*old + w*new probabilities; None disables it.
     fusion_weight: Optional[float] = Field(None, ge=0, le=1)
     search_top_k: int = Field(5, ge=1, le=100)
+    shadow_batch_wait_s: float = Field(0.005, ge=0, le=1, description="window that coalesces shadow copies into one call")
     shadow_max_inflight: int = Field(256, ge=1, description="mirrored requests in flight before shadows are dropped")
     latency_window: int = Field(2048, ge=16, description="recent calls per generation behind the status quantiles")
     router_cpus: float = Field(0.5, gt=0, description="CPUs reserved for the router replica")
