@@ -22,6 +22,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 COMMAND_MODULES: list[str] = [
     "orchestrator.cli",
     "orchestrator.cli_train",
+    "orchestrator.cli_serve",
 ]
 
 

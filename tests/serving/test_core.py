@@ -1,0 +1,203 @@
+"""Unit tests of the router's pure logic (no Ray): split, input checks, join store, flips.
+
+The same paths run for real over HTTP in tests/integration/test_serving.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from serving.core import (BadRequest, FeedbackStore, LiveStats, TrafficPlan, count_flips, fuse,
+                          join_feedback, parse_feedback, parse_inputs, parse_json_object, sticky_unit)
+from serving.metric_names import DEFINED, EXPORTED
+from serving.refs import ModelRef
+from serving.specs import ServingSpec
+
+GENS = ["g0", "g1", "g2"]
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_sticky_unit_is_stable_and_uniform():
+    assert sticky_unit("user-1") == sticky_unit("user-1")
+    u = np.array([sticky_unit(f"k{i}") for i in range(20000)])
+    assert ((u >= 0) & (u < 1)).all()
+    # Uniform: each decile holds 10% +- 1% (binomial sd at n=20000 is 0.2%).
+    counts = np.histogram(u, bins=10, range=(0, 1))[0] / len(u)
+    assert np.all(np.abs(counts - 0.1) < 0.01)
+
+
+def test_split_follows_weights_and_is_sticky():
+    plan = TrafficPlan.build("g0", {"g0": 0.75, "g1": 0.25}, [], GENS)
+    picks = [plan.choose(f"user-{i}") for i in range(8000)]
+    share = picks.count("g1") / len(picks)
+    assert abs(share - 0.25) < 0.02
+    assert "g2" not in picks  # weight 0 never serves
+    assert [plan.choose(f"user-{i}") for i in range(100)] == picks[:100]
+
+
+def test_raising_a_candidate_weight_keeps_its_users():
+    """Candidates sit first on the unit interval, so users on g1 at 5% stay on g1 at 50%."""
+    small = TrafficPlan.build("g0", {"g0": 0.95, "g1": 0.05}, [], GENS)
+    big = TrafficPlan.build("g0", {"g0": 0.5, "g1": 0.5}, [], GENS)
+    users = [f"u{i}" for i in range(5000)]
+    on_small = {u for u in users if small.choose(u) == "g1"}
+    assert on_small and all(big.choose(u) == "g1" for u in on_small)
+
+
+@pytest.mark.parametrize("weights,shadows,prod,msg", [
+    ({"g0": 0.5}, [], "g0", "sum to 1"),
+    ({"g0": 1.0, "gx": 0.0}, [], "g0", "unknown generation 'gx'"),
+    ({"g0": -0.5, "g1": 1.5}, [], "g0", "weights.g0"),
+    ({"g0": float("nan")}, [], "g0", "weights.g0"),
+    ({"g0": True}, [], "g0", "weights.g0"),
+    ({"g0": 1.0}, ["g0"], "g0", "production"),
+    ({"g0": 1.0}, ["nope"], "g0", "shadows: unknown"),
+    ({"g0": 1.0}, [], "gz", "production: unknown"),
+])
+def test_bad_plans_name_the_problem(weights, shadows, prod, msg):
+    with pytest.raises(BadRequest) as e:
+        TrafficPlan.build(prod, weights, shadows, GENS)
+    assert msg in str(e.value) and e.value.status == 400
+
+
+def test_mirrors_include_production_for_candidate_traffic():
+    plan = TrafficPlan.build("g0", {"g0": 0.5, "g1": 0.5}, ["g2"], GENS)
+    assert plan.mirrors("g0") == ("g2",)
+    assert plan.mirrors("g1") == ("g0", "g2")  # production is the flip reference
+    assert plan.candidates == ["g1", "g2"]
+
+
+def test_parse_inputs_accepts_good_rows_and_names_bad_ones():
+    x = parse_inputs({"inputs": [[1, 2.5], [0, -1]]}, input_dim=2, max_rows=4)
+    assert x.dtype == np.float32 and x.shape == (2, 2)
+    cases = [
+        ({}, "missing key", 400), ({"inputs": []}, "non-empty", 400),
+        ({"inputs": [[1, 2]] * 5}, "at most 4", 413), ({"inputs": [[1, 2, 3]]}, "2 numbers", 400),
+        ({"inputs": [[1], [1, 2]]}, "2", 400), ({"inputs": [["a", 1]]}, "numbers only", 400),
+        ({"inputs": [[True, 1]]}, "numbers only", 400), ({"inputs": [[float("nan"), 1]]}, "NaN", 400),
+        ({"inputs": [[1e39, 1]]}, "float32", 400), ({"inputs": [1, 2]}, "list of", 400),
+        ({"inputs": [[[1], [2]]]}, "2 numbers", 400),
+    ]
+    for obj, msg, status in cases:
+        with pytest.raises(BadRequest) as e:
+            parse_inputs(obj, input_dim=2, max_rows=4)
+        assert msg in str(e.value) and e.value.status == status, (obj, str(e.value))
+
+
+def test_parse_json_object_and_feedback():
+    assert parse_json_object(b'{"a": 1}') == {"a": 1}
+    for body in (b"nope", b"[1]", b"\xff", b"{" * 100000):
+        with pytest.raises(BadRequest):
+            parse_json_object(body)
+    rid, labels = parse_feedback({"request_id": "r1", "labels": [1, 0]})
+    assert rid == "r1" and labels.tolist() == [1, 0]
+    for obj in ({"labels": [1]}, {"request_id": "r", "labels": [-1]}, {"request_id": "r", "labels": [True]},
+                {"request_id": "r", "labels": []}):
+        with pytest.raises(BadRequest):
+            parse_feedback(obj)
+
+
+def test_feedback_store_ttl_and_size_cap():
+    clock = FakeClock()
+    store = FeedbackStore(ttl_s=10, max_entries=3, clock=clock)
+    for i in range(5):
+        clock.t = i
+        store.put(f"r{i}", "g0", {"g0": np.array([i])})
+    assert len(store) == 3 and store.evicted == 2  # r0, r1 dropped by the cap
+    assert store.pop("r0") is None
+    assert store.add("r2", "g1", np.array([7]))
+    prod, preds = store.pop("r2")
+    assert prod == "g0" and preds["g1"].tolist() == [7]
+    assert store.pop("r2") is None  # labelled once
+    clock.t = 13.5  # r3 stored at 3: 10.5 s old, expired; r4 at 4: 9.5 s, alive
+    assert store.pop("r3") is None and store.expired == 1
+    assert not store.add("r3", "g1", np.array([1]))
+    assert store.pop("r4") is not None
+
+
+def test_feedback_store_memory_stays_flat_under_load():
+    store = FeedbackStore(ttl_s=3600, max_entries=1000)
+    for i in range(50_000):
+        store.put(f"r{i}", "g0", {"g0": np.zeros(4, dtype=np.int64)})
+    assert len(store) == 1000 and store.evicted == 49_000
+
+
+def test_count_flips_by_hand():
+    """labels 0 1 2 3 4; production 0 1 9 9 4 (right on 0,1,4); candidate 0 9 2 9 9
+    (right on 0,2). Negative flips: right->wrong at rows 1 and 4 = 2; positive: row 2 = 1;
+    production correct 3, candidate correct 2."""
+    y = np.array([0, 1, 2, 3, 4])
+    f = count_flips(y, np.array([0, 1, 9, 9, 4]), np.array([0, 9, 2, 9, 9]))
+    assert (f.labelled, f.negative_flips, f.positive_flips, f.production_correct, f.candidate_correct) == (5, 2, 1, 3, 2)
+
+
+def test_join_feedback_counts_against_the_production_of_that_request():
+    """Stored: production g0 predicted [1, 2], candidate g1 [1, 0]; labels [1, 2]: g1 has
+    one negative flip (row 2), 2 labelled samples, production 2 right, candidate 1 right."""
+    stats = LiveStats()
+    added = join_feedback(stats, ("g0", {"g0": np.array([1, 2]), "g1": np.array([1, 0])}), np.array([1, 2]))
+    assert set(added) == {"g1"}
+    c = stats.of("g1")
+    assert (c.labelled, c.labelled_requests, c.negative_flips, c.positive_flips) == (2, 1, 1, 0)
+    assert (c.production_correct, c.candidate_correct) == (2, 1)
+    with pytest.raises(BadRequest) as e:
+        join_feedback(stats, None, np.array([1]))
+    assert e.value.status == 404
+    with pytest.raises(BadRequest) as e:
+        join_feedback(stats, ("g0", {"g0": np.array([1, 2])}), np.array([1]))
+    assert e.value.status == 422
+    assert join_feedback(stats, ("g0", {"g1": np.array([1])}), np.array([1])) == {}  # no reference
+    assert stats.feedback == {"joined": 1, "unknown": 1, "partial": 1, "mismatched": 1}
+
+
+def test_comparison_and_latency_window():
+    """Disagreement: [1,2,3] vs [1,0,3] differ on one sample of three."""
+    stats = LiveStats(window=16)
+    assert stats.record_comparison("g1", np.array([1, 2, 3]), np.array([1, 0, 3])) == 1
+    assert (stats.of("g1").compared, stats.of("g1").disagreements) == (3, 1)
+    for ms in range(1, 101):  # the window keeps the last 16: 85..100
+        stats.latency("g1", "shadow", float(ms))
+    snap = stats.generation_snapshot("g1")
+    assert snap["latency"]["shadow"]["n"] == 16 and snap["latency"]["shadow"]["p50_ms"] == 92.5
+    assert snap["latency"]["primary"]["n"] == 0
+
+
+def test_fuse_is_a_weighted_mix():
+    old, new = np.array([[0.8, 0.2]]), np.array([[0.2, 0.8]])
+    assert np.allclose(fuse(old, new, 0.25), [[0.65, 0.35]])
+
+
+def test_model_ref_rejects_bad_names_and_hashes():
+    ok = ModelRef("g1", "/x/model.pt", "a" * 64)
+    assert ok.app_name == "graceful-gen-g1"
+    with pytest.raises(ValueError):
+        ModelRef("../g1", "/x", "a" * 64)
+    with pytest.raises(ValueError):
+        ModelRef("g1", "/x", "abc")
+
+
+def test_metric_names_are_prefixed_and_documented():
+    assert all(n.startswith("graceful_") for n in DEFINED)
+    assert "ray_graceful_requests_total" in EXPORTED and "ray_graceful_latency_ms_bucket" in EXPORTED
+    assert "ray_graceful_traffic_weight" in EXPORTED
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs/readme/serving.md").read_text()
+    missing = [n for n in EXPORTED if n not in doc]
+    assert not missing, missing
+
+
+def test_serving_spec_defaults_are_safe():
+    spec = ServingSpec()
+    assert spec.host == "127.0.0.1" and spec.admin_token is None
+    assert json.loads(spec.model_dump_json())["shadow_batch_wait_s"] == 0.005
