@@ -5,7 +5,9 @@
     else (Ray Serve's model-composition pattern);
 (c) router: our router, every feature on (split, feedback store, counters, Ray metrics,
     latency windows), no shadow;
-(d) router_shadow: the same with one shadow generation.
+(d) router_shadow: the same with one shadow generation;
+(e) router_local: our router with the model inside the router replica
+    (serving.in_router_models: no handle hop), to compare with (a).
 Saturated (concurrency 8) and idle (concurrency 1); batch of 4 rows per request. The
 set-ups run in interleaved rounds so that drift on the shared machine hits all alike.
 
@@ -31,7 +33,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SETUPS = ("plain", "composition", "router", "router_shadow")
+SETUPS = ("plain", "composition", "router", "router_shadow", "router_local")
 MODES = {"saturated": 8, "idle": 1}
 
 
@@ -151,9 +153,12 @@ def main(argv=None) -> int:
             spec = ServingSpec(port=_free_port())
             base = deploy.start_serving(spec, g0, [g1], shadows=[], admin_token=token)
             paths = _baselines(g0, spec)
+            local = deploy.start_serving(spec.model_copy(update={"in_router_models": True}), g0, shadows=[],
+                                         admin_token=token, app_name="bench-local", route_prefix="/local")
             client = RouterClient(base, token)
             urls = {"plain": base + paths["plain"], "composition": base + paths["composition"],
-                    "router": base + "/v1/predict", "router_shadow": base + "/v1/predict"}
+                    "router": base + "/v1/predict", "router_shadow": base + "/v1/predict",
+                    "router_local": local + "/v1/predict"}
             rng = np.random.default_rng(0)
             bodies = [json.dumps({"inputs": ds.test.x[rng.integers(0, len(ds.test), 4)].tolist(),
                                   "user_id": f"u{i}"}).encode() for i in range(args.requests)]
@@ -165,7 +170,7 @@ def main(argv=None) -> int:
                     client.set_traffic({"g0": 1.0}, shadows=["g1"] if setup == "router_shadow" else [])
                     _load(urls[setup], bodies[:50], conc)
                 for rnd in range(args.rounds):
-                    order = SETUPS[rnd % 4:] + SETUPS[:rnd % 4]
+                    order = SETUPS[rnd % len(SETUPS):] + SETUPS[:rnd % len(SETUPS)]
                     for setup in order:
                         client.set_traffic({"g0": 1.0}, shadows=["g1"] if setup == "router_shadow" else [])
                         chunk = bodies[rnd * per_round:(rnd + 1) * per_round]
@@ -211,7 +216,10 @@ def render(results: dict) -> str:
               f"router / composition, idle: throughput {idle['router']['rps'] / idle['composition']['rps']:.2f}x, "
               f"p50 {idle['router']['p50_ms'] / idle['composition']['p50_ms']:.2f}x",
               f"router_shadow / router, idle p50: {idle['router_shadow']['p50_ms'] / idle['router']['p50_ms']:.2f}x "
-              f"(target <= 1.2); saturated rps {sat['router_shadow']['rps'] / sat['router']['rps']:.2f}x"]
+              f"(target <= 1.2); saturated rps {sat['router_shadow']['rps'] / sat['router']['rps']:.2f}x",
+              f"router_local / plain, saturated: throughput {sat['router_local']['rps'] / sat['plain']['rps']:.2f}x, "
+              f"p50 {sat['router_local']['p50_ms'] / sat['plain']['p50_ms']:.2f}x; idle p50 "
+              f"{idle['router_local']['p50_ms'] / idle['plain']['p50_ms']:.2f}x"]
     return "\n".join(lines)
 
 

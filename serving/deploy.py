@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from ray import serve
 
+from serving.local import infer, probabilities
 from serving.refs import Gallery, ModelRef, app_name_for
 from serving.specs import ServingSpec
 from workers.checkpoint import CheckpointError, load_model, model_file, sha256_file
@@ -32,7 +33,6 @@ class ModelServer:
 
         # Replicas share two cores with everything else; intra-op threads only contend.
         torch.set_num_threads(1)
-        self._torch = torch
         self.ref = ref
         self.model, self.meta = load_model(ref.uri, ref.sha256)  # raises: never served unverified
         self.fault = dict(inject_fault or {})
@@ -42,9 +42,7 @@ class ModelServer:
 
     def _run(self, xs: list[np.ndarray], fn) -> list[np.ndarray]:
         sizes = [len(x) for x in xs]
-        with self._torch.inference_mode():
-            out = fn(self._torch.from_numpy(np.concatenate(xs))).numpy()
-        return np.split(out, np.cumsum(sizes)[:-1])
+        return np.split(infer(fn, np.concatenate(xs)), np.cumsum(sizes)[:-1])
 
     async def _fault(self) -> None:
         if self.fault.get("delay_s"):
@@ -58,7 +56,7 @@ class ModelServer:
     async def predict(self, xs: list[np.ndarray]) -> list[np.ndarray]:
         """Class probabilities, (rows, classes) float32 per request."""
         await self._fault()
-        return self._run(xs, lambda t: self._torch.softmax(self.model(t), dim=-1))
+        return self._run(xs, probabilities(self.model))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def embed(self, xs: list[np.ndarray]) -> list[np.ndarray]:
@@ -95,10 +93,13 @@ def deploy_generation(ref: ModelRef, spec: ServingSpec, inject_fault: Optional[d
 
 def start_serving(spec: ServingSpec, production: ModelRef, candidates: Sequence[ModelRef] = (),
                   gallery: Optional[Gallery] = None, weights: Optional[dict[str, float]] = None,
-                  shadows: Optional[Sequence[str]] = None, admin_token: Optional[str] = None) -> str:
+                  shadows: Optional[Sequence[str]] = None, admin_token: Optional[str] = None,
+                  app_name: str = ROUTER_APP, route_prefix: str = "/") -> str:
     """Start Serve on spec.host:spec.port, deploy every generation and the router.
 
-    Defaults: production takes all traffic, every candidate shadows. Returns the base URL.
+    Defaults: production takes all traffic, every candidate shadows. With
+    `spec.in_router_models` the generations load inside the router (no model apps).
+    Returns the base URL of the router.
     """
     from serving.router import Router
 
@@ -106,16 +107,20 @@ def start_serving(spec: ServingSpec, production: ModelRef, candidates: Sequence[
     serve.start(http_options={"host": spec.host, "port": spec.port})
     refs = [production, *candidates]
     for ref in refs:
-        deploy_generation(ref, spec)
+        if spec.in_router_models:
+            verify(ref)
+        else:
+            deploy_generation(ref, spec)
     router = serve.deployment(Router).options(name="router", num_replicas=1, max_ongoing_requests=1024,
                             ray_actor_options={"num_cpus": spec.router_cpus})
     serve.run(router.bind(
         spec.model_dump(mode="json"), model.input_dim, production.name,
-        {r.name: {"app": r.app_name, "sha256": r.sha256} for r in refs},
+        {r.name: {"app": None if spec.in_router_models else r.app_name, "sha256": r.sha256, "uri": r.uri}
+         for r in refs},
         weights or {production.name: 1.0},
         list(shadows) if shadows is not None else [c.name for c in candidates],
-        gallery, admin_token), name=ROUTER_APP, route_prefix="/")
-    return base_url(spec)
+        gallery, admin_token), name=app_name, route_prefix=route_prefix)
+    return base_url(spec) + route_prefix.rstrip("/")
 
 
 def base_url(spec: ServingSpec) -> str:
@@ -131,6 +136,9 @@ def add_generation(ref: ModelRef, spec: ServingSpec, shadow: bool = True,
     """Deploy a candidate next to the running router and attach it (weight 0, shadow by
     default). Returns the new traffic plan. A checkpoint failing verification is never
     deployed."""
+    if spec.in_router_models:
+        verify(ref)
+        return router_handle().attach_local.remote(ref, shadow).result()
     app_name = deploy_generation(ref, spec, inject_fault)
     try:
         return router_handle().attach.remote(ref.name, app_name, ref.sha256, shadow).result()
@@ -142,7 +150,8 @@ def add_generation(ref: ModelRef, spec: ServingSpec, shadow: bool = True,
 def remove_generation(name: str) -> dict[str, Any]:
     """Detach a generation from the router (it must serve no traffic), then delete its app."""
     plan = router_handle().detach.remote(name).result()
-    serve.delete(app_name_for(name))
+    if app_name_for(name) in serve.status().applications:
+        serve.delete(app_name_for(name))
     return plan
 
 

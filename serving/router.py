@@ -26,7 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.core import (BadRequest, FeedbackStore, LiveStats, TrafficPlan, fuse, join_feedback,
                           parse_feedback, parse_inputs, parse_json_object, parse_user_id)
 from serving.metric_names import DEFINED, LATENCY_BUCKETS_MS
-from serving.refs import Gallery
+from serving.local import LocalGeneration
+from serving.refs import Gallery, ModelRef
 
 # No `from __future__ import annotations` here: Serve's class-based view reads the
 # handlers' annotations at run time and would take a string "Request" for a query param.
@@ -86,7 +87,8 @@ class Router:
         self.m = _make_metrics()
         self.gens: dict[str, dict] = {}  # name -> {"app", "sha256", "handle"}
         for name, info in generations.items():
-            self.gens[name] = {**info, "handle": serve.get_app_handle(info["app"])}
+            self.gens[name] = {**info, "handle": serve.get_app_handle(info["app"]) if info["app"] else
+                               LocalGeneration(ModelRef(name, info["uri"], info["sha256"]))}
         self.plan = TrafficPlan.build(production, weights, shadows, self.gens)
         self._publish_plan()
         self._refresher: Optional[asyncio.Task] = None
@@ -437,8 +439,21 @@ class Router:
         if info.get("input_dim") != self.input_dim:
             raise BadRequest(f"generation {name!r} takes {info.get('input_dim')} inputs, "
                              f"the router {self.input_dim}", status=409)
+        return self._add(name, {"app": app_name, "sha256": sha256, "handle": handle}, shadow)
+
+    def attach_local(self, ref: ModelRef, shadow: bool = True) -> dict[str, Any]:
+        """Load a generation inside the router (in_router_models) and attach it."""
+        if ref.name in self.gens:
+            raise BadRequest(f"generation {ref.name!r} is already attached", status=409)
+        local = LocalGeneration(ref)  # verifies the sha256
+        if local.model.input_dim != self.input_dim:
+            raise BadRequest(f"generation {ref.name!r} takes {local.model.input_dim} inputs, "
+                             f"the router {self.input_dim}", status=409)
+        return self._add(ref.name, {"app": None, "sha256": ref.sha256, "uri": ref.uri, "handle": local}, shadow)
+
+    def _add(self, name: str, entry: dict, shadow: bool) -> dict[str, Any]:
         plan = self.plan
-        self.gens[name] = {"app": app_name, "sha256": sha256, "handle": handle}
+        self.gens[name] = entry
         self.plan = TrafficPlan.build(plan.production, plan.weights,
                                       list(plan.shadows) + ([name] if shadow else []), self.gens)
         self._publish_plan()

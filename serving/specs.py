@@ -34,4 +34,7 @@ class ServingSpec(StrictModel):
     shadow_max_inflight: int = Field(256, ge=1, description="mirrored requests in flight before shadows are dropped")
     latency_window: int = Field(2048, ge=16, description="recent calls per generation behind the status quantiles")
     router_cpus: float = Field(0.5, gt=0, description="CPUs reserved for the router replica")
+    # Host the models inside the router replica (no handle hop): small models only, as
+    # inference then runs on the router's event loop. Off: one Serve app per generation.
+    in_router_models: bool = False
     max_ongoing_requests: int = Field(64, ge=1, description="per model replica; lets @serve.batch fill")

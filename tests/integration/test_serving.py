@@ -256,6 +256,25 @@ def test_faulty_shadow_never_touches_the_primary(served, fault, counter):
     assert name not in st["weights"] and st["generations"][name]["attached"] is False
 
 
+def test_in_router_models_answer_like_the_deployments(served):
+    """serving.in_router_models: the same checkpoint loaded inside a second router (own
+    route prefix) gives the same predictions as the g0 deployment, with no model app."""
+    from serving import deploy
+
+    spec, ds = served["spec"], served["ds"]
+    url = deploy.start_serving(spec.model_copy(update={"in_router_models": True}), served["g0"], [served["g1"]],
+                               admin_token=TOKEN, app_name="local-router", route_prefix="/local")
+    try:
+        x = ds.query.x[:8].tolist()
+        local, remote = RouterClient(url, TOKEN), served["client"]
+        assert local.predict(x)["predictions"] == remote.predict(x)["predictions"]
+        assert _wait_for(lambda: local.status()["generations"]["g1"]["counters"]["compared"] == 8)
+    finally:
+        from ray import serve
+
+        serve.delete("local-router")
+
+
 def test_tampered_checkpoint_is_never_served(served):
     from serving import deploy
 

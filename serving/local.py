@@ -1,0 +1,57 @@
+"""Generations hosted inside the router process (`serving.in_router_models`).
+
+For small models the deployment-handle hop costs more than the model itself (about a
+third of the throughput on 2 cores: shared/notes/ray-notes.md). A `LocalGeneration` has
+the call surface of a deployment handle (`.predict.remote(x)` is awaitable), so the
+router treats local and remote generations alike. Inference runs on the router's event
+loop: only for models that answer in well under a millisecond.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from serving.refs import ModelRef
+from workers.checkpoint import load_model
+
+
+def infer(fn: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray) -> np.ndarray:
+    """Run `fn` without autograd on a (rows, dim) float32 array."""
+    with torch.inference_mode():
+        return fn(torch.from_numpy(x)).numpy()
+
+
+def probabilities(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: torch.softmax(model(t), dim=-1)
+
+
+class _Method:
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self._fn = fn
+
+    def remote(self, x: np.ndarray) -> "asyncio.Future[np.ndarray]":
+        fut = asyncio.get_running_loop().create_future()
+        try:
+            fut.set_result(infer(self._fn, x))
+        except Exception as e:  # surfaces like a failed handle call
+            fut.set_exception(e)
+        return fut
+
+
+class LocalGeneration:
+    """A verified checkpoint loaded in the router (sha256 checked by load_model)."""
+
+    def __init__(self, ref: ModelRef):
+        torch.set_num_threads(1)
+        self.ref = ref
+        self.model, _ = load_model(ref.uri, ref.sha256)
+        self.predict = _Method(probabilities(self.model))
+        self.embed = _Method(self.model.embed)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.ref.name, "sha256": self.ref.sha256, "input_dim": self.model.input_dim,
+                "num_classes": self.model.num_classes}
