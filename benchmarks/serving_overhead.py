@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             ds, (g0, g1) = _train_models(Path(tmp))
-            spec = ServingSpec(port=_free_port())
+            # Seven replicas must fit Ray's 2 logical CPUs, or Serve waits for resources forever.
+            spec = ServingSpec(port=_free_port(), router_cpus=0.25)
             base = deploy.start_serving(spec, g0, [g1], shadows=[], admin_token=token)
             paths = _baselines(g0, spec)
             local = deploy.start_serving(spec.model_copy(update={"in_router_models": True}), g0, shadows=[],
