@@ -1,0 +1,162 @@
+"""Retrieval compatibility along a chain of 3 generations, and a heterogeneous pair (MNIST-1D).
+
+Set-up of shared/notes/compat-experiments.md: 17,500 samples (14,000 training pool, 3,500
+test split in half as query and gallery), L2-normalised 64-d embeddings with cosine heads
+(scale 16), AdamW 3e-3 with cosine decay, 3,000 steps of batch 128. The chain: g0 (CNN 16
+channels, 2,000 samples), g1 (CNN 32, 5,000), g2 (CNN 32, 8,000), each later one seeing
+a superset of the data. The heterogeneous pair: `edge`, a small MLP query model (2 x 128
+units, ~6x fewer multiply-adds than g2) trained on g2's data after g2, meant to query the
+gallery the cloud CNNs built.
+
+Methods for g1, g2 and edge (g0 is shared):
+  independent     cross-entropy only
+  bct_production  + BCT influence loss through the frozen head of the production model
+                  only (the previous generation; for edge: g2)
+  bct             + BCT through the heads of all ancestors with weights 0.5^distance,
+                  normalised: the default constraint set, which always holds the model
+                  that built the served gallery (g0)
+
+Models are trained with the single-process `fit` and the Ray Train loop's BCT term
+(`workers.train.make_extra_loss` over frozen heads). Retrieval top-1 is faiss inner
+product on unit vectors, M(query model, gallery model), mean over the seeds.
+Rows {"method", "query", "gallery", "top1"} go to benchmarks/results/compat_retrieval.json,
+a heat map per method to compat_retrieval.png:
+
+    flock /tmp/graceful-cpu.lock timeout 590 python -m benchmarks.compat_retrieval --seeds 0 1
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from benchmarks.common import RESULTS, axes, cnn, mnist1d, save_png, seeds_parser, train, write_json
+from orchestrator.metrics import retrieval_top1
+from workers.data import Dataset
+from workers.losses import FrozenHead, ancestor_importances, frozen_head
+from workers.models import GracefulNet
+from workers.specs import ArchSpec, BCTSpec, CompatSpec, TrainSpec
+from workers.train import CompatTargets
+from workers.training import predict
+
+METHODS = ["independent", "bct_production", "bct"]
+CHAIN = [("g0", cnn(16), 2_000), ("g1", cnn(32), 5_000), ("g2", cnn(32), 8_000)]
+EDGE = ("edge", ArchSpec(type="mlp", width=128, depth=2, embed_dim=64, head="cosine", scale=16.0), 8_000)
+MODELS = [c[0] for c in CHAIN] + [EDGE[0]]
+PATH = RESULTS / "compat_retrieval.json"
+
+
+def heads_for(method: str, ancestors: list[tuple[str, GracefulNet]]) -> list[FrozenHead]:
+    """The frozen heads a new model is trained through (ancestors in chain order)."""
+    if method == "independent" or not ancestors:
+        return []
+    if method == "bct_production":
+        return [frozen_head(ancestors[-1][1], ancestors[-1][0])]
+    k = len(ancestors)
+    weights = ancestor_importances([k - i for i in range(k)], 0.5)
+    return [frozen_head(m, n, w) for (n, m), w in zip(ancestors, weights)]
+
+
+def run_seed(seed: int, ds: Dataset, steps: int) -> dict[str, np.ndarray]:
+    """{method: M} with M[i, j] = top-1 of MODELS[i]'s queries in MODELS[j]'s gallery."""
+    spec = TrainSpec(steps=steps, batch_size=128, lr=3e-3, seed=seed, eval_every=steps)
+    compat = CompatSpec(bct=BCTSpec(weight=1.0))
+
+    def fit_one(arch: ArchSpec, n: int, heads: list[FrozenHead]) -> GracefulNet:
+        model, secs = train(arch, ds.train.take(n), ds.input_dim, ds.num_classes, spec, compat,
+                            CompatTargets(heads=heads))
+        print(f"    {len(heads)} head(s), {n} samples: {secs:.1f}s", flush=True)
+        return model
+
+    g0 = fit_one(CHAIN[0][1], CHAIN[0][2], [])
+    out = {}
+    for method in METHODS:
+        print(f"  seed {seed} {method}", flush=True)
+        chain = [("g0", g0)]
+        for name, arch, n in CHAIN[1:]:
+            chain.append((name, fit_one(arch, n, heads_for(method, chain))))
+        edge = fit_one(EDGE[1], EDGE[2], heads_for(method, chain))
+        models = chain + [("edge", edge)]
+        q = [predict(m, ds.query.x)[0] for _, m in models]
+        g = [predict(m, ds.gallery.x)[0] for _, m in models]
+        out[method] = np.array([[retrieval_top1(qi, ds.query.y, gj, ds.gallery.y) for gj in g] for qi in q])
+        print(matrix_text(out[method]), flush=True)
+    return out
+
+
+def matrix_text(m: np.ndarray) -> str:
+    lines = ["    query \\ gallery " + " ".join(f"{n:>6s}" for n in MODELS)]
+    for name, r in zip(MODELS, m):
+        lines.append(f"    {name:>17s} " + " ".join(f"{100 * v:6.1f}" for v in r))
+    return "\n".join(lines)
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: per method, M(q, g0) for the chain and edge, M(edge, g2), own top-1."""
+    top = {(r["method"], r["query"], r["gallery"]): 100 * r["top1"] for r in rows}
+    out = ["| method | M(g0,g0) | M(g1,g0) | M(g2,g0) | M(g2,g1) | M(edge,g2) | M(edge,g0) | "
+           "own: M(g1,g1) / M(g2,g2) / M(edge,edge) |", "|---|---|---|---|---|---|---|---|"]
+    for m in METHODS:
+        if (m, "g0", "g0") not in top:
+            continue
+        t = lambda q, g: f"{top[(m, q, g)]:.1f}"  # noqa: E731
+        out.append(f"| {m} | {t('g0', 'g0')} | {t('g1', 'g0')} | {t('g2', 'g0')} | {t('g2', 'g1')} | "
+                   f"{t('edge', 'g2')} | {t('edge', 'g0')} | {t('g1', 'g1')} / {t('g2', 'g2')} / {t('edge', 'edge')} |")
+    return "\n".join(out)
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    """The issue's targets for `bct`, each with its figures."""
+    top = {(r["method"], r["query"], r["gallery"]): 100 * r["top1"] for r in rows}
+    base = top[("bct", "g0", "g0")]
+    lines = []
+    for q in ("g1", "g2"):
+        v = top[("bct", q, "g0")]
+        lines.append(f"M({q},g0) = {v:.1f} > M(g0,g0) = {base:.1f}: {'met' if v > base else 'NOT MET'}")
+    for q in ("g1", "g2", "edge"):
+        own, ind = top[("bct", q, q)], top[("independent", q, q)]
+        lines.append(f"own M({q},{q}) = {own:.1f} vs independent {ind:.1f} (at most 1 pt below): "
+                     f"{'met' if own >= ind - 1.0 else 'NOT MET'}")
+    return lines
+
+
+def plot(rows: list[dict]) -> None:
+    fig, axs = axes(len(METHODS), (4 * len(METHODS), 3.6))
+    for ax, method in zip(axs, METHODS):
+        m = np.array([[next(r["top1"] for r in rows if (r["method"], r["query"], r["gallery"]) == (method, q, g))
+                       for g in MODELS] for q in MODELS])
+        ax.imshow(100 * m, vmin=0, vmax=100, cmap="viridis")
+        for i in range(len(MODELS)):
+            for j in range(len(MODELS)):
+                ax.text(j, i, f"{100 * m[i, j]:.0f}", ha="center", va="center",
+                        color="white" if m[i, j] < 0.6 else "black", fontsize=9)
+        ax.set_xticks(range(len(MODELS)), MODELS)
+        ax.set_yticks(range(len(MODELS)), MODELS)
+        ax.set_xlabel("gallery model")
+        ax.set_ylabel("query model")
+        ax.set_title(f"{method}: retrieval top-1 %", fontsize=10)
+    save_png(fig, PATH.with_suffix(".png"))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = seeds_parser(__doc__, [0, 1])
+    ap.add_argument("--steps", type=int, default=3000, help="optimiser steps per model (smoke runs)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    ds = mnist1d(17_500, 0.2, val_fraction=0.0)
+    print(f"MNIST-1D: {len(ds.train)} train pool, {len(ds.query)} queries, {len(ds.gallery)} gallery", flush=True)
+    per_seed = [run_seed(s, ds, args.steps) for s in args.seeds]
+    rows = [{"method": m, "query": q, "gallery": g,
+             "top1": round(float(np.mean([r[m][i, j] for r in per_seed])), 4)}
+            for m in METHODS for i, q in enumerate(MODELS) for j, g in enumerate(MODELS)]
+    write_json(PATH, rows)
+    print(f"mean over seeds {args.seeds}:")
+    print(table(rows))
+    print("\n".join(verdict(rows)))
+    plot(rows)
+
+
+if __name__ == "__main__":
+    main()

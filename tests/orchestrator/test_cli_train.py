@@ -1,0 +1,42 @@
+"""`graceful train` on a run directory whose generations are already trained (no Ray:
+a trained generation with the same config hash is not trained again)."""
+
+from __future__ import annotations
+
+import json
+
+from orchestrator.cli import main
+from orchestrator.config import load_config
+
+
+def _config(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"run_dir: {tmp_path / 'run'}\ngenerations: [{{name: g0}}, {{name: g1}}]\n")
+    return p
+
+
+def _fake_trained(cfg, name, config_hash):
+    d = cfg.run_dir / "generations" / name
+    d.mkdir(parents=True)
+    (d / "model.pt").write_bytes(b"not read by this command")
+    (d / "metrics.json").write_text(json.dumps({"name": name, "config_hash": config_hash,
+                                                "test_accuracy": 0.5, "sha256": "0" * 64}))
+
+
+def test_trained_generation_is_not_retrained(tmp_path, capsys):
+    path = _config(tmp_path)
+    cfg = load_config(str(path))
+    _fake_trained(cfg, "g0", cfg.config_hash())
+    assert main(["train", str(path), "--generation", "g0"]) == 0
+    assert "g0 is trained already with this config (test_acc 0.5000)" in capsys.readouterr().out
+    assert main(["train", str(path), "--generation", "g0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "g0"
+
+
+def test_every_generation_trained(tmp_path, capsys):
+    path = _config(tmp_path)
+    cfg = load_config(str(path))
+    for name in ("g0", "g1"):
+        _fake_trained(cfg, name, cfg.config_hash())
+    assert main(["train", str(path)]) == 0
+    assert "every generation" in capsys.readouterr().out
