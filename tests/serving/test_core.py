@@ -201,3 +201,14 @@ def test_serving_spec_defaults_are_safe():
     spec = ServingSpec()
     assert spec.host == "127.0.0.1" and spec.admin_token is None
     assert json.loads(spec.model_dump_json())["shadow_batch_wait_s"] == 0.005
+
+
+def test_demo_yaml_documents_every_serving_key():
+    import yaml
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "config/demo.yaml").read_text()
+    section = text[text.index("\nserving:"):text.index("\nrollout:")]
+    documented = {line.strip().lstrip("# ").split(":")[0] for line in section.splitlines()[2:] if ":" in line}
+    assert set(ServingSpec.model_fields) <= documented, set(ServingSpec.model_fields) - documented
+    assert yaml.safe_load(text)["serving"]["host"] == "127.0.0.1"
