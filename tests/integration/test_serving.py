@@ -246,9 +246,16 @@ def test_faulty_shadow_never_touches_the_primary(served, fault, counter):
         c = _wait_for(lambda: (lambda c: c if c[counter] >= c["requests_shadow"] else None)(
             _counters(client, name)), 15)
         assert c["requests_shadow"] + c["shadow_dropped"] == 60 and c["requests_shadow"] >= 8
-        assert c["compared"] == 0 and c["requests_primary"] == 0
+        assert c["compared"] == 0 and c["requests_primary"] == 0 and c["shadow_errors" if counter == "shadow_timeouts" else "shadow_timeouts"] == 0
         ratio = np.median(with_shadow) / np.median(without)
         assert ratio <= 1.2, (np.median(with_shadow), np.median(without))
+        if fault.get("error"):
+            # As a canary taking all traffic, it fails every call and production answers.
+            client.set_traffic({"g0": 0.0, name: 1.0}, shadows=[])
+            for i in range(5):
+                assert client.predict(x, user_id=f"c{i}")["generation"] == "g0"
+            c = _counters(client, name)
+            assert c["requests_primary"] == c["errors"] == c["fallbacks"] == 5
     finally:
         client.set_traffic({"g0": 1.0}, shadows=["g1"])
         deploy.remove_generation(name)
@@ -273,6 +280,31 @@ def test_in_router_models_answer_like_the_deployments(served):
         from ray import serve
 
         serve.delete("local-router")
+
+
+def test_fusion_answers_with_the_weighted_mix(served):
+    """fusion_weight 0.25 with all traffic on g1: the answer is 0.75 * p(g0) + 0.25 * p(g1),
+    recomputed offline from both checkpoints."""
+    from ray import serve
+
+    from serving import deploy
+    from workers.training import predict as offline
+
+    spec, ds, g0, g1 = served["spec"], served["ds"], served["g0"], served["g1"]
+    fspec = spec.model_copy(update={"in_router_models": True, "fusion_weight": 0.25})
+    url = deploy.start_serving(fspec, g0, [g1], weights={"g0": 0.0, "g1": 1.0}, shadows=[],
+                               admin_token=TOKEN, app_name="fusion-router", route_prefix="/fusion")
+    try:
+        x = ds.query.x[:6]
+        r = RouterClient(url).predict(x.tolist())
+        p = [np.exp(offline(load_model(ref.uri, ref.sha256)[0], x)[1]) for ref in (g0, g1)]
+        p = [q / q.sum(1, keepdims=True) for q in p]
+        expected = 0.75 * p[0] + 0.25 * p[1]
+        assert r["generation"] == "g1"
+        assert np.allclose(r["probabilities"], expected, atol=1e-4)
+        assert r["predictions"] == expected.argmax(1).tolist()
+    finally:
+        serve.delete("fusion-router")
 
 
 def test_tampered_checkpoint_is_never_served(served):
