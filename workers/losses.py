@@ -12,6 +12,7 @@ All take tensors of the batch and cached old outputs aligned with it; none runs 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional, Sequence
 
 import numpy as np
@@ -42,12 +43,20 @@ class FrozenHead:
     def embed_dim(self) -> int:
         return int(self.weight.shape[1])
 
-    def logits(self, z: torch.Tensor) -> torch.Tensor:
-        w = torch.as_tensor(self.weight, dtype=z.dtype, device=z.device)
+    @cached_property
+    def _tensors(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        # Converted once: this runs on every training step.
+        w = torch.as_tensor(self.weight)
         if self.scale is not None:
-            return self.scale * F.normalize(z, dim=-1) @ w.T  # w already row-normalised
-        b = torch.as_tensor(self.bias, dtype=z.dtype, device=z.device)
-        return z @ w.T + b
+            return self.scale * w.T.contiguous(), None  # rows already normalised
+        return w.T.contiguous(), torch.as_tensor(self.bias)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        wt, b = self._tensors
+        wt = wt.to(dtype=z.dtype, device=z.device)
+        if b is None:
+            return F.normalize(z, dim=-1) @ wt
+        return torch.addmm(b.to(dtype=z.dtype, device=z.device), z, wt)
 
 
 def frozen_head(model: GracefulNet, name: str, importance: float = 1.0) -> FrozenHead:
@@ -72,18 +81,23 @@ def bct_influence_loss(z: torch.Tensor, y: torch.Tensor, heads: Sequence[FrozenH
     if not heads:
         return z.new_zeros(())
     total = sum(h.importance for h in heads)
-    loss = z.new_zeros(())
+    top_class = int(y.max())
+    loss = None
     for h in heads:
         if h.embed_dim != z.shape[1]:
             raise ValueError(
                 f"BCT against {h.name!r}: its head expects embeddings of size {h.embed_dim}, the new "
                 f"model produces {z.shape[1]}; use the same arch.embed_dim for compatible generations")
-        known = y < h.num_classes
-        if not bool(known.any()):
-            continue
-        ce = F.cross_entropy(h.logits(z[known]), y[known], reduction="sum") / len(y)
-        loss = loss + (h.importance / total) * ce
-    return loss
+        if top_class < h.num_classes:  # the usual case; masking costs ops on every step
+            ce = F.cross_entropy(h.logits(z), y)
+        else:
+            known = y < h.num_classes
+            if not bool(known.any()):
+                continue
+            ce = F.cross_entropy(h.logits(z[known]), y[known], reduction="sum") / len(y)
+        term = (h.importance / total) * ce
+        loss = term if loss is None else loss + term
+    return z.new_zeros(()) if loss is None else loss
 
 
 def focal_weights(old_logits: torch.Tensor, y: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
@@ -101,17 +115,18 @@ def focal_distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, 
     Old logits may have fewer classes than new ones (new classes): only shared ones count.
     """
     c = old_logits.shape[1]
-    new = new_logits[:, :c]
+    new = new_logits if new_logits.shape[1] == c else new_logits[:, :c]
     w = focal_weights(old_logits, y, alpha, beta)
     if form == "kl":
         t = temperature
-        d = F.kl_div(F.log_softmax(new / t, dim=1), F.log_softmax(old_logits / t, dim=1),
-                     reduction="none", log_target=True).sum(dim=1) * t * t
-    elif form == "lm":
-        d = 0.5 * (new - old_logits).pow(2).sum(dim=1)
-    else:
-        raise ValueError(f"unknown focal distillation form {form!r} (kl or lm)")
-    return (w * d).mean()
+        if t != 1.0:
+            new, old_logits = new / t, old_logits / t
+        d = F.kl_div(F.log_softmax(new, dim=1), F.log_softmax(old_logits, dim=1),
+                     reduction="none", log_target=True).sum(dim=1)
+        return (w * d).mean() * (t * t)
+    if form == "lm":
+        return (w * (new - old_logits).pow(2).sum(dim=1)).mean() * 0.5
+    raise ValueError(f"unknown focal distillation form {form!r} (kl or lm)")
 
 
 def ensemble_distillation_loss(new_logits: torch.Tensor, ensemble_logits: torch.Tensor,
