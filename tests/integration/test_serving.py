@@ -307,6 +307,33 @@ def test_fusion_answers_with_the_weighted_mix(served):
         serve.delete("fusion-router")
 
 
+def test_http_attach_checks_the_served_checkpoint(served):
+    """Admin attach over HTTP: refused when the app serves another sha256 (409) or does not
+    exist (404); accepted with the right one, then detached over HTTP."""
+    from serving import deploy
+
+    client, g1 = served["client"], served["g1"]
+    ref = ModelRef("g1copy", g1.uri, g1.sha256)
+    app = deploy.deploy_generation(ref, served["spec"])
+    try:
+        with pytest.raises(RouterError) as e:
+            client.attach("g1copy", app, "0" * 64)
+        assert e.value.status == 409 and "sha256" in e.value.body["error"]
+        with pytest.raises(RouterError) as e:
+            client.attach("g1copy", "no-such-app", g1.sha256)
+        assert e.value.status == 404
+        plan = client.attach("g1copy", app, g1.sha256, shadow=False)
+        assert plan["weights"]["g1copy"] == 0.0 and "g1copy" not in plan["shadows"]
+        with pytest.raises(RouterError) as e:
+            client.detach("g0")
+        assert e.value.status == 409
+        assert "g1copy" not in client.detach("g1copy")["weights"]
+    finally:
+        from ray import serve
+
+        serve.delete(app)
+
+
 def test_tampered_checkpoint_is_never_served(served):
     from serving import deploy
 
