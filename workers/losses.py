@@ -51,11 +51,13 @@ class FrozenHead:
             return self.scale * w.T.contiguous(), None  # rows already normalised
         return w.T.contiguous(), torch.as_tensor(self.bias)
 
-    def logits(self, z: torch.Tensor) -> torch.Tensor:
+    def logits(self, z: torch.Tensor, unit: bool = False) -> torch.Tensor:
+        """Old-head logits of embeddings `z`; `unit`: z is L2-normalised already (then the
+        normalisation, the costliest part of this on every step, is skipped)."""
         wt, b = self._tensors
         wt = wt.to(dtype=z.dtype, device=z.device)
         if b is None:
-            return F.normalize(z, dim=-1) @ wt
+            return (z if unit else F.normalize(z, dim=-1)) @ wt
         return torch.addmm(b.to(dtype=z.dtype, device=z.device), z, wt)
 
 
@@ -69,14 +71,15 @@ def frozen_head(model: GracefulNet, name: str, importance: float = 1.0) -> Froze
         return FrozenHead(name, head.weight.cpu().numpy(), head.bias.cpu().numpy(), None, importance)
 
 
-def bct_influence_loss(z: torch.Tensor, y: torch.Tensor, heads: Sequence[FrozenHead]) -> torch.Tensor:
+def bct_influence_loss(z: torch.Tensor, y: torch.Tensor, heads: Sequence[FrozenHead],
+                       unit: bool = False) -> torch.Tensor:
     """Cross-entropy of the new embedding `z` through each frozen old head, weighted by the
     heads' importance (normalised to sum 1).
 
     Samples whose class an old head does not know (y >= its number of classes) are masked
     out for that head. The embedding sizes must match: a head of size D cannot score a
     D'-dimensional embedding, and a learned projection would change what the gallery
-    compares, so we refuse instead (`ValueError`).
+    compares, so we refuse instead (`ValueError`). `unit`: z is L2-normalised already.
     """
     if not heads:
         return z.new_zeros(())
@@ -89,13 +92,13 @@ def bct_influence_loss(z: torch.Tensor, y: torch.Tensor, heads: Sequence[FrozenH
                 f"BCT against {h.name!r}: its head expects embeddings of size {h.embed_dim}, the new "
                 f"model produces {z.shape[1]}; use the same arch.embed_dim for compatible generations")
         if top_class < h.num_classes:  # the usual case; masking costs ops on every step
-            ce = F.cross_entropy(h.logits(z), y)
+            ce = F.cross_entropy(h.logits(z, unit), y)
         else:
             known = y < h.num_classes
             if not bool(known.any()):
                 continue
-            ce = F.cross_entropy(h.logits(z[known]), y[known], reduction="sum") / len(y)
-        term = (h.importance / total) * ce
+            ce = F.cross_entropy(h.logits(z[known], unit), y[known], reduction="sum") / len(y)
+        term = ce if h.importance == total else (h.importance / total) * ce
         loss = term if loss is None else loss + term
     return z.new_zeros(()) if loss is None else loss
 
@@ -119,8 +122,8 @@ def focal_distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, 
     w = focal_weights(old_logits, y, alpha, beta)
     if form == "kl":
         t = temperature
-        if t != 1.0:
-            new, old_logits = new / t, old_logits / t
+        if t != 1.0:  # multiplying: its backward is cheaper than division's
+            new, old_logits = new * (1.0 / t), old_logits * (1.0 / t)
         d = F.kl_div(F.log_softmax(new, dim=1), F.log_softmax(old_logits, dim=1),
                      reduction="none", log_target=True).sum(dim=1)
         return (w * d).mean() * (t * t)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from workers.checkpoint import load_model, save_model
+from workers.checkpoint import save_model
 from workers.data import Split, fingerprint, generation_train_split, load_dataset
 from workers.losses import (FrozenHead, bct_influence_loss, ensemble_distillation_loss,
                             focal_distillation_loss, frozen_head)
@@ -90,24 +90,33 @@ def make_extra_loss(compat: CompatSpec, targets: CompatTargets,
     terms: list[Callable[..., torch.Tensor]] = []
     if compat.bct is not None and compat.bct.weight > 0 and targets.heads:
         w, heads = compat.bct.weight, targets.heads
-        terms.append(lambda y, idx, z, logits: w * bct_influence_loss(z, y, heads))
+        terms.append(lambda model, y, idx, z, logits: w * bct_influence_loss(z, y, heads, _unit_embeddings(model)))
     fd = compat.focal_distillation
     if fd is not None and fd.weight > 0 and targets.old_logits is not None:
         old = torch.as_tensor(targets.old_logits, device=device)
-        terms.append(lambda y, idx, z, logits: fd.weight * focal_distillation_loss(
+        terms.append(lambda model, y, idx, z, logits: fd.weight * focal_distillation_loss(
             logits, old[idx], y, fd.form, fd.alpha, fd.beta, fd.temperature))
     ens = compat.ensemble
     if ens is not None and ens.weight > 0 and targets.ensemble_logits is not None:
         ref = torch.as_tensor(targets.ensemble_logits, device=device)
-        terms.append(lambda y, idx, z, logits: ens.weight * ensemble_distillation_loss(
+        terms.append(lambda model, y, idx, z, logits: ens.weight * ensemble_distillation_loss(
             logits, ref[idx], ens.top_k, ens.margin))
     if not terms:
         return None
 
     def extra(model, x, y, idx, z, logits):
-        return sum(t(y, idx, z, logits) for t in terms)
+        loss = terms[0](model, y, idx, z, logits)
+        for t in terms[1:]:
+            loss = loss + t(model, y, idx, z, logits)
+        return loss
 
     return extra
+
+
+def _unit_embeddings(model: Optional[nn.Module]) -> bool:
+    """Whether `model` L2-normalises its embeddings (cosine heads): BCT then skips doing it again."""
+    spec = getattr(model, "spec", None)
+    return isinstance(model, GracefulNet) and spec is not None and spec.head == "cosine"
 
 
 # --- driver-side preparation (Ray tasks) ---------------------------------------------------
@@ -203,7 +212,7 @@ def _train_loop_per_worker(config: dict) -> None:
     if gen.recipe == "lqf":
         from workers.lqf import make_lqf
 
-        parent, _ = load_model(job.production.path, job.production.sha256)
+        parent, _ = _load_any(job.production.path, job.production.sha256)
         lqf = make_lqf(parent, gen)
         model = lqf.model
         opt, sched = lqf.opt, lqf.sched
@@ -317,7 +326,7 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
     if gen.recipe == "lqf":
         from workers.lqf import make_lqf, save_lqf
 
-        parent, _ = load_model(job.production.path, job.production.sha256)
+        parent, _ = _load_any(job.production.path, job.production.sha256)
         model = make_lqf(parent, gen).model
         model.load_state_dict(state["model"])
         sha = save_lqf(model.eval(), job.out_dir, meta)

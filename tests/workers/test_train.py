@@ -59,3 +59,21 @@ def test_no_terms_without_config_or_targets():
     assert make_extra_loss(CompatSpec(bct=BCTSpec()), CompatTargets()) is None
     assert make_extra_loss(CompatSpec(bct=BCTSpec(weight=0.0)),
                            CompatTargets(heads=[FrozenHead("g0", np.eye(2, dtype=np.float32), None, 2.0)])) is None
+
+
+def test_bct_skips_renormalising_only_for_models_with_unit_embeddings():
+    """For a cosine model the term takes z as unit length (skipping work on every step);
+    for others it normalises. z = (3, 0) is not unit: through the scale-2 eye head it gives
+    logits (6, 0) when taken as is, (2, 0) when normalised: CE log(1+e^-6) vs log(1+e^-2)."""
+    from workers.models import build_model
+    from workers.specs import ArchSpec
+
+    head = FrozenHead("g0", np.eye(2, dtype=np.float32), None, 2.0)
+    extra = make_extra_loss(CompatSpec(bct=BCTSpec(weight=1.0)), CompatTargets(heads=[head]))
+    z = torch.tensor([[3.0, 0.0]])
+    cosine = build_model(ArchSpec(type="mlp", width=4, embed_dim=2, head="cosine"), 3, 2)
+    linear = build_model(ArchSpec(type="mlp", width=4, embed_dim=2, head="linear"), 3, 2)
+    args = (torch.zeros(1, 3), torch.tensor([0]), torch.tensor([0]), z, torch.zeros(1, 2))
+    assert extra(cosine, *args).item() == pytest.approx(math.log1p(math.exp(-6)), rel=1e-4)
+    assert extra(linear, *args).item() == pytest.approx(math.log1p(math.exp(-2)), rel=1e-5)
+    assert extra(None, *args).item() == pytest.approx(math.log1p(math.exp(-2)), rel=1e-5)
