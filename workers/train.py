@@ -342,10 +342,7 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
         "test_accuracy": accuracy(model, ds.test), "history": history,
         "resumed_from_step": next((h["resumed_from_step"] for h in history if h.get("resumed_from_step")), None),
         "data_fingerprint": fingerprint(split), "train_samples": len(split),
-        "constraints": {"bct": [{"name": c.name, "importance": c.importance} for c in job.bct]
-                        if gen.compat.bct else [],
-                        "focal_distillation": job.production.name if gen.compat.focal_distillation and job.production else None,
-                        "ensemble_members": gen.compat.ensemble.members if gen.compat.ensemble else 0},
+        "constraints": constraint_records(job),
         "scaling": job.scaling.model_dump(),
     }
     out = Path(job.out_dir)
@@ -355,6 +352,21 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
     log(f"[{gen.name}] done in {metrics['train_seconds']:.1f}s: val_acc {metrics['val_accuracy']:.4f}, "
         f"test_acc {metrics['test_accuracy']:.4f}; checkpoint {out / 'model.pt'} (sha256 {sha[:12]}...)")
     return TrainResult(gen.name, str(out / "model.pt"), sha, metrics)
+
+
+def constraint_records(job: TrainJob) -> list[dict]:
+    """What `job` was constrained against, for metrics.json: one entry per term and model."""
+    compat = job.generation.compat
+    out: list[dict] = []
+    if compat.bct is not None:
+        out += [{"kind": "bct", "name": c.name, "sha256": c.sha256, "importance": c.importance,
+                 "weight": compat.bct.weight} for c in job.bct]
+    if compat.focal_distillation is not None and job.production is not None:
+        out.append({"kind": "focal_distillation", "name": job.production.name, "sha256": job.production.sha256,
+                    "weight": compat.focal_distillation.weight})
+    if compat.ensemble is not None:
+        out.append({"kind": "ensemble", "members": compat.ensemble.members, "weight": compat.ensemble.weight})
+    return out
 
 
 def _fit_printing(trainer, progress, log: Callable[[str], None]):

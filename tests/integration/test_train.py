@@ -40,8 +40,9 @@ def test_chain_on_two_ddp_workers_is_compatible(ray_session, tmp_path):
     r1 = train_generation(cfg, "g1")
     m1 = read_metrics(cfg, "g1")
     assert m1["parent"] == "g0" and m1["sha256"] == r1.sha256
-    assert m1["constraints"]["bct"] == [{"name": "g0", "importance": 1.0}]
-    assert m1["constraints"]["focal_distillation"] == "g0"
+    assert m1["constraints"] == [
+        {"kind": "bct", "name": "g0", "sha256": r0.sha256, "importance": 1.0, "weight": 3.0},
+        {"kind": "focal_distillation", "name": "g0", "sha256": r0.sha256, "weight": 0.5}]
     assert m1["scaling"]["num_workers"] == 2 and m1["test_accuracy"] > 0.85
     assert [h["step"] for h in m1["history"]] == [150, 300, 450, 600]
     # BCT: g1's queries searched against g0's gallery beat g0 against itself.
@@ -78,3 +79,63 @@ def test_interrupted_run_continues_when_rerun(ray_session, tmp_path):
     assert result.metrics["history"][-1]["step"] == 200
     saved = json.loads((tmp_path / "run" / "generations" / "g0" / "metrics.json").read_text())
     assert saved["sha256"] == result.sha256
+
+
+def test_lqf_recipe_trains_on_two_workers_and_serves(ray_session, tmp_path):
+    from workers.lqf import LinearizedNet, load_servable
+
+    cfg = parse_config({
+        "run_dir": str(tmp_path / "run"),
+        "data": {"source": "digits", "test_fraction": 0.4},
+        "generations": [
+            {"name": "g0", "train_fraction": 0.3,
+             "arch": {"type": "mlp", "width": 32, "depth": 2, "embed_dim": 32, "activation": "leaky_relu"},
+             "train": {"steps": 200, "batch_size": 64, "eval_every": 100}},
+            {"name": "g1", "recipe": "lqf",
+             "arch": {"type": "mlp", "width": 32, "depth": 2, "embed_dim": 32, "activation": "leaky_relu"},
+             "train": {"steps": 200, "batch_size": 64, "eval_every": 100, "lr": 0.1},
+             "lqf": {"target_scale": 20.0, "damping": 0.01}},
+        ],
+        "scaling": {"num_workers": 2},
+    })
+    r0 = train_generation(cfg, "g0")
+    r1 = train_generation(cfg, "g1")
+    model, meta = load_servable(r1.checkpoint, r1.sha256)
+    assert isinstance(model, LinearizedNet) and meta["recipe"] == "lqf"
+    # Fine-tuning on 3x the data from g0's weights must not be worse than g0.
+    assert r1.metrics["test_accuracy"] >= r0.metrics["test_accuracy"] - 0.01
+
+
+def test_heterogeneous_pair_with_ensemble_references_on_ray(ray_session, tmp_path):
+    """A small MLP query model trained against a CNN gallery model's frozen head, distilled
+    from 2 same-architecture references trained as Ray tasks; a rerun reuses their cached
+    logits instead of training them again."""
+    cfg = parse_config({
+        "run_dir": str(tmp_path / "run"),
+        "data": {"source": "digits", "test_fraction": 0.4},
+        "generations": [
+            {"name": "cloud", "arch": {"type": "cnn1d", "width": 16, "depth": 2, "embed_dim": 32},
+             "train": {"steps": 300, "batch_size": 64, "eval_every": 150}},
+            {"name": "edge", "arch": {"type": "mlp", "width": 32, "depth": 1, "embed_dim": 32},
+             "train": {"steps": 300, "batch_size": 64, "eval_every": 150, "seed": 1},
+             "compat": {"bct": {"weight": 2.0}, "ensemble": {"members": 2, "weight": 0.2}}},
+        ],
+        "scaling": {"num_workers": 2},
+    })
+    r0 = train_generation(cfg, "cloud")
+    lines: list[str] = []
+    r1 = train_generation(cfg, "edge", log=lines.append)
+    assert any("training 2 ensemble references in parallel on Ray" in s for s in lines)
+    assert {"kind": "ensemble", "members": 2, "weight": 0.2} in r1.metrics["constraints"]
+    ds = load_dataset(cfg.data)
+    cloud, _ = load_model(r0.checkpoint, r0.sha256)
+    edge, _ = load_model(r1.checkpoint, r1.sha256)
+    assert edge.spec.type == "mlp" and cloud.spec.type == "cnn1d"
+    gallery = predict(cloud, ds.gallery.x)[0]
+    m_cloud = retrieval_top1(predict(cloud, ds.query.x)[0], ds.query.y, gallery, ds.gallery.y)
+    m_edge = retrieval_top1(predict(edge, ds.query.x)[0], ds.query.y, gallery, ds.gallery.y)
+    # Edge queries in the cloud model's gallery: far above chance (10 %), near the cloud's own.
+    assert m_edge > 0.8 * m_cloud and m_edge > 0.6, (m_edge, m_cloud)
+    lines.clear()
+    train_generation(cfg, "edge", log=lines.append, fresh=True)
+    assert any("ensemble logits from cache" in s for s in lines)
