@@ -10,6 +10,7 @@ compatibility is not transitive.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -77,7 +78,7 @@ def build_job(cfg: RunConfig, name: str, verbose: bool = True) -> TrainJob:
     return TrainJob(
         generation=gen, data=cfg.data, scaling=cfg.scaling,
         out_dir=str(generation_dir(cfg, name).resolve()),
-        storage_path=str(run_dir / "ray"),
+        storage_path=cfg.scaling.storage_path or str(run_dir / "ray"),
         # The config hash in the name: a changed config never resumes a stale run.
         run_name=f"{name}-{cfg.config_hash()[:10]}",
         config_hash=cfg.config_hash(), production=production, bct=bct, verbose=verbose,
@@ -85,11 +86,17 @@ def build_job(cfg: RunConfig, name: str, verbose: bool = True) -> TrainJob:
 
 
 def train_generation(cfg: RunConfig, name: str, log: Callable[[str], None] = print,
-                     job: Optional[TrainJob] = None) -> TrainResult:
-    """Train generation `name` on Ray Train (starting a local Ray if none is running)."""
+                     job: Optional[TrainJob] = None, fresh: bool = False) -> TrainResult:
+    """Train generation `name` on Ray Train (starting a local Ray if none is running).
+
+    An interrupted run of the same config resumes from its last checkpoint unless `fresh`.
+    """
     import ray
 
     job = job or build_job(cfg, name)
+    stale = Path(job.storage_path) / job.run_name
+    if fresh and stale.is_dir():
+        shutil.rmtree(stale)
     if not ray.is_initialized():
         # Workers' progress comes through a queue; Ray's own worker logs stay in its log files.
         ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)

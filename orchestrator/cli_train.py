@@ -25,7 +25,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                         f"(test_acc {m.get('test_accuracy', float('nan')):.4f}); --force retrains")
         return EXIT_OK
     try:
-        result = train_generation(cfg, name, log=(lambda s: None) if args.json else print)
+        result = train_generation(cfg, name, log=(lambda s: None) if args.json else print, fresh=args.force)
     except ChainError as e:
         print(f"error: {e}")
         return EXIT_FAILED
@@ -38,6 +38,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the next (or the named) generation on Ray Train")
     add_config_arg(p)
     p.add_argument("--generation", help="generation to train (default: the first untrained one)")
-    p.add_argument("--force", action="store_true", help="retrain even if trained with this config")
+    p.add_argument("--force", action="store_true", help="retrain from scratch, even if trained or interrupted with this config")
     add_json_arg(p)
     p.set_defaults(func=_cmd_train)

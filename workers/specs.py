@@ -150,3 +150,6 @@ class ScalingSpec(StrictModel):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(2, ge=0)
+    # Ray Train checkpoints: a path or a URI (s3://, gs://) reachable from every node;
+    # default run_dir/ray. A multi-node cluster needs shared storage here.
+    storage_path: Optional[str] = Field(None, min_length=1)

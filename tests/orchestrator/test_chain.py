@@ -52,3 +52,13 @@ def test_cli_train_errors(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("generations: [{name: g0, train: {steps: 0}}]\n")
     assert main(["train", str(bad)]) == 2
+
+
+def test_ray_storage_defaults_to_the_run_dir_and_takes_a_uri(tmp_path):
+    cfg = _cfg(tmp_path)
+    job = build_job(cfg, "g0")
+    assert job.storage_path == str(tmp_path.resolve() / "ray")
+    assert job.run_name == f"g0-{cfg.config_hash()[:10]}"
+    uri = parse_config({"run_dir": str(tmp_path), "generations": [{"name": "g0"}],
+                        "scaling": {"storage_path": "s3://bucket/graceful"}})
+    assert build_job(uri, "g0").storage_path == "s3://bucket/graceful"
