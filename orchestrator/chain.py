@@ -68,9 +68,28 @@ def constraint_names(cfg: RunConfig, name: str) -> list[tuple[str, float]]:
     return list(zip(picked, ancestor_importances(distances, gen.compat.bct.decay)))
 
 
-def build_job(cfg: RunConfig, name: str, verbose: bool = True) -> TrainJob:
-    """The training job of generation `name`: its specs, constraints and where to write."""
+def embed_dim_problems(cfg: RunConfig, name: str) -> list[str]:
+    """Why generation `name` cannot be trained through its BCT models' heads, if it cannot:
+    their embedding sizes must equal its own (we refuse rather than learn a projection,
+    which would change what the gallery compares)."""
+    names = [g.name for g in cfg.generations]
     gen = cfg.generation(name)
+    out = []
+    for other, _ in constraint_names(cfg, name):
+        dim = cfg.generation(other).arch.embed_dim
+        if dim != gen.arch.embed_dim:
+            out.append(f"generations[{names.index(name)}].arch.embed_dim: {gen.arch.embed_dim}, but BCT against "
+                       f"{other!r} needs {dim} (its arch.embed_dim); make them equal or drop compat.bct")
+    return out
+
+
+def build_job(cfg: RunConfig, name: str, verbose: bool = True) -> TrainJob:
+    """The training job of generation `name`: its specs, constraints and where to write.
+    Raises ValueError when its embedding cannot be scored by its BCT heads."""
+    gen = cfg.generation(name)
+    problems = embed_dim_problems(cfg, name)
+    if problems:
+        raise ValueError("; ".join(problems))
     parent = cfg.parent_of(name)
     production = _constraint(cfg, parent.name) if parent is not None else None
     bct = tuple(_constraint(cfg, n, w) for n, w in constraint_names(cfg, name))

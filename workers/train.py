@@ -155,7 +155,11 @@ def build_targets(job: TrainJob, split: Split, log: Callable[[str], None] = prin
             model, _ = _load_any(c.path, c.sha256)
             if not isinstance(model, GracefulNet):
                 raise ValueError(f"BCT against {c.name}: only plain (non-LQF) models have a head to freeze")
-            targets.heads.append(frozen_head(model, c.name, c.importance))
+            head = frozen_head(model, c.name, c.importance)
+            if head.embed_dim != gen.arch.embed_dim:  # fail here, not in every restarted worker
+                raise ValueError(f"BCT against {c.name}: its head scores embeddings of size {head.embed_dim}, "
+                                 f"{gen.name} produces {gen.arch.embed_dim}")
+            targets.heads.append(head)
     if compat.focal_distillation is not None:
         if job.production is None:
             raise ValueError("focal_distillation needs a production model")

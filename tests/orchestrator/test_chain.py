@@ -62,3 +62,18 @@ def test_ray_storage_defaults_to_the_run_dir_and_takes_a_uri(tmp_path):
     uri = parse_config({"run_dir": str(tmp_path), "generations": [{"name": "g0"}],
                         "scaling": {"storage_path": "s3://bucket/graceful"}})
     assert build_job(uri, "g0").storage_path == "s3://bucket/graceful"
+
+
+def test_bct_against_another_embedding_size_is_a_config_error(tmp_path, capsys):
+    """g1 (embed 32) constrained by BCT against g0 (embed 64): refused before any training,
+    naming the key; exit 2 on the CLI."""
+    p = tmp_path / "c.yaml"
+    p.write_text(f"run_dir: {tmp_path / 'run'}\ngenerations:\n  - {{name: g0}}\n"
+                 "  - {name: g1, arch: {embed_dim: 32}, compat: {bct: {weight: 1.0}}}\n")
+    cfg = parse_config({"run_dir": str(tmp_path / "run"),
+                        "generations": [{"name": "g0"}, {"name": "g1", "arch": {"embed_dim": 32},
+                                                         "compat": {"bct": {"weight": 1.0}}}]})
+    with pytest.raises(ValueError, match=r"generations\[1\].arch.embed_dim: 32, but BCT against 'g0' needs 64"):
+        build_job(cfg, "g1")
+    assert main(["train", str(p), "--generation", "g1"]) == 2
+    assert "BCT against 'g0' needs 64" in capsys.readouterr().err
