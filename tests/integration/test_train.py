@@ -1,20 +1,19 @@
 """Training on real Ray Train workers: DDP over 2 CPU workers, BCT chain, a worker killed
-mid-run, and an interrupted run resumed by rerunning the same job."""
+mid-run, an interrupted run resumed by rerunning the same job, and a heterogeneous
+(MLP query, CNN gallery) pair distilled from ensemble references trained as Ray tasks."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
-import torch
 
 from orchestrator.chain import build_job, read_metrics, train_generation
 from orchestrator.config import parse_config
 from orchestrator.metrics import retrieval_top1
 from workers.checkpoint import load_model
-from workers.data import load_dataset
-from workers.train import run_training, with_fault
+from workers.data import generation_train_split, load_dataset
+from workers.train import build_targets, run_training, with_fault
 from workers.training import predict
 
 
@@ -136,6 +135,10 @@ def test_heterogeneous_pair_with_ensemble_references_on_ray(ray_session, tmp_pat
     m_edge = retrieval_top1(predict(edge, ds.query.x)[0], ds.query.y, gallery, ds.gallery.y)
     # Edge queries in the cloud model's gallery: far above chance (10 %), near the cloud's own.
     assert m_edge > 0.8 * m_cloud and m_edge > 0.6, (m_edge, m_cloud)
+    # Preparing the same generation again (a rerun) reads the references' logits back.
     lines.clear()
-    train_generation(cfg, "edge", log=lines.append, fresh=True)
+    gen = cfg.generation("edge")
+    split = generation_train_split(ds, gen.train_fraction, gen.label_noise, gen.train.seed)
+    again = build_targets(build_job(cfg, "edge"), split, log=lines.append)
     assert any("ensemble logits from cache" in s for s in lines)
+    assert again.ensemble_logits.shape == (len(split), ds.num_classes)
