@@ -352,6 +352,12 @@ class LQFRecipe:
             return
         slope = sum((r * g).sum() for r, g in zip(raw, grads))
         curv = self.model.curvature_along(x, tuple(grads))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # The batch is split across DDP workers: the curvature of the global batch is the
+            # mean of theirs, and every replica must take the same step or they drift apart.
+            curv = curv.detach().clone()
+            torch.distributed.all_reduce(curv)
+            curv /= torch.distributed.get_world_size()
         if curv > 0 and slope > 0:
             t = slope / curv
             for g in grads:

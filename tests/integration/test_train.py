@@ -7,18 +7,20 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from orchestrator.chain import build_job, read_metrics, train_generation
+from orchestrator.cli import main
 from orchestrator.config import parse_config
 from orchestrator.metrics import retrieval_top1
 from workers.checkpoint import load_model
 from workers.data import generation_train_split, load_dataset
-from workers.train import build_targets, run_training, with_fault
+from workers.train import TrainResult, build_targets, run_training, with_fault
 from workers.training import predict
 
 
-def _cfg(tmp_path, workers=2, max_failures=2, steps=200):
-    return parse_config({
+def _raw(tmp_path, workers=2, max_failures=2, steps=200) -> dict:
+    return {
         "run_dir": str(tmp_path / "run"),
         "data": {"source": "digits", "test_fraction": 0.4},
         "generations": [
@@ -30,12 +32,26 @@ def _cfg(tmp_path, workers=2, max_failures=2, steps=200):
                         "focal_distillation": {"form": "kl", "beta": 1.0, "weight": 0.5}}},
         ],
         "scaling": {"num_workers": workers, "max_failures": max_failures},
-    })
+    }
 
 
-def test_chain_on_two_ddp_workers_is_compatible(ray_session, tmp_path):
+def _cfg(tmp_path, **kw):
+    return parse_config(_raw(tmp_path, **kw))
+
+
+def test_chain_on_two_ddp_workers_is_compatible(ray_session, tmp_path, capsys):
     cfg = _cfg(tmp_path)
-    r0 = train_generation(cfg, "g0")
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(_raw(tmp_path)))
+    # The CLI trains the first untrained generation and prints the workers' progress.
+    assert main(["train", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "[g0] training on Ray Train: 2 worker(s), CPU" in out
+    assert [line.split()[2] for line in out.splitlines() if " step " in line] == ["50/200", "100/200", "150/200",
+                                                                                 "200/200"]
+    assert "loss" in out and "val_acc" in out and "trained g0: test accuracy" in out
+    m0 = read_metrics(cfg, "g0")
+    r0 = TrainResult("g0", str(tmp_path / "run" / "generations" / "g0" / "model.pt"), m0["sha256"], m0)
     r1 = train_generation(cfg, "g1")
     m1 = read_metrics(cfg, "g1")
     assert m1["parent"] == "g0" and m1["sha256"] == r1.sha256
