@@ -60,6 +60,13 @@ class RolloutSpec(StrictModel):
     metric_source: Literal["router", "prometheus"] = "router"
     prometheus_url: str = "http://127.0.0.1:9090"
     max_source_errors: int = Field(10, ge=1, description="consecutive metric-source errors before pausing")
+    prometheus_query_timeout_s: float = Field(5.0, gt=0, le=300, description="HTTP timeout of one PromQL query")
+    # Window of the PromQL rate behind the candidate's latency p99 (histogram_quantile).
+    prometheus_latency_window: str = Field("1m", pattern=r"^[1-9][0-9]*(ms|s|m|h)$")
+    # The controller's own HTTP endpoint: /metrics (prometheus_client), GET /v1/rollout,
+    # and the Alertmanager webhook POST /v1/admin/alert. 0 turns it off.
+    metrics_port: int = Field(9108, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     @field_validator("steps")
     @classmethod
