@@ -141,6 +141,10 @@ class GenerationSpec(StrictModel):
     compat: CompatSpec = Field(default_factory=CompatSpec)
     recipe: Literal["standard", "lqf"] = "standard"
     lqf: LQFSpec = Field(default_factory=LQFSpec)
+    # enforce: a candidate failing the offline gate is rejected and never goes live.
+    # advisory: the failure is recorded and reported, and the live rollout decides (the
+    # controller still rolls back a regression; the demo's g2 shows exactly that).
+    offline_gate: Literal["enforce", "advisory"] = "enforce"
 
 
 class ScalingSpec(StrictModel):
