@@ -1,0 +1,212 @@
+"""Metric sources of the rollout controller: the candidate's cumulative counters.
+
+A source answers `read(candidate) -> decision.Counts`: cumulative, monotonic counters of
+the candidate against production (like Prometheus counters), or raises `SourceError`
+when it cannot tell (router down, Prometheus down, no series yet). The controller takes
+deltas between snapshots itself (`advance`), treating a counter that went down as a
+reset (a router restart), never as negative evidence.
+
+- `RouterSource`: `GET /v1/status` of the router (the embedded default: nothing else
+  needs to run).
+- `PrometheusSource`: PromQL instant queries over Prometheus's HTTP API, `sum(...)` of the
+  router's `ray_graceful_*` counters for `generation=<candidate>` across replicas/nodes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, fields, replace
+from typing import Any, Optional, Protocol
+
+import requests
+
+from orchestrator.decision import Counts
+
+# The counters of Counts (latency_p99_ms is a gauge: taken as read, never differenced).
+COUNTER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Counts) if f.name != "latency_p99_ms")
+
+
+class SourceError(RuntimeError):
+    """The source could not produce a snapshot (the decision becomes 'inconclusive')."""
+
+
+class MetricSource(Protocol):
+    name: str
+
+    def read(self, candidate: str) -> Counts: ...
+
+
+# --- counter arithmetic (pure) -------------------------------------------------------------
+
+def counts_to_dict(c: Counts) -> dict[str, Any]:
+    """A Counts as a JSON-able dict (for the rollout's persisted `data`)."""
+    return asdict(c)
+
+
+def counts_from_dict(d: Optional[dict]) -> Optional[Counts]:
+    """The inverse of counts_to_dict; None stays None, unknown keys are ignored."""
+    if d is None:
+        return None
+    names = {f.name for f in fields(Counts)}
+    return Counts(**{k: v for k, v in d.items() if k in names})
+
+
+def add(a: Counts, b: Counts, latency_p99_ms: Optional[float] = None) -> Counts:
+    """Counter-wise a + b; latency is the one given (a gauge has no sum)."""
+    return Counts(**{k: getattr(a, k) + getattr(b, k) for k in COUNTER_FIELDS}, latency_p99_ms=latency_p99_ms)
+
+
+def advance(last_raw: Optional[Counts], raw: Counts) -> Counts:
+    """What happened between two raw cumulative snapshots, with resets handled.
+
+    A router restart zeroes every counter at once, so if ANY counter went down the whole
+    snapshot is taken as a reset: the increase is `raw` itself (counted since the
+    restart; what happened between `last_raw` and the restart is lost, which only asks
+    for more evidence, never gives wrong evidence). Without a previous snapshot nothing
+    is known to have happened yet: zero.
+
+    Example: last (requests 100, flips 3), raw (requests 130, flips 4) -> (30, 1);
+    last (100, 3), raw (20, 0) -> a reset -> (20, 0), never (-80, -3).
+    """
+    if last_raw is None:
+        return Counts(latency_p99_ms=raw.latency_p99_ms)
+    if any(getattr(raw, k) < getattr(last_raw, k) for k in COUNTER_FIELDS):
+        return replace(raw)
+    return Counts(**{k: getattr(raw, k) - getattr(last_raw, k) for k in COUNTER_FIELDS},
+                  latency_p99_ms=raw.latency_p99_ms)
+
+
+# --- router --------------------------------------------------------------------------------
+
+def counts_from_status(status: dict, candidate: str) -> Counts:
+    """The candidate's counters in a router `/v1/status` answer.
+
+    requests = requests_primary + requests_shadow; errors = errors + shadow_errors +
+    shadow_timeouts; latency: the primary p99 once the candidate serves users, else the
+    shadow p99 (None when neither has calls).
+    """
+    gens = status.get("generations") if isinstance(status, dict) else None
+    if not isinstance(gens, dict) or candidate not in gens:
+        raise SourceError(f"router status has no generation {candidate!r}")
+    g = gens[candidate]
+    c = g.get("counters") or {}
+    try:
+        counts = Counts(
+            requests=int(c.get("requests_primary", 0)) + int(c.get("requests_shadow", 0)),
+            errors=int(c.get("errors", 0)) + int(c.get("shadow_errors", 0)) + int(c.get("shadow_timeouts", 0)),
+            compared=int(c.get("compared", 0)),
+            disagreements=int(c.get("disagreements", 0)),
+            labelled=int(c.get("labelled", 0)),
+            negative_flips=int(c.get("negative_flips", 0)),
+            latency_p99_ms=_router_p99(g.get("latency") or {}),
+        )
+    except (TypeError, ValueError) as e:
+        raise SourceError(f"router status of {candidate!r} has a malformed counter ({e})") from None
+    return counts
+
+
+def _router_p99(latency: dict) -> Optional[float]:
+    for role in ("primary", "shadow"):
+        q = latency.get(role) or {}
+        if q.get("n") and q.get("p99_ms") is not None:
+            return float(q["p99_ms"])
+    return None
+
+
+class RouterSource:
+    """Counters from the router's `GET /v1/status` (any object with `.status() -> dict`,
+    normally serving.client.RouterClient)."""
+
+    name = "router"
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    def read(self, candidate: str) -> Counts:
+        try:
+            status = self.client.status()
+        except Exception as e:  # router down, timeout, 5xx: inconclusive, never a regression
+            raise SourceError(f"router status unavailable: {type(e).__name__}: {e}") from None
+        return counts_from_status(status, candidate)
+
+
+# --- Prometheus ----------------------------------------------------------------------------
+
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def promql_queries(candidate: str, latency_window: str = "1m") -> dict[str, str]:
+    """The PromQL instant queries behind each field of Counts for `candidate`.
+
+    Counters are summed across replicas, nodes and roles (`sum(...)`): a restarted router
+    makes the sum go down, which `advance` treats as a reset.
+    """
+    if not _LABEL_VALUE.match(candidate):
+        raise SourceError(f"candidate name {candidate!r} cannot be used in a PromQL label matcher")
+    sel = f'{{generation="{candidate}"}}'
+
+    def counter(metric: str) -> str:
+        # A counter appears only after its first increment: absent is 0 (requests excepted:
+        # no requests series at all means Prometheus has no data for the candidate yet).
+        return f"(sum({metric}{sel}) or vector(0))"
+
+    return {
+        "requests": f"sum(ray_graceful_requests_total{sel})",
+        "errors": f"{counter('ray_graceful_errors_total')} + {counter('ray_graceful_shadow_timeouts_total')}",
+        "compared": counter("ray_graceful_compared_samples_total"),
+        "disagreements": counter("ray_graceful_disagreements_total"),
+        "labelled": counter("ray_graceful_labelled_samples_total"),
+        "negative_flips": counter("ray_graceful_negative_flips_total"),
+        "latency_p99_ms": f"histogram_quantile(0.99, sum by (le) "
+                          f"(rate(ray_graceful_latency_ms_bucket{sel}[{latency_window}])))",
+    }
+
+
+class PrometheusSource:
+    """Counters from a Prometheus server scraping Ray's metrics endpoint."""
+
+    name = "prometheus"
+
+    def __init__(self, url: str, timeout_s: float = 5.0, latency_window: str = "1m",
+                 session: Optional[requests.Session] = None):
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.latency_window = latency_window
+        self._session = session or requests.Session()
+
+    def query(self, promql: str) -> Optional[float]:
+        """One instant query; the value of its single sample, None when the answer is empty.
+
+        SourceError when Prometheus is unreachable or answers with an error."""
+        try:
+            r = self._session.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=self.timeout_s)
+            body = r.json()
+        except (requests.RequestException, ValueError) as e:
+            raise SourceError(f"prometheus at {self.url} unavailable: {type(e).__name__}: {e}") from None
+        if r.status_code != 200 or body.get("status") != "success":
+            raise SourceError(f"prometheus query failed ({r.status_code}): {body.get('error', body)!s:.200} "
+                              f"[{promql}]")
+        result = (body.get("data") or {}).get("result") or []
+        if not result:
+            return None
+        if len(result) > 1:
+            raise SourceError(f"prometheus query returned {len(result)} series, expected one: {promql}")
+        try:
+            return float(result[0]["value"][1])
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise SourceError(f"prometheus answer not understood: {result[0]!s:.200}") from None
+
+    def read(self, candidate: str) -> Counts:
+        values: dict[str, Any] = {}
+        for key, q in promql_queries(candidate, self.latency_window).items():
+            v = self.query(q)
+            if key == "requests" and v is None:
+                raise SourceError(f"prometheus has no ray_graceful_requests_total series for {candidate!r} yet")
+            if key == "latency_p99_ms":
+                values[key] = v if v is not None and math.isfinite(v) else None
+            elif v is None:
+                raise SourceError(f"prometheus has no answer for {key} of {candidate!r}")
+            else:
+                values[key] = int(round(v))
+        return Counts(**values)
