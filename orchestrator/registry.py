@@ -1,0 +1,711 @@
+"""The registry: generations and their lineage, offline evaluations, rollouts, operator
+commands and an append-only audit log, in one SQLite file (`run_dir/registry.sqlite`).
+
+Why SQLite: the controller and any number of CLI processes use it at the same time. WAL
+lets readers go on while one writer writes; every write is one `BEGIN IMMEDIATE`
+transaction (the write lock is taken up front, so two writers never deadlock upgrading a
+read lock), with a busy timeout and a retry on "database is locked" on top, so concurrent
+writers wait for each other and lose nothing.
+
+The schema is versioned (`schema_version`, one row per applied migration); opening an
+older file migrates it in place, keeping its rows. The audit log (`events`) has no update
+or delete API, and triggers refuse UPDATE and DELETE on it from any client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+from urllib.parse import unquote, urlparse
+
+GEN_STATUSES = ("trained", "rejected", "shadow", "canary", "production", "retired", "rolled_back")
+ROLLOUT_STATES = ("shadow", "canary", "paused", "promoted", "rolled_back")  # promoted/rolled_back are final
+ACTIVE_STATES = ("shadow", "canary", "paused")
+FINAL_STATES = ("promoted", "rolled_back")
+COMMANDS = ("pause", "resume", "promote", "rollback")
+
+REGISTRY_FILE = "registry.sqlite"
+BUSY_TIMEOUT_S = 30.0
+
+T = TypeVar("T")
+
+
+class RegistryError(RuntimeError):
+    """A bad request against the registry (unknown name, bad status, ...)."""
+
+
+class StaleTransition(RegistryError):
+    """Compare-and-set failed: somebody moved the rollout first."""
+
+
+class IntegrityError(RegistryError):
+    """A checkpoint whose bytes are not the ones recorded (changed, truncated or missing)."""
+
+
+def registry_path(cfg: Any) -> Path:
+    """Where the registry of a run lives: `run_dir/registry.sqlite`."""
+    return Path(cfg.run_dir) / REGISTRY_FILE
+
+
+# --- records ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    name: str
+    parent: Optional[str]
+    arch: str
+    config_hash: str
+    checkpoint_uri: str
+    sha256: str
+    created_at: float
+    status: str
+    metrics: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    id: int
+    candidate: str
+    baseline: str
+    state: str
+    step: int
+    weight: float
+    paused_from: Optional[str]
+    step_started_at: float
+    started_at: float
+    updated_at: float
+    finished_at: Optional[float]
+    data: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Command:
+    id: int
+    rollout_id: int
+    command: str
+    actor: str
+    reason: str
+    force: bool
+    created_at: float
+    done_at: Optional[float]
+    outcome: Optional[str]
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    at: float
+    actor: str
+    action: str
+    subject: str
+    reason: str
+    from_state: Optional[str]
+    to_state: Optional[str]
+    data: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# --- schema and migrations ------------------------------------------------------------------
+# Each migration takes the file from version i to i + 1 inside one transaction. Never edit
+# a released migration: add the next one.
+
+_V1 = """
+CREATE TABLE generations (
+    name TEXT PRIMARY KEY,
+    parent TEXT REFERENCES generations(name),
+    arch TEXT NOT NULL,
+    config_hash TEXT NOT NULL,
+    checkpoint_uri TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    status TEXT NOT NULL
+);
+CREATE TABLE evaluations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate TEXT NOT NULL REFERENCES generations(name),
+    baseline TEXT REFERENCES generations(name),
+    metrics TEXT NOT NULL,
+    passed INTEGER NOT NULL,
+    reasons TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    from_state TEXT,
+    to_state TEXT
+);
+"""
+
+_V2 = """
+ALTER TABLE generations ADD COLUMN metrics TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE events ADD COLUMN data TEXT NOT NULL DEFAULT '{}';
+CREATE TABLE rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate TEXT NOT NULL REFERENCES generations(name),
+    baseline TEXT NOT NULL REFERENCES generations(name),
+    state TEXT NOT NULL CHECK (state IN ('shadow', 'canary', 'paused', 'promoted', 'rolled_back')),
+    step INTEGER NOT NULL,
+    weight REAL NOT NULL CHECK (weight >= 0 AND weight <= 1),
+    paused_from TEXT,
+    step_started_at REAL NOT NULL,
+    started_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    finished_at REAL,
+    data TEXT NOT NULL DEFAULT '{}'
+);
+-- At most one rollout is active: the partial index holds one row per active rollout, all
+-- with the same key.
+CREATE UNIQUE INDEX one_active_rollout ON rollouts ((state IN ('shadow', 'canary', 'paused')))
+    WHERE state IN ('shadow', 'canary', 'paused');
+CREATE TABLE commands (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout_id INTEGER NOT NULL REFERENCES rollouts(id),
+    command TEXT NOT NULL CHECK (command IN ('pause', 'resume', 'promote', 'rollback')),
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    force INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    done_at REAL,
+    outcome TEXT
+);
+CREATE INDEX commands_pending ON commands (rollout_id, done_at);
+CREATE INDEX events_subject ON events (subject, id);
+CREATE INDEX evaluations_candidate ON evaluations (candidate, id);
+CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (CREATE TRIGGER bodies hold ';' too)."""
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--"):
+            continue
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out
+
+
+def _is_busy(e: sqlite3.OperationalError) -> bool:
+    msg = str(e).lower()
+    return "locked" in msg or "busy" in msg
+
+
+def _loads(s: Optional[str]) -> Any:
+    return json.loads(s) if s else {}
+
+
+def _dumps(v: Any) -> str:
+    return json.dumps(v if v is not None else {}, sort_keys=True, default=_json_default)
+
+
+def _json_default(o: Any) -> Any:
+    # numpy scalars and arrays from metric computations
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def checkpoint_path(uri: str) -> Path:
+    """The local file a checkpoint URI names: a plain path or `file://...`."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        p = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
+        return p / "model.pt" if p.is_dir() else p
+    if len(parsed.scheme) == 1:  # a Windows drive letter, not a scheme
+        return Path(uri)
+    raise RegistryError(f"checkpoint URI {uri!r}: only local paths and file:// URIs can be verified here")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+class Registry:
+    """One registry file. Safe to share between threads (one lock per instance) and between
+    processes (SQLite locking); every write method is one transaction."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+        self._db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._retry(lambda: self._db.execute("PRAGMA journal_mode=WAL").fetchone())
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # safe with WAL: no corruption, a crash may lose the last commit
+        self._migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _retry(self, fn: Callable[[], T]) -> T:
+        """Run `fn`, retrying while another process holds the lock past the busy timeout."""
+        deadline = time.monotonic() + 4 * BUSY_TIMEOUT_S
+        delay = 0.01
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as e:
+                if not _is_busy(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 0.5)
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in one BEGIN IMMEDIATE transaction (all or nothing), retrying on busy."""
+
+        def once() -> T:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    out = fn(self._db)
+                    self._db.execute("COMMIT")
+                    return out
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+
+        return self._retry(once)
+
+    def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._retry(lambda: self._db.execute(sql, args).fetchall())
+
+    def schema_version(self) -> int:
+        """The version of the file's schema (SCHEMA_VERSION once opened)."""
+        return int(self._read("SELECT COALESCE(MAX(version), 0) FROM schema_version")[0][0])
+
+    def _migrate(self) -> None:
+        def run(db: sqlite3.Connection) -> None:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version "
+                       "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+            current = int(db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0])
+            if current > SCHEMA_VERSION:
+                raise RegistryError(f"{self.path}: schema version {current} is newer than this code "
+                                    f"understands ({SCHEMA_VERSION}); upgrade graceful")
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for stmt in _statements(MIGRATIONS[version - 1]):
+                    db.execute(stmt)
+                db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, time.time()))
+            bad = db.execute("PRAGMA foreign_key_check").fetchall()
+            if bad:
+                raise RegistryError(f"{self.path}: {len(bad)} row(s) break foreign keys after migration")
+
+        self._write(run)
+
+    # --- row conversion --------------------------------------------------------------------
+
+    @staticmethod
+    def _gen(r: sqlite3.Row) -> GenerationRecord:
+        return GenerationRecord(r["name"], r["parent"], r["arch"], r["config_hash"], r["checkpoint_uri"],
+                                r["sha256"], r["created_at"], r["status"], _loads(r["metrics"]))
+
+    @staticmethod
+    def _rollout(r: sqlite3.Row) -> RolloutRecord:
+        return RolloutRecord(r["id"], r["candidate"], r["baseline"], r["state"], r["step"], r["weight"],
+                             r["paused_from"], r["step_started_at"], r["started_at"], r["updated_at"],
+                             r["finished_at"], _loads(r["data"]))
+
+    @staticmethod
+    def _command(r: sqlite3.Row) -> Command:
+        return Command(r["id"], r["rollout_id"], r["command"], r["actor"], r["reason"], bool(r["force"]),
+                       r["created_at"], r["done_at"], r["outcome"])
+
+    @staticmethod
+    def _event(r: sqlite3.Row) -> Event:
+        return Event(r["id"], r["at"], r["actor"], r["action"], r["subject"], r["reason"], r["from_state"],
+                     r["to_state"], _loads(r["data"]))
+
+    @staticmethod
+    def _audit_in(db: sqlite3.Connection, actor: str, action: str, subject: str, reason: str = "",
+                  from_state: Optional[str] = None, to_state: Optional[str] = None,
+                  data: Optional[dict] = None) -> Event:
+        at = time.time()
+        cur = db.execute("INSERT INTO events (at, actor, action, subject, reason, from_state, to_state, data) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (at, actor, action, subject, reason or "", from_state, to_state, _dumps(data)))
+        return Event(int(cur.lastrowid), at, actor, action, subject, reason or "", from_state, to_state,
+                     dict(data or {}))
+
+    @staticmethod
+    def _gen_in(db: sqlite3.Connection, name: str) -> Optional[GenerationRecord]:
+        r = db.execute("SELECT * FROM generations WHERE name = ?", (name,)).fetchone()
+        return Registry._gen(r) if r else None
+
+    def _need_gen_in(self, db: sqlite3.Connection, name: str) -> GenerationRecord:
+        g = self._gen_in(db, name)
+        if g is None:
+            known = [r[0] for r in db.execute("SELECT name FROM generations ORDER BY rowid")]
+            raise RegistryError(f"unknown generation {name!r} in {self.path}; registered: {known}")
+        return g
+
+    def _status_in(self, db: sqlite3.Connection, name: str, status: str, actor: str, reason: str,
+                   data: Optional[dict] = None) -> GenerationRecord:
+        if status not in GEN_STATUSES:
+            raise RegistryError(f"status {status!r} is not one of {GEN_STATUSES}")
+        g = self._need_gen_in(db, name)
+        if g.status == status:
+            return g
+        db.execute("UPDATE generations SET status = ? WHERE name = ?", (status, name))
+        self._audit_in(db, actor, "status", name, reason, g.status, status, data)
+        return self._need_gen_in(db, name)
+
+    # --- generations -----------------------------------------------------------------------
+
+    def add_generation(self, name: str, parent: Optional[str], arch: str, config_hash: str,
+                       checkpoint_uri: str, sha256: str, metrics: Optional[dict] = None,
+                       actor: str = "cli", replace: bool = False) -> GenerationRecord:
+        """Register a trained generation (status 'trained'), audited as 'registered'.
+
+        Idempotent for the same sha256 (returns the existing record). A different sha256
+        under the same name is refused unless `replace`, which records the new checkpoint,
+        resets the status to 'trained' and is audited as 'replaced'."""
+        if not name:
+            raise RegistryError("a generation needs a name")
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise RegistryError(f"sha256 of {name!r} must be 64 lowercase hex digits, got {sha256!r}")
+        if parent == name:
+            raise RegistryError(f"generation {name!r} cannot be its own parent")
+
+        def run(db: sqlite3.Connection) -> GenerationRecord:
+            if parent is not None and self._gen_in(db, parent) is None:
+                raise RegistryError(f"parent {parent!r} of {name!r} is not registered; register it first")
+            old = self._gen_in(db, name)
+            if old is not None:
+                if old.sha256 == sha256:
+                    return old
+                if not replace:
+                    raise RegistryError(f"generation {name!r} is registered with sha256 {old.sha256}, "
+                                        f"not {sha256}; pass replace=True to record the new checkpoint")
+                db.execute("UPDATE generations SET parent = ?, arch = ?, config_hash = ?, checkpoint_uri = ?, "
+                           "sha256 = ?, status = 'trained', metrics = ? WHERE name = ?",
+                           (parent, arch, config_hash, checkpoint_uri, sha256, _dumps(metrics), name))
+                self._audit_in(db, actor, "replaced", name, f"new checkpoint {checkpoint_uri}",
+                               old.status, "trained", {"old_sha256": old.sha256, "sha256": sha256})
+                return self._need_gen_in(db, name)
+            db.execute("INSERT INTO generations (name, parent, arch, config_hash, checkpoint_uri, sha256, "
+                       "created_at, status, metrics) VALUES (?, ?, ?, ?, ?, ?, ?, 'trained', ?)",
+                       (name, parent, arch, config_hash, checkpoint_uri, sha256, time.time(), _dumps(metrics)))
+            self._audit_in(db, actor, "registered", name, f"checkpoint {checkpoint_uri}", None, "trained",
+                           {"sha256": sha256, "parent": parent, "config_hash": config_hash})
+            return self._need_gen_in(db, name)
+
+        return self._write(run)
+
+    def generation(self, name: str) -> Optional[GenerationRecord]:
+        rows = self._read("SELECT * FROM generations WHERE name = ?", (name,))
+        return self._gen(rows[0]) if rows else None
+
+    def generations(self) -> list[GenerationRecord]:
+        """Every generation, in creation order."""
+        return [self._gen(r) for r in self._read("SELECT * FROM generations ORDER BY rowid")]
+
+    def set_status(self, name: str, status: str, actor: str, reason: str) -> GenerationRecord:
+        """Set a generation's status (audited as 'status' with from and to). Setting
+        'production' retires the previous production generation in the same transaction."""
+
+        def run(db: sqlite3.Connection) -> GenerationRecord:
+            self._need_gen_in(db, name)
+            if status == "production":
+                for r in db.execute("SELECT name FROM generations WHERE status = 'production' AND name != ?",
+                                    (name,)).fetchall():
+                    self._status_in(db, r[0], "retired", actor, f"replaced in production by {name}: {reason}")
+            return self._status_in(db, name, status, actor, reason)
+
+        return self._write(run)
+
+    def lineage(self, name: str) -> list[GenerationRecord]:
+        """The chain from the oldest registered ancestor to `name` (inclusive)."""
+        out: list[GenerationRecord] = []
+        seen: set[str] = set()
+        current: Optional[str] = name
+        while current is not None and current not in seen:
+            g = self.generation(current)
+            if g is None:
+                if current == name:
+                    raise RegistryError(f"unknown generation {name!r}")
+                break
+            seen.add(current)
+            out.append(g)
+            current = g.parent
+        return out[::-1]
+
+    def production(self) -> Optional[GenerationRecord]:
+        rows = self._read("SELECT * FROM generations WHERE status = 'production' ORDER BY rowid DESC LIMIT 1")
+        return self._gen(rows[0]) if rows else None
+
+    def verify_checkpoint(self, name: str) -> Path:
+        """The checkpoint file of `name`, after checking its sha256 against the record.
+        Raises IntegrityError naming the file and both hashes when they differ (or the
+        file is gone): nothing may be loaded or served from it."""
+        g = self.generation(name)
+        if g is None:
+            raise RegistryError(f"unknown generation {name!r}")
+        path = checkpoint_path(g.checkpoint_uri)
+        if not path.is_file():
+            raise IntegrityError(f"checkpoint of {name!r} is missing: {path} (recorded sha256 {g.sha256})")
+        actual = _sha256_file(path)
+        if actual != g.sha256:
+            raise IntegrityError(f"checkpoint of {name!r} was changed or truncated: {path} has sha256 {actual}, "
+                                 f"the registry recorded {g.sha256}; refusing to use it")
+        return path
+
+    # --- evaluations -----------------------------------------------------------------------
+
+    def record_evaluation(self, candidate: str, baseline: Optional[str], metrics: dict, passed: bool,
+                          reasons: list[str], actor: str = "evaluate") -> int:
+        """Store one offline evaluation (audited as 'evaluated'); returns its id."""
+
+        def run(db: sqlite3.Connection) -> int:
+            self._need_gen_in(db, candidate)
+            if baseline is not None:
+                self._need_gen_in(db, baseline)
+            cur = db.execute("INSERT INTO evaluations (candidate, baseline, metrics, passed, reasons, created_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?)",
+                             (candidate, baseline, _dumps(metrics), int(bool(passed)), json.dumps(list(reasons)),
+                              time.time()))
+            eid = int(cur.lastrowid)
+            self._audit_in(db, actor, "evaluated", candidate,
+                           ("passed" if passed else "failed: " + "; ".join(reasons)),
+                           None, None, {"evaluation_id": eid, "baseline": baseline, "passed": bool(passed)})
+            return eid
+
+        return self._write(run)
+
+    def evaluations(self, candidate: Optional[str] = None) -> list[dict]:
+        """Evaluations, oldest first: id, candidate, baseline, metrics, passed, reasons, created_at."""
+        sql, args = "SELECT * FROM evaluations", ()
+        if candidate is not None:
+            sql, args = sql + " WHERE candidate = ?", (candidate,)
+        return [{"id": r["id"], "candidate": r["candidate"], "baseline": r["baseline"],
+                 "metrics": _loads(r["metrics"]), "passed": bool(r["passed"]),
+                 "reasons": json.loads(r["reasons"]), "created_at": r["created_at"]}
+                for r in self._read(sql + " ORDER BY id", args)]
+
+    # --- rollouts --------------------------------------------------------------------------
+
+    def start_rollout(self, candidate: str, baseline: str, actor: str, reason: str,
+                      data: Optional[dict] = None) -> RolloutRecord:
+        """Start a rollout in state 'shadow' (step 0, weight 0); the candidate's status
+        becomes 'shadow'. RegistryError while another rollout is active."""
+        if candidate == baseline:
+            raise RegistryError(f"candidate and baseline are the same generation {candidate!r}")
+
+        def run(db: sqlite3.Connection) -> RolloutRecord:
+            self._need_gen_in(db, candidate)
+            self._need_gen_in(db, baseline)
+            active = db.execute("SELECT * FROM rollouts WHERE state IN ('shadow', 'canary', 'paused')").fetchone()
+            if active is not None:
+                raise RegistryError(f"rollout {active['id']} of {active['candidate']!r} is still active "
+                                    f"({active['state']}); finish it before starting another")
+            now = time.time()
+            cur = db.execute("INSERT INTO rollouts (candidate, baseline, state, step, weight, paused_from, "
+                             "step_started_at, started_at, updated_at, finished_at, data) "
+                             "VALUES (?, ?, 'shadow', 0, 0.0, NULL, ?, ?, ?, NULL, ?)",
+                             (candidate, baseline, now, now, now, _dumps(data)))
+            rid = int(cur.lastrowid)
+            self._audit_in(db, actor, "rollout_started", candidate, reason, None, "shadow",
+                           {"rollout_id": rid, "baseline": baseline})
+            self._status_in(db, candidate, "shadow", actor, f"rollout {rid} started", {"rollout_id": rid})
+            return self._rollout(db.execute("SELECT * FROM rollouts WHERE id = ?", (rid,)).fetchone())
+
+        return self._write(run)
+
+    def rollout(self, rollout_id: int) -> Optional[RolloutRecord]:
+        rows = self._read("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
+        return self._rollout(rows[0]) if rows else None
+
+    def active_rollout(self) -> Optional[RolloutRecord]:
+        rows = self._read("SELECT * FROM rollouts WHERE state IN ('shadow', 'canary', 'paused') "
+                          "ORDER BY id DESC LIMIT 1")
+        return self._rollout(rows[0]) if rows else None
+
+    def latest_rollout(self, candidate: Optional[str] = None) -> Optional[RolloutRecord]:
+        sql, args = "SELECT * FROM rollouts", ()
+        if candidate is not None:
+            sql, args = sql + " WHERE candidate = ?", (candidate,)
+        rows = self._read(sql + " ORDER BY id DESC LIMIT 1", args)
+        return self._rollout(rows[0]) if rows else None
+
+    def transition(self, rollout_id: int, expect: tuple[str, int], *, state: str, step: int, weight: float,
+                   actor: str, action: str, reason: str, data: Optional[dict] = None,
+                   step_started_at: Optional[float] = None) -> RolloutRecord:
+        """Move a rollout, compare-and-set, in ONE transaction.
+
+        Checks (state, step) == `expect` (else StaleTransition); updates the rollout
+        (`data`, when given, replaces the stored data; `step_started_at` defaults to now
+        when the step or the state (other than pausing/resuming) changes, else it is kept;
+        `paused_from` remembers the state a pause left); sets the generations' statuses
+        (shadow/canary -> candidate shadow/canary; promoted -> candidate production and
+        baseline retired; rolled_back -> candidate rolled_back); appends an audit event
+        (subject: the candidate; data: rollout id, step, weight)."""
+        if state not in ROLLOUT_STATES:
+            raise RegistryError(f"rollout state {state!r} is not one of {ROLLOUT_STATES}")
+        if not 0.0 <= float(weight) <= 1.0:
+            raise RegistryError(f"weight must be within [0, 1], got {weight}")
+
+        def run(db: sqlite3.Connection) -> RolloutRecord:
+            row = db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+            if row is None:
+                raise RegistryError(f"unknown rollout {rollout_id}")
+            cur = self._rollout(row)
+            if (cur.state, cur.step) != tuple(expect):
+                raise StaleTransition(f"rollout {rollout_id} is at ({cur.state}, step {cur.step}), "
+                                      f"not the expected ({expect[0]}, step {expect[1]}); reread and decide again")
+            if cur.state in FINAL_STATES:
+                raise RegistryError(f"rollout {rollout_id} is finished ({cur.state}); start a new one")
+            now = time.time()
+            if state == "paused":
+                paused_from = cur.paused_from if cur.state == "paused" else cur.state
+            else:
+                paused_from = None
+            pause_or_resume = state == "paused" or cur.state == "paused"
+            if step_started_at is None:
+                moved = step != cur.step or (state != cur.state and not pause_or_resume)
+                started = now if moved else cur.step_started_at
+            else:
+                started = float(step_started_at)
+            finished = now if state in FINAL_STATES else None
+            db.execute("UPDATE rollouts SET state = ?, step = ?, weight = ?, paused_from = ?, step_started_at = ?, "
+                       "updated_at = ?, finished_at = ?, data = ? WHERE id = ?",
+                       (state, int(step), float(weight), paused_from, started, now, finished,
+                        _dumps(data) if data is not None else _dumps(cur.data), rollout_id))
+            ctx = {"rollout_id": rollout_id, "step": int(step), "weight": float(weight)}
+            self._audit_in(db, actor, action, cur.candidate, reason, cur.state, state, ctx)
+            why = f"rollout {rollout_id} {action}: {reason}"
+            if state in ("shadow", "canary"):
+                self._status_in(db, cur.candidate, state, actor, why, ctx)
+            elif state == "promoted":
+                for r in db.execute("SELECT name FROM generations WHERE status = 'production' AND name != ?",
+                                    (cur.candidate,)).fetchall():
+                    self._status_in(db, r[0], "retired", actor, why, ctx)
+                self._status_in(db, cur.baseline, "retired", actor, why, ctx)
+                self._status_in(db, cur.candidate, "production", actor, why, ctx)
+            elif state == "rolled_back":
+                self._status_in(db, cur.candidate, "rolled_back", actor, why, ctx)
+            return self._rollout(db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone())
+
+        return self._write(run)
+
+    # --- operator commands -----------------------------------------------------------------
+
+    def enqueue_command(self, rollout_id: int, command: str, actor: str, reason: str,
+                        force: bool = False) -> Command:
+        """Queue an operator command for the controller's next tick (audited as 'requested')."""
+        if command not in COMMANDS:
+            raise RegistryError(f"command {command!r} is not one of {COMMANDS}")
+
+        def run(db: sqlite3.Connection) -> Command:
+            r = db.execute("SELECT candidate FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+            if r is None:
+                raise RegistryError(f"unknown rollout {rollout_id}")
+            now = time.time()
+            cur = db.execute("INSERT INTO commands (rollout_id, command, actor, reason, force, created_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?)", (rollout_id, command, actor, reason, int(force), now))
+            cid = int(cur.lastrowid)
+            self._audit_in(db, actor, "requested", r["candidate"], reason, None, None,
+                           {"command": command, "command_id": cid, "rollout_id": rollout_id, "force": bool(force)})
+            return Command(cid, rollout_id, command, actor, reason, bool(force), now, None, None)
+
+        return self._write(run)
+
+    def pending_commands(self, rollout_id: int) -> list[Command]:
+        """Commands of the rollout not completed yet, oldest first."""
+        return [self._command(r) for r in
+                self._read("SELECT * FROM commands WHERE rollout_id = ? AND done_at IS NULL ORDER BY id",
+                           (rollout_id,))]
+
+    def commands(self, rollout_id: Optional[int] = None) -> list[Command]:
+        """Every command (of one rollout when given), oldest first."""
+        sql, args = "SELECT * FROM commands", ()
+        if rollout_id is not None:
+            sql, args = sql + " WHERE rollout_id = ?", (rollout_id,)
+        return [self._command(r) for r in self._read(sql + " ORDER BY id", args)]
+
+    def complete_command(self, command_id: int, outcome: str, actor: str = "controller") -> None:
+        """Mark a command done with its outcome (audited as 'command_done'); only once."""
+
+        def run(db: sqlite3.Connection) -> None:
+            r = db.execute("SELECT c.*, r.candidate FROM commands c JOIN rollouts r ON r.id = c.rollout_id "
+                           "WHERE c.id = ?", (command_id,)).fetchone()
+            if r is None:
+                raise RegistryError(f"unknown command {command_id}")
+            if r["done_at"] is not None:
+                raise RegistryError(f"command {command_id} is already done ({r['outcome']})")
+            db.execute("UPDATE commands SET done_at = ?, outcome = ? WHERE id = ?", (time.time(), outcome, command_id))
+            self._audit_in(db, actor, "command_done", r["candidate"], outcome, None, None,
+                           {"command": r["command"], "command_id": command_id, "rollout_id": r["rollout_id"]})
+
+        self._write(run)
+
+    # --- audit log -------------------------------------------------------------------------
+
+    def audit(self, actor: str, action: str, subject: str, reason: str = "", from_state: Optional[str] = None,
+              to_state: Optional[str] = None, data: Optional[dict] = None) -> Event:
+        """Append one event to the audit log."""
+        return self._write(lambda db: self._audit_in(db, actor, action, subject, reason, from_state, to_state, data))
+
+    def events(self, subject: Optional[str] = None, limit: Optional[int] = None) -> list[Event]:
+        """Audit events, oldest first; with `limit`, the newest `limit` of them."""
+        sql, args = "SELECT * FROM events", ()
+        if subject is not None:
+            sql, args = sql + " WHERE subject = ?", (subject,)
+        sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql, args = sql + " LIMIT ?", args + (int(limit),)
+        return [self._event(r) for r in self._read(sql, args)][::-1]
