@@ -409,8 +409,11 @@ class Controller:
             return TickResult(reason="no active rollout", at=now)
         res = TickResult(rollout_id=r.id, candidate=r.candidate, at=now)
         # 1. operator commands, oldest first
+        moved_by_command = False
         for cmd in self.registry.pending_commands(r.id):
+            before = (r.state, r.step)
             r, outcome = self._apply_command(r, cmd, now)
+            moved_by_command |= (r.state, r.step) != before
             self.registry.complete_command(cmd.id, outcome, actor=CONTROLLER)
             res.commands.append(f"{cmd.command}{' --force' if cmd.force else ''} #{cmd.id} by {cmd.actor}: {outcome}")
         # 2. the router follows the registry
@@ -418,8 +421,11 @@ class Controller:
             res.router_changed = self.reconcile(r)
         self.metrics.export_rollout(r)
         decision: Optional[Decision] = None
-        if r.state not in FINAL_STATES and r.state != "paused":
-            # 3. observe and decide
+        if moved_by_command:
+            res.transition = "by command"
+        elif r.state not in FINAL_STATES and r.state != "paused":
+            # 3. observe and decide (not in a tick an operator moved the rollout: the new
+            # position is decided on from the next tick)
             obs = self.observe(r, now)
             decision = decide(obs, self._step_spec(r), self.policy)
             if obs is None and self._source_error:

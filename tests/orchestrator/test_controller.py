@@ -1,0 +1,354 @@
+"""Rollout controller state machine on a real SQLite registry, with a fake router and a
+fake metric source (pure logic; the same paths run against real Ray Serve in
+tests/integration/test_rollout.py and real Prometheus in test_prometheus.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+import requests
+
+from orchestrator import metric_names
+from orchestrator.config import parse_config
+from orchestrator.controller import Controller, desired_traffic, start_rollout
+from orchestrator.decision import Counts
+from orchestrator.registry import Registry
+from orchestrator.sources import SourceError
+
+TOKEN = "unit-admin-token-1"
+SHA = "0" * 64
+
+
+class FakeRouter:
+    """The router's plan and its admin API rules: weights cover every generation, sum to 1."""
+
+    def __init__(self, gens=("g0", "g1")):
+        self.production = gens[0]
+        self.weights = {g: 1.0 if g == gens[0] else 0.0 for g in gens}
+        self.shadows = [g for g in gens[1:]]
+        self.calls = 0
+        self.fail_set = 0        # set_traffic calls that fail next
+        self.fail_status = 0
+
+    def status(self):
+        if self.fail_status:
+            self.fail_status -= 1
+            raise RuntimeError("router unreachable")
+        return {"production": self.production, "weights": dict(self.weights), "shadows": list(self.shadows)}
+
+    def set_traffic(self, weights, shadows=None, production=None):
+        if self.fail_set:
+            self.fail_set -= 1
+            raise ConnectionError("router went away")
+        assert set(weights) == set(self.weights) and abs(sum(weights.values()) - 1) < 1e-9
+        production = production or self.production
+        assert production not in (shadows or [])
+        self.calls += 1
+        self.weights, self.production = dict(weights), production
+        if shadows is not None:
+            self.shadows = list(shadows)
+        return {}
+
+
+class FakeSource:
+    """Cumulative counters growing by `per_read` at every read; `fail` reads raise."""
+
+    name = "fake"
+
+    def __init__(self, per_read: Counts):
+        self.per_read = per_read
+        self.now = Counts()
+        self.fail = 0
+
+    def read(self, candidate):
+        if self.fail:
+            self.fail -= 1
+            raise SourceError("source down")
+        p = self.per_read
+        self.now = Counts(self.now.requests + p.requests, self.now.errors + p.errors,
+                          self.now.compared + p.compared, self.now.disagreements + p.disagreements,
+                          self.now.labelled + p.labelled, self.now.negative_flips + p.negative_flips,
+                          p.latency_p99_ms)
+        return self.now
+
+
+GOOD = Counts(requests=50, compared=50, disagreements=0, labelled=50, negative_flips=0, latency_p99_ms=5.0)
+BAD = Counts(requests=50, compared=50, disagreements=25, labelled=50, negative_flips=20, latency_p99_ms=5.0)
+
+
+def _cfg(tmp_path, **rollout):
+    ro = {"shadow_bake_seconds": 0, "nfr_limit": 0.1, "tick_seconds": 0.05, "max_source_errors": 3,
+          "steps": [{"weight": w, "bake_seconds": 0, "min_requests": 20, "min_labels": 20} for w in (0.1, 0.3, 0.6)]}
+    ro.update(rollout)
+    return parse_config({"run_dir": str(tmp_path), "generations": [{"name": "g0"}, {"name": "g1"}],
+                         "serving": {"admin_token": TOKEN}, "rollout": ro})
+
+
+@pytest.fixture
+def env(tmp_path):
+    cfg = _cfg(tmp_path)
+    reg = Registry(tmp_path / "registry.sqlite")
+    for name, parent in (("g0", None), ("g1", "g0")):
+        reg.add_generation(name, parent, "mlp", "h", f"/x/{name}.pt", SHA if name == "g0" else "1" * 64)
+    router, source = FakeRouter(), FakeSource(GOOD)
+    r = start_rollout(reg, source, "g1", "g0", "tester", "unit test")
+    yield cfg, reg, router, source, r
+    reg.close()
+
+
+def _moves(reg):
+    return [(e.action, e.from_state, e.to_state, e.data.get("step")) for e in reg.events("g1")
+            if e.from_state is not None and e.to_state is not None and e.action != "status"]
+
+
+def _value(ctl, name, **labels):
+    v = ctl.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+def test_good_candidate_walks_every_step_in_order_then_promotes(env):
+    cfg, reg, router, source, r = env
+    ctl = Controller(cfg, reg, router, source)
+    seen = []
+    for _ in range(10):
+        res = ctl.tick()
+        seen.append((res.state, res.step, round(router.weights["g1"], 3), router.production))
+        if res.final:
+            break
+    assert seen == [("canary", 1, 0.1, "g0"), ("canary", 2, 0.3, "g0"), ("canary", 3, 0.6, "g0"),
+                    ("promoted", 3, 1.0, "g1")]
+    assert router.shadows == []  # promoted: g1 is production, nobody shadows it
+    assert _moves(reg) == [("advance", "shadow", "canary", 1), ("advance", "canary", "canary", 2),
+                           ("advance", "canary", "canary", 3), ("promote", "canary", "promoted", 3)]
+    assert reg.generation("g1").status == "production" and reg.generation("g0").status == "retired"
+    assert _value(ctl, "graceful_rollout_state", candidate="g1", state="promoted") == 1
+    assert _value(ctl, "graceful_rollout_state", candidate="g1", state="canary") == 0
+    assert _value(ctl, "graceful_rollout_decisions_total", candidate="g1", decision="promote") == 4
+    assert _value(ctl, "graceful_rollout_candidate_weight", candidate="g1") == 1.0
+
+
+def test_a_held_step_keeps_its_evidence_window_and_waits_for_bake(tmp_path, env):
+    _, reg, router, source, r = env
+    cfg = _cfg(tmp_path, shadow_bake_seconds=100)
+    clock = [time.time()]
+    ctl = Controller(cfg, reg, router, source, clock=lambda: clock[0])
+    res = ctl.tick()
+    assert res.decision == "hold" and "bake" in res.reason and res.state == "shadow"
+    clock[0] += 101
+    res = ctl.tick()
+    assert (res.decision, res.state, res.step) == ("promote", "canary", 1)
+    # the decision saw the evidence of both reads: 100 labels since the start
+    assert res.stats["labelled"] == 100
+
+
+def test_bad_candidate_is_rolled_back_and_unshadowed(env):
+    cfg, reg, router, source, r = env
+    source.per_read = BAD
+    ctl = Controller(cfg, reg, router, source)
+    res = ctl.tick()
+    assert (res.decision, res.state) == ("rollback", "rolled_back")
+    assert router.weights == {"g0": 1.0, "g1": 0.0} and router.shadows == [] and router.production == "g0"
+    assert reg.generation("g1").status == "rolled_back"
+    assert _value(ctl, "graceful_rollout_rollbacks_total", candidate="g1", actor="controller") == 1
+    assert ctl.tick().decision is None  # final: no more decisions
+    assert _moves(reg) == [("rollback", "shadow", "rolled_back", 0)]
+
+
+def test_crash_between_persist_and_router_update_heals_on_restart(env):
+    cfg, reg, router, source, r = env
+    ctl = Controller(cfg, reg, router, source)
+    router.fail_set = 1                   # the router update after the first transition fails
+    res = ctl.tick()
+    assert res.decision == "error" and "router not updated" in res.reason
+    assert reg.rollout(r.id).state == "canary" and router.weights["g1"] == 0.0   # persisted, router behind
+    assert _value(ctl, "graceful_controller_tick_errors_total") == 1
+    # a new process (the old one died): reconcile on start heals, then it goes on from step 1
+    ctl2 = Controller(cfg, reg, router, source)
+    assert ctl2.reconcile() is True and router.weights["g1"] == pytest.approx(0.1)
+    assert ctl2.reconcile() is False      # idempotent
+    res = ctl2.tick()
+    assert (res.state, res.step) == ("canary", 2)
+    assert [m[3] for m in _moves(reg)] == [1, 2]  # no step repeated or skipped
+
+
+def test_killed_controller_resumes_from_the_persisted_step(env):
+    cfg, reg, router, source, r = env
+    Controller(cfg, reg, router, source).tick()          # -> canary 1
+    Controller(cfg, reg, router, source).tick()          # a fresh process: -> canary 2
+    ctl = Controller(cfg, reg, router, source)
+    while not ctl.tick().final:
+        pass
+    assert _moves(reg) == [("advance", "shadow", "canary", 1), ("advance", "canary", "canary", 2),
+                           ("advance", "canary", "canary", 3), ("promote", "canary", "promoted", 3)]
+    # a stale controller deciding from an old position cannot move the rollout again
+    r_old = reg.rollout(r.id)
+    assert ctl.tick().transition is None and reg.rollout(r.id) == r_old
+
+
+def test_operator_commands_act_within_one_tick_and_are_audited(env):
+    cfg, reg, router, source, r = env
+    ctl = Controller(cfg, reg, router, source)
+    ctl.tick()                                                     # canary 1
+    reg.enqueue_command(r.id, "pause", "alice", "looking at a dashboard")
+    res = ctl.tick()
+    assert res.state == "paused" and any("pause" in c for c in res.commands)
+    for _ in range(3):                                             # paused holds
+        assert ctl.tick().state == "paused"
+    assert router.weights["g1"] == pytest.approx(0.1)              # weights kept while paused
+    reg.enqueue_command(r.id, "resume", "alice", "fine")
+    res = ctl.tick()
+    assert (res.state, res.step) == ("canary", 1)                 # resumed where it paused
+    reg.enqueue_command(r.id, "rollback", "bob", "customer complaints")
+    res = ctl.tick()
+    assert res.state == "rolled_back" and router.weights["g1"] == 0.0
+    ev = [e for e in reg.events("g1") if e.action in ("pause", "resume", "rollback")]
+    assert [(e.action, e.actor, e.reason) for e in ev] == [
+        ("pause", "alice", "looking at a dashboard"), ("resume", "alice", "fine"),
+        ("rollback", "bob", "customer complaints")]
+    assert reg.pending_commands(r.id) == []
+    assert _value(ctl, "graceful_rollout_rollbacks_total", candidate="g1", actor="operator") == 1
+
+
+def test_promote_without_force_needs_the_rule_and_force_skips_it(tmp_path, env):
+    _, reg, router, source, r = env
+    cfg = _cfg(tmp_path, shadow_bake_seconds=1000)
+    # Evidence not there yet (flips in the window keep the rule at hold): promote is refused.
+    source.per_read = Counts(requests=50, compared=50, disagreements=5, labelled=50, negative_flips=5,
+                             latency_p99_ms=5.0)
+    ctl = Controller(cfg, reg, router, source)
+    assert ctl.tick().decision == "hold"
+    cmd = reg.enqueue_command(r.id, "promote", "carol", "looks fine to me")
+    res = ctl.tick()
+    assert res.state == "shadow" and "refused" in res.commands[0]
+    assert [c.outcome for c in reg.commands(r.id) if c.id == cmd.id][0].startswith("refused")
+    # Good evidence but bake time left: promote skips the bake, one step only.
+    source.per_read = GOOD
+    reg.enqueue_command(r.id, "promote", "carol", "skip the wait")
+    res = ctl.tick()
+    assert (res.state, res.step) == ("canary", 1)
+    reg.enqueue_command(r.id, "promote", "carol", "ship it", force=True)
+    res = ctl.tick()
+    assert res.state == "promoted" and router.production == "g1"
+    assert [m[0] for m in _moves(reg)] == ["promote", "force_promote"]
+
+
+def test_command_applied_before_a_crash_is_not_applied_twice(env):
+    cfg, reg, router, source, r = env
+    ctl = Controller(cfg, reg, router, source)
+    ctl.tick()                                                     # canary 1
+    cmd = reg.enqueue_command(r.id, "promote", "dave", "go", force=False)
+    r1 = reg.rollout(r.id)
+    # The transition of the command committed, then the process died before completing it.
+    reg.transition(r.id, ("canary", 1), state="canary", step=2, weight=0.3, actor="dave", action="promote",
+                   reason="go", data={**r1.data, "last_command": cmd.id})
+    source.fail = 1                                                # no rule decision in this tick
+    res = Controller(cfg, reg, router, source).tick()
+    assert "applied before a restart" in res.commands[0]
+    assert [m[3] for m in _moves(reg)] == [1, 2] and res.step == 2
+
+
+def test_source_errors_never_roll_back_and_pause_after_the_limit(env):
+    cfg, reg, router, source, r = env
+    source.per_read = BAD
+    source.fail = 100
+    ctl = Controller(cfg, reg, router, source)
+    kinds = [ctl.tick() for _ in range(3)]
+    assert [k.decision for k in kinds] == ["inconclusive"] * 3
+    assert [k.state for k in kinds] == ["shadow", "shadow", "paused"]
+    ev = [e for e in reg.events("g1") if e.action == "pause"][-1]
+    assert ev.actor == "controller" and "failed 3 times in a row" in ev.reason
+    assert _value(ctl, "graceful_controller_metric_source_errors_total", source="fake") == 3
+    assert _value(ctl, "graceful_rollout_decisions_total", candidate="g1", decision="inconclusive") == 3
+    assert reg.rollout(r.id).state == "paused"   # never rolled back on missing evidence
+
+
+def test_counter_reset_is_not_negative_evidence(env):
+    cfg, reg, router, source, r = env
+    ctl = Controller(cfg, reg, router, source)
+    ctl.tick()                                      # canary 1; base = 100 labels
+    source.now = Counts()                           # the router restarted: counters from 0
+    res = ctl.tick()                                # +50 since the restart
+    assert res.decision != "rollback" and res.stats["labelled"] >= 100
+    assert res.stats["step_labelled"] == 50
+
+
+def test_a_tick_that_raises_is_counted_and_the_loop_goes_on(env):
+    cfg, reg, router, source, r = env
+    ctl = Controller(cfg, reg, router, source)
+    router.fail_status = 1
+    res = ctl.tick()
+    assert res.decision == "error" and "router unreachable" in res.reason
+    assert _value(ctl, "graceful_controller_tick_errors_total") == 1
+    assert _value(ctl, "graceful_rollout_decisions_total", candidate="g1", decision="error") == 1
+    assert ctl.tick().state == "canary"
+
+
+def test_run_loop_finishes_and_exports_every_metric_name(env):
+    import threading
+
+    cfg, reg, router, source, r = env
+    ctl = Controller(cfg, reg, router, source)
+    last = ctl.run(threading.Event(), max_seconds=20)
+    assert last.state == "promoted"
+    text = ctl.metrics.text().decode()
+    for name in metric_names.EXPORTED:
+        assert f"\n{name}" in text or text.startswith(name) or f"# TYPE {name.removesuffix('_total')}" in text, name
+    assert _value(ctl, "graceful_controller_last_tick_timestamp_seconds") > 0
+
+
+def test_desired_traffic_keeps_other_generations_at_zero(env):
+    _, reg, _, _, r = env
+    current = {"production": "g0", "weights": {"g0": 1.0, "g1": 0.0, "g9": 0.0}, "shadows": ["g9"]}
+    want = desired_traffic(reg.rollout(r.id), current)
+    assert want == {"weights": {"g0": 1.0, "g1": 0.0, "g9": 0.0}, "shadows": ["g9", "g1"], "production": "g0"}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_alert_webhook_over_http_rolls_back_the_named_candidate(env):
+    cfg, reg, router, source, r = env
+    ctl = Controller(cfg, reg, router, source)
+    srv = ctl.serve_http(port=_free_port())
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        def alert(status, labels):
+            return {"version": "4", "status": status, "receiver": "graceful",
+                    "alerts": [{"status": status, "labels": labels, "annotations": {"summary": "flips up"}}]}
+
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        firing = alert("firing", {"alertname": "GracefulLiveNFRHigh", "generation": "g1"})
+        assert requests.post(url + "/v1/admin/alert", json=firing, timeout=5).status_code == 401
+        assert requests.post(url + "/v1/admin/alert", json=firing, timeout=5,
+                             headers={"Authorization": "Bearer wrong-token"}).status_code == 403
+        bad = requests.post(url + "/v1/admin/alert", data="{not json", headers=auth, timeout=5)
+        assert bad.status_code == 400 and "error" in bad.json()
+        assert requests.post(url + "/v1/admin/alert", json={"alerts": "x"}, headers=auth, timeout=5).status_code == 400
+        for ignored in (alert("resolved", {"alertname": "A", "generation": "g1"}),
+                        alert("firing", {"alertname": "A", "candidate": "g7"}),
+                        alert("firing", {"alertname": "A"})):
+            out = requests.post(url + "/v1/admin/alert", json=ignored, headers=auth, timeout=5).json()
+            assert out["rollbacks"] == [] and out["ignored"] == 1
+        assert reg.pending_commands(r.id) == []
+        out = requests.post(url + "/v1/admin/alert", json=firing, headers=auth, timeout=5).json()
+        assert len(out["rollbacks"]) == 1
+        # Alertmanager repeats firing alerts: one queued rollback is enough
+        again = requests.post(url + "/v1/admin/alert", json=firing, headers=auth, timeout=5).json()
+        assert again["rollbacks"] == []
+        cmd = reg.pending_commands(r.id)[0]
+        assert (cmd.command, cmd.actor, cmd.reason) == ("rollback", "alert", "alert GracefulLiveNFRHigh: flips up")
+        assert ctl.tick().state == "rolled_back"
+        assert _value(ctl, "graceful_rollout_rollbacks_total", candidate="g1", actor="alert") == 1
+        m = requests.get(url + "/metrics", timeout=5)
+        assert m.status_code == 200 and 'graceful_rollout_rollbacks_total{actor="alert",candidate="g1"} 1.0' in m.text
+        st = requests.get(url + "/v1/rollout", timeout=5).json()
+        assert st["rollout"]["state"] == "rolled_back" and st["last_tick"]["state"] == "rolled_back"
+        json.dumps(st)
+    finally:
+        ctl.stop_http()
