@@ -10,8 +10,9 @@ and a cosine head. Three ways to train g1..g4 (g0 is shared):
   bct_ancestors    + BCT through the heads of all ancestors, weight 0.5^(distance-1),
                    normalised (the gallery's model g0 always among them)
 
-Single-process `training.fit` with the BCT loss as `extra_loss` (the Ray Train loop runs
-the same loss; the benchmark measures the method, not the distribution). Retrieval top-1
+Single-process `training.fit` with the exact BCT term the Ray Train workers add
+(`workers.train.make_extra_loss` over frozen heads); the benchmark measures the method,
+not the distribution. Retrieval top-1
 (faiss, cosine) on the test split's query/gallery halves: M(gk, gk) and M(gk, g0).
 
 Per-seed rows go to benchmarks/results/chain_tax_seeds.json (merged by seed, so seeds can
@@ -31,13 +32,14 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from benchmarks.lqf import figure, parser, save_figure
 from orchestrator.metrics import error_rate, retrieval_top1
 from workers.data import Dataset, generation_train_split, load_dataset
 from workers.models import GracefulNet, build_model
-from workers.specs import ArchSpec, DataSpec, TrainSpec
+from workers.losses import FrozenHead, ancestor_importances, frozen_head
+from workers.specs import ArchSpec, BCTSpec, CompatSpec, DataSpec, TrainSpec
+from workers.train import CompatTargets, make_extra_loss
 from workers.training import fit, predict
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,24 +49,20 @@ WIDTHS = [16, 32, 32, 48, 48]
 KEYS = ("top1_self", "top1_vs_g0", "error")
 
 
-def bct_loss(old_heads: list[torch.nn.Module], weights: list[float]):
-    """Influence loss: cross-entropy of the new embedding through each frozen old head."""
-
-    def extra(model, x, y, idx, z, logits):
-        return sum(w * F.cross_entropy(h(z), y) for h, w in zip(old_heads, weights))
-
-    return extra
-
-
-def constraints(method: str, chain: list[GracefulNet], decay: float) -> tuple[list, list[float]]:
-    """Old heads and weights generation len(chain) is trained against."""
+def constraints(method: str, chain: list[GracefulNet], decay: float) -> list[FrozenHead]:
+    """Frozen heads (with importances) generation len(chain) is trained against: the same
+    constraint sets `orchestrator.chain.constraint_names` builds for a config."""
     if method == "independent":
-        return [], []
+        return []
     if method == "bct_production":
-        return [chain[-1].classifier], [1.0]
-    raw = [decay ** d for d in range(len(chain))]  # distance 1, 2, ... back from the parent
-    total = sum(raw)
-    return [m.classifier for m in reversed(chain)], [r / total for r in raw]
+        return [frozen_head(chain[-1], f"g{len(chain) - 1}")]
+    weights = ancestor_importances(range(1, len(chain) + 1), decay)  # parent first
+    return [frozen_head(m, f"g{k}", w) for (k, m), w in zip(reversed(list(enumerate(chain))), weights)]
+
+
+def bct_extra_loss(heads: list[FrozenHead], weight: float):
+    """The loss term the Ray Train workers add for `compat.bct` (workers.train.make_extra_loss)."""
+    return make_extra_loss(CompatSpec(bct=BCTSpec(weight=weight)), CompatTargets(heads=heads)) if heads else None
 
 
 def _frozen(model: GracefulNet) -> GracefulNet:
@@ -94,8 +92,7 @@ def run_seed(seed: int, ds: Dataset, args: argparse.Namespace) -> list[dict]:
         chain = [g0]
         for k in range(1, 5):
             t0 = time.perf_counter()
-            heads, weights = constraints(method, chain, args.decay)
-            extra = bct_loss(heads, [args.weight * w for w in weights]) if heads else None
+            extra = bct_extra_loss(constraints(method, chain, args.decay), args.weight)
             chain.append(train(k, extra))
             rows.append({"method": method, "generation": k, "seed": seed, **measure(chain[-1], g0),
                          "train_seconds": round(time.perf_counter() - t0, 2)})
