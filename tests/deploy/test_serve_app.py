@@ -1,0 +1,138 @@
+"""Serve application builders of the RayService (orchestrator/serve_app.py), without Ray:
+`.bind()` builds the application objects only; nothing starts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import yaml
+
+from orchestrator.serve_app import AppArgsError, ClusterRouter, generation_app, router_app, wait_for_apps
+from serving.deploy import ModelServer
+from serving.refs import app_name_for
+from workers.checkpoint import save_model
+from workers.data import load_dataset
+from workers.models import build_model
+from workers.specs import ArchSpec, DataSpec
+
+ARCH = {"type": "mlp", "width": 8, "depth": 1, "embed_dim": 8}
+DATA = {"source": "digits", "test_fraction": 0.3, "val_fraction": 0.1}
+
+
+@pytest.fixture
+def run_config(tmp_path, cache_dir, monkeypatch):
+    """A run dir as `graceful train` leaves it for g0 and g1 (untrained weights are enough);
+    g2 is in the config but not trained."""
+    monkeypatch.setenv("GRACEFUL_ADMIN_TOKEN", "app-admin-token-1")
+    cfg = {"run_dir": str(tmp_path / "run"), "data": DATA, "serving": {"replicas": 2, "cpus_per_replica": 0.5},
+           "generations": [{"name": n, "arch": ARCH} for n in ("g0", "g1", "g2")]}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    ds = load_dataset(DataSpec(**DATA))
+    for name in ("g0", "g1"):
+        d = tmp_path / "run" / "generations" / name
+        sha = save_model(build_model(ArchSpec(**ARCH), ds.input_dim, ds.num_classes), d)
+        (d / "metrics.json").write_text(json.dumps({"sha256": sha}))
+    return path
+
+
+def _deployment(app):
+    return app._bound_deployment
+
+
+def test_generation_app_is_the_model_server_with_the_configs_options(run_config):
+    app = generation_app({"config": str(run_config), "generation": "g1"})
+    dep = _deployment(app)
+    assert dep.func_or_class is ModelServer
+    assert dep.name == "model"
+    assert dep.num_replicas == 2
+    assert dep.ray_actor_options["num_cpus"] == 0.5
+    ref = dep.init_args[0]
+    assert ref.name == "g1" and ref.app_name == app_name_for("g1")
+    assert ref.uri.endswith("generations/g1/model.pt")
+
+
+def test_router_app_binds_production_candidates_gallery_and_token(run_config):
+    app = router_app({"config": str(run_config), "production": "g0", "candidates": ["g1"]})
+    dep = _deployment(app)
+    assert issubclass(dep.func_or_class, ClusterRouter)
+    assert dep.name == "router" and dep.num_replicas == 1
+    spec, input_dim, production, gens, weights, shadows, gallery, token = dep.init_args
+    assert spec["replicas"] == 2 and input_dim == 64 and production == "g0"
+    assert {n: g["app"] for n, g in gens.items()} == {"g0": "graceful-gen-g0", "g1": "graceful-gen-g1"}
+    assert weights == {"g0": 1.0} and shadows == ["g1"]
+    assert gallery.generation == "g0" and gallery.embeddings.shape[1] == 8
+    assert token == "app-admin-token-1"
+    assert dep.init_kwargs["app_names"] == ("graceful-gen-g0", "graceful-gen-g1")
+
+
+def test_router_app_defaults_to_the_first_generation_alone(run_config):
+    dep = _deployment(router_app({"config": str(run_config)}))
+    assert dep.init_args[2] == "g0" and list(dep.init_args[3]) == ["g0"] and dep.init_args[5] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"generation": "g0"}, "args.config"),
+    ({"config": "/nonexistent/run.yaml", "generation": "g0"}, "file not found"),
+    ({"config": "RUN", "generation": "g9"}, "unknown generation 'g9'"),
+    ({"config": "RUN", "generation": "g2"}, "generation 'g2' is not trained"),
+    ({"config": "RUN", "generation": "g0", "replicas": 3}, "unknown args ['replicas']"),
+])
+def test_generation_app_bad_args_name_the_problem(run_config, args, message):
+    args = {k: (str(run_config) if v == "RUN" else v) for k, v in args.items()}
+    with pytest.raises(AppArgsError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        generation_app(args)
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"production": "g0", "candidates": ["g0"]}, "'g0' is production"),
+    ({"candidates": "g1"}, "must be a list"),
+    ({"candidates": ["g1"], "shadows": ["g2"]}, "args.shadows"),
+    ({"wait_s": 0}, "args.wait_s"),
+    ({"candidates": ["g2"]}, "'g2' is not trained"),
+])
+def test_router_app_bad_args_name_the_problem(run_config, args, message):
+    with pytest.raises(AppArgsError, match=message):
+        router_app({"config": str(run_config), **args})
+
+
+def test_a_changed_checkpoint_is_never_built(run_config):
+    model = run_config.parent / "run" / "generations" / "g1" / "model.pt"
+    model.write_bytes(model.read_bytes() + b"x")
+    with pytest.raises(Exception, match="refusing to serve it"):
+        generation_app({"config": str(run_config), "generation": "g1"})
+
+
+def test_wait_for_apps_polls_until_every_app_exists():
+    """Apps appear after 0, 2 and 3 polls; a fake clock makes it instant."""
+    appear_after = {"a": 0, "b": 2, "c": 3}
+    polls = {n: 0 for n in appear_after}
+    now = [0.0]
+
+    def lookup(name):
+        polls[name] += 1
+        if polls[name] <= appear_after[name]:
+            raise RuntimeError(f"Application '{name}' does not exist.")
+
+    async def sleep(s):
+        now[0] += s
+
+    asyncio.run(wait_for_apps(["a", "b", "c", "b"], 10, lookup, sleep, lambda: now[0]))
+    assert polls == {"a": 1, "b": 3, "c": 4} and now[0] == 3.0
+
+
+def test_wait_for_apps_times_out_naming_the_missing_app():
+    now = [0.0]
+
+    async def sleep(s):
+        now[0] += s
+
+    def lookup(name):
+        if name == "gone":
+            raise RuntimeError("does not exist")
+
+    with pytest.raises(TimeoutError, match=r"\['gone'\] did not appear within 5 s"):
+        asyncio.run(wait_for_apps(["here", "gone"], 5, lookup, sleep, lambda: now[0]))
+    assert now[0] == 5.0
