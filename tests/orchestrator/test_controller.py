@@ -352,3 +352,55 @@ def test_alert_webhook_over_http_rolls_back_the_named_candidate(env):
         json.dumps(st)
     finally:
         ctl.stop_http()
+
+
+# --- the operator CLI against the same registry ---------------------------------------------
+
+def _write_cfg(tmp_path):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path), "generations": [{"name": "g0"}, {"name": "g1"}],
+                                    "rollout": {"metrics_port": 0}}))
+    return str(path)
+
+
+def test_operator_commands_queue_audited_commands_and_refuse_bad_usage(env, tmp_path, capsys):
+    from orchestrator.cli import main
+
+    cfg, reg, router, source, r = env
+    path = _write_cfg(tmp_path)
+    assert main(["resume", path]) == 2                           # not paused
+    assert "not paused" in capsys.readouterr().err
+    assert main(["pause", path, "--candidate", "g7"]) == 2       # another candidate
+    with pytest.raises(SystemExit) as e:                         # --reason is required (argparse)
+        main(["rollback", path])
+    assert e.value.code == 2
+    capsys.readouterr()
+    assert main(["pause", path, "--actor", "erin", "--reason", "investigating", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["command"] == "pause" and out["actor"] == "erin" and out["outcome"] is None
+    ctl = Controller(cfg, reg, router, source)
+    assert ctl.tick().state == "paused"
+    assert main(["status", path, "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["rollout"]["state"] == "paused" and st["controller_running"] is False
+    assert any(e["action"] == "pause" and e["actor"] == "erin" and e["reason"] == "investigating"
+               for e in st["events"])
+    assert main(["status", path]) == 0
+    table = capsys.readouterr().out
+    assert "g1" in table and "paused" in table and "recent events" in table
+    assert main(["rollback", path, "--reason", "bad flips", "--actor", "erin"]) == 0
+    ctl.tick()
+    assert reg.rollout(r.id).state == "rolled_back"
+    capsys.readouterr()
+    assert main(["pause", path]) == 2                            # no active rollout any more
+    assert "no active rollout" in capsys.readouterr().err
+
+
+def test_commands_without_a_registry_exit_2(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    path = _write_cfg(tmp_path / "empty") if (tmp_path / "empty").mkdir() is None else None
+    assert main(["status", path]) == 2 and "no registry" in capsys.readouterr().err
+    assert main(["rollout", path, "--candidate", "nope"]) == 2

@@ -1,0 +1,122 @@
+"""Metric sources: counter arithmetic with resets, router status parsing, PromQL answers.
+
+PrometheusSource is checked here against canned HTTP answers (parsing and error paths);
+tests/integration/test_prometheus.py checks it against a real Prometheus server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from orchestrator.decision import Counts
+from orchestrator.sources import (PrometheusSource, RouterSource, SourceError, add, advance, counts_from_dict,
+                                  counts_from_status, counts_to_dict, promql_queries)
+
+
+def test_advance_takes_differences_and_treats_a_decrease_as_a_reset():
+    last = Counts(requests=100, labelled=80, negative_flips=3, latency_p99_ms=9.0)
+    assert advance(last, Counts(requests=130, labelled=100, negative_flips=4, latency_p99_ms=7.0)) == \
+        Counts(requests=30, labelled=20, negative_flips=1, latency_p99_ms=7.0)
+    # router restart: every counter from 0; 20 requests since -> (20, ...) never (-80, ...)
+    assert advance(last, Counts(requests=20, labelled=10, negative_flips=0)) == Counts(requests=20, labelled=10)
+    # one counter down is enough to call it a reset (a restart zeroes them all at once)
+    assert advance(last, Counts(requests=200, labelled=90, negative_flips=1)) == \
+        Counts(requests=200, labelled=90, negative_flips=1)
+    assert advance(None, Counts(requests=5, latency_p99_ms=3.0)) == Counts(latency_p99_ms=3.0)
+
+
+def test_counts_round_trip_and_add():
+    c = Counts(1, 2, 3, 4, 5, 6, 7.5)
+    assert counts_from_dict(json.loads(json.dumps(counts_to_dict(c)))) == c
+    assert counts_from_dict(None) is None
+    assert add(Counts(1, 0, 2, 1, 3, 1), Counts(2, 1, 2, 0, 1, 0), 4.0) == Counts(3, 1, 4, 1, 4, 1, 4.0)
+
+
+STATUS = {"production": "g0", "generations": {"g1": {
+    "counters": {"requests_primary": 7, "requests_shadow": 40, "errors": 1, "shadow_errors": 2,
+                 "shadow_timeouts": 3, "compared": 160, "disagreements": 9, "labelled": 150,
+                 "negative_flips": 3, "positive_flips": 5},
+    "latency": {"primary": {"n": 7, "p99_ms": 12.5}, "shadow": {"n": 40, "p99_ms": 7.9}}},
+    "g0": {"counters": {}, "latency": {}}}}
+
+
+def test_router_status_maps_to_candidate_counts():
+    # requests 7 + 40; errors 1 + 2 + 3; latency: primary p99 once it serves users
+    assert counts_from_status(STATUS, "g1") == Counts(47, 6, 160, 9, 150, 3, 12.5)
+    shadow_only = json.loads(json.dumps(STATUS))
+    shadow_only["generations"]["g1"]["latency"]["primary"] = {"n": 0, "p99_ms": None}
+    assert counts_from_status(shadow_only, "g1").latency_p99_ms == 7.9
+    with pytest.raises(SourceError, match="g9"):
+        counts_from_status(STATUS, "g9")
+
+
+def test_router_source_turns_router_failures_into_source_errors():
+    class Down:
+        def status(self):
+            raise ConnectionError("refused")
+
+    class Up:
+        def status(self):
+            return STATUS
+
+    with pytest.raises(SourceError, match="refused"):
+        RouterSource(Down()).read("g1")
+    assert RouterSource(Up()).read("g1").requests == 47
+
+
+def test_promql_names_the_candidate_and_refuses_injection():
+    q = promql_queries("g1", "30s")
+    assert q["requests"] == 'sum(ray_graceful_requests_total{generation="g1"})'
+    assert "[30s]" in q["latency_p99_ms"] and "histogram_quantile(0.99" in q["latency_p99_ms"]
+    with pytest.raises(SourceError):
+        promql_queries('g1"} or vector(1) or {x="', "1m")
+
+
+class _FakeProm(BaseHTTPRequestHandler):
+    answers: dict = {}
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        q = parse_qs(urlparse(self.path).query)["query"][0]
+        status, body = self.answers.get("*") or next(
+            ((s, b) for k, (s, b) in self.answers.items() if k in q), (200, _vec(0)))
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _vec(v):
+    return {"status": "success", "data": {"resultType": "vector", "result": [{"metric": {}, "value": [0, str(v)]}]}}
+
+
+@pytest.fixture
+def fake_prom():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeProm)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_prometheus_source_parses_answers_and_reports_gaps(fake_prom):
+    _FakeProm.answers = {"requests_total": (200, _vec(47)), "negative_flips": (200, _vec(3)),
+                         "labelled_samples": (200, _vec(150)), "histogram_quantile": (200, _vec("NaN"))}
+    c = PrometheusSource(fake_prom).read("g1")
+    assert (c.requests, c.labelled, c.negative_flips, c.latency_p99_ms) == (47, 150, 3, None)
+    _FakeProm.answers = {"*": (200, {"status": "success", "data": {"resultType": "vector", "result": []}})}
+    with pytest.raises(SourceError, match="no ray_graceful_requests_total"):
+        PrometheusSource(fake_prom).read("g1")
+    _FakeProm.answers = {"*": (400, {"status": "error", "error": "parse error"})}
+    with pytest.raises(SourceError, match="parse error"):
+        PrometheusSource(fake_prom).read("g1")
+    with pytest.raises(SourceError, match="unavailable"):
+        PrometheusSource("http://127.0.0.1:9", timeout_s=1).read("g1")
