@@ -109,6 +109,7 @@ def train_generation(cfg: RunConfig, name: str, log: Callable[[str], None] = pri
     """Train generation `name` on Ray Train (starting a local Ray if none is running).
 
     An interrupted run of the same config resumes from its last checkpoint unless `fresh`.
+    The trained generation is recorded in the registry (`orchestrator.registry.record_trained`).
     """
     import ray
 
@@ -119,4 +120,8 @@ def train_generation(cfg: RunConfig, name: str, log: Callable[[str], None] = pri
     if not ray.is_initialized():
         # Workers' progress comes through a queue; Ray's own worker logs stay in its log files.
         ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
-    return run_training(job, log)
+    result = run_training(job, log)
+    from orchestrator.registry import record_trained  # lineage, sha256, metrics; bootstraps production
+
+    record_trained(cfg, name, actor="train")
+    return result

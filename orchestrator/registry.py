@@ -709,3 +709,51 @@ class Registry:
         if limit is not None:
             sql, args = sql + " LIMIT ?", args + (int(limit),)
         return [self._event(r) for r in self._read(sql, args)][::-1]
+
+
+# --- recording what `graceful train` left in the run directory ------------------------------
+
+def record_trained(cfg: Any, name: str, actor: str = "train", registry: Optional[Registry] = None) -> GenerationRecord:
+    """Register generation `name` from its run-dir files (model.pt, metrics.json), after
+    registering any trained ancestor that is not registered yet (a run dir trained before
+    the registry existed). A retrained checkpoint replaces the record. When the chain has
+    no production generation, the first generation (no parent) becomes production,
+    audited as "bootstrap: first generation". Raises RegistryError when `name` is not
+    trained."""
+    from orchestrator.chain import generation_dir, read_metrics
+
+    reg = registry or Registry(registry_path(cfg))
+    try:
+        names = [g.name for g in cfg.generations]
+        if name not in names:
+            raise RegistryError(f"unknown generation {name!r}; known: {names}")
+        chain = names[: names.index(name) + 1]
+        record = None
+        for n in chain:
+            if n != name and reg.generation(n) is not None:
+                continue  # a registered ancestor is left as it is (its status may be production)
+            m = read_metrics(cfg, n)
+            if m is None:
+                if n == name:
+                    raise RegistryError(f"generation {name!r} is not trained (no model.pt and metrics.json under "
+                                        f"{generation_dir(cfg, name)}); run `graceful train CONFIG --generation {name}`")
+                continue  # an untrained ancestor: the chain is recorded from the trained ones
+            path = (generation_dir(cfg, n) / "model.pt").resolve()
+            actual = _sha256_file(path)
+            if actual != m.get("sha256"):
+                raise IntegrityError(f"checkpoint of {n!r} does not match its metrics.json: {path} has sha256 "
+                                     f"{actual}, metrics.json records {m.get('sha256')}; refusing to register it")
+            parent_spec = cfg.parent_of(n)
+            parent = parent_spec.name if parent_spec is not None and reg.generation(parent_spec.name) else None
+            kept = {k: v for k, v in m.items() if k != "history"}  # the per-step history stays in metrics.json
+            record = reg.add_generation(n, parent, cfg.generation(n).arch.type, str(m.get("config_hash", "")),
+                                        str(path), actual, kept, actor=actor, replace=True)
+        record = reg.generation(name)
+        assert record is not None
+        if reg.production() is None and reg.generation(names[0]) is not None:
+            reg.set_status(names[0], "production", actor, "bootstrap: first generation")
+            record = reg.generation(name)
+        return record
+    finally:
+        if registry is None:
+            reg.close()
