@@ -169,6 +169,7 @@ def main() -> None:
                     help="rollouts per ratio also run through decide() (must agree exactly)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "rollout_sim.json")
+    ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
     args = ap.parse_args()
     t_start = time.perf_counter()
 
@@ -205,10 +206,18 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"{'rule':<18}{'NFR/limit':>10}{'rollback':>10}{'promote':>9}{'undecided':>10}{'median labels':>15}")
-    for r in rows:
-        print(f"{r['rule']:<18}{r['true_nfr_ratio']:>10g}{100 * r['rollback_rate']:>9.1f}%"
-              f"{100 * r['promote_rate']:>8.1f}%{100 * r['undecided_rate']:>9.1f}%{r['median_labels']:>15,.0f}")
+    if args.markdown:
+        print("| rule | true NFR / limit | rollback | promote | undecided | median labels |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['rule']} | {r['true_nfr_ratio']:g}x | {100 * r['rollback_rate']:.1f} % "
+                  f"| {100 * r['promote_rate']:.1f} % | {100 * r['undecided_rate']:.1f} % "
+                  f"| {r['median_labels']:,.0f} |")
+    else:
+        print(f"{'rule':<18}{'NFR/limit':>10}{'rollback':>10}{'promote':>9}{'undecided':>10}{'median labels':>15}")
+        for r in rows:
+            print(f"{r['rule']:<18}{r['true_nfr_ratio']:>10g}{100 * r['rollback_rate']:>9.1f}%"
+                  f"{100 * r['promote_rate']:>8.1f}%{100 * r['undecided_rate']:>9.1f}%{r['median_labels']:>15,.0f}")
     print(f"fixed_threshold = fixed_n{meets[0] if meets else '(none meets the targets)'}; "
           f"{time.perf_counter() - t_start:.1f} s; wrote {args.out}")
 
