@@ -1,0 +1,344 @@
+"""deploy/ and config/ files: they load, promtool and amtool accept them, the alert rules
+fire on synthetic series, the RayService's Serve config is valid and matches the
+builders, and every metric the dashboard and the alert rules use is one the code exports."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import metric_names as controller_metrics
+from orchestrator.config import RolloutSpec, load_config
+from serving import metric_names as router_metrics
+from serving.refs import app_name_for
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+PROM = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "dashboard.json"
+ALERTMANAGER = DEPLOY / "alertmanager" / "alertmanager.yml"
+KNOWN_METRICS = set(router_metrics.EXPORTED) | set(controller_metrics.EXPORTED) | {"up"}
+
+# --- PromQL: which metric names an expression reads ------------------------------------
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_GRAFANA_VARS = re.compile(r"\$\{[^}]*\}|\$\w+")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_IDENT = re.compile(r"(?<![\w.:])[A-Za-z_:][\w:]*")
+_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
+             "group_right", "inf", "nan", "atan2", "start", "end"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names read by a PromQL expression (Grafana variables allowed).
+
+    Strips string literals, `{label matchers}`, `[ranges]` and grouping label lists; what is
+    left that is neither a function (followed by `(`) nor a keyword is a metric name.
+    """
+    s = _STRINGS.sub('""', expr)
+    s = _GRAFANA_VARS.sub("", s)
+    s = re.sub(r"\{[^}]*\}", " ", s)
+    s = re.sub(r"\[[^\]]*\]", " ", s)
+    s = _GROUPING.sub(" ", s)
+    names = set()
+    for m in _IDENT.finditer(s):
+        word = m.group(0)
+        if word.lower() in _KEYWORDS or re.match(r"\s*\(", s[m.end():]):
+            continue
+        names.add(word)
+    return names
+
+
+def dashboard_exprs(dash: dict) -> list[tuple[str, str]]:
+    """(where, PromQL) of every query in a Grafana dashboard: panel targets (rows' nested
+    panels too), annotation queries and query variables."""
+    out = []
+
+    def panels(ps):
+        for p in ps:
+            for t in p.get("targets", []):
+                if t.get("expr"):
+                    out.append((f"panel {p.get('title')!r}", t["expr"]))
+            panels(p.get("panels", []))
+
+    panels(dash.get("panels", []))
+    for a in dash.get("annotations", {}).get("list", []):
+        if a.get("expr"):
+            out.append((f"annotation {a.get('name')!r}", a["expr"]))
+    for v in dash.get("templating", {}).get("list", []):
+        if v.get("type") == "query":
+            q = v["query"]["query"] if isinstance(v.get("query"), dict) else v.get("query", "")
+            m = re.fullmatch(r"\s*label_values\((.*),\s*\w+\)\s*", q)
+            out.append((f"variable {v['name']!r}", m.group(1) if m else q))
+    return out
+
+
+def alert_exprs(rules: dict) -> list[tuple[str, str]]:
+    return [(r.get("alert") or r.get("record"), r["expr"]) for g in rules["groups"] for r in g["rules"]]
+
+
+def unknown_metrics(exprs: list[tuple[str, str]], known: set[str] = KNOWN_METRICS) -> list[str]:
+    """'where: name' for every metric name that no code exports."""
+    return [f"{where}: {name}" for where, expr in exprs for name in sorted(metric_names(expr) - known)]
+
+
+def test_metric_names_parser_on_hand_written_expressions():
+    assert metric_names('sum by (generation) (rate(ray_graceful_requests_total{role="shadow"}[5m]))') == {
+        "ray_graceful_requests_total"}
+    assert metric_names('histogram_quantile(0.99, sum by (le) (rate(ray_graceful_latency_ms_bucket'
+                        '{generation=~"$generation"}[$__rate_interval])))') == {"ray_graceful_latency_ms_bucket"}
+    assert metric_names('label_replace(a_total / on (x) group_left b > 0.02 and c offset 15m, "candidate", "$1", '
+                        '"generation", "(.+)")') == {"a_total", "b", "c"}
+    assert metric_names('up{job="graceful-controller"} == 0 or absent(up{job="graceful-controller"})') == {"up"}
+    assert metric_names("time() - graceful_controller_last_tick_timestamp_seconds > 1e3") == {
+        "graceful_controller_last_tick_timestamp_seconds"}
+    assert metric_names("sum(rate(x[1m])) by (generation) / sum without (replica) (y)") == {"x", "y"}
+
+
+def test_dashboard_and_alert_rules_use_only_exported_metric_names():
+    dash = json.loads(DASHBOARD.read_text())
+    rules = yaml.safe_load((PROM / "alerts.yml").read_text())
+    exprs = dashboard_exprs(dash) + alert_exprs(rules)
+    assert len(exprs) > 25  # every panel query, the annotation, the variable, every rule
+    assert unknown_metrics(exprs) == []
+    used = set().union(*(metric_names(e) for _, e in exprs))
+    # The dashboard and the alerts together cover the metrics an operator needs.
+    for name in ("ray_graceful_traffic_weight", "ray_graceful_negative_flips_total",
+                 "ray_graceful_labelled_samples_total", "ray_graceful_disagreements_total",
+                 "ray_graceful_latency_ms_bucket", "ray_graceful_requests_total", "ray_graceful_errors_total",
+                 "ray_graceful_shadow_timeouts_total", "graceful_rollout_state", "graceful_rollout_step",
+                 "graceful_rollout_candidate_weight", "graceful_rollout_decisions_total",
+                 "graceful_rollout_rollbacks_total", "graceful_controller_last_tick_timestamp_seconds", "up"):
+        assert name in used, name
+
+
+def test_a_misspelt_metric_in_a_panel_is_caught():
+    """The check fails on a copy of the real dashboard with one name misspelt (no `_total`,
+    the Ray prefix dropped, or one letter off), naming the panel and the name."""
+    dash = json.loads(DASHBOARD.read_text())
+    for wrong in ("ray_graceful_negative_flips", "graceful_negative_flips_total", "ray_graceful_negativ_flips_total"):
+        bad = copy.deepcopy(dash)
+        for p in bad["panels"]:
+            for t in p.get("targets", []):
+                t["expr"] = t["expr"].replace("ray_graceful_negative_flips_total", wrong)
+        problems = unknown_metrics(dashboard_exprs(bad))
+        assert problems and all(wrong in p for p in problems), problems
+        assert any("Live NFR" in p for p in problems)
+    rules = yaml.safe_load((PROM / "alerts.yml").read_text())
+    rules["groups"][1]["rules"][0]["expr"] = rules["groups"][1]["rules"][0]["expr"].replace(
+        "graceful_rollout_rollbacks_total", "graceful_rollout_rollback_total")
+    assert unknown_metrics(alert_exprs(rules)) == ["GracefulRollback: graceful_rollout_rollback_total"]
+
+
+def test_dashboard_is_a_grafana_dashboard_with_a_prometheus_datasource_variable():
+    dash = json.loads(DASHBOARD.read_text())
+    assert isinstance(dash["schemaVersion"], int) and dash["schemaVersion"] >= 36
+    assert dash["uid"] and dash["title"]
+    ds = [v for v in dash["templating"]["list"] if v["type"] == "datasource"]
+    assert len(ds) == 1 and ds[0]["query"] == "prometheus"
+    ref = "${%s}" % ds[0]["name"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    queries = [p for p in dash["panels"] if p["type"] != "row"]
+    assert len(queries) >= 15
+    for p in queries:
+        assert p["datasource"]["uid"] == ref, p["title"]
+        assert p["targets"] and all(t["expr"].strip() and t["refId"] for t in p["targets"]), p["title"]
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+    # Latency panels are quantiles over the histogram buckets, by generation.
+    lat = [t["expr"] for p in queries for t in p["targets"] if "latency_ms_bucket" in t["expr"]]
+    assert lat and all("histogram_quantile" in e and "generation" in e and "le" in e for e in lat)
+
+
+# --- Prometheus, Alertmanager ------------------------------------------------------------
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (Debian: apt-get install {'prometheus' if name == 'promtool' else 'prometheus-alertmanager'})")
+    return path
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_promtool_accepts_the_scrape_config_and_rules():
+    promtool = _tool("promtool")
+    r = _run(promtool, "check", "config", str(PROM / "prometheus.yml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _run(promtool, "check", "rules", str(PROM / "alerts.yml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS: 8 rules found" in r.stdout
+
+
+def test_alert_rules_fire_on_synthetic_series():
+    """deploy/prometheus/alerts_test.yml: the NFR alert fires for a 5 % candidate and not
+    for 0.5 % or under 500 labels; controller-down fires only during a rollout; stale
+    tick, shadow errors and rollbacks (new and existing counter series)."""
+    promtool = _tool("promtool")
+    r = _run(promtool, "test", "rules", str(PROM / "alerts_test.yml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_promtool_test_fails_when_a_rule_is_broken(tmp_path):
+    """The unit tests can fail: with the NFR threshold at 6 % the 5 % candidate stays quiet."""
+    promtool = _tool("promtool")
+    shutil.copy(PROM / "alerts_test.yml", tmp_path)
+    (tmp_path / "alerts.yml").write_text((PROM / "alerts.yml").read_text().replace("> 0.02", "> 0.06"))
+    r = _run(promtool, "test", "rules", str(tmp_path / "alerts_test.yml"))
+    assert r.returncode != 0 and "GracefulHighLiveNFR" in r.stdout + r.stderr
+
+
+def test_prometheus_config_wiring():
+    cfg = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    assert cfg["rule_files"] == ["alerts.yml"]
+    assert cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    assert set(jobs) == {"ray", "graceful-controller"}
+    port = RolloutSpec.model_fields["metrics_port"].default if "metrics_port" in RolloutSpec.model_fields else 9108
+    assert jobs["graceful-controller"]["static_configs"][0]["targets"] == [f"graceful-controller:{port}"]
+    srv = jobs["ray"]["dns_sd_configs"][0]["names"][0]
+    svc = next(yaml.safe_load_all((DEPLOY / "kuberay" / "metrics-service.yaml").read_text()))
+    assert srv.startswith(f"_metrics._tcp.{svc['metadata']['name']}.")
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["ports"][0]["name"] == "metrics"
+    # Every Ray pod exports its metrics on the port that Service selects.
+    for f in ("rayjob-train.yaml", "rayservice.yaml"):
+        for params in _ray_start_params(f):
+            assert params["metrics-export-port"] == str(svc["spec"]["ports"][0]["port"]), f
+
+
+def test_alertmanager_sends_rollback_alerts_to_the_controller_webhook_with_a_token():
+    cfg = yaml.safe_load(ALERTMANAGER.read_text())
+    receivers = {r["name"]: r for r in cfg["receivers"]}
+    route = next(r for r in cfg["route"]["routes"] if r["receiver"] == "graceful-controller")
+    assert route["matchers"] == ['action="rollback"']
+    hook = receivers["graceful-controller"]["webhook_configs"][0]
+    assert hook["url"].endswith("/v1/admin/alert") and hook["send_resolved"] is False
+    assert hook["http_config"]["authorization"]["credentials_file"]
+    rules = yaml.safe_load((PROM / "alerts.yml").read_text())
+    rollback = [r["alert"] for g in rules["groups"] for r in g["rules"] if r.get("labels", {}).get("action") == "rollback"]
+    assert rollback == ["GracefulHighLiveNFR"]
+
+
+def test_amtool_accepts_the_alertmanager_config_and_routes():
+    amtool = _tool("amtool")
+    r = _run(amtool, "check-config", str(ALERTMANAGER))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _run(amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER}",
+             "alertname=GracefulHighLiveNFR", "action=rollback", "candidate=g2")
+    assert r.returncode == 0 and set(r.stdout.split()[0].split(",")) == {"graceful-controller", "operators"}, r.stdout
+    r = _run(amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER}", "alertname=GracefulRollback")
+    assert r.returncode == 0 and r.stdout.split() == ["operators"], r.stdout
+
+
+# --- YAML files, KubeRay ----------------------------------------------------------------
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_run_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.generations
+
+
+DEPLOY_YAML = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+@pytest.mark.parametrize("path", DEPLOY_YAML, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_every_deploy_yaml_loads(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs and all(isinstance(d, dict) for d in docs)
+    if path.parent.name == "kuberay":
+        for d in docs:
+            assert d["apiVersion"] and d["kind"] and d["metadata"]["name"], path
+
+
+def _docs(name: str) -> list[dict]:
+    return list(yaml.safe_load_all((DEPLOY / "kuberay" / name).read_text()))
+
+
+def _cluster(name: str) -> dict:
+    doc = _docs(name)[0]
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]["rayClusterConfig"]
+
+
+def _ray_start_params(name: str) -> list[dict]:
+    c = _cluster(name)
+    return [c["headGroupSpec"]["rayStartParams"]] + [w["rayStartParams"] for w in c["workerGroupSpecs"]]
+
+
+def _pod_specs(name: str) -> list[dict]:
+    c = _cluster(name)
+    return [c["headGroupSpec"]["template"]["spec"]] + [w["template"]["spec"] for w in c["workerGroupSpecs"]]
+
+
+def test_rayjob_rayservice_and_controller_share_the_config_and_run_volume():
+    """One ConfigMap (key run.yaml) and one run volume for training, serving and the
+    controller; one image."""
+    specs = _pod_specs("rayjob-train.yaml") + _pod_specs("rayservice.yaml") + [
+        _docs("controller.yaml")[0]["spec"]["template"]["spec"]]
+    images = set()
+    for spec in specs:
+        vols = {v["name"]: v for v in spec["volumes"]}
+        assert vols["config"]["configMap"]["name"] == "graceful-config"
+        assert vols["runs"]["persistentVolumeClaim"]["claimName"] == "graceful-runs"
+        c = spec["containers"][0]
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        assert mounts == {"config": "/config", "runs": "/runs"}
+        images.add(c["image"])
+    assert len(images) == 1
+    assert _docs("rayjob-train.yaml")[0]["spec"]["entrypoint"].split()[:3] == ["graceful", "train", "/config/run.yaml"]
+    assert _docs("controller.yaml")[0]["spec"]["template"]["spec"]["containers"][0]["args"][:2] == [
+        "rollout", "/config/run.yaml"]
+    pvc = [d for d in _docs("rayjob-train.yaml") if d["kind"] == "PersistentVolumeClaim"]
+    assert pvc[0]["metadata"]["name"] == "graceful-runs" and pvc[0]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_rayservice_serve_config_is_valid_and_matches_the_builders():
+    """serveConfigV2 parses as Ray Serve's multi-application schema; each generation app
+    is named as the router looks it up (graceful-gen-<name>), every generation the router
+    serves has one, and the import paths resolve to the builders."""
+    from ray.serve.schema import ServeDeploySchema
+
+    svc = _docs("rayservice.yaml")[0]
+    assert svc["kind"] == "RayService"
+    serve_cfg = ServeDeploySchema.model_validate(yaml.safe_load(svc["spec"]["serveConfigV2"]))
+    assert serve_cfg.http_options.host == "0.0.0.0" and serve_cfg.http_options.port == 8000
+    apps = {a.name: a for a in serve_cfg.applications}
+    routers = [a for a in apps.values() if a.import_path.endswith(":router_app")]
+    assert len(routers) == 1 and routers[0].route_prefix == "/" and routers[0].name == "graceful"
+    gens = {a.args["generation"]: a for a in apps.values() if a.import_path.endswith(":generation_app")}
+    for gen, app in gens.items():
+        assert app.name == app_name_for(gen) and app.route_prefix is None
+    served = [routers[0].args["production"], *routers[0].args.get("candidates", [])]
+    assert set(served) == set(gens)
+    demo = load_config(ROOT / "config" / "demo.yaml")
+    assert set(served) <= {g.name for g in demo.generations}
+    for app in apps.values():
+        assert app.args["config"] == "/config/run.yaml"
+        module, attr = app.import_path.split(":")
+        assert callable(getattr(importlib.import_module(module), attr))
+    # Serve's HTTP port and Ray's metrics port are open on every Ray pod.
+    for spec in _pod_specs("rayservice.yaml"):
+        ports = {p["name"]: p["containerPort"] for p in spec["containers"][0]["ports"]}
+        assert ports["serve"] == 8000 and ports["metrics"] == 8080
+
+
+def test_dockerfile_installs_the_package_and_copies_what_it_needs():
+    text = (DEPLOY / "Dockerfile").read_text()
+    for d in ("orchestrator", "workers", "serving", "config"):
+        assert f"COPY --chown=ray:users {d} ./{d}" in text
+    assert "pip install --no-cache-dir ." in text and 'ENTRYPOINT ["graceful"]' in text
+    assert re.search(r"EXPOSE .*\b9108\b", text) and re.search(r"EXPOSE .*\b8000\b", text)
+    base = re.search(r"ARG BASE=rayproject/ray:([\d.]+)-", text).group(1)
+    import ray
+
+    assert base == ray.__version__ == _cluster("rayservice.yaml")["rayVersion"] == _cluster("rayjob-train.yaml")["rayVersion"]
