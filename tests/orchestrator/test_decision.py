@@ -193,3 +193,20 @@ def test_decision_is_a_frozen_dataclass_with_json_stats():
         assert key in stats
     with pytest.raises(Exception):
         d.kind = "promote"  # type: ignore[misc]
+
+
+def test_benchmark_vectorised_rule_is_decide():
+    """benchmarks/rollout_sim.py computes `ours` vectorised; replayed through decide() the
+    same draws must give the same decision at the same label count, rollout by rollout
+    (with and without the disagreement route)."""
+    from benchmarks import rollout_sim as sim
+
+    gate = RolloutSpec(nfr_limit=sim.LIMIT, shadow_bake_seconds=0,
+                       steps=[RolloutStep(weight=1.0, bake_seconds=0, min_requests=0, min_labels=0)])
+    rng = np.random.default_rng(3)
+    for ratio, disagree in ((0.5, False), (1.0, True), (2.0, False), (0.5, True)):
+        flips, dis = sim.draw(rng, 40, ratio, disagree)
+        kind, labels = sim.ours_vectorised(flips, dis, gate)
+        k2, l2 = sim.ours_through_decide(flips, dis, gate, steps=False)
+        assert np.array_equal(kind, k2) and np.array_equal(labels, l2)
+        assert set(kind) <= {-1, 0, 1} and labels.min() >= sim.TICK_LABELS
