@@ -23,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "orchestrator.cli",
     "orchestrator.cli_train",
     "orchestrator.cli_serve",
+    "orchestrator.cli_registry",
     "orchestrator.cli_rollout",
 ]
 
