@@ -30,7 +30,8 @@ Rules.
   promote rate at 2x are both <= 5 %.
 
 Run: .venv/bin/python -m benchmarks.rollout_sim   (about 10 s on 2 cores)
-Writes benchmarks/results/rollout_sim.json and prints a table.
+Writes benchmarks/results/rollout_sim.json (and .png: the operating characteristic of
+`ours` and `fixed_threshold` on a finer grid of true NFRs) and prints a table.
 """
 
 from __future__ import annotations
@@ -162,6 +163,39 @@ def fixed_rule(rng: np.random.Generator, n_rollouts: int, ratio: float, interval
     return kind, np.where(kind == 0, MAX_LABELS, (first + 1) * interval)
 
 
+def plot(path: Path, gate: RolloutSpec, interval: int, n: int, seed: int) -> None:
+    """Operating characteristic on a fine grid of true NFRs: P(promote) and median labels
+    of `ours` and the tuned fixed rule (vectorised paths only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.round(np.arange(0.25, 4.01, 0.25), 2)
+    curves = {"ours (SPRT, Ville bounds)": [], f"fixed_threshold (N = {interval})": []}
+    for ratio in grid:
+        kind, labels = ours_vectorised(*draw(_rng(seed, "plot", ratio), n, ratio, False), gate)
+        curves["ours (SPRT, Ville bounds)"].append((np.mean(kind == -1), np.median(labels)))
+        kind, labels = fixed_rule(_rng(seed, "plotfixed", ratio), n, ratio, interval)
+        curves[f"fixed_threshold (N = {interval})"].append((np.mean(kind == -1), np.median(labels)))
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, pts in curves.items():
+        pts = np.array(pts)
+        ax[0].plot(grid, 100 * pts[:, 0], marker="o", ms=3, label=name)
+        ax[1].plot(grid, pts[:, 1], marker="o", ms=3, label=name)
+    for x, y in ((0.5, 95), (2.0, 5)):
+        ax[0].plot([x], [y], "k+", ms=12)
+    ax[0].axvspan(0.5, 2.0, color="0.92")
+    ax[0].set(xlabel="true NFR / limit", ylabel="promoted (%)",
+              title="P(promote); + = targets, grey = indifference zone")
+    ax[1].set(xlabel="true NFR / limit", ylabel="median labels to a decision", title="labels needed")
+    ax[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rollouts", type=int, default=1000)
@@ -170,6 +204,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "rollout_sim.json")
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    ap.add_argument("--no-png", action="store_true", help="skip the operating-characteristic figure")
     args = ap.parse_args()
     t_start = time.perf_counter()
 
@@ -206,6 +241,8 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    if meets and not args.no_png:
+        plot(args.out.with_suffix(".png"), gate, meets[0], args.rollouts, args.seed)
     if args.markdown:
         print("| rule | true NFR / limit | rollback | promote | undecided | median labels |")
         print("|---|---:|---:|---:|---:|---:|")
