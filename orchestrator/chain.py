@@ -9,6 +9,7 @@ compatibility is not transitive.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -33,6 +34,24 @@ def read_metrics(cfg: RunConfig, name: str) -> Optional[dict]:
     if not (d / "model.pt").is_file() or not (d / "metrics.json").is_file():
         return None
     return json.loads((d / "metrics.json").read_text())
+
+
+def training_hash(cfg: RunConfig, name: str) -> str:
+    """sha256 of what determines generation `name`'s weights: the data, the gallery model
+    and the specs of `name` and every generation before it (its constraints). Serving,
+    rollout, gates, scaling and run_dir are left out, so changing them never retrains
+    (DDP over any number of workers trains on the same global batches)."""
+    names = [g.name for g in cfg.generations]
+    prefix = cfg.generations[: names.index(name) + 1]
+    blob = {"data": cfg.data.model_dump(mode="json"), "gallery": cfg.gallery,
+            "generations": [g.model_dump(mode="json") for g in prefix]}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def trained_with_this_config(cfg: RunConfig, name: str) -> Optional[dict]:
+    """metrics.json of `name` when it was trained with what this config says, else None."""
+    m = read_metrics(cfg, name)
+    return m if m is not None and m.get("training_hash") == training_hash(cfg, name) else None
 
 
 def next_untrained(cfg: RunConfig) -> Optional[str]:
@@ -98,9 +117,10 @@ def build_job(cfg: RunConfig, name: str, verbose: bool = True) -> TrainJob:
         generation=gen, data=cfg.data, scaling=cfg.scaling,
         out_dir=str(generation_dir(cfg, name).resolve()),
         storage_path=cfg.scaling.storage_path or str(run_dir / "ray"),
-        # The config hash in the name: a changed config never resumes a stale run.
-        run_name=f"{name}-{cfg.config_hash()[:10]}",
-        config_hash=cfg.config_hash(), production=production, bct=bct, verbose=verbose,
+        # The training hash in the name: a changed recipe never resumes a stale run.
+        run_name=f"{name}-{training_hash(cfg, name)[:10]}",
+        config_hash=cfg.config_hash(), training_hash=training_hash(cfg, name),
+        production=production, bct=bct, verbose=verbose,
     )
 
 

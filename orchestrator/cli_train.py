@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from orchestrator.chain import ChainError, embed_dim_problems, next_untrained, read_metrics, train_generation
+from orchestrator.chain import (ChainError, embed_dim_problems, next_untrained, read_metrics, train_generation,
+                                trained_with_this_config)
 from orchestrator.cli import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
 
 
@@ -22,8 +23,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     problems = embed_dim_problems(cfg, name)
     if problems:
         raise UsageError(f"{args.config}: " + "; ".join(problems))
-    done = read_metrics(cfg, name)
-    if done is not None and done.get("config_hash") == cfg.config_hash() and not args.force:
+    done = trained_with_this_config(cfg, name)
+    if done is not None and not args.force:
         emit(done, args.json, lambda m: f"{name} is trained already with this config "
                                         f"(test_acc {m.get('test_accuracy', float('nan')):.4f}); --force retrains")
         return EXIT_OK

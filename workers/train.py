@@ -59,6 +59,7 @@ class TrainJob:
     storage_path: str  # Ray Train storage (local path or URI)
     run_name: str  # stable per (generation, config): a rerun resumes the same run
     config_hash: str = ""  # of the run config, recorded for lineage
+    training_hash: str = ""  # of what determines the weights: a rerun with the same one is not retrained
     production: Optional[ConstraintModel] = None  # Focal Distillation target; LQF parent
     bct: tuple[ConstraintModel, ...] = ()
     # Tests only: SIGKILL one worker once at this step (a marker file makes it once).
@@ -341,7 +342,7 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
     last = history[-1] if history else {}
     metrics = {
         "name": gen.name, "parent": meta["parent"], "sha256": sha, "recipe": gen.recipe,
-        "config_hash": job.config_hash,
+        "config_hash": job.config_hash, "training_hash": job.training_hash,
         "train_seconds": round(time.time() - t_start, 2), "val_accuracy": last.get("val_accuracy"),
         "test_accuracy": accuracy(model, ds.test), "history": history,
         "resumed_from_step": next((h["resumed_from_step"] for h in history if h.get("resumed_from_step")), None),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.chain import ChainError, build_job, constraint_names, next_untrained
+from orchestrator.chain import ChainError, build_job, constraint_names, next_untrained, training_hash
 from orchestrator.cli import main
 from orchestrator.config import parse_config
 
@@ -58,7 +58,7 @@ def test_ray_storage_defaults_to_the_run_dir_and_takes_a_uri(tmp_path):
     cfg = _cfg(tmp_path)
     job = build_job(cfg, "g0")
     assert job.storage_path == str(tmp_path.resolve() / "ray")
-    assert job.run_name == f"g0-{cfg.config_hash()[:10]}"
+    assert job.run_name == f"g0-{training_hash(cfg, 'g0')[:10]}"
     uri = parse_config({"run_dir": str(tmp_path), "generations": [{"name": "g0"}],
                         "scaling": {"storage_path": "s3://bucket/graceful"}})
     assert build_job(uri, "g0").storage_path == "s3://bucket/graceful"
@@ -77,3 +77,21 @@ def test_bct_against_another_embedding_size_is_a_config_error(tmp_path, capsys):
         build_job(cfg, "g1")
     assert main(["train", str(p), "--generation", "g1"]) == 2
     assert "BCT against 'g0' needs 64" in capsys.readouterr().err
+
+
+def test_training_hash_covers_what_determines_the_weights_only(tmp_path):
+    base = {"run_dir": str(tmp_path), "generations": [{"name": "g0"}, {"name": "g1"}]}
+    cfg = parse_config(base)
+    h0, h1 = training_hash(cfg, "g0"), training_hash(cfg, "g1")
+    assert h0 != h1
+    # Serving, rollout, gates, scaling and run_dir never force a retrain.
+    other = parse_config({**base, "run_dir": str(tmp_path / "x"), "serving": {"port": 9001},
+                          "rollout": {"nfr_limit": 0.05}, "gates": {"max_nfr": 0.5}, "scaling": {"num_workers": 1}})
+    assert (training_hash(other, "g0"), training_hash(other, "g1")) == (h0, h1)
+    # A later generation's recipe changes only its own hash; an earlier one's changes both
+    # (it is among the later one's constraints).
+    g1_lr = parse_config({**base, "generations": [{"name": "g0"}, {"name": "g1", "train": {"lr": 0.01}}]})
+    assert (training_hash(g1_lr, "g0"), training_hash(g1_lr, "g1") != h1) == (h0, True)
+    g0_lr = parse_config({**base, "generations": [{"name": "g0", "train": {"lr": 0.01}}, {"name": "g1"}]})
+    assert training_hash(g0_lr, "g0") != h0 and training_hash(g0_lr, "g1") != h1
+    assert training_hash(parse_config({**base, "data": {"seed": 3}}), "g0") != h0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from orchestrator.chain import training_hash
 from orchestrator.cli import main
 from orchestrator.config import load_config
 
@@ -15,18 +16,18 @@ def _config(tmp_path):
     return p
 
 
-def _fake_trained(cfg, name, config_hash):
+def _fake_trained(cfg, name, training_hash):
     d = cfg.run_dir / "generations" / name
     d.mkdir(parents=True)
     (d / "model.pt").write_bytes(b"not read by this command")
-    (d / "metrics.json").write_text(json.dumps({"name": name, "config_hash": config_hash,
+    (d / "metrics.json").write_text(json.dumps({"name": name, "training_hash": training_hash,
                                                 "test_accuracy": 0.5, "sha256": "0" * 64}))
 
 
 def test_trained_generation_is_not_retrained(tmp_path, capsys):
     path = _config(tmp_path)
     cfg = load_config(str(path))
-    _fake_trained(cfg, "g0", cfg.config_hash())
+    _fake_trained(cfg, "g0", training_hash(cfg, "g0"))
     assert main(["train", str(path), "--generation", "g0"]) == 0
     assert "g0 is trained already with this config (test_acc 0.5000)" in capsys.readouterr().out
     assert main(["train", str(path), "--generation", "g0", "--json"]) == 0
@@ -37,6 +38,15 @@ def test_every_generation_trained(tmp_path, capsys):
     path = _config(tmp_path)
     cfg = load_config(str(path))
     for name in ("g0", "g1"):
-        _fake_trained(cfg, name, cfg.config_hash())
+        _fake_trained(cfg, name, training_hash(cfg, name))
     assert main(["train", str(path)]) == 0
     assert "every generation" in capsys.readouterr().out
+
+
+def test_changing_serving_or_rollout_does_not_retrain(tmp_path, capsys):
+    path = _config(tmp_path)
+    cfg = load_config(str(path))
+    _fake_trained(cfg, "g0", training_hash(cfg, "g0"))
+    path.write_text(path.read_text() + "serving: {port: 9002}\nrollout: {nfr_limit: 0.03}\n")
+    assert main(["train", str(path), "--generation", "g0"]) == 0
+    assert "g0 is trained already with this config" in capsys.readouterr().out
