@@ -156,8 +156,6 @@ def _invalid(c: Counts) -> Optional[str]:
         return f"disagreements {c.disagreements} > compared {c.compared}"
     if c.negative_flips > c.labelled:
         return f"negative_flips {c.negative_flips} > labelled {c.labelled}"
-    if c.latency_p99_ms is not None and not (c.latency_p99_ms >= 0):
-        return f"latency_p99_ms {c.latency_p99_ms}"
     return None
 
 
@@ -212,8 +210,13 @@ def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: Roll
         "step_requests": float(s.requests), "step_labelled": float(s.labelled),
         "step_elapsed_s": float(obs.step_elapsed_s),
     }
-    if s.latency_p99_ms is not None:
-        stats["latency_p99_ms"] = float(s.latency_p99_ms)
+    # NaN (Prometheus' histogram_quantile over no data) or a negative value is unknown,
+    # like None: it disables the latency check without making the whole tick inconclusive.
+    latency = s.latency_p99_ms
+    if latency is not None and not (0 <= latency < math.inf):
+        latency = None
+    if latency is not None:
+        stats["latency_p99_ms"] = float(latency)
     # JSON has no infinity: an error LLR of inf (limit 0) is stored as +-1e9.
     stats = {k: max(-1e9, min(1e9, v)) for k, v in stats.items()}
 
@@ -224,9 +227,8 @@ def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: Roll
     if s.errors >= min_errors and llr_err >= math.log(1.0 / policy.false_rollback_rate):
         return Decision(ROLLBACK, f"error rate {s.errors}/{s.requests} = {error_rate:.4f} shown above "
                         f"the limit {policy.error_rate_limit:g}: LLR {llr_err:.2f}", stats)
-    if (s.latency_p99_ms is not None and s.requests >= min_latency_requests
-            and s.latency_p99_ms > policy.latency_p99_ms):
-        return Decision(ROLLBACK, f"p99 latency {s.latency_p99_ms:.1f} ms > {policy.latency_p99_ms:g} ms "
+    if latency is not None and s.requests >= min_latency_requests and latency > policy.latency_p99_ms:
+        return Decision(ROLLBACK, f"p99 latency {latency:.1f} ms > {policy.latency_p99_ms:g} ms "
                         f"over {s.requests} step requests", stats)
 
     waiting = []

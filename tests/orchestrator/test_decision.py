@@ -120,6 +120,9 @@ def test_latency_rollback_needs_min_requests_and_a_known_value():
     assert decide(obs(labelled=99, latency=600.0), STEP, POLICY).kind == "hold"
     assert decide(obs(labelled=300, latency=None), STEP, POLICY).kind == "promote"
     assert decide(obs(labelled=300, latency=500.0), STEP, POLICY).kind == "promote"
+    # NaN (histogram_quantile over no data) is unknown, not a breach and not a broken tick.
+    d = decide(obs(labelled=300, latency=float("nan")), STEP, POLICY)
+    assert d.kind == "promote" and "latency_p99_ms" not in d.stats
 
 
 def test_disagreement_promotes_before_labels_but_never_rolls_back():
