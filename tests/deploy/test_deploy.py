@@ -224,8 +224,15 @@ def test_prometheus_config_wiring():
     assert cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     assert set(jobs) == {"ray", "graceful-controller"}
-    port = RolloutSpec.model_fields["metrics_port"].default if "metrics_port" in RolloutSpec.model_fields else 9108
+    # The controller's endpoint (metrics and webhook) on its default port, everywhere.
+    port = RolloutSpec.model_fields["metrics_port"].default
     assert jobs["graceful-controller"]["static_configs"][0]["targets"] == [f"graceful-controller:{port}"]
+    hook = yaml.safe_load(ALERTMANAGER.read_text())["receivers"][0]["webhook_configs"][0]["url"]
+    assert hook == f"http://graceful-controller:{port}/v1/admin/alert"
+    job, service = _docs("controller.yaml")
+    assert service["metadata"]["name"] == "graceful-controller" and service["spec"]["ports"][0]["port"] == port
+    assert job["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] == port
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
     srv = jobs["ray"]["dns_sd_configs"][0]["names"][0]
     svc = next(yaml.safe_load_all((DEPLOY / "kuberay" / "metrics-service.yaml").read_text()))
     assert srv.startswith(f"_metrics._tcp.{svc['metadata']['name']}.")
