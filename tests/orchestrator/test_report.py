@@ -1,0 +1,42 @@
+"""The per-candidate report: markdown with four PNG plots, numbers matching the evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from orchestrator.config import load_config
+from orchestrator.evaluate import evaluate
+from orchestrator.registry import Registry, registry_path
+from orchestrator.report import chain_summary, plot_compat, write_report
+from tests.orchestrator.test_evaluate import make_chain
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_files_and_contents(tmp_path):
+    path = make_chain(tmp_path)
+    cfg = load_config(path)
+    ev = evaluate(cfg, "g2", n_boot=50)
+    with Registry(registry_path(cfg)) as reg:
+        md = write_report(cfg, ev, reg)
+        summary = chain_summary(cfg, reg)
+    assert md == cfg.run_dir / "reports" / "g2.md"
+    text = md.read_text()
+    assert text.startswith("# g2: offline gate against g0 -- FAIL")
+    for kind in ("flips", "class-nfr", "chain", "compat"):
+        png = md.parent / f"g2-{kind}.png"
+        assert png.read_bytes()[:8] == PNG and png.stat().st_size > 5000
+        assert f"]({png.name})" in text
+    assert f"{ev.metrics['nfr'] * 100:.2f}%" in text and "Lineage: g0 -> g1 -> g2" in text
+    # chain rows: every trained generation, NFR against its parent (none for g0)
+    assert [(r["name"], r["parent"]) for r in summary["rows"]] == [("g0", None), ("g1", "g0"), ("g2", "g1")]
+    m = np.asarray(summary["compat"])
+    assert m.shape == (3, 3) and np.all((m >= 0) & (m <= 1))
+    # each model retrieves best from its own gallery
+    assert all(m[i, i] >= m[i].max() - 0.05 for i in range(3))
+
+
+def test_compat_plot_marks_incomparable_pairs(tmp_path):
+    m = np.array([[0.9, np.nan], [np.nan, 0.8]])
+    plot_compat(["a", "b"], m, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:8] == PNG
