@@ -1,9 +1,9 @@
 """Train a tiny chain on scikit-learn digits in this process, evaluate it and write the
 sample report committed under docs/sample-report/ (issue 7).
 
-Three generations like config/quick.yaml: g0; g1 wider, trained with BCT and Focal
-Distillation against g0 (meant to pass the gate); g2 trained on 40% noisy labels (meant
-to fail it). Training is the single-process `workers.training.fit` with the same
+Three generations like config/quick.yaml: g0 on 10% of the training pool; g1 wider, on
+all of it, trained with BCT (weight 2) and Focal Distillation against g0 (it passes the
+gate, BCT criterion included); g2 trained on 40% noisy labels (it fails). Training is the single-process `workers.training.fit` with the same
 compatibility terms the Ray Train workers add (`train_in_process`, a drop-in for
 `workers.train.run_training` that writes the same model.pt and metrics.json), so this
 needs no Ray; then `graceful evaluate` records and reports as usual.
@@ -37,11 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CONFIG = {
     "data": {"source": "digits", "seed": 0, "test_fraction": 0.3, "val_fraction": 0.1},
     "generations": [
-        {"name": "g0", "train_fraction": 0.3, "arch": {"type": "mlp", "width": 32, "depth": 2, "embed_dim": 32},
+        {"name": "g0", "train_fraction": 0.1, "arch": {"type": "mlp", "width": 32, "depth": 2, "embed_dim": 32},
          "train": {"steps": 200, "batch_size": 64, "eval_every": 100}},
         {"name": "g1", "arch": {"type": "mlp", "width": 64, "depth": 2, "embed_dim": 32},
          "train": {"steps": 300, "batch_size": 64, "eval_every": 100, "seed": 1},
-         "compat": {"bct": {"weight": 1.0}, "focal_distillation": {"weight": 1.0}}},
+         "compat": {"bct": {"weight": 2.0}, "focal_distillation": {"weight": 1.0}}},
         {"name": "g2", "label_noise": 0.4, "arch": {"type": "mlp", "width": 64, "depth": 2, "embed_dim": 32},
          "train": {"steps": 300, "batch_size": 64, "eval_every": 100, "seed": 2}},
     ],
