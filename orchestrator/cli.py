@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "orchestrator.cli_serve",
     "orchestrator.cli_registry",
     "orchestrator.cli_rollout",
+    "orchestrator.cli_demo",
 ]
 
 

@@ -1,0 +1,366 @@
+"""`graceful demo`: the whole lifecycle of a chain on one machine, as a new user first meets it.
+
+Stages (each prints progress):
+  1. train every generation of the chain on Ray Train (resuming what is trained already);
+  2. serve the first generation as production on Ray Serve, with the retrieval gallery its
+     embeddings fill (never re-indexed), under simulated live traffic whose labels arrive
+     later by request id;
+  3. for each later generation: the offline gate against production (and its report); a
+     candidate that passes (or whose gate is `advisory`) joins as a shadow and the rollout
+     controller moves it through the canary steps to promoted, or rolls it back;
+  4. a summary table and `run_dir/summary.json`.
+
+Side effects stay here and in the modules it drives; the demo adds no logic of its own
+beyond sequencing, so what it shows is what `graceful train / evaluate / serve / rollout`
+do one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from orchestrator.config import RunConfig
+
+OUTCOMES = ("promoted", "rolled_back", "rejected")
+
+
+class DemoInterrupted(Exception):
+    """The operator stopped the demo (Ctrl-C or SIGTERM)."""
+
+
+@dataclass
+class GenerationSummary:
+    name: str
+    error: float
+    nfr: Optional[float]  # offline NFR against the production model it was compared with
+    outcome: str  # promoted | rolled_back | rejected
+    against: Optional[str] = None
+    top1_vs_gallery: Optional[float] = None  # M(this generation, gallery generation)
+    live_nfr: Optional[float] = None
+    live_labelled: Optional[int] = None
+    gate_passed: Optional[bool] = None
+    reasons: list[str] = field(default_factory=list)
+    report: Optional[str] = None
+
+
+def _check(stop: threading.Event) -> None:
+    if stop.is_set():
+        raise DemoInterrupted()
+
+
+def _stage(log: Callable[[str], None], text: str) -> None:
+    log(f"\n== {text}")
+
+
+def train_chain(cfg: RunConfig, log: Callable[[str], None], stop: threading.Event) -> None:
+    """Train every untrained generation in order (a trained one is kept: reruns resume)."""
+    from orchestrator.chain import train_generation, trained_with_this_config
+
+    for gen in cfg.generations:
+        _check(stop)
+        m = trained_with_this_config(cfg, gen.name)
+        if m is not None:
+            log(f"[{gen.name}] trained already (test accuracy {m.get('test_accuracy', float('nan')):.4f}); kept")
+            continue
+        t0 = time.perf_counter()
+        res = train_generation(cfg, gen.name, log=log)
+        log(f"[{gen.name}] trained in {time.perf_counter() - t0:.1f}s: test accuracy "
+            f"{res.metrics.get('test_accuracy', float('nan')):.4f}")
+
+
+def live_retrieval_top1(client, x: np.ndarray, y: np.ndarray, rows_per_request: int = 32) -> tuple[float, str]:
+    """Top-1 of `/v1/search` over (x, y): queries embedded by the generation that serves
+    them, searched in the gallery built once by the gallery generation."""
+    hits, served = 0, set()
+    for i in range(0, len(x), rows_per_request):
+        r = client.search(x[i:i + rows_per_request].tolist(), k=1)
+        served.add(r["generation"])
+        hits += int(sum(int(labels[0]) == int(t) for labels, t in zip(r["labels"], y[i:i + rows_per_request])))
+    return hits / max(1, len(x)), ",".join(sorted(served))
+
+
+def format_summary(rows: list[GenerationSummary], wall_s: float) -> str:
+    """The table printed at the end (rates in %)."""
+    def pct(v: Optional[float]) -> str:
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    head = ["generation", "error %", "NFR % vs prod", "live NFR %", "M(gk, gallery) %", "outcome"]
+    body = [[r.name, pct(r.error), pct(r.nfr) + (f" (vs {r.against})" if r.against else ""), pct(r.live_nfr),
+             pct(r.top1_vs_gallery), r.outcome] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    lines.append(f"wall time {wall_s:.1f}s")
+    return "\n".join(lines)
+
+
+def write_summary(cfg: RunConfig, rows: list[GenerationSummary], wall_s: float) -> Path:
+    """run_dir/summary.json: one entry per generation and the wall time."""
+    path = Path(cfg.run_dir) / "summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"generations": [asdict(r) for r in rows], "wall_seconds": round(wall_s, 2)}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def reset_run_dir(cfg: RunConfig) -> None:
+    """Start over: remove the run directory (only one that looks like ours)."""
+    run = Path(cfg.run_dir)
+    if not run.exists():
+        return
+    ours = (run / "generations").is_dir() or (run / "registry.sqlite").exists() or not any(run.iterdir())
+    if not ours:
+        raise RuntimeError(f"--fresh: {run} does not look like a graceful run directory; not removing it")
+    shutil.rmtree(run)
+
+
+class LiveTraffic:
+    """Simulated users in a background thread: predict requests over HTTP with labels
+    posted `label_delay_s` later by request id (orchestrator.traffic), until stopped."""
+
+    def __init__(self, url: str, x: np.ndarray, y: np.ndarray, rate_per_s: float, max_seconds: float,
+                 max_requests: int = 100_000, seed: int = 0):
+        from orchestrator.traffic import TrafficGenerator
+
+        self.gen = TrafficGenerator(url, x, y, rows_per_request=8, concurrency=2, label_delay_s=0.5, seed=seed)
+        self.stop = threading.Event()
+        self._args = (max_requests, max_seconds, self.stop, rate_per_s)
+        self.thread = threading.Thread(target=self.gen.run, args=self._args, name="demo-traffic", daemon=True)
+
+    def __enter__(self) -> "LiveTraffic":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=15)
+
+
+def _live_counts(client, candidate: str) -> tuple[Optional[float], int]:
+    c = client.status()["generations"].get(candidate, {}).get("counters", {})
+    labelled = int(c.get("labelled", 0))
+    return (c.get("negative_flips", 0) / labelled if labelled else None), labelled
+
+
+def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, log: Callable[[str], None],
+             stop: threading.Event, max_seconds: float) -> str:
+    """Attach `candidate` as a shadow and let the controller take it to a final state.
+    Returns the final rollout state (promoted | rolled_back), or raises DemoInterrupted."""
+    from orchestrator.chain import generation_dir, read_metrics
+    from orchestrator.controller import Controller, start_rollout
+    from orchestrator.sources import RouterSource
+    from serving import deploy
+    from serving.refs import ModelRef
+
+    m = read_metrics(cfg, candidate)
+    ref = ModelRef(candidate, str(generation_dir(cfg, candidate) / "model.pt"), m["sha256"])
+    deploy.add_generation(ref, cfg.serving, shadow=True)
+    log(f"[{candidate}] deployed beside {production} as a shadow: it sees every request, answers none")
+    source = RouterSource(client)
+    r = start_rollout(registry, source, candidate, production, actor="demo",
+                      reason="offline gate passed" if m else "")
+    ctl = Controller(cfg, registry, client, source, rollout_id=r.id)
+    t0 = time.monotonic()
+    last_print = [0.0]
+
+    def on_tick(res) -> None:
+        now = time.monotonic()
+        if res.transition or res.decision in ("rollback", "error") or now - last_print[0] >= 5:
+            last_print[0] = now
+            nfr, labelled = _live_counts(client, candidate)
+            live = f"live NFR {100 * nfr:.2f}% of {labelled} labelled" if nfr is not None else "no labels yet"
+            move = f"  [{res.transition}]" if res.transition else ""
+            log(f"[{candidate}] {now - t0:5.1f}s {res.state} step {res.step} weight {res.weight or 0:.2f}: "
+                f"{res.decision} ({live}){move}")
+
+    last = ctl.run(stop, on_tick=on_tick, max_seconds=max_seconds)
+    _check(stop)
+    state = last.state if last is not None else None
+    if state not in ("promoted", "rolled_back"):
+        raise RuntimeError(f"rollout of {candidate} did not finish within {max_seconds:.0f}s (state {state}); "
+                           f"raise --rollout-seconds or lower rollout.steps[].min_labels")
+    # Free the CPU of the generation that no longer serves.
+    deploy.remove_generation(production if state == "promoted" else candidate)
+    return state
+
+
+def archive_registry(cfg: RunConfig, log: Callable[[str], None]) -> None:
+    """The demo replays the whole lifecycle on every run: trained checkpoints are reused,
+    but the rollout history starts over. The previous registry is kept, renamed."""
+    from orchestrator.registry import registry_path
+
+    path = registry_path(cfg)
+    if path.exists():
+        dest = path.with_name(f"registry-{time.strftime('%Y%m%d-%H%M%S')}.sqlite")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(path) + suffix)
+            if src.exists():
+                src.replace(Path(str(dest) + suffix))
+        log(f"previous registry kept as {dest}; this run starts a new rollout history")
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[threading.Event] = None,
+             fresh: bool = False, rollout_seconds: float = 120.0, traffic_rps: float = 40.0) -> dict:
+    """Run the whole lifecycle of `cfg`'s chain; returns what summary.json holds.
+
+    Starts (and always shuts down) its own local Ray. Raises DemoInterrupted when `stop`
+    is set, RuntimeError when a stage cannot go on (the message says which and why).
+    """
+    import secrets
+
+    import ray
+    from ray import serve
+
+    from orchestrator.chain import read_metrics
+    from orchestrator.cli_serve import build_gallery, resolve_ref
+    from orchestrator.registry import Registry, record_trained, registry_path
+    from serving.client import RouterClient
+    from serving.deploy import start_serving
+    from workers.data import load_dataset
+
+    stop = stop or threading.Event()
+    t_start = time.perf_counter()
+    if fresh:
+        reset_run_dir(cfg)
+    else:
+        archive_registry(cfg, log)
+    if not _port_free(cfg.serving.host, cfg.serving.port):
+        raise RuntimeError(f"serving.port {cfg.serving.port} on {cfg.serving.host} is in use; "
+                           f"free it or pass --port")
+    if not (cfg.serving.admin_token or __import__("os").environ.get(cfg.serving.admin_token_env)):
+        # The controller drives the router through its admin routes, which need a token:
+        # one for this run only, never printed or stored.
+        cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"admin_token": secrets.token_urlsafe(24)})})
+
+    _stage(log, f"data: {cfg.data.source}")
+    t0 = time.perf_counter()
+    ds = load_dataset(cfg.data)
+    log(f"{len(ds.train)} train / {len(ds.val)} validation / {len(ds.test)} test samples, "
+        f"{ds.num_classes} classes ({time.perf_counter() - t0:.1f}s)")
+
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # Serve's per-application INFO lines would bury the demo's own progress.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    rows: list[GenerationSummary] = []
+    try:
+        _stage(log, f"train the chain on Ray Train ({', '.join(g.name for g in cfg.generations)})")
+        train_chain(cfg, log, stop)
+        registry = Registry(registry_path(cfg))
+        # Every generation as trained; the first becomes production (bootstrap, audited).
+        record_trained(cfg, cfg.generations[-1].name, actor="demo", registry=registry)
+        production = registry.production().name
+        m0 = read_metrics(cfg, production)
+        rows.append(GenerationSummary(production, 1 - m0["test_accuracy"], None, "promoted",
+                                      top1_vs_gallery=gallery_top1(cfg, production)))
+
+        _stage(log, f"serve {production} on Ray Serve at http://{cfg.serving.host}:{cfg.serving.port} "
+                    f"(retrieval gallery built once by {cfg.gallery})")
+        _check(stop)
+        url = start_serving(cfg.serving, resolve_ref(cfg, production), gallery=build_gallery(cfg),
+                            admin_token=cfg.serving.admin_token)
+        client = RouterClient(url, cfg.serving.admin_token)
+        q = ds.query.take(min(512, len(ds.query)))
+        top1, by = live_retrieval_top1(client, q.x, q.y)
+        log(f"/v1/search: top-1 {100 * top1:.1f}% with queries embedded by {by} in {cfg.gallery}'s gallery")
+        budget = rollout_seconds * max(1, len(cfg.generations) - 1) + 60
+        with LiveTraffic(url, ds.test.x, ds.test.y, traffic_rps, budget) as traffic:
+            log(f"simulated users: {traffic_rps:.0f} requests/s of 8 rows, labels arrive 0.5s later")
+            for gen in cfg.generations:
+                if gen.name == production or any(r.name == gen.name for r in rows):
+                    continue
+                _check(stop)
+                _stage(log, f"{gen.name}: offline gate against {production}")
+                row = offline_gate(cfg, registry, gen.name, production, log)
+                rows.append(row)
+                if row.outcome == "rejected":
+                    continue
+                _stage(log, f"{gen.name}: rollout (shadow -> canary "
+                            f"{' -> '.join(f'{100 * s.weight:g}%' for s in cfg.rollout.steps)} -> promoted)")
+                state = roll_out(cfg, registry, client, gen.name, production, log, stop, rollout_seconds)
+                row.live_nfr, row.live_labelled = _live_counts(client, gen.name)
+                row.outcome = state
+                log(f"[{gen.name}] {state.replace('_', ' ')}")
+                if state == "promoted":
+                    production = gen.name
+                top1, by = live_retrieval_top1(client, q.x, q.y)
+                log(f"/v1/search: top-1 {100 * top1:.1f}% with queries embedded by {by} in "
+                    f"{cfg.gallery}'s gallery (not re-indexed)")
+            stats = traffic.gen.stats
+        log(f"traffic: {stats.ok}/{stats.sent} requests answered, {stats.labelled} labelled, "
+            f"p50 {stats.p50_ms():.1f} ms")
+        registry.close()
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    wall = time.perf_counter() - t_start
+    path = write_summary(cfg, rows, wall)
+    log("\n" + format_summary(rows, wall))
+    reports = sorted(str(r.report) for r in rows if r.report)
+    log(f"summary: {path}" + (f"; reports: {', '.join(reports)}" if reports else ""))
+    return json.loads(path.read_text())
+
+
+def gallery_top1(cfg: RunConfig, name: str) -> float:
+    """Offline M(name, gallery generation): retrieval top-1 of `name`'s query embeddings in
+    the gallery the gallery generation's embeddings fill (what /v1/search serves)."""
+    from orchestrator.chain import generation_dir, read_metrics
+    from orchestrator.metrics import retrieval_top1
+    from workers.data import load_dataset
+    from workers.lqf import load_servable
+    from workers.training import predict
+
+    ds = load_dataset(cfg.data)
+
+    def model(n: str):
+        return load_servable(str(generation_dir(cfg, n) / "model.pt"), read_metrics(cfg, n)["sha256"])[0]
+
+    qz = predict(model(name), ds.query.x)[0]
+    gz = predict(model(cfg.gallery), ds.gallery.x)[0]
+    return retrieval_top1(qz, ds.query.y, gz, ds.gallery.y)
+
+
+def offline_gate(cfg: RunConfig, registry, candidate: str, production: str,
+                 log: Callable[[str], None]) -> GenerationSummary:
+    """`graceful evaluate` of `candidate` against production, with its report. The row's
+    outcome is 'rejected' when the gate fails and the generation's gate is enforced."""
+    from orchestrator.evaluate import evaluate, render
+    from orchestrator.report import write_report
+
+    ev = evaluate(cfg, candidate, against=production, registry=registry)
+    report = write_report(cfg, ev, registry)
+    for line in render(ev).splitlines():
+        log(line)
+    log(f"report: {report}")
+    enforced = cfg.generation(candidate).offline_gate == "enforce"
+    if not ev.passed:
+        log(f"[{candidate}] offline gate failed: " + ("rejected, it never goes live" if enforced else
+                                                       "the gate is advisory for it, so it goes live and the "
+                                                       "controller decides"))
+    return GenerationSummary(candidate, ev.metrics["error_candidate"], ev.metrics["nfr"],
+                             "rejected" if (enforced and not ev.passed) else "pending", against=production,
+                             top1_vs_gallery=gallery_top1(cfg, candidate), gate_passed=ev.passed,
+                             reasons=list(ev.reasons), report=str(report))
