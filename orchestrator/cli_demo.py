@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -22,6 +23,14 @@ def default_config() -> str:
                      "source tree); pass a config file: graceful demo CONFIG")
 
 
+def _stdout_to_stderr() -> int:
+    """Point file descriptor 1 at stderr; returns a copy of the old one to restore."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    return saved
+
+
 def _raise_interrupt(*_):
     raise KeyboardInterrupt
 
@@ -36,10 +45,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # SIGTERM stops like Ctrl-C: run_demo's finally shuts Serve and Ray down.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
+    # With --json, stdout carries the summary only: Ray's own messages (its C++ core writes
+    # to file descriptor 1 directly) go to stderr with the progress.
+    saved = _stdout_to_stderr() if args.json else None
     try:
         summary = run_demo(cfg, log=log, fresh=args.fresh, rollout_seconds=args.rollout_seconds)
     except DemoInterrupted:
         raise KeyboardInterrupt from None
+    finally:
+        if saved is not None:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
     if args.json:
         emit(summary, True)
     return EXIT_OK if all(g["outcome"] in ("promoted", "rolled_back", "rejected")
