@@ -1,7 +1,7 @@
 """The router ingress: split, shadow, feedback join, live counters, retrieval, admin.
 
 One replica by design: the feedback join store and the live counters live in its
-process (see docs/readme/serving.md, "Limits"). Model generations are separate Serve
+process (see README.md, Serving, "Limits"). Model generations are separate Serve
 applications reached through deployment handles; the router attaches and detaches them
 at run time. The traffic plan is an immutable value swapped in one assignment, so a
 change never drops or splits a request in flight.
