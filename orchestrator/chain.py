@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -124,6 +126,25 @@ def build_job(cfg: RunConfig, name: str, verbose: bool = True) -> TrainJob:
     )
 
 
+def _run_interruptibly(job: TrainJob, log: Callable[[str], None]) -> TrainResult:
+    """run_training, with Ctrl-C surfacing as KeyboardInterrupt.
+
+    Ray Train installs its own SIGINT handler for the run (it aborts the workers, then the
+    blocked `ray.get` raises SystemExit(1)) and leaves it installed: we turn that exit back
+    into an interrupt and restore the caller's handler, so a later Ctrl-C works too.
+    """
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main else None
+    try:
+        return run_training(job, log)
+    except SystemExit:
+        raise KeyboardInterrupt(f"training of {job.generation.name} interrupted; the same command resumes it "
+                                f"from its last checkpoint") from None
+    finally:
+        if in_main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def train_generation(cfg: RunConfig, name: str, log: Callable[[str], None] = print,
                      job: Optional[TrainJob] = None, fresh: bool = False) -> TrainResult:
     """Train generation `name` on Ray Train (starting a local Ray if none is running).
@@ -140,7 +161,7 @@ def train_generation(cfg: RunConfig, name: str, log: Callable[[str], None] = pri
     if not ray.is_initialized():
         # Workers' progress comes through a queue; Ray's own worker logs stay in its log files.
         ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
-    result = run_training(job, log)
+    result = _run_interruptibly(job, log)
     from orchestrator.registry import record_trained  # lineage, sha256, metrics; bootstraps production
 
     record_trained(cfg, name, actor="train")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,10 @@ class GenerationSummary:
     gate_passed: Optional[bool] = None
     reasons: list[str] = field(default_factory=list)
     report: Optional[str] = None
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt("stopped by SIGTERM")
 
 
 def _check(stop: threading.Event) -> None:
@@ -260,11 +265,17 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
     log(f"{len(ds.train)} train / {len(ds.val)} validation / {len(ds.test)} test samples, "
         f"{ds.num_classes} classes ({time.perf_counter() - t0:.1f}s)")
 
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    # Serve's per-application INFO lines would bury the demo's own progress.
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     rows: list[GenerationSummary] = []
+    registry = None
     try:
+        # Always a new local cluster (never one RAY_ADDRESS points at): the finally below
+        # shuts down Serve and Ray, which must only ever be our own.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+        if threading.current_thread() is threading.main_thread():
+            # ray.init makes SIGTERM exit at once; we want the cleanup below to run.
+            signal.signal(signal.SIGTERM, _interrupt)
+        # Serve's per-application INFO lines would bury the demo's own progress.
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
         _stage(log, f"train the chain on Ray Train ({', '.join(g.name for g in cfg.generations)})")
         train_chain(cfg, log, stop)
         registry = Registry(registry_path(cfg))
@@ -310,10 +321,12 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
             stats = traffic.gen.stats
         log(f"traffic: {stats.ok}/{stats.sent} requests answered, {stats.labelled} labelled, "
             f"p50 {stats.p50_ms():.1f} ms")
-        registry.close()
     finally:
+        if registry is not None:
+            registry.close()
         try:
-            serve.shutdown()
+            if ray.is_initialized():
+                serve.shutdown()
         finally:
             ray.shutdown()
     wall = time.perf_counter() - t_start

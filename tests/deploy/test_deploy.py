@@ -364,9 +364,9 @@ def test_dockerfile_installs_the_package_and_copies_what_it_needs():
         assert f"COPY --chown=ray:users {d} ./{d}" in text
     # Editable, so that `graceful demo` finds config/demo.yaml beside the package (cli_demo).
     assert "pip install --no-cache-dir -e ." in text and 'ENTRYPOINT ["graceful"]' in text
-    from orchestrator.cli_demo import DEFAULT_CONFIG
+    from orchestrator.cli_demo import DEFAULT_CONFIGS
 
-    assert DEFAULT_CONFIG == ROOT / "config" / "demo.yaml" and DEFAULT_CONFIG.is_file()
+    assert DEFAULT_CONFIGS[0] == ROOT / "config" / "demo.yaml" and DEFAULT_CONFIGS[0].is_file()
     assert re.search(r"EXPOSE .*\b9108\b", text) and re.search(r"EXPOSE .*\b8000\b", text)
     base = re.search(r"ARG BASE=rayproject/ray:([\d.]+)-", text).group(1)
     import ray
