@@ -48,6 +48,9 @@ class Counts:
     labelled: int = 0            # samples with a label joined to both predictions
     negative_flips: int = 0      # labelled samples production got right and candidate wrong
     latency_p99_ms: Optional[float] = None   # candidate's recent p99 (None = unknown)
+    # Identity of the counter set a raw snapshot came from (the router's start time): a
+    # different epoch means the counters restarted from zero. Not a count; None in deltas.
+    epoch: Optional[float] = None
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ import requests
 
 from orchestrator.decision import Counts
 
-# The counters of Counts (latency_p99_ms is a gauge: taken as read, never differenced).
-COUNTER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Counts) if f.name != "latency_p99_ms")
+# The counters of Counts (latency_p99_ms is a gauge: taken as read, never differenced;
+# epoch identifies the counter set, it is compared, never differenced).
+COUNTER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Counts) if f.name not in ("latency_p99_ms", "epoch"))
 
 
 class SourceError(RuntimeError):
@@ -60,19 +61,25 @@ def add(a: Counts, b: Counts, latency_p99_ms: Optional[float] = None) -> Counts:
 def advance(last_raw: Optional[Counts], raw: Counts) -> Counts:
     """What happened between two raw cumulative snapshots, with resets handled.
 
-    A router restart zeroes every counter at once, so if ANY counter went down the whole
-    snapshot is taken as a reset: the increase is `raw` itself (counted since the
+    A router restart zeroes every counter at once. It is a reset when both snapshots carry
+    an `epoch` (the router's `started_at`) and the epochs differ, or when ANY counter went
+    down. The epoch catches a restart the controller did not see (a pause, a controller
+    restart) after which every new counter already exceeds the old snapshot: without it,
+    raw - last_raw would mix two counter sets (old 0 flips / 1000 labels, new 6 / 1200
+    -> "6 / 200", a false regression). On a reset the increase is `raw` itself (counted since the
     restart; what happened between `last_raw` and the restart is lost, which only asks
     for more evidence, never gives wrong evidence). Without a previous snapshot nothing
     is known to have happened yet: zero.
 
     Example: last (requests 100, flips 3), raw (requests 130, flips 4) -> (30, 1);
-    last (100, 3), raw (20, 0) -> a reset -> (20, 0), never (-80, -3).
+    last (100, 3), raw (20, 0) -> a reset -> (20, 0), never (-80, -3);
+    last (labels 1000, flips 0, epoch 1.0), raw (1200, 6, epoch 2.0) -> a reset -> (1200, 6).
     """
     if last_raw is None:
         return Counts(latency_p99_ms=raw.latency_p99_ms)
-    if any(getattr(raw, k) < getattr(last_raw, k) for k in COUNTER_FIELDS):
-        return replace(raw)
+    restarted = last_raw.epoch is not None and raw.epoch is not None and raw.epoch != last_raw.epoch
+    if restarted or any(getattr(raw, k) < getattr(last_raw, k) for k in COUNTER_FIELDS):
+        return replace(raw, epoch=None)
     return Counts(**{k: getattr(raw, k) - getattr(last_raw, k) for k in COUNTER_FIELDS},
                   latency_p99_ms=raw.latency_p99_ms)
 
@@ -84,7 +91,8 @@ def counts_from_status(status: dict, candidate: str) -> Counts:
 
     requests = requests_primary + requests_shadow; errors = errors + shadow_errors +
     shadow_timeouts; latency: the primary p99 once the candidate serves users, else the
-    shadow p99 (None when neither has calls).
+    shadow p99 (None when neither has calls); epoch: the router's `started_at` (None when
+    absent), which changes when the router restarts.
     """
     gens = status.get("generations") if isinstance(status, dict) else None
     if not isinstance(gens, dict) or candidate not in gens:
@@ -100,10 +108,19 @@ def counts_from_status(status: dict, candidate: str) -> Counts:
             labelled=int(c.get("labelled", 0)),
             negative_flips=int(c.get("negative_flips", 0)),
             latency_p99_ms=_router_p99(g.get("latency") or {}),
+            epoch=_epoch(status.get("started_at")),
         )
     except (TypeError, ValueError) as e:
         raise SourceError(f"router status of {candidate!r} has a malformed counter ({e})") from None
     return counts
+
+
+def _epoch(v: Any) -> Optional[float]:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
 
 
 def _router_p99(latency: dict) -> Optional[float]:

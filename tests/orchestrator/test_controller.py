@@ -275,6 +275,37 @@ def test_counter_reset_is_not_negative_evidence(env):
     assert res.stats["step_labelled"] == 50
 
 
+class ScriptedSource:
+    """Returns the raw snapshots it is given, one per read (the last one repeats)."""
+
+    name = "scripted"
+
+    def __init__(self, *snapshots):
+        self.snapshots = list(snapshots)
+
+    def read(self, candidate):
+        return self.snapshots.pop(0) if len(self.snapshots) > 1 else self.snapshots[0]
+
+
+def test_a_router_restart_the_controller_missed_is_a_reset_not_a_regression(tmp_path):
+    # The rollout starts with the router at 0 flips / 1000 labels; the router restarts
+    # unseen (controller paused or down) and counts 6 flips / 1200 labels at a true NFR of
+    # 0.5 %. A fresh controller compares with the persisted start snapshot: the changed
+    # router epoch makes it count from zero (6 / 1200, LLR -9.8), not 6 / 200 (LLR 5.4).
+    cfg = _cfg(tmp_path, nfr_limit=0.01)
+    reg = Registry(tmp_path / "registry.sqlite")
+    for name, parent in (("g0", None), ("g1", "g0")):
+        reg.add_generation(name, parent, "mlp", "h", f"/x/{name}.pt", SHA if name == "g0" else "1" * 64)
+    before = Counts(requests=1000, compared=1000, disagreements=30, labelled=1000, epoch=100.0)
+    after = Counts(requests=1200, compared=1200, disagreements=40, labelled=1200, negative_flips=6, epoch=200.0)
+    r = start_rollout(reg, ScriptedSource(before), "g1", "g0", "tester", "unit test")
+    assert r.data["raw_at_step_start"]["epoch"] == 100.0       # persisted with the snapshot
+    res = Controller(cfg, reg, FakeRouter(), ScriptedSource(after)).tick()
+    assert res.decision != "rollback" and res.state != "rolled_back"
+    assert (res.stats["labelled"], res.stats["negative_flips"]) == (1200, 6)
+    reg.close()
+
+
 def test_a_tick_that_raises_is_counted_and_the_loop_goes_on(env):
     cfg, reg, router, source, r = env
     ctl = Controller(cfg, reg, router, source)

@@ -120,3 +120,23 @@ def test_prometheus_source_parses_answers_and_reports_gaps(fake_prom):
         PrometheusSource(fake_prom).read("g1")
     with pytest.raises(SourceError, match="unavailable"):
         PrometheusSource("http://127.0.0.1:9", timeout_s=1).read("g1")
+
+
+def test_advance_treats_a_changed_router_epoch_as_a_reset_even_when_every_counter_grew():
+    # The router restarted while nobody was reading (a pause, a controller restart): the
+    # new counters already exceed the old snapshot. Without the epoch, 1200 - 1000 labels
+    # with 6 - 0 flips would read as 6 flips in 200 labels (LLR 5.4 at limit 1 %: rollback).
+    old = Counts(requests=1000, labelled=1000, negative_flips=0, epoch=1.0)
+    new = Counts(requests=1200, labelled=1200, negative_flips=6, epoch=2.0)
+    assert advance(old, new) == Counts(requests=1200, labelled=1200, negative_flips=6)
+    # same epoch: a plain difference; an unknown epoch (old persisted data) falls back to decreases
+    assert advance(old, Counts(requests=1200, labelled=1200, negative_flips=6, epoch=1.0)) == \
+        Counts(requests=200, labelled=200, negative_flips=6)
+    assert advance(Counts(requests=1000, labelled=1000), new) == Counts(requests=200, labelled=200, negative_flips=6)
+
+
+def test_router_status_carries_the_router_start_time_as_epoch():
+    status = {**STATUS, "started_at": 1700000000.25}
+    assert counts_from_status(status, "g1").epoch == 1700000000.25
+    assert counts_from_status(STATUS, "g1").epoch is None
+    assert counts_from_status({**STATUS, "started_at": "x"}, "g1").epoch is None
