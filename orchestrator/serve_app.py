@@ -11,8 +11,8 @@ that `graceful train` and `graceful serve` read:
       - {name: graceful, route_prefix: /, import_path: "orchestrator.serve_app:router_app",
          args: {config: /config/run.yaml, production: g0, candidates: [g1]}}
 
-The applications match what `serving.deploy.start_serving` deploys imperatively (same
-deployment names, options and router arguments), so the controller and the dashboards
+The applications are built by the same functions `serving.deploy.start_serving` deploys
+imperatively (`generation_application`, `router_application`), so the controller and the dashboards
 see the same thing on a laptop and on a cluster. A generation application's name must be
 `graceful-gen-<generation>` (`serving.refs.app_name_for`): the router finds it by that name.
 Builders run in Serve's build task, where the config and the run directory must be
@@ -31,9 +31,8 @@ from ray.serve import Application
 from orchestrator.cli import UsageError
 from orchestrator.cli_serve import NotTrained, admin_token, build_gallery, resolve_ref
 from orchestrator.config import ConfigError, RunConfig, load_config
-from serving.deploy import ModelServer, verify
+from serving.deploy import generation_application, router_application
 from serving.router import Router
-from workers.checkpoint import load_model
 
 _ARGS = {"generation_app": {"config", "generation"},
          "router_app": {"config", "production", "candidates", "shadows", "wait_s"}}
@@ -72,15 +71,7 @@ def generation_app(args: dict) -> Application:
     args: {"config": path of the run config, "generation": name}.
     """
     cfg = _config("generation_app", args)
-    ref = _ref(cfg, "generation_app", args.get("generation"))
-    verify(ref)
-    spec = cfg.serving
-    # Same options as serving.deploy.deploy_generation.
-    dep = serve.deployment(ModelServer).options(
-        name="model", num_replicas=spec.replicas, max_ongoing_requests=spec.max_ongoing_requests,
-        ray_actor_options={"num_cpus": spec.cpus_per_replica})
-    return dep.bind(ref, spec.max_batch_size, spec.batch_wait_timeout_s, None)
-
+    return generation_application(_ref(cfg, "generation_app", args.get("generation")), cfg.serving)
 
 async def wait_for_apps(names: Iterable[str], timeout_s: float,
                         lookup: Callable[[str], Any] = serve.get_app_handle,
@@ -142,20 +133,8 @@ def router_app(args: dict) -> Application:
     if not isinstance(wait_s, (int, float)) or wait_s <= 0:
         raise AppArgsError(f"router_app: args.wait_s must be a positive number, got {wait_s!r}")
     prod_ref = _ref(cfg, "router_app", production)
-    refs = [prod_ref, *(_ref(cfg, "router_app", n) for n in names)]
-    gallery = build_gallery(cfg)
-    spec = cfg.serving
-    model, _ = load_model(prod_ref.uri, prod_ref.sha256)
-    local = spec.in_router_models
-    for ref in refs:
-        verify(ref)
-    # Same deployment options and arguments as serving.deploy.start_serving.
-    router = serve.deployment(ClusterRouter).options(
-        name="router", num_replicas=1, max_ongoing_requests=1024,
-        ray_actor_options={"num_cpus": spec.router_cpus})
-    return router.bind(
-        spec.model_dump(mode="json"), model.input_dim, production,
-        {r.name: {"app": None if local else r.app_name, "sha256": r.sha256, "uri": r.uri} for r in refs},
-        {production: 1.0}, list(shadows) if shadows is not None else names, gallery, admin_token(cfg),
-        app_names=() if local else tuple(r.app_name for r in refs), wait_s=float(wait_s))
-
+    cands = [_ref(cfg, "router_app", n) for n in names]
+    local = cfg.serving.in_router_models
+    return router_application(
+        cfg.serving, prod_ref, cands, build_gallery(cfg), None, shadows, admin_token(cfg), router_cls=ClusterRouter,
+        app_names=() if local else tuple(r.app_name for r in [prod_ref, *cands]), wait_s=float(wait_s))

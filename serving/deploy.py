@@ -80,14 +80,46 @@ def verify(ref: ModelRef) -> None:
                               f"recorded {ref.sha256[:12]}...; refusing to serve it")
 
 
-def deploy_generation(ref: ModelRef, spec: ServingSpec, inject_fault: Optional[dict] = None) -> str:
-    """Deploy `ref` as its own Serve application; returns the application name."""
+def generation_application(ref: ModelRef, spec: ServingSpec, inject_fault: Optional[dict] = None):
+    """The Serve application of one generation (not started): its verified checkpoint in a
+    batched `ModelServer`, replicas and CPUs from `spec`. Shared by `deploy_generation` and
+    the RayService builders (orchestrator/serve_app.py)."""
     verify(ref)
     dep = serve.deployment(ModelServer).options(
         name="model", num_replicas=spec.replicas, max_ongoing_requests=spec.max_ongoing_requests,
         ray_actor_options={"num_cpus": spec.cpus_per_replica})
-    serve.run(dep.bind(ref, spec.max_batch_size, spec.batch_wait_timeout_s, inject_fault),
-              name=ref.app_name, route_prefix=None)
+    return dep.bind(ref, spec.max_batch_size, spec.batch_wait_timeout_s, inject_fault)
+
+
+def router_application(spec: ServingSpec, production: ModelRef, candidates: Sequence[ModelRef] = (),
+                       gallery: Optional[Gallery] = None, weights: Optional[dict[str, float]] = None,
+                       shadows: Optional[Sequence[str]] = None, admin_token: Optional[str] = None,
+                       router_cls: type = None, **router_kwargs):
+    """The router ingress application (not started) over `production` and `candidates`.
+
+    Defaults: production takes all traffic, every candidate shadows. `router_cls` (a
+    `Router` subclass) and `router_kwargs` let a cluster builder wait for its generations.
+    """
+    from serving.router import Router
+
+    model, _ = load_model(production.uri, production.sha256)
+    refs = [production, *candidates]
+    for ref in refs:
+        verify(ref)
+    router = serve.deployment(router_cls or Router).options(
+        name="router", num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": spec.router_cpus})
+    return router.bind(
+        spec.model_dump(mode="json"), model.input_dim, production.name,
+        {r.name: {"app": None if spec.in_router_models else r.app_name, "sha256": r.sha256, "uri": r.uri}
+         for r in refs},
+        weights or {production.name: 1.0},
+        list(shadows) if shadows is not None else [c.name for c in candidates],
+        gallery, admin_token, **router_kwargs)
+
+
+def deploy_generation(ref: ModelRef, spec: ServingSpec, inject_fault: Optional[dict] = None) -> str:
+    """Deploy `ref` as its own Serve application; returns the application name."""
+    serve.run(generation_application(ref, spec, inject_fault), name=ref.app_name, route_prefix=None)
     return ref.app_name
 
 
@@ -101,25 +133,12 @@ def start_serving(spec: ServingSpec, production: ModelRef, candidates: Sequence[
     `spec.in_router_models` the generations load inside the router (no model apps).
     Returns the base URL of the router.
     """
-    from serving.router import Router
-
-    model, _ = load_model(production.uri, production.sha256)
     serve.start(http_options={"host": spec.host, "port": spec.port})
-    refs = [production, *candidates]
-    for ref in refs:
-        if spec.in_router_models:
-            verify(ref)
-        else:
+    if not spec.in_router_models:
+        for ref in (production, *candidates):
             deploy_generation(ref, spec)
-    router = serve.deployment(Router).options(name="router", num_replicas=1, max_ongoing_requests=1024,
-                            ray_actor_options={"num_cpus": spec.router_cpus})
-    serve.run(router.bind(
-        spec.model_dump(mode="json"), model.input_dim, production.name,
-        {r.name: {"app": None if spec.in_router_models else r.app_name, "sha256": r.sha256, "uri": r.uri}
-         for r in refs},
-        weights or {production.name: 1.0},
-        list(shadows) if shadows is not None else [c.name for c in candidates],
-        gallery, admin_token), name=app_name, route_prefix=route_prefix)
+    serve.run(router_application(spec, production, candidates, gallery, weights, shadows, admin_token),
+              name=app_name, route_prefix=route_prefix)
     return base_url(spec) + route_prefix.rstrip("/")
 
 
