@@ -145,15 +145,33 @@ def _run_interruptibly(job: TrainJob, log: Callable[[str], None]) -> TrainResult
             signal.signal(signal.SIGINT, previous)
 
 
+def check_retrainable(cfg: RunConfig, name: str) -> None:
+    """Raise ChainError when the registry serves generation `name` (production, shadow,
+    canary, or named by an active rollout): training would overwrite the bytes being
+    served and could not be recorded anyway. Asked before any training starts."""
+    from orchestrator.registry import Registry, RegistryError, registry_path
+
+    path = registry_path(cfg)
+    if not path.is_file():
+        return  # no registry yet: nothing is served
+    with Registry(path) as reg:
+        try:
+            reg.check_replaceable(name)
+        except RegistryError as e:
+            raise ChainError(str(e)) from None
+
+
 def train_generation(cfg: RunConfig, name: str, log: Callable[[str], None] = print,
                      job: Optional[TrainJob] = None, fresh: bool = False) -> TrainResult:
     """Train generation `name` on Ray Train (starting a local Ray if none is running).
 
     An interrupted run of the same config resumes from its last checkpoint unless `fresh`.
     The trained generation is recorded in the registry (`orchestrator.registry.record_trained`).
+    Raises ChainError before training when the registry serves `name` (`check_retrainable`).
     """
     import ray
 
+    check_retrainable(cfg, name)
     job = job or build_job(cfg, name)
     stale = Path(job.storage_path) / job.run_name
     if fresh and stale.is_dir():

@@ -7,6 +7,7 @@ import argparse
 from orchestrator.chain import (ChainError, embed_dim_problems, next_untrained, read_metrics, train_generation,
                                 trained_with_this_config)
 from orchestrator.cli import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
+from orchestrator.registry import RegistryError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -30,7 +31,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return EXIT_OK
     try:
         result = train_generation(cfg, name, log=(lambda s: None) if args.json else print, fresh=args.force)
-    except ChainError as e:
+    except (ChainError, RegistryError) as e:
         print(f"error: {e}")
         return EXIT_FAILED
     emit(result.metrics, args.json, lambda m: f"trained {name}: test accuracy {m['test_accuracy']:.4f}, "

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, TypeVar
 from urllib.parse import unquote, urlparse
 
 GEN_STATUSES = ("trained", "rejected", "shadow", "canary", "production", "retired", "rolled_back")
+SERVED_STATUSES = ("production", "shadow", "canary")  # the router holds these bytes
 ROLLOUT_STATES = ("shadow", "canary", "paused", "promoted", "rolled_back")  # promoted/rolled_back are final
 ACTIVE_STATES = ("shadow", "canary", "paused")
 FINAL_STATES = ("promoted", "rolled_back")
@@ -414,7 +415,9 @@ class Registry:
 
         Idempotent for the same sha256 (returns the existing record). A different sha256
         under the same name is refused unless `replace`, which records the new checkpoint,
-        resets the status to 'trained' and is audited as 'replaced'."""
+        resets the status to 'trained' and is audited as 'replaced'. Replacing a generation
+        that is served (status production, shadow or canary, or named by an active
+        rollout) is always refused: see `check_replaceable`."""
         if not name:
             raise RegistryError("a generation needs a name")
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -432,6 +435,7 @@ class Registry:
                 if not replace:
                     raise RegistryError(f"generation {name!r} is registered with sha256 {old.sha256}, "
                                         f"not {sha256}; pass replace=True to record the new checkpoint")
+                self._refuse_replace_in(db, name)
                 db.execute("UPDATE generations SET parent = ?, arch = ?, config_hash = ?, checkpoint_uri = ?, "
                            "sha256 = ?, status = 'trained', metrics = ? WHERE name = ?",
                            (parent, arch, config_hash, checkpoint_uri, sha256, _dumps(metrics), name))
@@ -444,6 +448,68 @@ class Registry:
             self._audit_in(db, actor, "registered", name, f"checkpoint {checkpoint_uri}", None, "trained",
                            {"sha256": sha256, "parent": parent, "config_hash": config_hash})
             return self._need_gen_in(db, name)
+
+        return self._write(run)
+
+    @staticmethod
+    def _replace_refusal_in(db: sqlite3.Connection, name: str) -> Optional[str]:
+        g = Registry._gen_in(db, name)
+        if g is None:
+            return None
+        if g.status in SERVED_STATUSES:
+            why = f"it is in {g.status}"
+        else:
+            r = db.execute("SELECT id, candidate, baseline, state FROM rollouts WHERE state IN "
+                           "('shadow', 'canary', 'paused') AND (candidate = ? OR baseline = ?) ORDER BY id DESC",
+                           (name, name)).fetchone()
+            if r is None:
+                return None
+            role = "candidate" if r["candidate"] == name else "baseline"
+            why = f"it is the {role} of active rollout {r['id']} ({r['state']})"
+        # The router serves the bytes it loaded: new bytes under a served name would make the
+        # registry's sha256 disagree with what is served (and a promote would record the wrong one).
+        return (f"generation {name!r} cannot be retrained or replaced: {why}. Retrain under a new "
+                f"generation name, or retire it first (finish its rollout, or promote another generation)")
+
+    def _refuse_replace_in(self, db: sqlite3.Connection, name: str) -> None:
+        why = self._replace_refusal_in(db, name)
+        if why is not None:
+            raise RegistryError(why)
+
+    def check_replaceable(self, name: str) -> None:
+        """Raise RegistryError when `name`'s checkpoint may not be replaced: its status is
+        production, shadow or canary, or an active rollout names it (candidate or baseline).
+        An unregistered name is replaceable. `graceful train` asks this before training."""
+        with self._lock:
+            why = self._retry(lambda: self._replace_refusal_in(self._db, name))
+        if why is not None:
+            raise RegistryError(why)
+
+    def ever_in_production(self) -> bool:
+        """Whether any generation has ever been in production (now, or per the audit log)."""
+        return self._retry(lambda: self._ever_in_production_in(self._db))
+
+    @staticmethod
+    def _ever_in_production_in(db: sqlite3.Connection) -> bool:
+        # Retired generations were production; a rolled-back one, like any rollout, had a
+        # serving baseline; the audit log remembers every status change to production.
+        return any(db.execute(sql).fetchone() is not None for sql in (
+            "SELECT 1 FROM generations WHERE status IN ('production', 'retired', 'rolled_back') LIMIT 1",
+            "SELECT 1 FROM rollouts LIMIT 1",
+            "SELECT 1 FROM events WHERE to_state IN ('production', 'promoted') LIMIT 1",
+        ))
+
+    def bootstrap_production(self, name: str, actor: str, reason: str = "bootstrap: first generation") -> bool:
+        """Make `name` production when no generation has ever been production, in one
+        transaction; True when it did. A chain whose production was retired or rolled back
+        is never handed back to its first generation by this."""
+
+        def run(db: sqlite3.Connection) -> bool:
+            self._need_gen_in(db, name)
+            if self._ever_in_production_in(db):
+                return False
+            self._status_in(db, name, "production", actor, reason)
+            return True
 
         return self._write(run)
 
@@ -716,10 +782,10 @@ class Registry:
 def record_trained(cfg: Any, name: str, actor: str = "train", registry: Optional[Registry] = None) -> GenerationRecord:
     """Register generation `name` from its run-dir files (model.pt, metrics.json), after
     registering any trained ancestor that is not registered yet (a run dir trained before
-    the registry existed). A retrained checkpoint replaces the record. When the chain has
-    no production generation, the first generation (no parent) becomes production,
-    audited as "bootstrap: first generation". Raises RegistryError when `name` is not
-    trained."""
+    the registry existed). A retrained checkpoint replaces the record, except for a served
+    generation (RegistryError, see `Registry.check_replaceable`). When no generation has
+    ever been production, the first generation (no parent) becomes production, audited as
+    "bootstrap: first generation". Raises RegistryError when `name` is not trained."""
     from orchestrator.chain import generation_dir, read_metrics
 
     reg = registry or Registry(registry_path(cfg))
@@ -750,8 +816,7 @@ def record_trained(cfg: Any, name: str, actor: str = "train", registry: Optional
                                         str(path), actual, kept, actor=actor, replace=True)
         record = reg.generation(name)
         assert record is not None
-        if reg.production() is None and reg.generation(names[0]) is not None:
-            reg.set_status(names[0], "production", actor, "bootstrap: first generation")
+        if reg.generation(names[0]) is not None and reg.bootstrap_production(names[0], actor):
             record = reg.generation(name)
         return record
     finally:

@@ -365,3 +365,132 @@ def test_concurrent_transitions_one_wins(tmp_path):
     assert reg.generation("g1").status == {"a": "canary", "b": "rolled_back"}[winner]
     assert [e.actor for e in reg.events("g1") if e.action in ("a", "b")] == [winner]
     reg.close()
+
+
+# --- retraining a served generation (it must never hand production back to g0) --------------
+
+def test_served_generations_cannot_be_replaced(reg):
+    _chain(reg, ("g0", "g1", "g2", "g3"))
+    reg.set_status("g0", "production", "train", "bootstrap")
+    r = reg.start_rollout("g1", "g0", "ctl", "go")
+    reg.transition(r.id, ("shadow", 0), state="promoted", step=0, weight=1.0, actor="ctl", action="promote",
+                   reason="ok")
+    r2 = reg.start_rollout("g2", "g1", "ctl", "next")
+    reg.transition(r2.id, ("shadow", 0), state="canary", step=0, weight=0.1, actor="ctl", action="advance",
+                   reason="")
+    before = (reg.generations(), len(reg.events()))
+    # production, canary (the active candidate), and g1 also as the active baseline
+    for name, why in (("g1", "it is in production"), ("g2", "it is in canary")):
+        with pytest.raises(RegistryError, match=f"generation '{name}' cannot be retrained or replaced: {why}. "
+                                                "Retrain under a new generation name, or retire it first"):
+            reg.add_generation(name, None, "mlp", "cfg", "/new", "e" * 64, replace=True)
+        with pytest.raises(RegistryError, match=why):
+            reg.check_replaceable(name)
+    assert (reg.generations(), len(reg.events())) == before  # nothing stored
+    assert reg.production().name == "g1"
+    # a paused rollout keeps its candidate served; a baseline named by an active rollout is served
+    reg.transition(r2.id, ("canary", 0), state="paused", step=0, weight=0.1, actor="bob", action="pause", reason="")
+    reg._db.execute("UPDATE generations SET status = 'retired' WHERE name = 'g1'")  # baseline check alone
+    with pytest.raises(RegistryError, match="it is the baseline of active rollout"):
+        reg.check_replaceable("g1")
+    reg.transition(r2.id, ("paused", 0), state="rolled_back", step=0, weight=0.0, actor="ctl", action="rollback",
+                   reason="")
+    # finished rollouts: retired/rolled_back/trained generations and unknown names may be replaced
+    for name in ("g0", "g2", "g3", "nope"):
+        reg.check_replaceable(name)
+    assert reg.add_generation("g2", "g1", "mlp", "cfg", "/new", "e" * 64, replace=True).status == "trained"
+
+
+def test_bootstrap_production_only_when_nothing_ever_was(reg):
+    _chain(reg)
+    assert reg.ever_in_production() is False
+    assert reg.bootstrap_production("g0", "train") is True
+    assert reg.production().name == "g0" and reg.events("g0")[-1].reason == "bootstrap: first generation"
+    assert reg.bootstrap_production("g0", "train") is False  # already production: no new event
+    # production retired by hand: nothing is production now, but g0 must not come back
+    reg.set_status("g0", "retired", "alice", "decommissioned")
+    assert reg.production() is None and reg.ever_in_production() is True
+    assert reg.bootstrap_production("g0", "train") is False
+    assert reg.generation("g0").status == "retired"
+    with pytest.raises(RegistryError, match="unknown generation 'g9'"):
+        reg.bootstrap_production("g9", "train")
+
+
+def test_ever_in_production_reads_the_audit_log(tmp_path):
+    """Statuses alone can lose the history (a retired generation retrained is 'trained'
+    again); the audit log still says production existed."""
+    with Registry(tmp_path / "registry.sqlite") as reg:
+        _chain(reg)
+        reg.set_status("g1", "production", "alice", "manual")
+        reg.set_status("g1", "retired", "alice", "off")
+        reg.add_generation("g1", "g0", "mlp", "cfg", "/new", "e" * 64, replace=True)
+        assert [g.status for g in reg.generations()] == ["trained", "trained", "trained"]
+        assert reg.ever_in_production() is True
+        assert reg.bootstrap_production("g0", "train") is False
+
+
+def _run_dir_chain(tmp_path):
+    """A config of g0, g1, g2 whose run dir holds model.pt + metrics.json for each (the
+    bytes are only hashed here), recorded in the registry with g0 bootstrapped."""
+    from orchestrator.config import load_config
+    from orchestrator.registry import record_trained
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run_dir: {tmp_path / 'run'}\ngenerations: [{{name: g0}}, {{name: g1}}, {{name: g2}}]\n")
+    cfg = load_config(str(path))
+    for name in ("g0", "g1", "g2"):
+        write_generation(cfg, name, f"{name} weights v1".encode())
+        record_trained(cfg, name)
+    return path, cfg
+
+
+def write_generation(cfg, name, data):
+    """The files `graceful train` leaves: model.pt and a metrics.json naming its sha256."""
+    import hashlib
+    import json
+
+    d = cfg.run_dir / "generations" / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "model.pt").write_bytes(data)
+    (d / "metrics.json").write_text(json.dumps({"name": name, "sha256": hashlib.sha256(data).hexdigest()}))
+
+
+def test_retraining_production_never_hands_production_back_to_g0(tmp_path):
+    from orchestrator.registry import record_trained
+
+    _, cfg = _run_dir_chain(tmp_path)
+    with Registry(registry_path(cfg)) as reg:
+        assert reg.production().name == "g0"
+        r = reg.start_rollout("g1", "g0", "ctl", "go")
+        reg.transition(r.id, ("shadow", 0), state="promoted", step=0, weight=1.0, actor="ctl", action="promote",
+                       reason="ok")
+        served = reg.generation("g1")
+        write_generation(cfg, "g1", b"g1 weights v2")  # a retrain left new files
+        with pytest.raises(RegistryError, match="'g1' cannot be retrained or replaced: it is in production"):
+            record_trained(cfg, "g1", registry=reg)
+        assert reg.generation("g1") == served and reg.production().name == "g1"
+        assert reg.generation("g0").status == "retired"
+        # production retired by hand, then g1 retrained: allowed, and g0 is not brought back
+        reg.set_status("g1", "retired", "alice", "decommissioned")
+        rec = record_trained(cfg, "g1", registry=reg)
+        assert rec.status == "trained" and rec.sha256 != served.sha256
+        assert reg.production() is None and reg.generation("g0").status == "retired"
+
+
+def test_graceful_train_of_a_served_generation_fails_before_training(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    path, cfg = _run_dir_chain(tmp_path)
+    with Registry(registry_path(cfg)) as reg:
+        reg.start_rollout("g1", "g0", "ctl", "go")
+        before = (reg.generations(), len(reg.events()))
+    model = cfg.run_dir / "generations" / "g0" / "model.pt"
+    for name, why in (("g0", "it is in production"), ("g1", "it is in shadow")):
+        assert main(["train", str(path), "--generation", name, "--force"]) == 1
+        out = capsys.readouterr()
+        # refused up front: Ray (refused in unit tests) was never started
+        assert f"error: generation {name!r} cannot be retrained or replaced: {why}" in out.out
+        assert "must not start Ray" not in out.out + out.err
+    assert model.read_bytes() == b"g0 weights v1"
+    with Registry(registry_path(cfg)) as reg:
+        assert (reg.generations(), len(reg.events())) == before
