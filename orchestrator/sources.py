@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import asdict, fields, replace
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import requests
 
@@ -186,25 +187,36 @@ class PrometheusSource:
     name = "prometheus"
 
     def __init__(self, url: str, timeout_s: float = 5.0, latency_window: str = "1m",
-                 session: Optional[requests.Session] = None):
+                 session: Optional[requests.Session] = None, clock: Callable[[], float] = time.time):
         self.url = url.rstrip("/")
+        self.clock = clock
         self.timeout_s = timeout_s
         self.latency_window = latency_window
         self._session = session or requests.Session()
 
-    def query(self, promql: str) -> Optional[float]:
-        """One instant query; the value of its single sample, None when the answer is empty.
+    def query(self, promql: str, at: Optional[float] = None) -> Optional[float]:
+        """One instant query evaluated at unix time `at` (Prometheus' "now" when None); the
+        value of its single sample, None when the answer is empty.
 
-        SourceError when Prometheus is unreachable or answers with an error."""
+        SourceError when Prometheus is unreachable, answers with an error or with a body
+        that is not a Prometheus answer."""
+        params: dict[str, Any] = {"query": promql}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
         try:
-            r = self._session.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=self.timeout_s)
+            r = self._session.get(f"{self.url}/api/v1/query", params=params, timeout=self.timeout_s)
             body = r.json()
         except (requests.RequestException, ValueError) as e:
             raise SourceError(f"prometheus at {self.url} unavailable: {type(e).__name__}: {e}") from None
+        if not isinstance(body, dict):
+            raise SourceError(f"prometheus answer is not a JSON object ({r.status_code}): {body!s:.200}")
         if r.status_code != 200 or body.get("status") != "success":
             raise SourceError(f"prometheus query failed ({r.status_code}): {body.get('error', body)!s:.200} "
                               f"[{promql}]")
-        result = (body.get("data") or {}).get("result") or []
+        data = body.get("data")
+        result = (data.get("result") if isinstance(data, dict) else None) or []
+        if not isinstance(result, list):
+            raise SourceError(f"prometheus answer not understood: {result!s:.200}")
         if not result:
             return None
         if len(result) > 1:
@@ -215,15 +227,20 @@ class PrometheusSource:
             raise SourceError(f"prometheus answer not understood: {result[0]!s:.200}") from None
 
     def read(self, candidate: str) -> Counts:
+        """Every query of one read is evaluated at the same instant, so that labelled and
+        negative_flips (etc.) come from the same scrapes."""
+        at = self.clock()
         values: dict[str, Any] = {}
         for key, q in promql_queries(candidate, self.latency_window).items():
-            v = self.query(q)
+            v = self.query(q, at)
             if key == "requests" and v is None:
                 raise SourceError(f"prometheus has no ray_graceful_requests_total series for {candidate!r} yet")
             if key == "latency_p99_ms":
                 values[key] = v if v is not None and math.isfinite(v) else None
             elif v is None:
                 raise SourceError(f"prometheus has no answer for {key} of {candidate!r}")
+            elif not math.isfinite(v) or v < 0:
+                raise SourceError(f"prometheus answered {v} for the counter {key} of {candidate!r}")
             else:
                 values[key] = int(round(v))
         return Counts(**values)

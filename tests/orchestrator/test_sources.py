@@ -78,15 +78,18 @@ def test_promql_names_the_candidate_and_refuses_injection():
 
 class _FakeProm(BaseHTTPRequestHandler):
     answers: dict = {}
+    seen: list = []
 
     def log_message(self, *a):
         pass
 
     def do_GET(self):
-        q = parse_qs(urlparse(self.path).query)["query"][0]
+        params = parse_qs(urlparse(self.path).query)
+        q = params["query"][0]
+        _FakeProm.seen.append((q, params.get("time", [None])[0]))
         status, body = self.answers.get("*") or next(
             ((s, b) for k, (s, b) in self.answers.items() if k in q), (200, _vec(0)))
-        data = json.dumps(body).encode()
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -140,3 +143,22 @@ def test_router_status_carries_the_router_start_time_as_epoch():
     assert counts_from_status(status, "g1").epoch == 1700000000.25
     assert counts_from_status(STATUS, "g1").epoch is None
     assert counts_from_status({**STATUS, "started_at": "x"}, "g1").epoch is None
+
+
+def test_prometheus_read_evaluates_every_query_at_one_instant(fake_prom):
+    _FakeProm.answers, _FakeProm.seen = {"requests_total": (200, _vec(47))}, []
+    PrometheusSource(fake_prom, clock=lambda: 1700000000.5).read("g1")
+    assert len(_FakeProm.seen) == 7 and {t for _, t in _FakeProm.seen} == {"1700000000.500"}
+
+
+@pytest.mark.parametrize("answer", [
+    (200, _vec("NaN")), (200, _vec("+Inf")), (200, _vec("-1")),        # a counter that is not a count
+    (200, ["not", "an", "object"]), (200, b"42"), (200, b"null"),     # JSON, but not a Prometheus answer
+    (200, {"status": "success", "data": "x"}),
+    (200, {"status": "success", "data": {"result": {"a": 1}}})])
+def test_prometheus_nonsense_is_a_source_error(fake_prom, answer):
+    # A ValueError/OverflowError/AttributeError would end the tick as "error", which never
+    # counts toward max_source_errors; a SourceError is inconclusive and counted.
+    _FakeProm.answers = {"requests_total": (200, _vec(47)), "labelled_samples": answer}
+    with pytest.raises(SourceError):
+        PrometheusSource(fake_prom).read("g1")
