@@ -7,6 +7,7 @@ The file holds only tensors and plain values, so it loads with
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -61,24 +62,38 @@ def save_model(model: GracefulNet, path: str | Path, meta: Optional[dict[str, An
     return sha256_file(target)
 
 
-def load_model(path: str | Path, sha256: Optional[str] = None) -> tuple[GracefulNet, dict[str, Any]]:
-    """Load a checkpoint (weights_only), verifying its sha256 first when one is given."""
+def read_checkpoint(path: str | Path, sha256: Optional[str] = None) -> tuple[Path, dict[str, Any]]:
+    """The model file `path` names and its contents (`torch.load(weights_only=True)`), after
+    checking the sha256 when one is given.
+
+    The file is read ONCE: the bytes that are hashed are the bytes that are loaded, so a
+    retrain replacing model.pt between the check and the load cannot slip in unverified
+    weights. Raises CheckpointError when it is missing, changed, unreadable or not ours."""
     f = model_file(path)
-    if not f.is_file():
-        raise CheckpointError(f"checkpoint not found: {f}")
+    try:
+        data = f.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise CheckpointError(f"checkpoint not found: {f}") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {f} cannot be read: {type(e).__name__}: {e}") from None
     if sha256 is not None:
-        actual = sha256_file(f)
+        actual = hashlib.sha256(data).hexdigest()
         if actual != sha256:
             raise CheckpointError(
                 f"checkpoint {f} was changed or truncated: sha256 {actual[:12]}... "
                 f"!= recorded {sha256[:12]}...; refusing to load it"
             )
     try:
-        blob = torch.load(f, map_location="cpu", weights_only=True)
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files
         raise CheckpointError(f"checkpoint {f} cannot be read: {type(e).__name__}: {e}") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {f} is not a graceful model file (format {FORMAT_VERSION})")
+    return f, blob
+
+
+def model_from_checkpoint(f: Path, blob: dict[str, Any]) -> tuple[GracefulNet, dict[str, Any]]:
+    """The `GracefulNet` (eval mode) and meta of a checkpoint `read_checkpoint` returned."""
     try:
         spec = ArchSpec.model_validate(blob["arch"])
         model = build_model(spec, int(blob["input_dim"]), int(blob["num_classes"]))
@@ -87,3 +102,9 @@ def load_model(path: str | Path, sha256: Optional[str] = None) -> tuple[Graceful
         raise CheckpointError(f"checkpoint {f} does not match its architecture: {e}") from None
     model.eval()
     return model, dict(blob.get("meta") or {})
+
+
+def load_model(path: str | Path, sha256: Optional[str] = None) -> tuple[GracefulNet, dict[str, Any]]:
+    """Load a checkpoint (weights_only), verifying its sha256 first when one is given;
+    the verified bytes are the loaded bytes (one read, see `read_checkpoint`)."""
+    return model_from_checkpoint(*read_checkpoint(path, sha256))

@@ -42,7 +42,8 @@ from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn import functional as F
 
-from workers.checkpoint import FORMAT_VERSION, MODEL_FILE, CheckpointError, load_model, model_file, sha256_file
+from workers.checkpoint import (FORMAT_VERSION, MODEL_FILE, CheckpointError, model_from_checkpoint,
+                                read_checkpoint, sha256_file)
 from workers.data import Split
 from workers.models import CosineHead, GracefulNet, build_model
 from workers.specs import ArchSpec, GenerationSpec, LQFSpec, TrainSpec
@@ -421,16 +422,11 @@ def save_lqf(model: LinearizedNet, path: str | Path, meta: Optional[dict[str, An
 
 def load_servable(path: str | Path, sha256: Optional[str] = None) -> tuple[nn.Module, dict[str, Any]]:
     """Load any generation's checkpoint for serving: a `GracefulNet`, or a `LinearizedNet`
-    for `recipe: lqf`. Verifies the sha256 first; loads with `weights_only=True`."""
-    f = model_file(path)
-    if sha256 is not None and f.is_file() and sha256_file(f) != sha256:
-        raise CheckpointError(f"checkpoint {f} was changed or truncated; refusing to load it")
-    try:
-        blob = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception:
-        blob = None
-    if not (isinstance(blob, dict) and blob.get("kind") == "lqf"):
-        return load_model(f)  # reports missing, corrupt or foreign files
+    for `recipe: lqf`. Verifies the sha256 of the very bytes it loads (the file is read
+    once, see `read_checkpoint`); loads with `weights_only=True`."""
+    f, blob = read_checkpoint(path, sha256)  # reports missing, changed, corrupt or foreign files
+    if blob.get("kind") != "lqf":
+        return model_from_checkpoint(f, blob)
     try:
         spec = ArchSpec.model_validate(blob["arch"])
         parent = build_model(spec, int(blob["input_dim"]), int(blob["num_classes"]))
@@ -439,4 +435,3 @@ def load_servable(path: str | Path, sha256: Optional[str] = None) -> tuple[nn.Mo
     except Exception as e:
         raise CheckpointError(f"LQF checkpoint {f} does not match its architecture: {e}") from None
     return model.eval(), dict(blob.get("meta") or {})
-
