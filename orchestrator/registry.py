@@ -278,7 +278,9 @@ class Registry:
         self._retry(lambda: self._db.execute("PRAGMA journal_mode=WAL").fetchone())
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # safe with WAL: no corruption, a crash may lose the last commit
+        # FULL, not NORMAL: with WAL, NORMAL may lose the last commit on power loss, after the
+        # router already acted on it (a promote the registry forgets). Writes are rare.
+        self._db.execute("PRAGMA synchronous=FULL")
         self._migrate()
 
     def close(self) -> None:

@@ -34,6 +34,7 @@ def test_file_settings(reg, tmp_path):
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert reg.schema_version() == SCHEMA_VERSION
     assert reg._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert reg._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: a commit survives power loss
 
 
 def test_registry_path_is_in_the_run_dir(tmp_path):
