@@ -24,8 +24,10 @@ the rollout's data, so a command whose transition committed but whose completion
 is only completed on restart, never applied twice.
 
 A source error is inconclusive (never a rollback); after `rollout.max_source_errors` in a
-row the rollout is paused, with an audit event. A tick that raises is caught, counted
-(graceful_controller_tick_errors_total), logged, and the loop goes on.
+row the rollout is paused, with an audit event. A router that cannot be reconciled (down,
+or restarted without the candidate attached) is counted the same way: audited, and paused
+after `rollout.max_source_errors` failed ticks in a row. A tick that raises is caught,
+counted (graceful_controller_tick_errors_total), logged, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -214,6 +216,7 @@ class Controller:
         self.clock = clock
         self.metrics = metrics or ControllerMetrics()
         self.source_errors = 0              # consecutive
+        self.router_errors = 0              # consecutive failed reconciles
         self.last: Optional[TickResult] = None
         self._source_error = ""
         self._router_error: Optional[Exception] = None
@@ -418,7 +421,12 @@ class Controller:
             res.commands.append(f"{cmd.command}{' --force' if cmd.force else ''} #{cmd.id} by {cmd.actor}: {outcome}")
         # 2. the router follows the registry
         if self._router_error is None:
-            res.router_changed = self.reconcile(r)
+            try:
+                res.router_changed = self.reconcile(r)
+            except Exception as e:
+                self._router_failed(r, e, now)
+                raise
+            self.router_errors = 0
         self.metrics.export_rollout(r)
         decision: Optional[Decision] = None
         if moved_by_command:
@@ -465,6 +473,23 @@ class Controller:
         if self._router_error is not None:
             raise ReconcileError(f"router not updated: {self._router_error}")
         return res
+
+    def _router_failed(self, r: RolloutRecord, e: Exception, now: float) -> None:
+        """A reconcile that failed (router down, or it lost a generation: restarted without
+        the candidate attached) counts like a source error: audited when the run of
+        failures starts, and after rollout.max_source_errors in a row the rollout pauses
+        (persisted; the router is left as it is) until an operator resumes it."""
+        self.router_errors += 1
+        why = f"{type(e).__name__}: {e}"
+        log.warning("router reconcile failed (%d in a row): %s", self.router_errors, why)
+        if self.router_errors == 1:
+            self.registry.audit(CONTROLLER, "router_error", r.candidate, f"router not reconciled: {why}",
+                                data={"rollout_id": r.id, "step": r.step})
+        if self.router_errors >= self.policy.max_source_errors and r.state not in FINAL_STATES \
+                and r.state != "paused":
+            reason = f"router not reconciled {self.router_errors} times in a row: {why}"
+            self._move(r, "paused", r.step, r.weight, CONTROLLER, "pause", reason, None, now)
+            self.router_errors = 0
 
     # --- loop --------------------------------------------------------------------------------
 
@@ -550,6 +575,9 @@ class ControllerHTTP(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: ControllerHTTP
+    # A client that sends less body than its Content-Length would otherwise pin a thread
+    # in rfile.read forever.
+    timeout = 10
 
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet: requests go to the debug log
         log.debug("http %s", fmt % args)
@@ -587,7 +615,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(401, {"error": "missing bearer token"})
             return
         token = self.server.token
-        if not token or not hmac.compare_digest(auth[7:].encode(), token.encode()):
+        if not token or not hmac.compare_digest(auth[7:].strip().encode(), token.encode()):
             self._json(403, {"error": "wrong admin token" if token else "admin is off: no token configured"})
             return
         try:

@@ -306,6 +306,29 @@ def test_a_router_restart_the_controller_missed_is_a_reset_not_a_regression(tmp_
     reg.close()
 
 
+def test_a_router_that_lost_the_candidate_is_audited_and_pauses_the_rollout(env):
+    cfg, reg, router, source, r = env          # max_source_errors = 3
+    ctl = Controller(cfg, reg, router, source)
+    assert ctl.tick().state == "canary"
+    # the router restarted without the candidate attached: reconcile cannot place it
+    router.weights = {"g0": 1.0}
+    router.shadows = []
+    results = [ctl.tick() for _ in range(3)]
+    assert [x.decision for x in results] == ["error"] * 3
+    assert all("not attached" in x.reason for x in results)
+    assert reg.rollout(r.id).state == "paused" and reg.rollout(r.id).paused_from == "canary"
+    errs = [e for e in reg.events("g1") if e.action == "router_error"]
+    assert len(errs) == 1 and "not attached" in errs[0].reason        # once per run of failures
+    pause = [e for e in reg.events("g1") if e.action == "pause"][-1]
+    assert pause.actor == "controller" and "3 times in a row" in pause.reason
+    assert ctl.tick().state == "paused"        # still failing: stays paused, nothing else moves
+    # once the router has the candidate again, an operator resumes and it goes on
+    router.weights, router.shadows = {"g0": 1.0, "g1": 0.0}, ["g1"]
+    reg.enqueue_command(r.id, "resume", "alice", "router fixed")
+    res = ctl.tick()
+    assert (res.state, res.step) == ("canary", 1) and router.weights["g1"] == pytest.approx(0.1)
+
+
 def test_a_tick_that_raises_is_counted_and_the_loop_goes_on(env):
     cfg, reg, router, source, r = env
     ctl = Controller(cfg, reg, router, source)
@@ -381,6 +404,32 @@ def test_alert_webhook_over_http_rolls_back_the_named_candidate(env):
         st = requests.get(url + "/v1/rollout", timeout=5).json()
         assert st["rollout"]["state"] == "rolled_back" and st["last_tick"]["state"] == "rolled_back"
         json.dumps(st)
+    finally:
+        ctl.stop_http()
+
+
+def test_webhook_strips_the_token_and_times_out_a_short_body(env, monkeypatch):
+    import orchestrator.controller as controller_mod
+
+    cfg, reg, router, source, r = env
+    assert controller_mod._Handler.timeout == 10          # the shipped socket timeout
+    monkeypatch.setattr(controller_mod._Handler, "timeout", 0.5)   # same mechanism, faster test
+    ctl = Controller(cfg, reg, router, source)
+    srv = ctl.serve_http(port=_free_port())
+    port = srv.server_address[1]
+    try:
+        # a token pasted with a trailing newline or spaces is accepted, as by the router
+        ok = requests.post(f"http://127.0.0.1:{port}/v1/admin/alert", json={"alerts": []}, timeout=5,
+                           headers={"Authorization": f"Bearer  {TOKEN} \t"})
+        assert ok.status_code == 200
+        # a client announcing 100 bytes and sending 2 does not pin the handler thread
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall((f"POST /v1/admin/alert HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                          f"Content-Length: 100\r\n\r\n{{}}").encode())
+            t0 = time.monotonic()
+            while sock.recv(4096):       # the server gives up and closes (an answer, then EOF)
+                pass
+            assert time.monotonic() - t0 < 4
     finally:
         ctl.stop_http()
 
