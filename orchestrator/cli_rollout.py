@@ -78,6 +78,29 @@ def _ensure_registered(cfg: RunConfig, reg: Registry, name: str, router_sha: Opt
                             f"recorded {rec.sha256[:12]}...; refusing to roll out other bytes")
 
 
+def gate_check(cfg: RunConfig, reg: Registry, name: str, skip_gate: bool, reason: str) -> str:
+    """The audit reason of a new rollout of `name`, or UsageError when its offline gate
+    rejected it.
+
+    registry.start_rollout overwrites any status with 'shadow', so this is the only place
+    that stops a rejected generation from going live: refused when its status is
+    'rejected' and its `generations[].offline_gate` is 'enforce' (the default), unless
+    `skip_gate` (--skip-gate), which is appended to the reason; an 'advisory' gate allows
+    it and says so in the reason.
+    """
+    rec = reg.generation(name)
+    if rec is None or rec.status != "rejected":
+        return reason
+    if cfg.generation(name).offline_gate == "advisory":
+        return f"{reason} (offline gate rejected it; the gate is advisory for {name})"
+    if not skip_gate:
+        raise UsageError(f"generation {name!r} was rejected by the offline gate (registry status 'rejected', "
+                         f"generations[].offline_gate: enforce); refusing to roll it out. See "
+                         f"`graceful registry show` for the report; --skip-gate overrides (recorded in the "
+                         f"audit log)")
+    return f"{reason} (offline gate rejected it; skipped with --skip-gate)"
+
+
 def _progress(res: Any, t0: float) -> str:
     line = (f"[{time.monotonic() - t0:7.1f}s] {res.state or '-'} step {res.step} "
             f"w={res.weight if res.weight is not None else 0:.2f} {res.decision or '-'}: {res.reason}")
@@ -112,6 +135,8 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
             if latest is not None and latest.state in FINAL_STATES and not args.new:
                 r = latest  # a restart after the end: report it (and heal the router), never redo it
             else:
+                reason = gate_check(cfg, reg, args.candidate, args.skip_gate,
+                                    args.reason or f"graceful rollout --candidate {args.candidate}")
                 try:
                     status = client.status()
                 except Exception as e:
@@ -126,8 +151,7 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
                                      f"(graceful serve CONFIG --candidate {args.candidate})")
                 _ensure_registered(cfg, reg, baseline, gens.get(baseline, {}).get("sha256"))
                 _ensure_registered(cfg, reg, args.candidate, gens[args.candidate].get("sha256"))
-                r = start_rollout(reg, source, args.candidate, baseline, actor,
-                                  args.reason or f"graceful rollout --candidate {args.candidate}")
+                r = start_rollout(reg, source, args.candidate, baseline, actor, reason)
         ctl = Controller(cfg, reg, client, source, rollout_id=r.id)
         try:
             http = ctl.serve_http()
@@ -293,6 +317,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--actor", help="who starts it (default: $USER)")
     p.add_argument("--new", action="store_true", help="start a new rollout even if this candidate's last one "
                                                       "finished (e.g. retry after a rollback)")
+    p.add_argument("--skip-gate", action="store_true", help="roll out a generation the offline gate rejected "
+                                                            "(offline_gate: enforce); recorded in the audit log")
     add_json_arg(p)
     p.set_defaults(func=_cmd_rollout)
 

@@ -484,3 +484,42 @@ def test_commands_without_a_registry_exit_2(tmp_path, capsys):
     path = _write_cfg(tmp_path / "empty") if (tmp_path / "empty").mkdir() is None else None
     assert main(["status", path]) == 2 and "no registry" in capsys.readouterr().err
     assert main(["rollout", path, "--candidate", "nope"]) == 2
+
+
+def test_a_generation_the_offline_gate_rejected_is_not_rolled_out(tmp_path, capsys):
+    import yaml
+
+    from orchestrator.cli import main
+    from orchestrator.cli_rollout import gate_check
+    from orchestrator.cli import UsageError
+
+    reg = Registry(tmp_path / "registry.sqlite")
+    for name, parent in (("g0", None), ("g1", "g0")):
+        reg.add_generation(name, parent, "mlp", "h", f"/x/{name}.pt", SHA if name == "g0" else "1" * 64)
+    reg.set_status("g1", "rejected", "gate", "offline gate failed")
+
+    def cfg_file(gate):
+        path = tmp_path / f"{gate}.yaml"
+        path.write_text(yaml.safe_dump({
+            "run_dir": str(tmp_path), "generations": [{"name": "g0"}, {"name": "g1", "offline_gate": gate}],
+            "serving": {"port": _free_port()}, "rollout": {"metrics_port": 0}}))
+        return str(path)
+
+    enforce, advisory = cfg_file("enforce"), cfg_file("advisory")
+    # refused before anything is started: exit 2, the message says why and how to override
+    assert main(["rollout", enforce, "--candidate", "g1"]) == 2
+    err = capsys.readouterr().err
+    assert "rejected by the offline gate" in err and "--skip-gate" in err
+    assert reg.latest_rollout("g1") is None and reg.generation("g1").status == "rejected"
+    # --skip-gate and an advisory gate pass the check (then fail on the router nobody runs: 1)
+    assert main(["rollout", enforce, "--candidate", "g1", "--skip-gate"]) == 1
+    assert main(["rollout", advisory, "--candidate", "g1"]) == 1
+    assert "unreachable" in capsys.readouterr().err
+    # the audit reason of a rollout that goes ahead names the override
+    from orchestrator.config import load_config
+    assert gate_check(load_config(enforce), reg, "g1", True, "why").endswith("skipped with --skip-gate)")
+    assert "advisory" in gate_check(load_config(advisory), reg, "g1", False, "why")
+    assert gate_check(load_config(enforce), reg, "g0", False, "why") == "why"      # not rejected: as given
+    with pytest.raises(UsageError):
+        gate_check(load_config(enforce), reg, "g1", False, "why")
+    reg.close()
