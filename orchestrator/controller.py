@@ -39,7 +39,7 @@ import math
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional
 
@@ -194,6 +194,8 @@ class _Evidence:
     total_base: Counts               # evidence from the rollout start to the step start
     last_raw: Optional[Counts]       # the last raw cumulative snapshot of the source
     step_acc: Counts                 # evidence since the step started (resets handled)
+    latency_breaches: int = 0        # consecutive ticks with p99 over the limit on fresh requests
+    fresh_requests: int = 0          # candidate requests since the previous read
 
 
 class Controller:
@@ -285,8 +287,21 @@ class Controller:
         delta = advance(ev.last_raw, raw)
         ev.step_acc = add(ev.step_acc, delta, raw.latency_p99_ms)
         ev.last_raw = raw
+        ev.fresh_requests = delta.requests
         total = add(ev.total_base, ev.step_acc, raw.latency_p99_ms)
-        return Observation(total=total, step=ev.step_acc, step_elapsed_s=max(0.0, now - r.step_started_at))
+        return Observation(total=total, step=ev.step_acc, step_elapsed_s=max(0.0, now - r.step_started_at),
+                           # a tick without fresh requests cannot complete a run of breaches
+                           latency_breaches=ev.latency_breaches if delta.requests > 0 else 0)
+
+    def _count_latency(self, r: RolloutRecord, d: Decision) -> None:
+        """Keep decide's latency-breach run: a breaching tick counts only when it saw fresh
+        requests (the same p99 read twice is one piece of evidence); a tick within the
+        limit ends the run."""
+        ev = self._evidence(r)
+        if not d.stats.get("latency_breach"):
+            ev.latency_breaches = 0
+        elif ev.fresh_requests > 0:
+            ev.latency_breaches += 1
 
     def _step_data(self, r: RolloutRecord, **extra: Any) -> dict:
         """The data a new step starts from: the evidence so far and the raw snapshot now."""
@@ -359,8 +374,9 @@ class Controller:
             obs = self.observe(r, now)
             if obs is None:
                 return r, "refused: metric source down, no evidence (promote --force skips the rule)"
-            obs = Observation(total=obs.total, step=obs.step, step_elapsed_s=math.inf)
+            obs = replace(obs, step_elapsed_s=math.inf)
             d = decide(obs, self._step_spec(r), self.policy)
+            self._count_latency(r, d)
             if d.kind != "promote":
                 return r, f"refused: the rule says {d.kind}: {d.reason} (promote --force skips the rule)"
             state, step, weight = next_position(r, len(self.policy.steps), self._weights())
@@ -436,6 +452,8 @@ class Controller:
             # position is decided on from the next tick)
             obs = self.observe(r, now)
             decision = decide(obs, self._step_spec(r), self.policy)
+            if obs is not None:
+                self._count_latency(r, decision)
             if obs is None and self._source_error:
                 decision = Decision(decision.kind, f"{decision.reason}: {self._source_error}", decision.stats)
             self.metrics.decision(r.candidate, decision.kind)

@@ -60,6 +60,9 @@ class Observation:
     total: Counts                # since the rollout started: evidence of the sequential NFR test
     step: Counts                 # since the current step started: min counts, error rate, latency
     step_elapsed_s: float        # seconds since the current step started (bake time)
+    # Consecutive earlier ticks of this step whose p99 was above latency_p99_ms on fresh
+    # requests (kept by the controller: decide is pure and has no memory of its own).
+    latency_breaches: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,7 @@ def _invalid(c: Counts) -> Optional[str]:
 
 def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: RolloutSpec, *,
            disagreement_share: float = 0.2, min_errors: int = 5,
-           min_latency_requests: int = 100) -> Decision:
+           min_latency_requests: int = 100, latency_ticks: int = 3) -> Decision:
     """Promote / hold / rollback / inconclusive for the current step (pure).
 
     obs None (metric source down) or unusable counts -> "inconclusive", never a rollback.
@@ -173,7 +176,10 @@ def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: Roll
     Rollback (any time, no bake): the NFR SPRT on total counts reaches
     log(1/false_rollback_rate); or the step's error SPRT (error_rate_limit vs twice it)
     does with at least `min_errors` errors; or the step's p99 latency exceeds
-    latency_p99_ms with at least `min_latency_requests` step requests.
+    latency_p99_ms with at least `min_latency_requests` step requests on `latency_ticks`
+    ticks in a row (obs.latency_breaches earlier ones + this one). A breach short of that
+    holds (never promotes). stats["latency_breach"] is 1.0 when this tick breaches, so the
+    controller can keep the count: latency_breaches 2, p99 600 > 500 ms -> 3rd tick -> rollback.
     Promote: bake time, min_requests done, and either min_labels labelled with the NFR
     SPRT at or below log(false_promote_rate * (1 - disagreement_share)), or min_labels
     compared samples with the disagreement SPRT at or below
@@ -220,6 +226,9 @@ def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: Roll
         latency = None
     if latency is not None:
         stats["latency_p99_ms"] = float(latency)
+    latency_breach = latency is not None and s.requests >= min_latency_requests and latency > policy.latency_p99_ms
+    stats["latency_breach"] = 1.0 if latency_breach else 0.0
+    stats["latency_breaches"] = float(obs.latency_breaches + 1 if latency_breach else 0)
     # JSON has no infinity: an error LLR of inf (limit 0) is stored as +-1e9.
     stats = {k: max(-1e9, min(1e9, v)) for k, v in stats.items()}
 
@@ -230,9 +239,12 @@ def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: Roll
     if s.errors >= min_errors and llr_err >= math.log(1.0 / policy.false_rollback_rate):
         return Decision(ROLLBACK, f"error rate {s.errors}/{s.requests} = {error_rate:.4f} shown above "
                         f"the limit {policy.error_rate_limit:g}: LLR {llr_err:.2f}", stats)
-    if latency is not None and s.requests >= min_latency_requests and latency > policy.latency_p99_ms:
+    if latency_breach and obs.latency_breaches + 1 >= latency_ticks:
         return Decision(ROLLBACK, f"p99 latency {latency:.1f} ms > {policy.latency_p99_ms:g} ms "
-                        f"over {s.requests} step requests", stats)
+                        f"on {obs.latency_breaches + 1} ticks in a row, {s.requests} step requests", stats)
+    if latency_breach:
+        return Decision(HOLD, f"p99 latency {latency:.1f} ms > {policy.latency_p99_ms:g} ms "
+                        f"({obs.latency_breaches + 1}/{latency_ticks} ticks in a row before a rollback)", stats)
 
     waiting = []
     if obs.step_elapsed_s < bake:

@@ -329,6 +329,25 @@ def test_a_router_that_lost_the_candidate_is_audited_and_pauses_the_rollout(env)
     assert (res.state, res.step) == ("canary", 1) and router.weights["g1"] == pytest.approx(0.1)
 
 
+def test_latency_rollback_needs_three_breaching_ticks_of_fresh_requests(tmp_path, env):
+    _, reg, router, source, r = env
+    cfg = _cfg(tmp_path, shadow_bake_seconds=1000, latency_p99_ms=100.0)
+    ctl = Controller(cfg, reg, router, source)
+    source.per_read = Counts(requests=60, compared=60, labelled=60, latency_p99_ms=250.0)
+    first = ctl.tick()                        # 60 step requests: under min_latency_requests
+    assert first.decision == "hold" and first.stats["latency_breach"] == 0.0
+    second, third = ctl.tick(), ctl.tick()    # breaches 1 and 2: hold
+    assert [x.decision for x in (second, third)] == ["hold", "hold"]
+    source.per_read = Counts(latency_p99_ms=250.0)    # no fresh requests: no evidence either way
+    assert ctl.tick().decision == "hold"
+    source.per_read = Counts(requests=60, compared=60, labelled=60, latency_p99_ms=50.0)
+    assert ctl.tick().decision == "hold"      # back under the limit: the run ends
+    source.per_read = Counts(requests=60, compared=60, labelled=60, latency_p99_ms=250.0)
+    assert [ctl.tick().decision for _ in range(2)] == ["hold", "hold"]
+    last = ctl.tick()
+    assert (last.decision, last.state) == ("rollback", "rolled_back") and "3 ticks in a row" in last.reason
+
+
 def test_a_tick_that_raises_is_counted_and_the_loop_goes_on(env):
     cfg, reg, router, source, r = env
     ctl = Controller(cfg, reg, router, source)

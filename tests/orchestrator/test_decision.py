@@ -17,6 +17,8 @@ import math
 import numpy as np
 import pytest
 
+from dataclasses import replace
+
 from orchestrator.config import RolloutSpec, RolloutStep
 from orchestrator.decision import (Counts, Decision, Observation, confidence_sequence, decide,
                                    design_rates, sprt_bounds, sprt_llr)
@@ -116,13 +118,27 @@ def test_error_limit_zero_rolls_back_at_min_errors():
 
 
 def test_latency_rollback_needs_min_requests_and_a_known_value():
-    assert decide(obs(labelled=100, latency=600.0), STEP, POLICY).kind == "rollback"
-    assert decide(obs(labelled=99, latency=600.0), STEP, POLICY).kind == "hold"
+    slow = obs(labelled=100, latency=600.0)
+    assert decide(replace(slow, latency_breaches=2), STEP, POLICY).kind == "rollback"
+    assert decide(replace(obs(labelled=99, latency=600.0), latency_breaches=2), STEP, POLICY).kind == "hold"
     assert decide(obs(labelled=300, latency=None), STEP, POLICY).kind == "promote"
     assert decide(obs(labelled=300, latency=500.0), STEP, POLICY).kind == "promote"
     # NaN (histogram_quantile over no data) is unknown, not a breach and not a broken tick.
     d = decide(obs(labelled=300, latency=float("nan")), STEP, POLICY)
     assert d.kind == "promote" and "latency_p99_ms" not in d.stats
+
+
+def test_latency_rolls_back_only_on_consecutive_breaches_and_a_breach_never_promotes():
+    """300 clean labels would promote; p99 600 > 500 ms on the 1st and 2nd tick in a row
+    holds, on the 3rd (latency_breaches = 2 earlier ticks) rolls back."""
+    slow = obs(labelled=300, latency=600.0)
+    d0, d1, d2 = (decide(replace(slow, latency_breaches=k), STEP, POLICY) for k in (0, 1, 2))
+    assert (d0.kind, d1.kind, d2.kind) == ("hold", "hold", "rollback")
+    assert "1/3 ticks" in d0.reason and "3 ticks in a row" in d2.reason
+    assert d0.stats["latency_breach"] == 1.0 and d2.stats["latency_breaches"] == 3.0
+    assert decide(replace(slow, latency_breaches=0), STEP, POLICY, latency_ticks=1).kind == "rollback"
+    ok = decide(replace(obs(labelled=300, latency=400.0), latency_breaches=2), STEP, POLICY)
+    assert ok.kind == "promote" and ok.stats["latency_breach"] == 0.0 and ok.stats["latency_breaches"] == 0.0
 
 
 def test_disagreement_promotes_before_labels_but_never_rolls_back():
