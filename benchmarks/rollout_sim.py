@@ -60,7 +60,6 @@ TICKS = MAX_LABELS // TICK_LABELS
 INTERVALS = (100, 200, 300, 400, 500, 600, 800, 1000, 1500, 2000)
 RUN = 3
 TARGET = 0.05
-DISAGREEMENT_SHARE = 0.2   # decide()'s default, restated so the vectorised path matches it
 
 
 def _rng(seed: int, rule: str, ratio: float) -> np.random.Generator:
@@ -99,14 +98,14 @@ def ours_vectorised(flips: np.ndarray, dis, policy: RolloutSpec) -> tuple[np.nda
     """The SPRTs of decide() on cumulative counts, all rollouts and ticks at once."""
     p0, p1 = design_rates(policy.nfr_limit)
     lower, upper = sprt_bounds(policy.false_rollback_rate,
-                               policy.false_promote_rate * (1 - DISAGREEMENT_SHARE))
+                               policy.false_promote_rate * (1 - policy.disagreement_share))
     n = TICK_LABELS * np.arange(1, TICKS + 1)
     llr = sprt_llr(np.cumsum(flips, axis=1), n, p0, p1)
     promote = llr <= lower
     if dis is not None:
         m = TICK_COMPARED * np.arange(1, TICKS + 1)
         llr_d = sprt_llr(np.cumsum(dis, axis=1), m, p0, p1)
-        promote |= llr_d <= math.log(policy.false_promote_rate * DISAGREEMENT_SHARE)
+        promote |= llr_d <= math.log(policy.false_promote_rate * policy.disagreement_share)
     kind, first = _first_crossing(llr >= upper, promote)
     return kind, np.minimum(first + 1, TICKS) * TICK_LABELS
 

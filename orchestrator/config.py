@@ -56,6 +56,11 @@ class RolloutSpec(StrictModel):
     false_promote_rate: float = Field(0.05, gt=0, lt=0.5)
     error_rate_limit: float = Field(0.01, ge=0, le=1, description="share of failed candidate requests")
     latency_p99_ms: float = Field(500.0, gt=0)
+    # Share of false_promote_rate spent on promoting from shadow disagreements before labels.
+    disagreement_share: float = Field(0.2, gt=0, lt=1)
+    min_errors: int = Field(5, ge=1, description="errors in a step before the error-rate test may roll back")
+    min_latency_requests: int = Field(100, ge=1, description="step requests before a p99 is trusted")
+    latency_ticks: int = Field(3, ge=1, description="consecutive breaching ticks of fresh requests before a latency rollback")
     tick_seconds: float = Field(2.0, gt=0)
     metric_source: Literal["router", "prometheus"] = "router"
     prometheus_url: str = "http://127.0.0.1:9090"

@@ -166,8 +166,8 @@ def _invalid(c: Counts) -> Optional[str]:
 
 
 def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: RolloutSpec, *,
-           disagreement_share: float = 0.2, min_errors: int = 5,
-           min_latency_requests: int = 100, latency_ticks: int = 3) -> Decision:
+           disagreement_share: Optional[float] = None, min_errors: Optional[int] = None,
+           min_latency_requests: Optional[int] = None, latency_ticks: Optional[int] = None) -> Decision:
     """Promote / hold / rollback / inconclusive for the current step (pure).
 
     obs None (metric source down) or unusable counts -> "inconclusive", never a rollback.
@@ -184,8 +184,12 @@ def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: Roll
     SPRT at or below log(false_promote_rate * (1 - disagreement_share)), or min_labels
     compared samples with the disagreement SPRT at or below
     log(false_promote_rate * disagreement_share). Otherwise hold.
-    The keyword knobs are not in RolloutSpec; their defaults are the documented design.
+    The keyword knobs default to the policy's keys of the same names (`rollout.*`).
     """
+    disagreement_share = policy.disagreement_share if disagreement_share is None else disagreement_share
+    min_errors = policy.min_errors if min_errors is None else min_errors
+    min_latency_requests = policy.min_latency_requests if min_latency_requests is None else min_latency_requests
+    latency_ticks = policy.latency_ticks if latency_ticks is None else latency_ticks
     if obs is None:
         return Decision(INCONCLUSIVE, "metric source down: no observation", {})
     for where, c in (("total", obs.total), ("step", obs.step)):

@@ -229,3 +229,17 @@ def test_benchmark_vectorised_rule_is_decide():
         k2, l2 = sim.ours_through_decide(flips, dis, gate, steps=False)
         assert np.array_equal(kind, k2) and np.array_equal(labels, l2)
         assert set(kind) <= {-1, 0, 1} and labels.min() >= sim.TICK_LABELS
+
+
+def test_the_rule_reads_its_minimums_from_the_policy():
+    """rollout.min_errors / latency_ticks / min_latency_requests are config keys: with
+    min_errors 2 and limit 0, two errors already roll back (the default 5 holds); with
+    latency_ticks 1 the first breaching tick rolls back; keyword arguments still win."""
+    strict = POLICY.model_copy(update={"error_rate_limit": 0.0})
+    assert decide(obs(labelled=100, errors=2), STEP, strict).kind == "hold"
+    assert decide(obs(labelled=100, errors=2), STEP, strict.model_copy(update={"min_errors": 2})).kind == "rollback"
+    slow = obs(labelled=100, latency=600.0)
+    assert decide(slow, STEP, POLICY).kind == "hold"
+    assert decide(slow, STEP, POLICY.model_copy(update={"latency_ticks": 1})).kind == "rollback"
+    assert decide(slow, STEP, POLICY.model_copy(update={"min_latency_requests": 101, "latency_ticks": 1})).kind == "hold"
+    assert decide(slow, STEP, POLICY.model_copy(update={"latency_ticks": 1}), latency_ticks=3).kind == "hold"
