@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 LOG=.venv/install.log
 : > "$LOG"
 step() {
-  echo "install: $*"
+  echo "install: ${*: -1}"
   if ! .venv/bin/python -m pip install --disable-pip-version-check "$@" >>"$LOG" 2>&1; then
     tail -30 "$LOG" >&2
     echo "install failed (full log: $LOG)" >&2
