@@ -152,6 +152,29 @@ def plot_compat(names: list[str], matrix: np.ndarray, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_chain_compat(names: list[str], matrix: np.ndarray, gallery: str, path: Path) -> None:
+    """Own top-1 M(gk, gk) and compatibility with the served gallery M(gk, gallery) against
+    the generation: where the line of the second falls below the dashed M(gallery, gallery),
+    a gallery never re-indexed serves that generation's queries worse than its own model."""
+    plt = _plt()
+    k = names.index(gallery)
+    xs = range(len(names))
+    own = [matrix[i, i] * 100 for i in xs]
+    vs = [matrix[i, k] * 100 for i in xs]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(names) + 2), 3.6))
+    ax.plot(xs, own, "o-", label="own gallery M(gk, gk)")
+    ax.plot(xs, vs, "s-", label=f"served gallery M(gk, {gallery})")
+    ax.axhline(matrix[k, k] * 100, color="grey", ls="--", lw=1, label=f"M({gallery}, {gallery})")
+    ax.set_xticks(list(xs), names)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("retrieval top-1 (%)")
+    ax.set_title(f"Compatibility along the chain (gallery built by {gallery})")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
 # --- the report ---------------------------------------------------------------------------
 
 def _pct(v: Optional[float]) -> str:
@@ -163,7 +186,7 @@ def write_report(cfg: RunConfig, ev: Evaluation, reg: Registry, out_dir: Optiona
     out = Path(out_dir) if out_dir is not None else reports_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     c, b = ev.candidate, ev.baseline
-    files = {k: f"{c}-{k}.png" for k in ("flips", "class-nfr", "chain", "compat")}
+    files = {k: f"{c}-{k}.png" for k in ("flips", "class-nfr", "chain", "compat", "chain-compat")}
     flips = np.asarray(ev.flip_matrix)
     plot_flip_matrix(flips, out / files["flips"], f"Negative flips {b} -> {c} ({int(flips.sum())} samples)")
     plot_class_nfr(ev.per_class_nfr, cfg.gates.max_class_nfr, out / files["class-nfr"],
@@ -172,6 +195,8 @@ def write_report(cfg: RunConfig, ev: Evaluation, reg: Registry, out_dir: Optiona
     plot_error_vs_nfr(chain["rows"], c, cfg.gates.max_nfr, out / files["chain"])
     compat = np.asarray(chain["compat"], dtype=float)
     plot_compat(chain["names"], compat, out / files["compat"])
+    gallery = cfg.gallery if cfg.gallery in chain["names"] else chain["names"][0]
+    plot_chain_compat(chain["names"], compat, gallery, out / files["chain-compat"])
 
     m = ev.metrics
     lineage = " -> ".join(g.name for g in reg.lineage(c))
@@ -229,6 +254,13 @@ def write_report(cfg: RunConfig, ev: Evaluation, reg: Registry, out_dir: Optiona
         "cells are what serving an old gallery without backfill gives.",
         "",
         f"![cross-compatibility]({files['compat']})",
+        "",
+        f"Compatibility along the chain: each generation's own top-1 and its top-1 in the gallery "
+        f"that {gallery}'s embeddings fill (served, never re-indexed). The price the constraints "
+        f"cost each generation (the compatibility tax, against independently trained models) is "
+        f"measured by `benchmarks/chain_tax.py` (README, 'compatibility tax').",
+        "",
+        f"![compatibility along the chain]({files['chain-compat']})",
         "",
         f"Regenerate: `graceful evaluate CONFIG --candidate {c}" + (f" --against {b}`" if b else "`"),
         "",

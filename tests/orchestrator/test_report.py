@@ -23,7 +23,7 @@ def test_report_files_and_contents(tmp_path):
     assert md == cfg.run_dir / "reports" / "g2.md"
     text = md.read_text()
     assert text.startswith("# g2: offline gate against g0 -- FAIL")
-    for kind in ("flips", "class-nfr", "chain", "compat"):
+    for kind in ("flips", "class-nfr", "chain", "compat", "chain-compat"):
         png = md.parent / f"g2-{kind}.png"
         assert png.read_bytes()[:8] == PNG and png.stat().st_size > 5000
         assert f"]({png.name})" in text
