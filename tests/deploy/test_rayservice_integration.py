@@ -4,9 +4,7 @@ declaratively the way KubeRay applies it, answers like `graceful serve`."""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -14,10 +12,9 @@ import pytest
 import yaml
 
 from serving.client import RouterClient, RouterError
-from workers.checkpoint import save_model
 from workers.data import load_dataset
-from workers.models import build_model
-from workers.specs import ArchSpec, DataSpec
+from workers.specs import DataSpec
+from tests.helpers import free_port, write_untrained_run
 
 pytestmark = pytest.mark.integration
 
@@ -27,23 +24,8 @@ DATA = {"source": "digits", "test_fraction": 0.3, "val_fraction": 0.1}
 TOKEN = "rayservice-admin-token-1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _write_run(tmp: Path) -> Path:
-    cfg = {"run_dir": str(tmp / "run"), "data": DATA, "serving": {"cpus_per_replica": 0.1, "router_cpus": 0.1},
-           "generations": [{"name": n, "arch": ARCH} for n in ("g0", "g1")]}
-    path = tmp / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    ds = load_dataset(DataSpec(**DATA))
-    for name in ("g0", "g1"):
-        d = tmp / "run" / "generations" / name
-        sha = save_model(build_model(ArchSpec(**ARCH), ds.input_dim, ds.num_classes), d)
-        (d / "metrics.json").write_text(json.dumps({"sha256": sha}))
-    return path
+    return write_untrained_run(tmp, DATA, ARCH, ("g0", "g1"), serving={"cpus_per_replica": 0.1, "router_cpus": 0.1})
 
 
 @pytest.fixture
@@ -71,7 +53,7 @@ def test_rayservice_serve_config_deploys_and_serves(tmp_path, ray_with_token):
     from ray.serve.schema import ServeDeploySchema
 
     cfg_path = _write_run(tmp_path)
-    port = _free_port()
+    port = free_port()
     svc = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
     raw = yaml.safe_load(svc["spec"]["serveConfigV2"])
     raw["http_options"] = {"host": "127.0.0.1", "port": port}

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 import yaml
@@ -12,10 +11,7 @@ import yaml
 from orchestrator.serve_app import AppArgsError, ClusterRouter, generation_app, router_app, wait_for_apps
 from serving.deploy import ModelServer
 from serving.refs import app_name_for
-from workers.checkpoint import save_model
-from workers.data import load_dataset
-from workers.models import build_model
-from workers.specs import ArchSpec, DataSpec
+from tests.helpers import write_untrained_run
 
 ARCH = {"type": "mlp", "width": 8, "depth": 1, "embed_dim": 8}
 DATA = {"source": "digits", "test_fraction": 0.3, "val_fraction": 0.1}
@@ -26,16 +22,8 @@ def run_config(tmp_path, cache_dir, monkeypatch):
     """A run dir as `graceful train` leaves it for g0 and g1 (untrained weights are enough);
     g2 is in the config but not trained."""
     monkeypatch.setenv("GRACEFUL_ADMIN_TOKEN", "app-admin-token-1")
-    cfg = {"run_dir": str(tmp_path / "run"), "data": DATA, "serving": {"replicas": 2, "cpus_per_replica": 0.5},
-           "generations": [{"name": n, "arch": ARCH} for n in ("g0", "g1", "g2")]}
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    ds = load_dataset(DataSpec(**DATA))
-    for name in ("g0", "g1"):
-        d = tmp_path / "run" / "generations" / name
-        sha = save_model(build_model(ArchSpec(**ARCH), ds.input_dim, ds.num_classes), d)
-        (d / "metrics.json").write_text(json.dumps({"sha256": sha}))
-    return path
+    return write_untrained_run(tmp_path, DATA, ARCH, ("g0", "g1"), ("g0", "g1", "g2"),
+                               serving={"replicas": 2, "cpus_per_replica": 0.5})
 
 
 def _deployment(app):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,9 @@ from workers.data import load_dataset
 from workers.models import build_model
 from workers.specs import ArchSpec, DataSpec, TrainSpec
 from workers.training import fit
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_run(tmp: Path) -> Path:
@@ -49,7 +43,7 @@ def _write_run(tmp: Path) -> Path:
 
 def test_graceful_serve_runs_and_stops_cleanly(tmp_path):
     cfg = _write_run(tmp_path)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GRACEFUL_ADMIN_TOKEN": "cli-admin-token-1"}
     env.pop("RAY_ADDRESS", None)  # its own local Ray, not a cluster the test session may know
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(cfg), "--candidate", "g1",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,14 +14,9 @@ import time
 from pathlib import Path
 
 import yaml
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray_pids() -> set[int]:
@@ -61,7 +55,7 @@ def test_demo_promotes_the_compatible_generation_and_rolls_back_the_regression(t
     cfg = _demo_config(tmp_path)
     before = _ray_pids()
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "demo", str(cfg), "--port", str(_free_port()),
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "demo", str(cfg), "--port", str(free_port()),
                            "--json"], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=540)
     wall = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -94,7 +88,7 @@ def test_demo_promotes_the_compatible_generation_and_rolls_back_the_regression(t
 def test_ctrl_c_stops_the_demo_cleanly(tmp_path):
     cfg = _demo_config(tmp_path)
     before = _ray_pids()
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "demo", str(cfg), "--port", str(_free_port())],
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "demo", str(cfg), "--port", str(free_port())],
                             cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:

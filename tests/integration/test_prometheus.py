@@ -25,7 +25,8 @@ from orchestrator.registry import Registry
 from orchestrator.sources import PrometheusSource, SourceError, counts_from_status
 from serving.client import RouterClient
 from serving.specs import ServingSpec
-from tests.integration.test_rollout import ARCH, DATA, TOKEN, _free_port, _Traffic, _write_run
+from tests.helpers import free_port
+from tests.integration.test_rollout import ARCH, DATA, TOKEN, _Traffic, _write_run
 
 
 def _prometheus_binary():
@@ -64,14 +65,14 @@ def stack(ray_fast_metrics, tmp_path_factory):
     from serving import deploy
 
     tmp = tmp_path_factory.mktemp("prom")
-    prom_port = _free_port()
+    prom_port = free_port()
     rollout = {"shadow_bake_seconds": 1, "nfr_limit": 0.1, "tick_seconds": 1.0, "max_source_errors": 1000,
                "error_rate_limit": 0.05, "latency_p99_ms": 5000, "metric_source": "prometheus",
                "prometheus_url": f"http://127.0.0.1:{prom_port}", "prometheus_latency_window": "30s",
                "metrics_port": 0,
                "steps": [{"weight": w, "bake_seconds": 1, "min_requests": 20, "min_labels": 40} for w in (0.3, 0.7)]}
     path, refs, ds = _write_run(tmp, rollout, shuffled=False)
-    spec = ServingSpec(port=_free_port(), shadow_timeout_s=2.0, max_rows=64)
+    spec = ServingSpec(port=free_port(), shadow_timeout_s=2.0, max_rows=64)
     url = deploy.start_serving(spec, refs["g0"], [refs["g1"]], admin_token=TOKEN)
 
     node = next(n for n in ray_fast_metrics.nodes() if n["Alive"])

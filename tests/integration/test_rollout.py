@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,18 +34,13 @@ from workers.data import Split, load_dataset
 from workers.models import build_model
 from workers.specs import ArchSpec, DataSpec, TrainSpec
 from workers.training import fit
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "rollout-admin-token-1"
 ARCH = {"type": "mlp", "width": 32, "depth": 2, "embed_dim": 16}
 DATA = {"source": "digits", "test_fraction": 0.3, "val_fraction": 0.1}
 STEPS = [0.2, 0.5, 0.8]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_run(tmp: Path, rollout: dict, shuffled: bool = True) -> tuple[Path, dict, object]:
@@ -84,9 +78,9 @@ def served(ray_session, tmp_path_factory):
     from serving import deploy
 
     tmp = tmp_path_factory.mktemp("rollout")
-    port = _free_port()
+    port = free_port()
     path, refs, ds = _write_run(tmp, {**ROLLOUT, "metrics_port": port})
-    spec = ServingSpec(port=_free_port(), shadow_timeout_s=2.0, max_rows=64)
+    spec = ServingSpec(port=free_port(), shadow_timeout_s=2.0, max_rows=64)
     url = deploy.start_serving(spec, refs["g0"], [refs["g1"], refs["g2"]], admin_token=TOKEN)
     yield {"url": url, "config": path, "ds": ds, "refs": refs, "metrics_port": port,
            "registry": tmp / "run" / "registry.sqlite"}

@@ -8,7 +8,6 @@ checkpoints, so every live counter is checked against an independent computation
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import numpy as np
@@ -23,14 +22,9 @@ from workers.data import load_dataset
 from workers.models import build_model
 from workers.specs import ArchSpec, DataSpec, TrainSpec
 from workers.training import fit, predict
+from tests.helpers import free_port
 
 TOKEN = "test-admin-token-123"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(ds, width: int, seed: int, fraction: float, path):
@@ -51,7 +45,7 @@ def served(ray_session, tmp_path_factory):
     g1 = _train(ds, 32, 1, 1.0, root / "g1")
     m0, _ = load_model(g0.uri, g0.sha256)
     emb, _ = predict(m0, ds.gallery.x)
-    spec = ServingSpec(port=_free_port(), shadow_timeout_s=0.3, feedback_max_entries=5000,
+    spec = ServingSpec(port=free_port(), shadow_timeout_s=0.3, feedback_max_entries=5000,
                        max_rows=64, max_body_bytes=64 * 1024, shadow_max_inflight=8)
     url = deploy.start_serving(spec, g0, [g1], gallery=Gallery("g0", emb, ds.gallery.y), admin_token=TOKEN)
     client = RouterClient(url, TOKEN)

@@ -17,6 +17,7 @@ from orchestrator.controller import Controller, desired_traffic, start_rollout
 from orchestrator.decision import Counts
 from orchestrator.registry import Registry
 from orchestrator.sources import SourceError
+from tests.helpers import free_port
 
 TOKEN = "unit-admin-token-1"
 SHA = "0" * 64
@@ -379,16 +380,10 @@ def test_desired_traffic_keeps_other_generations_at_zero(env):
     assert want == {"weights": {"g0": 1.0, "g1": 0.0, "g9": 0.0}, "shadows": ["g9", "g1"], "production": "g0"}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_alert_webhook_over_http_rolls_back_the_named_candidate(env):
     cfg, reg, router, source, r = env
     ctl = Controller(cfg, reg, router, source)
-    srv = ctl.serve_http(port=_free_port())
+    srv = ctl.serve_http(port=free_port())
     url = f"http://127.0.0.1:{srv.server_address[1]}"
     try:
         def alert(status, labels):
@@ -434,7 +429,7 @@ def test_webhook_strips_the_token_and_times_out_a_short_body(env, monkeypatch):
     assert controller_mod._Handler.timeout == 10          # the shipped socket timeout
     monkeypatch.setattr(controller_mod._Handler, "timeout", 0.5)   # same mechanism, faster test
     ctl = Controller(cfg, reg, router, source)
-    srv = ctl.serve_http(port=_free_port())
+    srv = ctl.serve_http(port=free_port())
     port = srv.server_address[1]
     try:
         # a token pasted with a trailing newline or spaces is accepted, as by the router
@@ -521,7 +516,7 @@ def test_a_generation_the_offline_gate_rejected_is_not_rolled_out(tmp_path, caps
         path = tmp_path / f"{gate}.yaml"
         path.write_text(yaml.safe_dump({
             "run_dir": str(tmp_path), "generations": [{"name": "g0"}, {"name": "g1", "offline_gate": gate}],
-            "serving": {"port": _free_port()}, "rollout": {"metrics_port": 0}}))
+            "serving": {"port": free_port()}, "rollout": {"metrics_port": 0}}))
         return str(path)
 
     enforce, advisory = cfg_file("enforce"), cfg_file("advisory")

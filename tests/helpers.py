@@ -1,0 +1,40 @@
+"""Small helpers shared by tests (no fixtures: those live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import yaml
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_untrained_run(tmp: Path, data: dict, arch: dict, trained: tuple[str, ...], names: tuple[str, ...] = (),
+                        serving: dict | None = None) -> Path:
+    """A run config (generations `names`, default `trained`) and a run dir as `graceful train`
+    leaves it for the `trained` ones: untrained weights, their sha256 in metrics.json.
+    Enough for tests of serving paths; returns the config path."""
+    from workers.checkpoint import save_model
+    from workers.data import load_dataset
+    from workers.models import build_model
+    from workers.specs import ArchSpec, DataSpec
+
+    cfg = {"run_dir": str(tmp / "run"), "data": data,
+           "generations": [{"name": n, "arch": arch} for n in (names or trained)]}
+    if serving:
+        cfg["serving"] = serving
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    ds = load_dataset(DataSpec(**data))
+    for name in trained:
+        d = tmp / "run" / "generations" / name
+        sha = save_model(build_model(ArchSpec(**arch), ds.input_dim, ds.num_classes), d)
+        (d / "metrics.json").write_text(json.dumps({"sha256": sha}))
+    return path
