@@ -11,15 +11,14 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """A local Ray cluster for the whole test module, shut down afterwards."""
+def local_ray(**system_config):
+    """A local Ray cluster for one test module, shut down (with Serve) afterwards."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, ignore_reinit_error=True)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             ignore_reinit_error=True, _system_config=system_config or None)
     yield ray
     try:
         from ray import serve
@@ -28,3 +27,9 @@ def ray_session():
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray cluster for the whole test module (start-up costs seconds on 2 cores)."""
+    yield from local_ray()

@@ -26,6 +26,7 @@ from orchestrator.sources import PrometheusSource, SourceError, counts_from_stat
 from serving.client import RouterClient
 from serving.specs import ServingSpec
 from tests.helpers import free_port
+from tests.integration.conftest import local_ray
 from tests.integration.test_rollout import ARCH, DATA, TOKEN, _Traffic, _write_run
 
 
@@ -41,20 +42,7 @@ def _prometheus_binary():
 @pytest.fixture(scope="module")
 def ray_fast_metrics():
     """Ray exporting its metrics every second (default 10 s), so Prometheus sees traffic soon."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _system_config={"metrics_report_interval_ms": 1000})
-    yield ray
-    try:
-        from ray import serve
-
-        serve.shutdown()
-    except Exception:
-        pass
-    ray.shutdown()
+    yield from local_ray(metrics_report_interval_ms=1000)
 
 
 @pytest.fixture(scope="module")
