@@ -159,7 +159,7 @@ def _live_counts(client, candidate: str) -> tuple[Optional[float], int]:
 
 
 def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, log: Callable[[str], None],
-             stop: threading.Event, max_seconds: float) -> str:
+             stop: threading.Event, max_seconds: float, reason: str) -> str:
     """Attach `candidate` as a shadow and let the controller take it to a final state.
     Returns the final rollout state (promoted | rolled_back), or raises DemoInterrupted."""
     from orchestrator.chain import generation_dir, read_metrics
@@ -173,8 +173,7 @@ def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, 
     deploy.add_generation(ref, cfg.serving, shadow=True)
     log(f"[{candidate}] deployed beside {production} as a shadow: it sees every request, answers none")
     source = RouterSource(client)
-    r = start_rollout(registry, source, candidate, production, actor="demo",
-                      reason="offline gate passed" if m else "")
+    r = start_rollout(registry, source, candidate, production, actor="demo", reason=reason)
     ctl = Controller(cfg, registry, client, source, rollout_id=r.id)
     t0 = time.monotonic()
     last_print = [0.0]
@@ -308,7 +307,9 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
                     continue
                 _stage(log, f"{gen.name}: rollout (shadow -> canary "
                             f"{' -> '.join(f'{100 * s.weight:g}%' for s in cfg.rollout.steps)} -> promoted)")
-                state = roll_out(cfg, registry, client, gen.name, production, log, stop, rollout_seconds)
+                why = ("offline gate passed" if row.gate_passed else
+                       "offline gate failed: " + "; ".join(row.reasons) + " (advisory for this generation)")
+                state = roll_out(cfg, registry, client, gen.name, production, log, stop, rollout_seconds, why)
                 row.live_nfr, row.live_labelled = _live_counts(client, gen.name)
                 row.outcome = state
                 log(f"[{gen.name}] {state.replace('_', ' ')}")

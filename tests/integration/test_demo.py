@@ -78,6 +78,8 @@ def test_demo_promotes_the_compatible_generation_and_rolls_back_the_regression(t
     db = sqlite3.connect(tmp_path / "run" / "registry.sqlite")
     rows = db.execute("SELECT actor, subject, to_state FROM events WHERE to_state = 'rolled_back'").fetchall()
     assert ("controller", "g2", "rolled_back") in rows
+    started = dict(db.execute("SELECT subject, reason FROM events WHERE action = 'rollout_started'").fetchall())
+    assert started["g1"] == "offline gate passed" and started["g2"].startswith("offline gate failed: ")
     promoted = db.execute("SELECT COUNT(*) FROM events WHERE subject = 'g1' AND action LIKE '%promot%' "
                           "AND to_state = 'promoted'").fetchone()[0]
     assert promoted == 1
