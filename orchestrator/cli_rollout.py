@@ -116,11 +116,11 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     names = [g.name for g in cfg.generations]
     if args.candidate not in names:
         raise UsageError(f"--candidate {args.candidate!r}: unknown generation; known: {names}")
-    from orchestrator.controller import Controller, admin_token, start_rollout
+    from orchestrator.controller import Controller, start_rollout
     from serving.client import RouterClient
 
     url = router_url(cfg, args.router)
-    client = RouterClient(url, admin_token(cfg))
+    client = RouterClient(url, cfg.serving.resolved_admin_token())
     source = build_source(cfg, client)
     reg = _open_registry(cfg, must_exist=False)
     actor = _actor(args)

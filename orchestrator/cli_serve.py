@@ -52,10 +52,6 @@ def build_gallery(cfg: RunConfig) -> Gallery:
     return Gallery(ref.name, emb, gallery.y)
 
 
-def admin_token(cfg: RunConfig) -> Optional[str]:
-    return cfg.serving.admin_token or os.environ.get(cfg.serving.admin_token_env) or None
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_or_exit(args.config)
     spec = cfg.serving.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
@@ -70,7 +66,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except NotTrained as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
-    token = admin_token(cfg)
+    token = cfg.serving.resolved_admin_token()
 
     import ray
     from ray import serve

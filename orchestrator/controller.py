@@ -36,7 +36,6 @@ import hmac
 import json
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -135,11 +134,6 @@ def next_position(r: RolloutRecord, n_steps: int, weights: list[float]) -> tuple
     if r.state == "canary":
         return "promoted", r.step, 1.0
     raise ValueError(f"no next step from state {r.state!r}")
-
-
-def admin_token(cfg: RunConfig) -> Optional[str]:
-    """The admin bearer token shared with the router (config, else its env variable)."""
-    return cfg.serving.admin_token or os.environ.get(cfg.serving.admin_token_env) or None
 
 
 def start_rollout(registry: Registry, source: Any, candidate: str, baseline: str, actor: str,
@@ -539,7 +533,7 @@ class Controller:
         port = self.policy.metrics_port if port is None else port
         if not port:
             return None
-        self._http = ControllerHTTP((host, port), self, admin_token(self.cfg))
+        self._http = ControllerHTTP((host, port), self, self.cfg.serving.resolved_admin_token())
         threading.Thread(target=self._http.serve_forever, name="controller-http", daemon=True).start()
         return self._http
 

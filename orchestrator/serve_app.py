@@ -29,7 +29,7 @@ from ray import serve
 from ray.serve import Application
 
 from orchestrator.cli import UsageError
-from orchestrator.cli_serve import NotTrained, admin_token, build_gallery, resolve_ref
+from orchestrator.cli_serve import NotTrained, build_gallery, resolve_ref
 from orchestrator.config import ConfigError, RunConfig, load_config
 from serving.deploy import generation_application, router_application
 from serving.router import Router
@@ -136,5 +136,5 @@ def router_app(args: dict) -> Application:
     cands = [_ref(cfg, "router_app", n) for n in names]
     local = cfg.serving.in_router_models
     return router_application(
-        cfg.serving, prod_ref, cands, build_gallery(cfg), None, shadows, admin_token(cfg), router_cls=ClusterRouter,
+        cfg.serving, prod_ref, cands, build_gallery(cfg), None, shadows, cfg.serving.resolved_admin_token(), router_cls=ClusterRouter,
         app_names=() if local else tuple(r.app_name for r in [prod_ref, *cands]), wait_s=float(wait_s))

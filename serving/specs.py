@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from pydantic import Field
@@ -38,3 +39,7 @@ class ServingSpec(StrictModel):
     # inference then runs on the router's event loop. Off: one Serve app per generation.
     in_router_models: bool = False
     max_ongoing_requests: int = Field(64, ge=1, description="per model replica; lets @serve.batch fill")
+
+    def resolved_admin_token(self) -> Optional[str]:
+        """The admin bearer token: `admin_token`, else the `admin_token_env` variable, else None (admin off)."""
+        return self.admin_token or os.environ.get(self.admin_token_env) or None

@@ -212,3 +212,13 @@ def test_demo_yaml_documents_every_serving_key():
     documented = {line.strip().lstrip("# ").split(":")[0] for line in section.splitlines()[2:] if ":" in line}
     assert set(ServingSpec.model_fields) <= documented, set(ServingSpec.model_fields) - documented
     assert yaml.safe_load(text)["serving"]["host"] == "127.0.0.1"
+
+
+def test_admin_token_comes_from_the_config_then_its_env_variable(monkeypatch):
+    monkeypatch.delenv("GRACEFUL_ADMIN_TOKEN", raising=False)
+    assert ServingSpec().resolved_admin_token() is None  # admin off
+    monkeypatch.setenv("GRACEFUL_ADMIN_TOKEN", "from-the-env-1")
+    assert ServingSpec().resolved_admin_token() == "from-the-env-1"
+    assert ServingSpec(admin_token="from-the-file-1").resolved_admin_token() == "from-the-file-1"
+    monkeypatch.setenv("GRACEFUL_ADMIN_TOKEN", "")
+    assert ServingSpec().resolved_admin_token() is None
