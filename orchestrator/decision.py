@@ -130,23 +130,17 @@ def confidence_sequence(k: int, n: int, alpha: float, prior_mean: float,
         return const - k * math.log(p) - (n - k) * math.log1p(-p) < bound
 
     mle = min(max(k / n, 1e-12), 1 - 1e-12)
-    lo_p, hi_p = 0.0, mle
-    if inside(1e-12):
-        lower = 0.0
-    else:
-        for _ in range(60):
-            mid = (lo_p + hi_p) / 2
-            lo_p, hi_p = (lo_p, mid) if inside(mid) else (mid, hi_p)
-        lower = hi_p
-    lo_p, hi_p = mle, 1.0
-    if inside(1 - 1e-12):
-        upper = 1.0
-    else:
-        for _ in range(60):
-            mid = (lo_p + hi_p) / 2
-            lo_p, hi_p = (mid, hi_p) if inside(mid) else (lo_p, mid)
-        upper = lo_p
+    lower = 0.0 if inside(1e-12) else _edge(inside, mle, 0.0)
+    upper = 1.0 if inside(1 - 1e-12) else _edge(inside, mle, 1.0)
     return lower, upper
+
+
+def _edge(inside, p_in: float, p_out: float, iterations: int = 60) -> float:
+    """The last point inside the set `inside` on the way from p_in (inside) to p_out, by bisection."""
+    for _ in range(iterations):
+        mid = (p_in + p_out) / 2
+        p_in, p_out = (mid, p_out) if inside(mid) else (p_in, mid)
+    return p_in
 
 
 # ---------------------------------------------------------------------------------------
