@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -31,10 +30,6 @@ def _stdout_to_stderr() -> int:
     return saved
 
 
-def _raise_interrupt(*_):
-    raise KeyboardInterrupt
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import DemoInterrupted, run_demo
 
@@ -42,9 +37,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_or_exit(path)
     if args.port is not None:
         cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"port": args.port})})
-    # SIGTERM stops like Ctrl-C: run_demo's finally shuts Serve and Ray down (run_demo
-    # installs it again after ray.init, which replaces it).
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
     # With --json, stdout carries the summary only: Ray's own messages (its C++ core writes
     # to file descriptor 1 directly) go to stderr with the progress.

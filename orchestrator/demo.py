@@ -57,6 +57,12 @@ def _interrupt(*_) -> None:
     raise KeyboardInterrupt("stopped by SIGTERM")
 
 
+def trap_sigterm() -> None:
+    """Make SIGTERM stop like Ctrl-C, so the demo's cleanup runs (main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
 def _check(stop: threading.Event) -> None:
     if stop.is_set():
         raise DemoInterrupted()
@@ -153,9 +159,11 @@ class LiveTraffic:
 
 
 def _live_counts(client, candidate: str) -> tuple[Optional[float], int]:
-    c = client.status()["generations"].get(candidate, {}).get("counters", {})
-    labelled = int(c.get("labelled", 0))
-    return (c.get("negative_flips", 0) / labelled if labelled else None), labelled
+    """(live NFR or None before labels, labelled samples) of `candidate` from /v1/status."""
+    from orchestrator.sources import counts_from_status
+
+    c = counts_from_status(client.status(), candidate)
+    return (c.negative_flips / c.labelled if c.labelled else None), c.labelled
 
 
 def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, log: Callable[[str], None],
@@ -245,6 +253,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
 
     stop = stop or threading.Event()
     t_start = time.perf_counter()
+    trap_sigterm()
     if fresh:
         reset_run_dir(cfg)
     else:
@@ -252,7 +261,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
     if not _port_free(cfg.serving.host, cfg.serving.port):
         raise RuntimeError(f"serving.port {cfg.serving.port} on {cfg.serving.host} is in use; "
                            f"free it or pass --port")
-    if not (cfg.serving.admin_token or __import__("os").environ.get(cfg.serving.admin_token_env)):
+    if not cfg.serving.resolved_admin_token():
         # The controller drives the router through its admin routes, which need a token:
         # one for this run only, never printed or stored.
         cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"admin_token": secrets.token_urlsafe(24)})})
@@ -269,9 +278,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
         # Always a new local cluster (never one RAY_ADDRESS points at): the finally below
         # shuts down Serve and Ray, which must only ever be our own.
         ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
-        if threading.current_thread() is threading.main_thread():
-            # ray.init makes SIGTERM exit at once; we want the cleanup below to run.
-            signal.signal(signal.SIGTERM, _interrupt)
+        trap_sigterm()  # again: ray.init makes SIGTERM exit at once, skipping the cleanup below
         # Serve's per-application INFO lines would bury the demo's own progress.
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         _stage(log, f"train the chain on Ray Train ({', '.join(g.name for g in cfg.generations)})")
@@ -280,14 +287,15 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
         # Every generation as trained; the first becomes production (bootstrap, audited).
         record_trained(cfg, cfg.generations[-1].name, actor="demo", registry=registry)
         production = registry.production().name
+        gallery = build_gallery(cfg)  # embedded once: served by the router, scored offline
         m0 = read_metrics(cfg, production)
         rows.append(GenerationSummary(production, 1 - m0["test_accuracy"], None, "promoted",
-                                      top1_vs_gallery=gallery_top1(cfg, production)))
+                                      top1_vs_gallery=gallery_top1(cfg, production, ds.query, gallery)))
 
         _stage(log, f"serve {production} on Ray Serve at http://{cfg.serving.host}:{cfg.serving.port} "
                     f"(retrieval gallery built once by {cfg.gallery})")
         _check(stop)
-        url = start_serving(cfg.serving, resolve_ref(cfg, production), gallery=build_gallery(cfg),
+        url = start_serving(cfg.serving, resolve_ref(cfg, production), gallery=gallery,
                             admin_token=cfg.serving.admin_token)
         client = RouterClient(url, cfg.serving.admin_token)
         q = ds.query.take(min(512, len(ds.query)))
@@ -301,7 +309,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
                     continue
                 _check(stop)
                 _stage(log, f"{gen.name}: offline gate against {production}")
-                row = offline_gate(cfg, registry, gen.name, production, log)
+                row = offline_gate(cfg, registry, gen.name, production, ds.query, gallery, log)
                 rows.append(row)
                 if row.outcome == "rejected":
                     continue
@@ -335,26 +343,19 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
     return json.loads(path.read_text())
 
 
-def gallery_top1(cfg: RunConfig, name: str) -> float:
-    """Offline M(name, gallery generation): retrieval top-1 of `name`'s query embeddings in
-    the gallery the gallery generation's embeddings fill (what /v1/search serves)."""
+def gallery_top1(cfg: RunConfig, name: str, query, gallery) -> float:
+    """Offline M(name, gallery generation): retrieval top-1 of `name`'s embeddings of the
+    `query` split in `gallery` (the serving.refs.Gallery /v1/search serves, embedded once)."""
     from orchestrator.chain import generation_dir, read_metrics
     from orchestrator.metrics import retrieval_top1
-    from workers.data import load_dataset
     from workers.lqf import load_servable
     from workers.training import predict
 
-    ds = load_dataset(cfg.data)
-
-    def model(n: str):
-        return load_servable(str(generation_dir(cfg, n) / "model.pt"), read_metrics(cfg, n)["sha256"])[0]
-
-    qz = predict(model(name), ds.query.x)[0]
-    gz = predict(model(cfg.gallery), ds.gallery.x)[0]
-    return retrieval_top1(qz, ds.query.y, gz, ds.gallery.y)
+    model = load_servable(str(generation_dir(cfg, name) / "model.pt"), read_metrics(cfg, name)["sha256"])[0]
+    return retrieval_top1(predict(model, query.x)[0], query.y, gallery.embeddings, gallery.labels)
 
 
-def offline_gate(cfg: RunConfig, registry, candidate: str, production: str,
+def offline_gate(cfg: RunConfig, registry, candidate: str, production: str, query, gallery,
                  log: Callable[[str], None]) -> GenerationSummary:
     """`graceful evaluate` of `candidate` against production, with its report. The row's
     outcome is 'rejected' when the gate fails and the generation's gate is enforced."""
@@ -373,5 +374,5 @@ def offline_gate(cfg: RunConfig, registry, candidate: str, production: str,
                                                        "controller decides"))
     return GenerationSummary(candidate, ev.metrics["error_candidate"], ev.metrics["nfr"],
                              "rejected" if (enforced and not ev.passed) else "pending", against=production,
-                             top1_vs_gallery=gallery_top1(cfg, candidate), gate_passed=ev.passed,
+                             top1_vs_gallery=gallery_top1(cfg, candidate, query, gallery), gate_passed=ev.passed,
                              reasons=list(ev.reasons), report=str(report))
