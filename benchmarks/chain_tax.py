@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from benchmarks.lqf import figure, parser, save_figure
-from orchestrator.metrics import error_rate, retrieval_top1
+from orchestrator.evaluation.metrics import error_rate, retrieval_top1
 from workers.data import Dataset, generation_train_split, load_dataset
 from workers.models import GracefulNet, build_model
 from workers.losses import FrozenHead, ancestor_importances, frozen_head

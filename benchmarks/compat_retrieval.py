@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, axes, cnn, mnist1d, save_png, seeds_parser, train, write_json
-from orchestrator.metrics import retrieval_top1
+from orchestrator.evaluation.metrics import retrieval_top1
 from workers.data import Dataset
 from workers.losses import FrozenHead, ancestor_importances, frozen_head
 from workers.models import GracefulNet

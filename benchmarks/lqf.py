@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from orchestrator.metrics import error_rate, nfr
+from orchestrator.evaluation.metrics import error_rate, nfr
 from workers.data import Dataset, generation_train_split, load_dataset
 from workers.lqf import fit_lqf
 from workers.models import GracefulNet, build_model

@@ -37,7 +37,7 @@ import torch
 
 from benchmarks.common import (RESULTS, axes, cnn, merge_rows, mean_std, mnist1d, ray_map, save_png,
                                seeds_parser, train, write_json)
-from orchestrator.metrics import error_rate, nfr, pfr
+from orchestrator.evaluation.metrics import error_rate, nfr, pfr
 from workers.data import Dataset
 from workers.specs import CompatSpec, EnsembleSpec, FocalDistillationSpec, TrainSpec
 from workers.train import CompatTargets

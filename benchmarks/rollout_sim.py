@@ -8,7 +8,7 @@ still undecided after MAX_LABELS = 20,000 labels counts as neither and its label
 as MAX_LABELS in the median. 1000 rollouts per (rule, ratio), seeded.
 
 Rules.
-- `ours`: orchestrator.decision's NFR test with the default policy (false_rollback_rate
+- `ours`: orchestrator.rollout.decision's NFR test with the default policy (false_rollback_rate
   = false_promote_rate = 0.05), no minimum counts or bake (one gate, the statistics
   alone), no shadow comparisons: SPRT of 0.5x vs 2x the limit, rollback at
   LLR >= log(1/0.05), promote at LLR <= log(0.05 * 0.8) (the disagreement test keeps 20 %
@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.config import RolloutSpec, RolloutStep
-from orchestrator.decision import (Counts, Observation, decide, design_rates, sprt_bounds,
+from orchestrator.rollout.decision import (Counts, Observation, decide, design_rates, sprt_bounds,
                                    sprt_llr)
 
 # benchmarks.common imports torch for the training benchmarks; this one needs only a path.

@@ -96,7 +96,7 @@ def train_chain(config: Path, log: Callable[[str], None] = print) -> None:
     as `graceful train` does."""
     from orchestrator.chain import build_job
     from orchestrator.config import load_config
-    from orchestrator.registry import record_trained
+    from orchestrator.registry.store import record_trained
 
     cfg = load_config(config)
     for g in cfg.generations:

@@ -149,7 +149,7 @@ def check_retrainable(cfg: RunConfig, name: str) -> None:
     """Raise ChainError when the registry serves generation `name` (production, shadow,
     canary, or named by an active rollout): training would overwrite the bytes being
     served and could not be recorded anyway. Asked before any training starts."""
-    from orchestrator.registry import Registry, RegistryError, registry_path
+    from orchestrator.registry.store import Registry, RegistryError, registry_path
 
     path = registry_path(cfg)
     if not path.is_file():
@@ -180,7 +180,7 @@ def train_generation(cfg: RunConfig, name: str, log: Callable[[str], None] = pri
         # Workers' progress comes through a queue; Ray's own worker logs stay in its log files.
         ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     result = _run_interruptibly(job, log)
-    from orchestrator.registry import record_trained  # lineage, sha256, metrics; bootstraps production
+    from orchestrator.registry.store import record_trained  # lineage, sha256, metrics; bootstraps production
 
     record_trained(cfg, name, actor="train")
     return result

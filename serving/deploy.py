@@ -83,7 +83,7 @@ def verify(ref: ModelRef) -> None:
 def generation_application(ref: ModelRef, spec: ServingSpec, inject_fault: Optional[dict] = None):
     """The Serve application of one generation (not started): its verified checkpoint in a
     batched `ModelServer`, replicas and CPUs from `spec`. Shared by `deploy_generation` and
-    the RayService builders (orchestrator/serve_app.py)."""
+    the RayService builders (orchestrator/apps.py)."""
     verify(ref)
     dep = serve.deployment(ModelServer).options(
         name="model", num_replicas=spec.replicas, max_ongoing_requests=spec.max_ongoing_requests,

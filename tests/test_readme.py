@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from orchestrator import metric_names as controller_metrics
+from orchestrator.rollout import metric_names as controller_metrics
 from serving import metric_names as router_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,6 +2,12 @@
 
 The file holds only tensors and plain values, so it loads with
 `torch.load(weights_only=True)`: no pickle of arbitrary objects is ever executed.
+
+`load_model` is the one loader, for every consumer (serving, BCT constraints, evaluation):
+it dispatches on the file's `kind` -- absent or "plain": a `GracefulNet` (`save_model`);
+"lqf": a `workers.lqf.LinearizedNet` (`workers.lqf.save_lqf`). Both have the serving
+interface: `input_dim`, `num_classes`, `spec`, `embed(x)`, `forward(x)` -> logits,
+`embed_and_logits(x)`, `head(z)` and `classifier` (what BCT freezes).
 """
 
 from __future__ import annotations
@@ -10,9 +16,10 @@ import hashlib
 import io
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
+from torch import nn
 
 from workers.models import GracefulNet, build_model
 from workers.specs import ArchSpec
@@ -93,7 +100,7 @@ def read_checkpoint(path: str | Path, sha256: Optional[str] = None) -> tuple[Pat
 
 
 def model_from_checkpoint(f: Path, blob: dict[str, Any]) -> tuple[GracefulNet, dict[str, Any]]:
-    """The `GracefulNet` (eval mode) and meta of a checkpoint `read_checkpoint` returned."""
+    """The `GracefulNet` (eval mode) and meta of a plain checkpoint `read_checkpoint` returned."""
     try:
         spec = ArchSpec.model_validate(blob["arch"])
         model = build_model(spec, int(blob["input_dim"]), int(blob["num_classes"]))
@@ -104,7 +111,35 @@ def model_from_checkpoint(f: Path, blob: dict[str, Any]) -> tuple[GracefulNet, d
     return model, dict(blob.get("meta") or {})
 
 
-def load_model(path: str | Path, sha256: Optional[str] = None) -> tuple[GracefulNet, dict[str, Any]]:
-    """Load a checkpoint (weights_only), verifying its sha256 first when one is given;
-    the verified bytes are the loaded bytes (one read, see `read_checkpoint`)."""
-    return model_from_checkpoint(*read_checkpoint(path, sha256))
+def _lqf_from_checkpoint(f: Path, blob: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    from workers.lqf import lqf_from_checkpoint  # lazily: workers.lqf imports this module
+
+    return lqf_from_checkpoint(f, blob)
+
+
+# kind (the file's "kind"; absent = "plain") -> builder of (model in eval mode, meta).
+BUILDERS: dict[str, Callable[[Path, dict[str, Any]], tuple[nn.Module, dict[str, Any]]]] = {
+    "plain": model_from_checkpoint,
+    "lqf": _lqf_from_checkpoint,
+}
+
+
+def checkpoint_kind(blob: dict[str, Any]) -> str:
+    kind = blob.get("kind")
+    return "plain" if kind is None else kind
+
+
+def load_model(path: str | Path, sha256: Optional[str] = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Load any generation's checkpoint (weights_only), verifying its sha256 first when one
+    is given; the verified bytes are the loaded bytes (one read, see `read_checkpoint`).
+
+    Dispatches on the checkpoint's kind (`BUILDERS`): a `GracefulNet` for plain ones, a
+    `workers.lqf.LinearizedNet` for `recipe: lqf`. Raises CheckpointError for a kind it
+    does not know, naming the kind and the file."""
+    f, blob = read_checkpoint(path, sha256)  # reports missing, changed, corrupt or foreign files
+    kind = checkpoint_kind(blob)
+    builder = BUILDERS.get(kind) if isinstance(kind, str) else None
+    if builder is None:
+        raise CheckpointError(f"checkpoint {f} is of kind {kind!r}, which cannot be loaded "
+                              f"(known kinds: {', '.join(sorted(BUILDERS))})")
+    return builder(f, blob)

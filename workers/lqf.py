@@ -24,13 +24,15 @@ Serving: folding (serving the plain network at w0 + delta) is *not* exact -- a n
 network is not its own linearisation -- so an LQF checkpoint stores w0 and delta and
 serves as `LinearizedNet` (one forward pass plus a JVP, about 2-3x a plain forward).
 `save_lqf` writes it in the checkpoint format of `workers.checkpoint` (tensors only,
-`weights_only` loadable, sha256 verified); `load_servable` loads either kind of checkpoint.
+`weights_only` loadable, sha256 verified, kind "lqf"); `workers.checkpoint.load_model`, the one
+loader, dispatches on the kind and builds it back (`lqf_from_checkpoint`).
 `fold` is offered as an approximation for callers that need a plain network; its gap is
 measured by benchmarks/lqf.py.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass, field
@@ -42,8 +44,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn import functional as F
 
-from workers.checkpoint import (FORMAT_VERSION, MODEL_FILE, CheckpointError, model_from_checkpoint,
-                                read_checkpoint, sha256_file)
+from workers.checkpoint import FORMAT_VERSION, MODEL_FILE, CheckpointError, sha256_file
 from workers.data import Split
 from workers.models import CosineHead, GracefulNet, build_model
 from workers.specs import ArchSpec, GenerationSpec, LQFSpec, TrainSpec
@@ -141,6 +142,17 @@ class LinearizedNet(nn.Module):
     def _param(self, name: str) -> torch.Tensor:
         i = self.names.index(name)
         return self.base.get_parameter(name) + self.delta[i]
+
+    @property
+    def classifier(self) -> nn.Module:
+        """The head as a module with folded weights w0 + delta (a detached copy, the same
+        thing `head` computes): what `workers.losses.frozen_head` freezes when this model is
+        a BCT constraint. For a cosine head it is a `CosineHead` with the parent's scale."""
+        head = copy.deepcopy(self.base.classifier)
+        with torch.no_grad():
+            for n, p in head.named_parameters():
+                p.copy_(self._param(f"classifier.{n}"))
+        return head.requires_grad_(False).eval()
 
 
 def fold(model: LinearizedNet) -> GracefulNet:
@@ -420,13 +432,10 @@ def save_lqf(model: LinearizedNet, path: str | Path, meta: Optional[dict[str, An
     return sha256_file(target)
 
 
-def load_servable(path: str | Path, sha256: Optional[str] = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Load any generation's checkpoint for serving: a `GracefulNet`, or a `LinearizedNet`
-    for `recipe: lqf`. Verifies the sha256 of the very bytes it loads (the file is read
-    once, see `read_checkpoint`); loads with `weights_only=True`."""
-    f, blob = read_checkpoint(path, sha256)  # reports missing, changed, corrupt or foreign files
-    if blob.get("kind") != "lqf":
-        return model_from_checkpoint(f, blob)
+def lqf_from_checkpoint(f: Path, blob: dict[str, Any]) -> tuple[LinearizedNet, dict[str, Any]]:
+    """The `LinearizedNet` (eval mode) and meta of an LQF checkpoint that
+    `workers.checkpoint.read_checkpoint` returned; `workers.checkpoint.load_model` calls it
+    for kind "lqf" (load through that, which verifies the sha256 of the loaded bytes)."""
     try:
         spec = ArchSpec.model_validate(blob["arch"])
         parent = build_model(spec, int(blob["input_dim"]), int(blob["num_classes"]))

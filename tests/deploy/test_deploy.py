@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import metric_names as controller_metrics
+from orchestrator.rollout import metric_names as controller_metrics
 from orchestrator.config import RolloutSpec, load_config
 from serving import metric_names as router_metrics
 from serving.refs import app_name_for
@@ -364,7 +364,7 @@ def test_dockerfile_installs_the_package_and_copies_what_it_needs():
         assert f"COPY --chown=ray:users {d} ./{d}" in text
     # Editable, so that `graceful demo` finds config/demo.yaml beside the package (cli_demo).
     assert "pip install --no-cache-dir -e ." in text and 'ENTRYPOINT ["graceful"]' in text
-    from orchestrator.cli_demo import DEFAULT_CONFIGS
+    from orchestrator.cli.demo import DEFAULT_CONFIGS
 
     assert DEFAULT_CONFIGS[0] == ROOT / "config" / "demo.yaml" and DEFAULT_CONFIGS[0].is_file()
     assert re.search(r"EXPOSE .*\b9108\b", text) and re.search(r"EXPOSE .*\b8000\b", text)

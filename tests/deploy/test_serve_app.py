@@ -1,4 +1,4 @@
-"""Serve application builders of the RayService (orchestrator/serve_app.py), without Ray:
+"""Serve application builders of the RayService (orchestrator/apps.py), without Ray:
 `.bind()` builds the application objects only; nothing starts."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import yaml
 
-from orchestrator.serve_app import AppArgsError, ClusterRouter, generation_app, router_app, wait_for_apps
+from orchestrator.apps import AppArgsError, ClusterRouter, generation_app, router_app, wait_for_apps
 from serving.deploy import ModelServer
 from serving.refs import app_name_for
 from tests.helpers import write_untrained_run

@@ -20,9 +20,9 @@ import pytest
 import requests
 
 from orchestrator.config import parse_config
-from orchestrator.controller import Controller, start_rollout
-from orchestrator.registry import Registry
-from orchestrator.sources import PrometheusSource, SourceError, counts_from_status
+from orchestrator.rollout.controller import Controller, start_rollout
+from orchestrator.registry.store import Registry
+from orchestrator.rollout.sources import PrometheusSource, SourceError, counts_from_status
 from serving.client import RouterClient
 from serving.specs import ServingSpec
 from tests.helpers import free_port

@@ -24,8 +24,8 @@ import pytest
 import requests
 import yaml
 
-from orchestrator.registry import Registry
-from orchestrator.traffic import TrafficGenerator
+from orchestrator.registry.store import Registry
+from orchestrator.demo.traffic import TrafficGenerator
 from serving.client import RouterClient
 from serving.refs import ModelRef
 from serving.specs import ServingSpec

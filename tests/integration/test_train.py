@@ -12,7 +12,7 @@ import yaml
 from orchestrator.chain import build_job, read_metrics, train_generation
 from orchestrator.cli import main
 from orchestrator.config import parse_config
-from orchestrator.metrics import retrieval_top1
+from orchestrator.evaluation.metrics import retrieval_top1
 from workers.checkpoint import load_model
 from workers.data import generation_train_split, load_dataset
 from workers.train import TrainResult, build_targets, run_training, with_fault

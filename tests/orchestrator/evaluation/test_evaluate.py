@@ -12,8 +12,8 @@ import yaml
 
 from benchmarks.sample_report import train_chain
 from orchestrator.config import GatesSpec, load_config
-from orchestrator.evaluate import EvaluationError, evaluate, evaluation_metrics, gate, gate_checks, load_verified
-from orchestrator.registry import IntegrityError, Registry, record_trained, registry_path
+from orchestrator.evaluation.evaluate import EvaluationError, evaluate, evaluation_metrics, gate, gate_checks, load_verified
+from orchestrator.registry.store import IntegrityError, Registry, record_trained, registry_path
 
 # g1 is a plain improvement; g2 learns from 60% random labels and must fail. Gates are
 # loose enough for an honest tiny g1 to pass, and require_bct is off (tiny MLPs without

@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from orchestrator.registry import (SCHEMA_VERSION, IntegrityError, Registry, RegistryError, StaleTransition,
+from orchestrator.registry.store import (SCHEMA_VERSION, IntegrityError, Registry, RegistryError, StaleTransition,
                                    registry_path)
 
 SHA = {k: c * 64 for k, c in zip(("g0", "g1", "g2", "g3"), "abcd")}
@@ -434,7 +434,7 @@ def _run_dir_chain(tmp_path):
     """A config of g0, g1, g2 whose run dir holds model.pt + metrics.json for each (the
     bytes are only hashed here), recorded in the registry with g0 bootstrapped."""
     from orchestrator.config import load_config
-    from orchestrator.registry import record_trained
+    from orchestrator.registry.store import record_trained
 
     path = tmp_path / "c.yaml"
     path.write_text(f"run_dir: {tmp_path / 'run'}\ngenerations: [{{name: g0}}, {{name: g1}}, {{name: g2}}]\n")
@@ -457,7 +457,7 @@ def write_generation(cfg, name, data):
 
 
 def test_retraining_production_never_hands_production_back_to_g0(tmp_path):
-    from orchestrator.registry import record_trained
+    from orchestrator.registry.store import record_trained
 
     _, cfg = _run_dir_chain(tmp_path)
     with Registry(registry_path(cfg)) as reg:

@@ -10,8 +10,8 @@ import argparse
 import datetime as dt
 import sys
 
-from orchestrator.cli import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
-from orchestrator.registry import IntegrityError, Registry, registry_path
+from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
+from orchestrator.registry.store import IntegrityError, Registry, registry_path
 
 
 def _when(t: float | None) -> str:
@@ -21,7 +21,7 @@ def _when(t: float | None) -> str:
 # --- evaluate ------------------------------------------------------------------------------
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from orchestrator.evaluate import EvaluationError, evaluate, render
+    from orchestrator.evaluation.evaluate import EvaluationError, evaluate, render
 
     cfg = load_or_exit(args.config)
     reg = Registry(registry_path(cfg))
@@ -37,7 +37,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         report = None
         if not args.no_report:
-            from orchestrator.report import write_report
+            from orchestrator.evaluation.report import write_report
 
             report = write_report(cfg, ev, reg)
     finally:

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from orchestrator.traffic import TrafficGenerator
+from orchestrator.demo.traffic import TrafficGenerator
 
 
 class _Server:

@@ -1,4 +1,4 @@
-"""The rollout decision rule (orchestrator/decision.py): hand-computed cases and a small
+"""The rollout decision rule (orchestrator/rollout/decision.py): hand-computed cases and a small
 seeded Monte-Carlo check of its two error bounds under checking at every tick.
 
 Shared arithmetic (nfr_limit 0.01 -> p0 = 0.005, p1 = 0.02):
@@ -20,7 +20,7 @@ import pytest
 from dataclasses import replace
 
 from orchestrator.config import RolloutSpec, RolloutStep
-from orchestrator.decision import (Counts, Decision, Observation, confidence_sequence, decide,
+from orchestrator.rollout.decision import (Counts, Decision, Observation, confidence_sequence, decide,
                                    design_rates, sprt_bounds, sprt_llr)
 
 STEP = RolloutStep(weight=0.05, bake_seconds=10, min_requests=100, min_labels=100)

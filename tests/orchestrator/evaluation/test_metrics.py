@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchestrator import metrics as m
+from orchestrator.evaluation import metrics as m
 
 # Six samples, three classes.
 #   y   = 0 0 1 1 2 2

@@ -7,11 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-from orchestrator.cli import EXIT_FAILED, EXIT_OK, UsageError, add_json_arg, emit, load_or_exit
+from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_json_arg, emit, load_or_exit
 
 # The embedded default: in the source tree (editable installs, the container image), else
 # ./config/demo.yaml of a clone the command runs in.
-DEFAULT_CONFIGS = (Path(__file__).resolve().parents[1] / "config" / "demo.yaml", Path("config") / "demo.yaml")
+DEFAULT_CONFIGS = (Path(__file__).resolve().parents[2] / "config" / "demo.yaml", Path("config") / "demo.yaml")
 
 
 def default_config() -> str:
@@ -31,7 +31,7 @@ def _stdout_to_stderr() -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from orchestrator.demo import DemoInterrupted, run_demo
+    from orchestrator.demo.run import DemoInterrupted, run_demo
 
     path = args.config or default_config()
     cfg = load_or_exit(path)

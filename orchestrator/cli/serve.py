@@ -17,7 +17,7 @@ import time
 from typing import Optional
 
 from orchestrator.chain import generation_dir, read_metrics
-from orchestrator.cli import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
+from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
 from orchestrator.config import RunConfig
 from serving.refs import Gallery, ModelRef
 

@@ -14,10 +14,10 @@ from typing import Optional
 
 import numpy as np
 
-from orchestrator import metrics as M
+from orchestrator.evaluation import metrics as M
 from orchestrator.config import RunConfig
-from orchestrator.evaluate import Evaluation, outputs
-from orchestrator.registry import Registry
+from orchestrator.evaluation.evaluate import Evaluation, outputs
+from orchestrator.registry.store import Registry
 
 
 def reports_dir(cfg: RunConfig) -> Path:

@@ -12,8 +12,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from orchestrator.decision import Counts
-from orchestrator.sources import (PrometheusSource, RouterSource, SourceError, add, advance, counts_from_dict,
+from orchestrator.rollout.decision import Counts
+from orchestrator.rollout.sources import (PrometheusSource, RouterSource, SourceError, add, advance, counts_from_dict,
                                   counts_from_status, counts_to_dict, promql_queries)
 
 

@@ -138,11 +138,11 @@ def reset_run_dir(cfg: RunConfig) -> None:
 
 class LiveTraffic:
     """Simulated users in a background thread: predict requests over HTTP with labels
-    posted `label_delay_s` later by request id (orchestrator.traffic), until stopped."""
+    posted `label_delay_s` later by request id (orchestrator.demo.traffic), until stopped."""
 
     def __init__(self, url: str, x: np.ndarray, y: np.ndarray, rate_per_s: float, max_seconds: float,
                  max_requests: int = 100_000, seed: int = 0):
-        from orchestrator.traffic import TrafficGenerator
+        from orchestrator.demo.traffic import TrafficGenerator
 
         self.gen = TrafficGenerator(url, x, y, rows_per_request=8, concurrency=2, label_delay_s=0.5, seed=seed)
         self.stop = threading.Event()
@@ -160,7 +160,7 @@ class LiveTraffic:
 
 def _live_counts(client, candidate: str) -> tuple[Optional[float], int]:
     """(live NFR or None before labels, labelled samples) of `candidate` from /v1/status."""
-    from orchestrator.sources import counts_from_status
+    from orchestrator.rollout.sources import counts_from_status
 
     c = counts_from_status(client.status(), candidate)
     return (c.negative_flips / c.labelled if c.labelled else None), c.labelled
@@ -171,8 +171,8 @@ def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, 
     """Attach `candidate` as a shadow and let the controller take it to a final state.
     Returns the final rollout state (promoted | rolled_back), or raises DemoInterrupted."""
     from orchestrator.chain import generation_dir, read_metrics
-    from orchestrator.controller import Controller, start_rollout
-    from orchestrator.sources import RouterSource
+    from orchestrator.rollout.controller import Controller, start_rollout
+    from orchestrator.rollout.sources import RouterSource
     from serving import deploy
     from serving.refs import ModelRef
 
@@ -210,7 +210,7 @@ def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, 
 def archive_registry(cfg: RunConfig, log: Callable[[str], None]) -> None:
     """The demo replays the whole lifecycle on every run: trained checkpoints are reused,
     but the rollout history starts over. The previous registry is kept, renamed."""
-    from orchestrator.registry import registry_path
+    from orchestrator.registry.store import registry_path
 
     path = registry_path(cfg)
     if path.exists():
@@ -245,8 +245,8 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
     import ray
 
     from orchestrator.chain import read_metrics
-    from orchestrator.cli_serve import build_gallery, resolve_ref
-    from orchestrator.registry import Registry, record_trained, registry_path
+    from orchestrator.cli.serve import build_gallery, resolve_ref
+    from orchestrator.registry.store import Registry, record_trained, registry_path
     from serving.client import RouterClient
     from serving.deploy import start_serving
     from workers.data import load_dataset
@@ -347,7 +347,7 @@ def gallery_top1(cfg: RunConfig, name: str, query, gallery) -> float:
     """Offline M(name, gallery generation): retrieval top-1 of `name`'s embeddings of the
     `query` split in `gallery` (the serving.refs.Gallery /v1/search serves, embedded once)."""
     from orchestrator.chain import generation_dir, read_metrics
-    from orchestrator.metrics import retrieval_top1
+    from orchestrator.evaluation.metrics import retrieval_top1
     from workers.lqf import load_servable
     from workers.training import predict
 
@@ -359,8 +359,8 @@ def offline_gate(cfg: RunConfig, registry, candidate: str, production: str, quer
                  log: Callable[[str], None]) -> GenerationSummary:
     """`graceful evaluate` of `candidate` against production, with its report. The row's
     outcome is 'rejected' when the gate fails and the generation's gate is enforced."""
-    from orchestrator.evaluate import evaluate, render
-    from orchestrator.report import write_report
+    from orchestrator.evaluation.evaluate import evaluate, render
+    from orchestrator.evaluation.report import write_report
 
     ev = evaluate(cfg, candidate, against=production, registry=registry)
     report = write_report(cfg, ev, registry)

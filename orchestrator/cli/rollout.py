@@ -19,9 +19,9 @@ from typing import Any, Optional
 
 import requests
 
-from orchestrator.cli import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
+from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
 from orchestrator.config import RunConfig
-from orchestrator.registry import FINAL_STATES, Registry, RegistryError, RolloutRecord, registry_path
+from orchestrator.registry.store import FINAL_STATES, Registry, RegistryError, RolloutRecord, registry_path
 
 EXIT_INTERRUPTED = 130
 
@@ -32,7 +32,7 @@ def router_url(cfg: RunConfig, override: Optional[str]) -> str:
 
 def build_source(cfg: RunConfig, client: Any):
     """The metric source `rollout.metric_source` names."""
-    from orchestrator.sources import PrometheusSource, RouterSource
+    from orchestrator.rollout.sources import PrometheusSource, RouterSource
 
     if cfg.rollout.metric_source == "prometheus":
         return PrometheusSource(cfg.rollout.prometheus_url, cfg.rollout.prometheus_query_timeout_s,
@@ -116,7 +116,7 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     names = [g.name for g in cfg.generations]
     if args.candidate not in names:
         raise UsageError(f"--candidate {args.candidate!r}: unknown generation; known: {names}")
-    from orchestrator.controller import Controller, start_rollout
+    from orchestrator.rollout.controller import Controller, start_rollout
     from serving.client import RouterClient
 
     url = router_url(cfg, args.router)

@@ -6,8 +6,8 @@ import argparse
 
 from orchestrator.chain import (ChainError, embed_dim_problems, next_untrained, read_metrics, train_generation,
                                 trained_with_this_config)
-from orchestrator.cli import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
-from orchestrator.registry import RegistryError
+from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
+from orchestrator.registry.store import RegistryError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from orchestrator.config import load_config
-from orchestrator.evaluate import evaluate
-from orchestrator.registry import Registry, registry_path
-from orchestrator.report import chain_summary, plot_compat, write_report
-from tests.orchestrator.test_evaluate import make_chain
+from orchestrator.evaluation.evaluate import evaluate
+from orchestrator.registry.store import Registry, registry_path
+from orchestrator.evaluation.report import chain_summary, plot_compat, write_report
+from tests.orchestrator.evaluation.test_evaluate import make_chain
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

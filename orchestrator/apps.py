@@ -6,9 +6,9 @@ that `graceful train` and `graceful serve` read:
 
     applications:
       - {name: graceful-gen-g0, route_prefix: null,
-         import_path: "orchestrator.serve_app:generation_app",
+         import_path: "orchestrator.apps:generation_app",
          args: {config: /config/run.yaml, generation: g0}}
-      - {name: graceful, route_prefix: /, import_path: "orchestrator.serve_app:router_app",
+      - {name: graceful, route_prefix: /, import_path: "orchestrator.apps:router_app",
          args: {config: /config/run.yaml, production: g0, candidates: [g1]}}
 
 The applications are built by the same functions `serving.deploy.start_serving` deploys
@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterable
 from ray import serve
 from ray.serve import Application
 
-from orchestrator.cli import UsageError
-from orchestrator.cli_serve import NotTrained, build_gallery, resolve_ref
+from orchestrator.cli.common import UsageError
+from orchestrator.cli.serve import NotTrained, build_gallery, resolve_ref
 from orchestrator.config import ConfigError, RunConfig, load_config
 from serving.deploy import generation_application, router_application
 from serving.router import Router

@@ -2,7 +2,7 @@
 
 `evaluate(cfg, candidate, against=None)` loads both checkpoints (sha256 verified against
 the registry, `weights_only=True`), predicts the test split, and computes with
-`orchestrator.metrics`: the error of both and its change, NFR, NFI, PFR, the worst
+`orchestrator.evaluation.metrics`: the error of both and its change, NFR, NFI, PFR, the worst
 per-class NFR, the flip matrix, and for embeddings M(candidate, production) -- candidate
 queries against the production model's gallery -- vs M(production, production). The pure
 `gate(metrics, gates)` turns these into a verdict with reasons. Every evaluation is
@@ -16,9 +16,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from orchestrator import metrics as M
+from orchestrator.evaluation import metrics as M
 from orchestrator.config import GatesSpec, RunConfig
-from orchestrator.registry import Registry, RegistryError, record_trained, registry_path
+from orchestrator.registry.store import Registry, RegistryError, record_trained, registry_path
 
 # Float tolerance of the thresholds: NFR 2/100 against max_nfr 0.02 is a pass, not a
 # rounding accident.

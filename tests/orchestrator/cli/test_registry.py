@@ -11,7 +11,7 @@ import yaml
 
 from benchmarks.sample_report import train_in_process
 from orchestrator.cli import main
-from tests.orchestrator.test_evaluate import TINY
+from tests.orchestrator.evaluation.test_evaluate import TINY
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_registry_show_lineage_events(trained, capsys):
 
 def test_tampered_checkpoint_fails_evaluate(tmp_path, capsys):
     from orchestrator.config import load_config
-    from tests.orchestrator.test_evaluate import make_chain
+    from tests.orchestrator.evaluation.test_evaluate import make_chain
 
     path = make_chain(tmp_path, train=("g0", "g1"))
     f = load_config(path).run_dir / "generations" / "g0" / "model.pt"

@@ -44,11 +44,11 @@ from typing import Any, Callable, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from orchestrator import metric_names
+from orchestrator.rollout import metric_names
 from orchestrator.config import RunConfig
-from orchestrator.decision import Counts, Decision, Observation, decide
-from orchestrator.registry import FINAL_STATES, Registry, RolloutRecord, StaleTransition
-from orchestrator.sources import SourceError, add, advance, counts_from_dict, counts_to_dict
+from orchestrator.rollout.decision import Counts, Decision, Observation, decide
+from orchestrator.registry.store import FINAL_STATES, Registry, RolloutRecord, StaleTransition
+from orchestrator.rollout.sources import SourceError, add, advance, counts_from_dict, counts_to_dict
 
 log = logging.getLogger("graceful.controller")
 
@@ -153,7 +153,7 @@ def start_rollout(registry: Registry, source: Any, candidate: str, baseline: str
 # --- metrics ---------------------------------------------------------------------------------
 
 class ControllerMetrics:
-    """The metrics of orchestrator/metric_names.py on a private CollectorRegistry."""
+    """The metrics of orchestrator/rollout/metric_names.py on a private CollectorRegistry."""
 
     def __init__(self, registry: Optional[CollectorRegistry] = None):
         self.registry = registry or CollectorRegistry()

@@ -11,12 +11,12 @@ import time
 import pytest
 import requests
 
-from orchestrator import metric_names
+from orchestrator.rollout import metric_names
 from orchestrator.config import parse_config
-from orchestrator.controller import Controller, desired_traffic, start_rollout
-from orchestrator.decision import Counts
-from orchestrator.registry import Registry
-from orchestrator.sources import SourceError
+from orchestrator.rollout.controller import Controller, desired_traffic, start_rollout
+from orchestrator.rollout.decision import Counts
+from orchestrator.registry.store import Registry
+from orchestrator.rollout.sources import SourceError
 from tests.helpers import free_port
 
 TOKEN = "unit-admin-token-1"
@@ -423,7 +423,7 @@ def test_alert_webhook_over_http_rolls_back_the_named_candidate(env):
 
 
 def test_webhook_strips_the_token_and_times_out_a_short_body(env, monkeypatch):
-    import orchestrator.controller as controller_mod
+    import orchestrator.rollout.controller as controller_mod
 
     cfg, reg, router, source, r = env
     assert controller_mod._Handler.timeout == 10          # the shipped socket timeout
@@ -504,8 +504,8 @@ def test_a_generation_the_offline_gate_rejected_is_not_rolled_out(tmp_path, caps
     import yaml
 
     from orchestrator.cli import main
-    from orchestrator.cli_rollout import gate_check
-    from orchestrator.cli import UsageError
+    from orchestrator.cli.rollout import gate_check
+    from orchestrator.cli.common import UsageError
 
     reg = Registry(tmp_path / "registry.sqlite")
     for name, parent in (("g0", None), ("g1", "g0")):

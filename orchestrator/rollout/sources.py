@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import requests
 
-from orchestrator.decision import Counts
+from orchestrator.rollout.decision import Counts
 
 # The counters of Counts (latency_p99_ms is a gauge: taken as read, never differenced;
 # epoch identifies the counter set, it is compared, never differenced).

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from orchestrator import cli_demo
+from orchestrator.cli import demo as cli_demo
 from orchestrator.cli import main
 from orchestrator.config import parse_config
-from orchestrator.demo import GenerationSummary, format_summary, reset_run_dir, write_summary
+from orchestrator.demo.run import GenerationSummary, format_summary, reset_run_dir, write_summary
 
 
 def _cfg(tmp_path):
