@@ -1,7 +1,7 @@
 """The compatibility tax along a chain of 5 generations on MNIST-1D (issue 11).
 
 Generation k sees more data and is wider (2k, 5k, 8k, 11k, 14k samples; 16, 32, 32, 48,
-48 channels; shared/notes/compat-experiments.md), with an L2-normalised 64-d embedding
+48 channels), with an L2-normalised 64-d embedding
 and a cosine head. Three ways to train g1..g4 (g0 is shared):
 
   independent      cross-entropy only

@@ -1,6 +1,6 @@
 """Retrieval compatibility along a chain of 3 generations, and a heterogeneous pair (MNIST-1D).
 
-Set-up of shared/notes/compat-experiments.md: 17,500 samples (14,000 training pool, 3,500
+Set-up: 17,500 samples (14,000 training pool, 3,500
 test split in half as query and gallery), L2-normalised 64-d embeddings with cosine heads
 (scale 16), AdamW 3e-3 with cosine decay, 3,000 steps of batch 128. The chain: g0 (CNN 16
 channels, 2,000 samples), g1 (CNN 32, 5,000), g2 (CNN 32, 8,000), each later one seeing

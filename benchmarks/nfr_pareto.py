@@ -1,6 +1,6 @@
 """Error vs negative flip rate of a new model against a fixed old one (MNIST-1D).
 
-Set-up of shared/notes/nfr-experiments.md: 25,000 samples (10,000 test, 500 validation,
+Set-up: 25,000 samples (10,000 test, 500 validation,
 14,500 training pool); old model a 1D CNN with 16 channels trained on 2,000 samples; new
 model a CNN with 32 channels on 12,000; L2-normalised 64-d embedding, cosine head (scale
 16); AdamW 3e-3, cosine decay, 3,000 steps of batch 128. The old model is the same for

@@ -27,9 +27,9 @@ import yaml
 
 from workers.checkpoint import save_model
 from workers.data import fingerprint, generation_train_split, load_dataset
-from workers.losses import frozen_head
 from workers.models import build_model
-from workers.train import CompatTargets, TrainJob, TrainResult, _load_any, _logits_of, constraint_records, make_extra_loss
+from workers.train import (CompatTargets, TrainJob, TrainResult, _logits_of, constraint_head, constraint_records,
+                           make_extra_loss)
 from workers.training import accuracy, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def train_in_process(job: TrainJob, log: Callable[[str], None] = print) -> Train
     split = generation_train_split(ds, gen.train_fraction, gen.label_noise, gen.train.seed)
     targets = CompatTargets()
     if gen.compat.bct is not None:
-        targets.heads = [frozen_head(_load_any(c.path, c.sha256)[0], c.name, c.importance) for c in job.bct]
+        targets.heads = [constraint_head(c) for c in job.bct]
     if gen.compat.focal_distillation is not None and job.production is not None:
         targets.old_logits = _logits_of(job.production.path, job.production.sha256, split.x)
     torch.manual_seed(gen.train.seed)
@@ -96,12 +96,12 @@ def train_chain(config: Path, log: Callable[[str], None] = print) -> None:
     as `graceful train` does."""
     from orchestrator.chain import build_job
     from orchestrator.config import load_config
-    from orchestrator.registry.store import record_trained
+    from orchestrator.registry import register_trained
 
     cfg = load_config(config)
     for g in cfg.generations:
         train_in_process(build_job(cfg, g.name, verbose=False), log)
-        record_trained(cfg, g.name, actor="train")
+        register_trained(cfg, g.name, actor="train")
 
 
 def main() -> None:

@@ -11,7 +11,13 @@
 Saturated (concurrency 8) and idle (concurrency 1); batch of 4 rows per request. The
 set-ups run in interleaved rounds so that drift on the shared machine hits all alike.
 
+Then (faulty_shadow) what a broken shadow costs the primary: a router set up as in
+tests/integration/test_serving.py (shadow timeout 0.3 s, at most 8 shadows in flight), idle
+load, blocks with no shadow interleaved with blocks mirrored to a candidate that raises on
+every request ("error") or answers after 0.6 s ("timeout"); primary p50 with it / without.
+
     flock /tmp/graceful-cpu.lock python benchmarks/serving_overhead.py
+    flock /tmp/graceful-cpu.lock python benchmarks/serving_overhead.py --only faulty_shadow   # that part alone
 
 Writes benchmarks/results/serving_overhead.json and prints a Markdown table.
 """
@@ -35,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 SETUPS = ("plain", "composition", "router", "router_shadow", "router_local")
 MODES = {"saturated": 8, "idle": 1}
+FAULTS = {"error": {"error": True}, "timeout": {"delay_s": 0.6}}
 
 
 def _free_port() -> int:
@@ -131,80 +138,175 @@ def _load(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, list[
     return time.perf_counter() - t0, lat, failed[0]
 
 
+def _faulty_shadow(ds, g0, g1, token: str, blocks: int, per_block: int) -> dict:
+    """Primary latency, no shadow vs a faulty one (FAULTS), idle, `blocks` interleaved pairs
+    of `per_block` requests each; its own router, stopped at the end."""
+    from serving import deploy
+    from serving.client import RouterClient
+    from serving.refs import ModelRef
+    from serving.specs import ServingSpec
+
+    spec = ServingSpec(port=_free_port(), router_cpus=0.25, shadow_timeout_s=0.3, shadow_max_inflight=8)
+    base = deploy.start_serving(spec, g0, [], shadows=[], admin_token=token)
+    url = base + "/v1/predict"
+    client = RouterClient(base, token)
+    rng = np.random.default_rng(1)
+    bodies = [json.dumps({"inputs": ds.test.x[rng.integers(0, len(ds.test), 4)].tolist(),
+                          "user_id": f"f{i}"}).encode() for i in range(blocks * per_block)]
+    out: dict = {}
+    try:
+        for label, fault in FAULTS.items():
+            bad = ModelRef(f"bad-{label}", g1.uri, g1.sha256)
+            deploy.add_generation(bad, spec, shadow=True, inject_fault=fault)
+            arms = {arm: {"lat": [], "failed": 0} for arm in ("none", "shadow")}
+            for arm in arms:  # warm-up
+                client.set_traffic({"g0": 1.0}, shadows=[bad.name] if arm == "shadow" else [])
+                _load(url, bodies[:30], 1)
+            for b in range(blocks):
+                chunk = bodies[b * per_block:(b + 1) * per_block]
+                for arm in (("none", "shadow") if b % 2 == 0 else ("shadow", "none")):
+                    client.set_traffic({"g0": 1.0}, shadows=[bad.name] if arm == "shadow" else [])
+                    _, lat, failed = _load(url, chunk, 1)
+                    arms[arm]["lat"] += lat
+                    arms[arm]["failed"] += failed
+            client.set_traffic({"g0": 1.0}, shadows=[])
+            time.sleep(1.0)  # the last mirrored copies time out or fail, then are counted
+            counters = client.status()["generations"][bad.name]["counters"]
+            deploy.remove_generation(bad.name)
+            row = {arm: {"p50_ms": round(float(np.percentile(a["lat"], 50)), 2),
+                         "p99_ms": round(float(np.percentile(a["lat"], 99)), 2),
+                         "n": len(a["lat"]), "failed": a["failed"]} for arm, a in arms.items()}
+            row["p50_ratio"] = round(row["shadow"]["p50_ms"] / row["none"]["p50_ms"], 3)
+            row["p99_ratio"] = round(row["shadow"]["p99_ms"] / row["none"]["p99_ms"], 3)
+            row["fault"] = fault
+            row["shadow_counters"] = {k: counters[k] for k in ("requests_shadow", "shadow_errors", "shadow_timeouts",
+                                                               "shadow_dropped", "compared")}
+            out[label] = row
+    finally:
+        client.close()
+        deploy.stop_serving()
+    out["meta"] = {"requests_per_arm": blocks * per_block, "blocks": blocks, "concurrency": 1,
+                   "rows_per_request": 4, "shadow_timeout_s": spec.shadow_timeout_s,
+                   "shadow_max_inflight": spec.shadow_max_inflight}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=1500, help="requests per set-up and mode")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds the requests are split into")
+    ap.add_argument("--faulty-blocks", type=int, default=10, help="interleaved block pairs, faulty_shadow")
+    ap.add_argument("--faulty-per-block", type=int, default=30, help="requests per block, faulty_shadow")
+    ap.add_argument("--only", choices=("setups", "faulty_shadow"),
+                    help="run one part; the other's results already in --out are kept")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/serving_overhead.json"))
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    results: dict = {}
+    if args.only and out.exists():
+        results = json.loads(out.read_text())
 
     import ray
     from ray import serve
-
-    from serving import deploy
-    from serving.client import RouterClient
-    from serving.specs import ServingSpec
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     token = "bench-admin-token"
     try:
         with tempfile.TemporaryDirectory() as tmp:
             ds, (g0, g1) = _train_models(Path(tmp))
-            # Seven replicas must fit Ray's 2 logical CPUs, or Serve waits for resources forever.
-            spec = ServingSpec(port=_free_port(), router_cpus=0.25)
-            base = deploy.start_serving(spec, g0, [g1], shadows=[], admin_token=token)
-            paths = _baselines(g0, spec)
-            local = deploy.start_serving(spec.model_copy(update={"in_router_models": True}), g0, shadows=[],
-                                         admin_token=token, app_name="bench-local", route_prefix="/local")
-            client = RouterClient(base, token)
-            urls = {"plain": base + paths["plain"], "composition": base + paths["composition"],
-                    "router": base + "/v1/predict", "router_shadow": base + "/v1/predict",
-                    "router_local": local + "/v1/predict"}
-            rng = np.random.default_rng(0)
-            bodies = [json.dumps({"inputs": ds.test.x[rng.integers(0, len(ds.test), 4)].tolist(),
-                                  "user_id": f"u{i}"}).encode() for i in range(args.requests)]
-            per_round = args.requests // args.rounds
-            results: dict = {}
-            for mode, conc in MODES.items():
-                acc = {s: {"seconds": 0.0, "lat": [], "failed": 0, "n": 0} for s in SETUPS}
-                for setup in SETUPS:  # warm-up
-                    client.set_traffic({"g0": 1.0}, shadows=["g1"] if setup == "router_shadow" else [])
-                    _load(urls[setup], bodies[:50], conc)
-                for rnd in range(args.rounds):
-                    order = SETUPS[rnd % len(SETUPS):] + SETUPS[:rnd % len(SETUPS)]
-                    for setup in order:
-                        client.set_traffic({"g0": 1.0}, shadows=["g1"] if setup == "router_shadow" else [])
-                        chunk = bodies[rnd * per_round:(rnd + 1) * per_round]
-                        secs, lat, failed = _load(urls[setup], chunk, conc)
-                        a = acc[setup]
-                        a["seconds"] += secs
-                        a["lat"] += lat
-                        a["failed"] += failed
-                        a["n"] += len(chunk)
-                results[mode] = {s: {"rps": round(a["n"] / a["seconds"], 1),
-                                     "p50_ms": round(float(np.percentile(a["lat"], 50)), 2),
-                                     "p99_ms": round(float(np.percentile(a["lat"], 99)), 2),
-                                     "failed": a["failed"]} for s, a in acc.items()}
-            status = client.status()
-            shadow = status["generations"]["g1"]["counters"]
-            results["meta"] = {
-                "requests_per_setup": per_round * args.rounds, "rows_per_request": 4,
-                "concurrency": MODES, "rounds": args.rounds, "model": "mlp width 64 depth 2, digits (64 inputs)",
-                "shadow_counters": {k: shadow[k] for k in ("requests_shadow", "shadow_errors",
-                                                           "shadow_timeouts", "shadow_dropped", "compared")},
-            }
+            if args.only != "faulty_shadow":
+                _setups(args, results, ds, g0, g1, token)
+                serve.shutdown()
+            if args.only != "setups":
+                results["faulty_shadow"] = _faulty_shadow(ds, g0, g1, token, args.faulty_blocks,
+                                                          args.faulty_per_block)
     finally:
         serve.shutdown()
         ray.shutdown()
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(render(results))
     return 0
 
 
+def _setups(args, results: dict, ds, g0, g1, token: str) -> None:
+    """The five set-ups (module docstring), saturated and idle, into `results`."""
+    from serving import deploy
+    from serving.client import RouterClient
+    from serving.specs import ServingSpec
+
+    # Seven replicas must fit Ray's 2 logical CPUs, or Serve waits for resources forever.
+    spec = ServingSpec(port=_free_port(), router_cpus=0.25)
+    base = deploy.start_serving(spec, g0, [g1], shadows=[], admin_token=token)
+    paths = _baselines(g0, spec)
+    local = deploy.start_serving(spec.model_copy(update={"in_router_models": True}), g0, shadows=[],
+                                 admin_token=token, app_name="bench-local", route_prefix="/local")
+    client = RouterClient(base, token)
+    urls = {"plain": base + paths["plain"], "composition": base + paths["composition"],
+            "router": base + "/v1/predict", "router_shadow": base + "/v1/predict",
+            "router_local": local + "/v1/predict"}
+    rng = np.random.default_rng(0)
+    bodies = [json.dumps({"inputs": ds.test.x[rng.integers(0, len(ds.test), 4)].tolist(),
+                          "user_id": f"u{i}"}).encode() for i in range(args.requests)]
+    per_round = args.requests // args.rounds
+    for mode, conc in MODES.items():
+        acc = {s: {"seconds": 0.0, "lat": [], "failed": 0, "n": 0} for s in SETUPS}
+        for setup in SETUPS:  # warm-up
+            client.set_traffic({"g0": 1.0}, shadows=["g1"] if setup == "router_shadow" else [])
+            _load(urls[setup], bodies[:50], conc)
+        for rnd in range(args.rounds):
+            order = SETUPS[rnd % len(SETUPS):] + SETUPS[:rnd % len(SETUPS)]
+            for setup in order:
+                client.set_traffic({"g0": 1.0}, shadows=["g1"] if setup == "router_shadow" else [])
+                chunk = bodies[rnd * per_round:(rnd + 1) * per_round]
+                secs, lat, failed = _load(urls[setup], chunk, conc)
+                a = acc[setup]
+                a["seconds"] += secs
+                a["lat"] += lat
+                a["failed"] += failed
+                a["n"] += len(chunk)
+        results[mode] = {s: {"rps": round(a["n"] / a["seconds"], 1),
+                             "p50_ms": round(float(np.percentile(a["lat"], 50)), 2),
+                             "p99_ms": round(float(np.percentile(a["lat"], 99)), 2),
+                             "failed": a["failed"]} for s, a in acc.items()}
+    status = client.status()
+    shadow = status["generations"]["g1"]["counters"]
+    results["meta"] = {
+        "requests_per_setup": per_round * args.rounds, "rows_per_request": 4,
+        "concurrency": MODES, "rounds": args.rounds, "model": "mlp width 64 depth 2, digits (64 inputs)",
+        "shadow_counters": {k: shadow[k] for k in ("requests_shadow", "shadow_errors",
+                                                   "shadow_timeouts", "shadow_dropped", "compared")},
+    }
+    client.close()
+
+
 def render(results: dict) -> str:
-    """Markdown table of the results, with the targets' ratios."""
+    """Markdown tables of the results there are, with the targets' ratios."""
+    lines = _render_setups(results) if "saturated" in results else []
+    if "faulty_shadow" in results:
+        lines += ["", *_render_faulty(results["faulty_shadow"])]
+    return "\n".join(lines).strip("\n")
+
+
+def _render_faulty(res: dict) -> list[str]:
+    meta = res["meta"]
+    lines = [f"faulty shadow vs none, idle, {meta['requests_per_arm']} requests each, shadow timeout "
+             f"{meta['shadow_timeout_s']} s, {meta['shadow_max_inflight']} in flight:", "",
+             "| shadow | primary p50 ms, none | primary p50 ms, faulty shadow | p50 ratio | p99 ms, none | "
+             "p99 ms, faulty shadow | failed | shadow errors / timeouts / dropped |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label in FAULTS:
+        r = res[label]
+        c = r["shadow_counters"]
+        lines.append(f"| {label} | {r['none']['p50_ms']} | {r['shadow']['p50_ms']} | {r['p50_ratio']:.2f}x | "
+                     f"{r['none']['p99_ms']} | {r['shadow']['p99_ms']} | {r['none']['failed'] + r['shadow']['failed']} | "
+                     f"{c['shadow_errors']} / {c['shadow_timeouts']} / {c['shadow_dropped']} |")
+    lines += ["", "faulty shadow vs none: primary p50 ratio " +
+              ", ".join(f"{label} {res[label]['p50_ratio']:.2f}x" for label in FAULTS) + " (target <= 1.2)"]
+    return lines
+
+
+def _render_setups(results: dict) -> list[str]:
     lines = ["| set-up | saturated rps | saturated p50 ms | saturated p99 ms | idle rps | idle p50 ms | idle p99 ms |",
              "|---|---|---|---|---|---|---|"]
     for s in SETUPS:
@@ -221,7 +323,7 @@ def render(results: dict) -> str:
               f"router_local / plain, saturated: throughput {sat['router_local']['rps'] / sat['plain']['rps']:.2f}x, "
               f"p50 {sat['router_local']['p50_ms'] / sat['plain']['p50_ms']:.2f}x; idle p50 "
               f"{idle['router_local']['p50_ms'] / idle['plain']['p50_ms']:.2f}x"]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,4 +1,12 @@
-"""Ray Serve application builders: `graceful serve` as a declarative Serve config.
+"""What to serve, from the registry: every way of starting the router starts here.
+
+`graceful serve`, the demo and the RayService builders below resolve generations to
+checkpoints through the registry (registered through the one registration path,
+`orchestrator.registry.register_trained`; bytes verified against the registry's
+sha256), and take production and the traffic plan from the registry, never from the
+YAML's order. The router is also handed a `RegistryPlan`: a replica that restarts (a
+crash, a RayService upgrade) reads production and the rollout's position again from the
+registry before it answers, so it never comes back with a stale plan.
 
 A KubeRay RayService (deploy/kuberay/rayservice.yaml) lists one application per
 generation and one router application, each built here from the same run config file
@@ -9,34 +17,203 @@ that `graceful train` and `graceful serve` read:
          import_path: "orchestrator.apps:generation_app",
          args: {config: /config/run.yaml, generation: g0}}
       - {name: graceful, route_prefix: /, import_path: "orchestrator.apps:router_app",
-         args: {config: /config/run.yaml, production: g0, candidates: [g1]}}
+         args: {config: /config/run.yaml, candidates: [g1]}}
 
 The applications are built by the same functions `serving.deploy.start_serving` deploys
-imperatively (`generation_application`, `router_application`), so the controller and the dashboards
-see the same thing on a laptop and on a cluster. A generation application's name must be
-`graceful-gen-<generation>` (`serving.refs.app_name_for`): the router finds it by that name.
-Builders run in Serve's build task, where the config and the run directory must be
-readable; every checkpoint is verified by sha256 there and again in its replica.
+imperatively (`generation_application`, `router_application`), so the controller and
+the dashboards see the same thing on a laptop and on a cluster. A generation
+application's name must be `graceful-gen-<generation>` (`serving.refs.app_name_for`):
+the router finds it by that name. Builders run in Serve's build task, where the config
+and the run directory must be readable; every checkpoint is verified by sha256 there and
+again in its replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from ray import serve
-from ray.serve import Application
 
-from orchestrator.cli.common import UsageError
-from orchestrator.cli.serve import NotTrained, build_gallery, resolve_ref
 from orchestrator.config import ConfigError, RunConfig, load_config
-from serving.deploy import generation_application, router_application
+from orchestrator.registry import (GenerationStatus, Registry, RegistryError, ensure_registered, registry_path)
+from orchestrator.rollout.plan import registry_plan
+from serving.refs import Gallery, ModelRef
 from serving.router import Router
+
+log = logging.getLogger("graceful.apps")
 
 _ARGS = {"generation_app": {"config", "generation"},
          "router_app": {"config", "production", "candidates", "shadows", "wait_s"}}
 
+# Never shadowed again by a router (re)start: their rollout ended.
+_NOT_SHADOWED = (GenerationStatus.ROLLED_BACK, GenerationStatus.RETIRED)
+
+
+class NotTrained(RuntimeError):
+    """A generation named for serving has no trained, registered checkpoint."""
+
+
+class ServeRequestError(ValueError):
+    """A request to serve that contradicts the registry or the config (the message says why)."""
+
+
+def generation_ref(cfg: RunConfig, reg: Registry, name: str, actor: str = "serve") -> ModelRef:
+    """The checkpoint of `name` as the registry recorded it (registered from the run dir
+    first when it was trained but never registered), after checking its bytes against
+    the registry's sha256 (IntegrityError otherwise)."""
+    try:
+        cfg.generation(name)
+    except KeyError as e:
+        if reg.generation(name) is None:
+            raise ServeRequestError(str(e.args[0])) from None
+    try:
+        rec = ensure_registered(cfg, reg, name, actor)
+    except RegistryError as e:
+        if "not trained" in str(e):
+            raise NotTrained(str(e)) from None
+        raise
+    reg.verify_checkpoint(name)
+    return ModelRef(name, rec.checkpoint_uri, rec.sha256)
+
+
+def production_of(cfg: RunConfig, reg: Registry, asked: Optional[str] = None) -> str:
+    """The registry's production generation. A run dir older than its registry registers
+    its first generation (which bootstraps production). `asked` (`--production`, the
+    RayService's `production` arg) must agree with the registry: it can only confirm."""
+    prod = reg.production()
+    first = cfg.generations[0].name
+    if prod is None and reg.generation(first) is None and not reg.ever_in_production():
+        try:
+            ensure_registered(cfg, reg, first, "serve")
+        except RegistryError:
+            pass
+        prod = reg.production()
+    if prod is None:
+        raise NotTrained(f"no generation is in production in {reg.path}: train the first generation "
+                         f"(`graceful train CONFIG --generation {first}`), which becomes production")
+    if asked is not None and asked != prod.name:
+        raise ServeRequestError(f"production is {prod.name!r} in the registry ({reg.path}), not {asked!r}: the "
+                                f"registry is the source of truth; change production with `graceful rollout` / "
+                                f"`graceful promote`, or drop --production")
+    return prod.name
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """What a router starts with: checkpoints (production first) and the traffic plan."""
+
+    production: ModelRef
+    candidates: tuple[ModelRef, ...]
+    weights: dict
+    shadows: tuple[str, ...]
+
+    @property
+    def refs(self) -> tuple[ModelRef, ...]:
+        return (self.production, *self.candidates)
+
+
+def serving_plan(cfg: RunConfig, reg: Registry, candidates: Sequence[str] = (),
+                 production: Optional[str] = None, shadows: Optional[Sequence[str]] = None) -> ServingPlan:
+    """Production from the registry, the asked candidates plus the active rollout's, and
+    the plan the registry implies (`orchestrator.rollout.plan.registry_plan`)."""
+    prod = production_of(cfg, reg, production)
+    names = list(dict.fromkeys(candidates))
+    if prod in names:
+        raise ServeRequestError(f"{prod!r} is production; it cannot also be a candidate")
+    active = reg.active_rollout()
+    if active is not None and active.candidate not in names and active.candidate != prod:
+        names.append(active.candidate)  # a rollout in progress keeps its candidate served
+    asked = list(names) if shadows is None else [s for s in shadows if s in names]
+    plan = plan_for(reg, prod, [prod, *names], asked)
+    return ServingPlan(generation_ref(cfg, reg, prod), tuple(generation_ref(cfg, reg, n) for n in names),
+                       plan["weights"], tuple(plan["shadows"]))
+
+
+def plan_for(reg: Registry, production: str, attached: Sequence[str], shadows: Iterable[str]) -> dict:
+    """The registry's plan over the `attached` generations (rolled-back or retired ones
+    are not shadowed again)."""
+    keep = [s for s in shadows if s in attached and (reg.generation(s) is None or
+                                                     reg.generation(s).status not in _NOT_SHADOWED)]
+    return registry_plan(production, reg.active_rollout(), attached, keep)
+
+
+class RegistryPlan:
+    """Handed to the router: called at every replica start with the attached generation
+    names, returns {production, weights, shadows} as the registry has them now. Picklable
+    (a path and names), so Serve can ship it to a replica on any node that sees the run
+    directory."""
+
+    def __init__(self, registry_file: str | Path, shadows: Sequence[str] = ()):
+        self.registry_file = str(Path(registry_file).resolve())
+        self.shadows = tuple(shadows)
+
+    def __call__(self, attached: Sequence[str]) -> dict:
+        with Registry(self.registry_file) as reg:
+            prod = reg.production()
+            if prod is None:
+                raise RegistryError(f"no generation is in production in {self.registry_file}")
+            return plan_for(reg, prod.name, list(attached), self.shadows)
+
+
+def build_gallery(cfg: RunConfig, reg: Registry) -> Gallery:
+    """Embed the data's gallery split once with the gallery generation's verified model."""
+    from workers.checkpoint import load_model
+    from workers.data import load_dataset
+    from workers.training import predict
+
+    ref = generation_ref(cfg, reg, cfg.gallery)
+    model, _ = load_model(ref.uri, ref.sha256)
+    gallery = load_dataset(cfg.data).gallery
+    emb, _ = predict(model, gallery.x)
+    return Gallery(ref.name, emb, gallery.y)
+
+
+def start_router(cfg: RunConfig, reg: Registry, plan: ServingPlan, gallery: Optional[Gallery] = None,
+                 spec: Any = None, admin_token: Optional[str] = None) -> str:
+    """Deploy `plan` (from `serving_plan`) and the router on the connected Ray cluster
+    (`serving.deploy.start_serving`), the router reading the registry's plan at every
+    replica start; returns the router's base URL."""
+    from serving.deploy import start_serving
+
+    return start_serving(spec or cfg.serving, plan.production, list(plan.candidates),
+                        gallery=gallery if gallery is not None else build_gallery(cfg, reg),
+                        weights=plan.weights, shadows=list(plan.shadows),
+                        admin_token=admin_token if admin_token is not None else cfg.serving.resolved_admin_token(),
+                        plan_source=RegistryPlan(reg.path, plan.shadows))
+
+
+def attach_on_cluster(cfg: RunConfig, reg: Registry) -> Callable[[str], None]:
+    """`attach(name)` for the rollout library and the controller: deploy generation `name`
+    (the registry's checkpoint) beside the running router as a shadow and attach it
+    (`serving.deploy.add_generation`), connecting to the Ray cluster that serves
+    (`RAY_ADDRESS`, else the local one) on first use."""
+
+    def attach(name: str) -> None:
+        import ray
+
+        from serving.deploy import add_generation
+
+        if not ray.is_initialized():
+            import os
+
+            address = os.environ.get("RAY_ADDRESS") or "auto"
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            except Exception as e:
+                raise RegistryError(f"cannot attach {name!r}: no Ray cluster to deploy it on at {address} "
+                                    f"({type(e).__name__}: {e}); serve it with `graceful serve CONFIG "
+                                    f"--candidate {name}` or set RAY_ADDRESS") from None
+        add_generation(generation_ref(cfg, reg, name, actor="rollout"), cfg.serving, shadow=True)
+
+    return attach
+
+
+# --- RayService builders --------------------------------------------------------------------
 
 class AppArgsError(ValueError):
     """Arguments of a builder in a Serve config that cannot be used (the message says why)."""
@@ -56,22 +233,31 @@ def _config(builder: str, args: Any) -> RunConfig:
         raise AppArgsError(f"{builder}: run config is not valid:\n" + "\n".join(e.problems)) from None
 
 
-def _ref(cfg: RunConfig, builder: str, name: Any):
-    if not isinstance(name, str) or not name:
-        raise AppArgsError(f"{builder}: a generation name must be a non-empty string, got {name!r}")
-    try:
-        return resolve_ref(cfg, name)
-    except (UsageError, NotTrained) as e:
-        raise AppArgsError(f"{builder}: {e}") from None
+def _names(builder: str, key: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(n, str) and n for n in value):
+        raise AppArgsError(f"{builder}: args.{key} must be a list of generation names, got {value!r}")
+    return list(dict.fromkeys(value))
 
 
-def generation_app(args: dict) -> Application:
+def generation_app(args: dict):
     """One generation's model deployment (`ModelServer`, options from `serving:`).
 
     args: {"config": path of the run config, "generation": name}.
     """
+    from serving.deploy import generation_application
+
     cfg = _config("generation_app", args)
-    return generation_application(_ref(cfg, "generation_app", args.get("generation")), cfg.serving)
+    name = args.get("generation")
+    if not isinstance(name, str) or not name:
+        raise AppArgsError(f"generation_app: a generation name must be a non-empty string, got {name!r}")
+    with Registry(registry_path(cfg)) as reg:
+        try:
+            ref = generation_ref(cfg, reg, name)
+        except (ServeRequestError, NotTrained, RegistryError) as e:
+            raise AppArgsError(f"generation_app: {e}") from None
+    return generation_application(ref, cfg.serving)
 
 async def wait_for_apps(names: Iterable[str], timeout_s: float,
                         lookup: Callable[[str], Any] = serve.get_app_handle,
@@ -104,37 +290,46 @@ async def wait_for_apps(names: Iterable[str], timeout_s: float,
 class ClusterRouter(Router):
     """The router, first waiting for its generations' applications to exist."""
 
-    async def __init__(self, *args, app_names: tuple[str, ...] = (), wait_s: float = 600.0):
+    async def __init__(self, *args, app_names: tuple[str, ...] = (), wait_s: float = 600.0, **kwargs):
         await wait_for_apps(app_names, wait_s)
-        await super().__init__(*args)
+        await super().__init__(*args, **kwargs)
 
 
-def router_app(args: dict) -> Application:
-    """The router ingress, serving `production` with each of `candidates` in shadow.
+def router_app(args: dict):
+    """The router ingress: the registry's production, each of `candidates` in shadow.
 
-    args: {"config": path, "production": name (default: the first generation),
-    "candidates": [names] (default none), "shadows": [names] (default: the candidates),
-    "wait_s": seconds to wait for the generation applications (default 600)}.
-    The retrieval gallery is embedded here once, by `gallery_generation`; the admin token
+    args: {"config": path, "candidates": [names] (default none), "shadows": [names]
+    (default: the candidates), "wait_s": seconds to wait for the generation applications
+    (default 600), "production": optional, must equal the registry's production}.
+    Production, the active rollout's candidate and its weight come from the registry;
+    the retrieval gallery is embedded here once, by `gallery_generation`; the admin token
     comes from `serving.admin_token` or the `serving.admin_token_env` variable.
     """
+    from serving.deploy import router_application
+
     cfg = _config("router_app", args)
-    production = args.get("production") or cfg.generations[0].name
-    candidates = args.get("candidates") or []
-    if not isinstance(candidates, list):
-        raise AppArgsError(f"router_app: args.candidates must be a list of names, got {candidates!r}")
-    names = list(dict.fromkeys(candidates))
-    if production in names:
-        raise AppArgsError(f"router_app: {production!r} is production; it cannot also be a candidate")
+    candidates = _names("router_app", "candidates", args.get("candidates"))
     shadows = args.get("shadows")
-    if shadows is not None and (not isinstance(shadows, list) or not set(shadows) <= set(names)):
-        raise AppArgsError(f"router_app: args.shadows must be a list of candidates {names}, got {shadows!r}")
+    if shadows is not None:
+        shadows = _names("router_app", "shadows", shadows)
+        if not set(shadows) <= set(candidates):
+            raise AppArgsError(f"router_app: args.shadows must be a list of candidates {candidates}, got {shadows!r}")
     wait_s = args.get("wait_s", 600.0)
     if not isinstance(wait_s, (int, float)) or wait_s <= 0:
         raise AppArgsError(f"router_app: args.wait_s must be a positive number, got {wait_s!r}")
-    prod_ref = _ref(cfg, "router_app", production)
-    cands = [_ref(cfg, "router_app", n) for n in names]
+    asked = args.get("production")
+    if asked is not None and (not isinstance(asked, str) or not asked):
+        raise AppArgsError(f"router_app: args.production must be a generation name, got {asked!r}")
+    with Registry(registry_path(cfg)) as reg:
+        try:
+            plan = serving_plan(cfg, reg, candidates, asked, shadows)
+            gallery = build_gallery(cfg, reg)
+        except (ServeRequestError, NotTrained, RegistryError) as e:
+            raise AppArgsError(f"router_app: {e}") from None
+        source = RegistryPlan(reg.path, plan.shadows)
     local = cfg.serving.in_router_models
     return router_application(
-        cfg.serving, prod_ref, cands, build_gallery(cfg), None, shadows, cfg.serving.resolved_admin_token(), router_cls=ClusterRouter,
-        app_names=() if local else tuple(r.app_name for r in [prod_ref, *cands]), wait_s=float(wait_s))
+        cfg.serving, plan.production, list(plan.candidates), gallery, plan.weights, list(plan.shadows),
+        cfg.serving.resolved_admin_token(), router_cls=ClusterRouter,
+        plan_source=source,
+        app_names=() if local else tuple(r.app_name for r in plan.refs), wait_s=float(wait_s))

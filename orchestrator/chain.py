@@ -1,10 +1,14 @@
-"""The chain of generations on disk, and turning one generation of it into a training job.
+"""Which generation to train next, against which older models, and turning it into a
+training job. The constraints come from the registry, never from the YAML's order:
 
-Constraints of generation k (see DESIGN.md and shared/notes/compat-experiments.md):
-the production model (its parent in the chain) for Focal Distillation and LQF, and for
-BCT either production alone or every ancestor with importance decay**distance; the model
-whose embeddings fill the served gallery is always among the BCT constraints, because
-compatibility is not transitive.
+- the parent (Focal Distillation target, LQF's linearisation point, the lineage's parent)
+  is the generation in production when the new one is trained;
+- BCT constrains the new embedding against every generation that was ever production
+  (`compat.bct.against: ancestors`, importance decay**distance, distance 1 = production),
+  or production alone (`against: production`), plus always the generation whose
+  embeddings fill the served gallery, since compatibility is not transitive;
+- rejected and rolled-back generations are never parents, ancestors or targets (they
+  were never production, and a gallery generation in that state is skipped).
 """
 
 from __future__ import annotations
@@ -14,46 +18,158 @@ import json
 import shutil
 import signal
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from orchestrator.config import RunConfig
+from orchestrator.registry import EXCLUDED_FROM_LINEAGE, Registry, RegistryError, register_trained, registry_path
+from orchestrator.rundir import generation_dir, ray_storage, read_metrics
 from workers.losses import ancestor_importances
 from workers.train import ConstraintModel, TrainJob, TrainResult, run_training
 
 
 class ChainError(RuntimeError):
-    """The chain is not in a state that allows the asked action (e.g. parent untrained)."""
+    """The chain is not in a state that allows the asked action (e.g. nothing in production)."""
 
 
-def generation_dir(cfg: RunConfig, name: str) -> Path:
-    return Path(cfg.run_dir) / "generations" / name
+@dataclass(frozen=True)
+class Constraints:
+    """What generation `name` is trained against, read from the registry."""
+
+    name: str
+    production: Optional[ConstraintModel]        # the parent: FD target, LQF linearisation point
+    bct: tuple[ConstraintModel, ...] = ()        # BCT heads with their importances
+
+    @property
+    def parent(self) -> Optional[str]:
+        return self.production.name if self.production is not None else None
 
 
-def read_metrics(cfg: RunConfig, name: str) -> Optional[dict]:
-    """The metrics.json `graceful train` left for `name`, or None when it is not trained."""
-    d = generation_dir(cfg, name)
-    if not (d / "model.pt").is_file() or not (d / "metrics.json").is_file():
+def _constraint(reg: Registry, name: str, importance: float = 1.0) -> ConstraintModel:
+    rec = reg.generation(name)
+    if rec is None:
+        raise ChainError(f"generation {name!r} is not registered; train it first")
+    return ConstraintModel(name, rec.checkpoint_uri, rec.sha256, importance)
+
+
+def _production_for(cfg: RunConfig, reg: Registry, name: str) -> Optional[str]:
+    """The generation `name` is trained against: production now (None for the first one)."""
+    prod = reg.production()
+    if prod is None:
+        first = cfg.generations[0].name
+        if first != name and read_metrics(cfg, first) is not None:
+            register_trained(cfg, first, actor="train", registry=reg)  # a run dir older than its registry
+            prod = reg.production()
+    if prod is None:
+        first = cfg.generations[0].name
+        if name != first:
+            raise ChainError(f"no generation is in production yet, so {name!r} has nothing to be trained against: "
+                             f"run `graceful train CONFIG --generation {first}` first (the first generation "
+                             f"trained becomes production)")
         return None
-    return json.loads((d / "metrics.json").read_text())
+    return prod.name if prod.name != name else None
 
 
-def training_hash(cfg: RunConfig, name: str) -> str:
-    """sha256 of what determines generation `name`'s weights: the data, the gallery model
-    and the specs of `name` and every generation before it (its constraints). Serving,
-    rollout, gates, scaling and run_dir are left out, so changing them never retrains
-    (DDP over any number of workers trains on the same global batches)."""
+def ancestors(cfg: RunConfig, reg: Registry, name: str) -> list[str]:
+    """BCT ancestors of `name`, nearest first: every generation ever in production (most
+    recent first), then the gallery's generation if it is not among them; never `name`
+    itself, a rejected or rolled-back generation, or an unregistered one."""
+    out = [n for n in reversed(reg.ever_production()) if n != name]
+    if cfg.gallery not in out and cfg.gallery != name:
+        out.append(cfg.gallery)
+    keep = []
+    for n in out:
+        rec = reg.generation(n)
+        if rec is not None and rec.status not in EXCLUDED_FROM_LINEAGE:
+            keep.append(n)
+    return keep
+
+
+def constraint_names(cfg: RunConfig, reg: Registry, name: str) -> list[tuple[str, float]]:
+    """(ancestor name, BCT importance) pairs for generation `name`, from the registry."""
+    gen = cfg.generation(name)
+    if gen.compat.bct is None:
+        return []
+    parent = _production_for(cfg, reg, name)
+    if parent is None:
+        return []
+    anc = ancestors(cfg, reg, name)
+    if gen.compat.bct.against == "production":
+        picked = [n for n in anc if n in (parent, cfg.gallery)]
+    else:
+        picked = anc
+    distances = [anc.index(n) + 1 for n in picked]
+    return list(zip(picked, ancestor_importances(distances, gen.compat.bct.decay)))
+
+
+def constraints_of(cfg: RunConfig, reg: Registry, name: str) -> Constraints:
+    """The parent and the BCT constraints generation `name` would be trained against now."""
+    parent = _production_for(cfg, reg, name)
+    return Constraints(name, _constraint(reg, parent) if parent is not None else None,
+                       tuple(_constraint(reg, n, w) for n, w in constraint_names(cfg, reg, name)))
+
+
+def embed_dim_problems(cfg: RunConfig, reg: Registry, name: str) -> list[str]:
+    """Why generation `name` cannot be trained through its BCT models' heads, if it cannot:
+    their embedding sizes must equal its own (we refuse rather than learn a projection,
+    which would change what the gallery compares)."""
     names = [g.name for g in cfg.generations]
-    prefix = cfg.generations[: names.index(name) + 1]
+    gen = cfg.generation(name)
+    out = []
+    for other, _ in constraint_names(cfg, reg, name):
+        try:
+            dim = cfg.generation(other).arch.embed_dim
+        except KeyError:
+            continue  # a registered generation this config no longer lists: its checkpoint says
+        if dim != gen.arch.embed_dim:
+            out.append(f"generations[{names.index(name)}].arch.embed_dim: {gen.arch.embed_dim}, but BCT against "
+                       f"{other!r} needs {dim} (its arch.embed_dim); make them equal or drop compat.bct")
+    return out
+
+
+def training_hash(cfg: RunConfig, name: str, constraints: Constraints) -> str:
+    """sha256 of what determines generation `name`'s weights: the data, the gallery's
+    generation, `name`'s spec and the exact models it is constrained against (names,
+    sha256s, importances). Serving, rollout, gates, scaling and run_dir are left out, so
+    changing them never retrains (DDP over any number of workers trains on the same
+    global batches)."""
+    p = constraints.production
     blob = {"data": cfg.data.model_dump(mode="json"), "gallery": cfg.gallery,
-            "generations": [g.model_dump(mode="json") for g in prefix]}
+            "generation": cfg.generation(name).model_dump(mode="json"),
+            "production": [p.name, p.sha256] if p is not None else None,
+            "bct": [[c.name, c.sha256, round(c.importance, 12)] for c in constraints.bct]}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def trained_with_this_config(cfg: RunConfig, name: str) -> Optional[dict]:
-    """metrics.json of `name` when it was trained with what this config says, else None."""
+def recorded_constraints(cfg: RunConfig, reg: Registry, name: str, metrics: dict) -> Optional[Constraints]:
+    """The constraints generation `name` was trained against, from its metrics.json and
+    the registry (None when a model it names is not registered any more)."""
+    parent = metrics.get("parent")
+    prod = None
+    if parent is not None:
+        rec = reg.generation(parent)
+        if rec is None:
+            return None
+        prod = ConstraintModel(parent, rec.checkpoint_uri, rec.sha256)
+    bct = tuple(ConstraintModel(c["name"], "", c["sha256"], float(c["importance"]))
+                for c in metrics.get("constraints", []) if c.get("kind") == "bct")
+    return Constraints(name, prod, bct)
+
+
+def trained_with_this_config(cfg: RunConfig, name: str, reg: Optional[Registry] = None) -> Optional[dict]:
+    """metrics.json of `name` when it was trained with what this config says (and against
+    models the registry still holds with the same bytes), else None."""
     m = read_metrics(cfg, name)
-    return m if m is not None and m.get("training_hash") == training_hash(cfg, name) else None
+    if m is None:
+        return None
+    own = reg or Registry(registry_path(cfg))
+    try:
+        c = recorded_constraints(cfg, own, name, m)
+        return m if c is not None and m.get("training_hash") == training_hash(cfg, name, c) else None
+    finally:
+        if reg is None:
+            own.close()
 
 
 def next_untrained(cfg: RunConfig) -> Optional[str]:
@@ -63,66 +179,32 @@ def next_untrained(cfg: RunConfig) -> Optional[str]:
     return None
 
 
-def _constraint(cfg: RunConfig, name: str, importance: float = 1.0) -> ConstraintModel:
-    m = read_metrics(cfg, name)
-    if m is None:
-        raise ChainError(f"generation {name!r} is not trained yet (no checkpoint under "
-                         f"{generation_dir(cfg, name)}); run `graceful train CONFIG --generation {name}` first")
-    return ConstraintModel(name, str(generation_dir(cfg, name)), m["sha256"], importance)
-
-
-def constraint_names(cfg: RunConfig, name: str) -> list[tuple[str, float]]:
-    """(ancestor name, BCT importance) pairs for generation `name`."""
-    names = [g.name for g in cfg.generations]
-    k = names.index(name)
+def build_job(cfg: RunConfig, name: str, verbose: bool = True, registry: Optional[Registry] = None) -> TrainJob:
+    """The training job of generation `name`: its spec, the constraints the registry
+    gives it now, and where to write (absolute paths: Ray workers run elsewhere). Raises
+    ChainError when it has nothing to be trained against, ValueError when its embedding
+    cannot be scored by its BCT heads."""
     gen = cfg.generation(name)
-    if k == 0 or gen.compat.bct is None:
-        return []
-    if gen.compat.bct.against == "production":
-        picked = [names[k - 1]]
-        if cfg.gallery in names[:k] and cfg.gallery not in picked:
-            picked.append(cfg.gallery)
-        distances = [k - names.index(n) for n in picked]
-    else:
-        picked = names[:k][::-1]  # parent first
-        distances = list(range(1, k + 1))
-    return list(zip(picked, ancestor_importances(distances, gen.compat.bct.decay)))
-
-
-def embed_dim_problems(cfg: RunConfig, name: str) -> list[str]:
-    """Why generation `name` cannot be trained through its BCT models' heads, if it cannot:
-    their embedding sizes must equal its own (we refuse rather than learn a projection,
-    which would change what the gallery compares)."""
-    names = [g.name for g in cfg.generations]
-    gen = cfg.generation(name)
-    out = []
-    for other, _ in constraint_names(cfg, name):
-        dim = cfg.generation(other).arch.embed_dim
-        if dim != gen.arch.embed_dim:
-            out.append(f"generations[{names.index(name)}].arch.embed_dim: {gen.arch.embed_dim}, but BCT against "
-                       f"{other!r} needs {dim} (its arch.embed_dim); make them equal or drop compat.bct")
-    return out
-
-
-def build_job(cfg: RunConfig, name: str, verbose: bool = True) -> TrainJob:
-    """The training job of generation `name`: its specs, constraints and where to write.
-    Raises ValueError when its embedding cannot be scored by its BCT heads."""
-    gen = cfg.generation(name)
-    problems = embed_dim_problems(cfg, name)
-    if problems:
-        raise ValueError("; ".join(problems))
-    parent = cfg.parent_of(name)
-    production = _constraint(cfg, parent.name) if parent is not None else None
-    bct = tuple(_constraint(cfg, n, w) for n, w in constraint_names(cfg, name))
-    run_dir = Path(cfg.run_dir).resolve()
+    reg = registry or Registry(registry_path(cfg))
+    try:
+        problems = embed_dim_problems(cfg, reg, name)
+        if problems:
+            raise ValueError("; ".join(problems))
+        c = constraints_of(cfg, reg, name)
+    finally:
+        if registry is None:
+            reg.close()
+    if gen.recipe == "lqf" and c.production is None:
+        raise ChainError(f"{name}: recipe lqf fine-tunes the production model, and none is in production")
+    h = training_hash(cfg, name, c)
     return TrainJob(
         generation=gen, data=cfg.data, scaling=cfg.scaling,
-        out_dir=str(generation_dir(cfg, name).resolve()),
-        storage_path=cfg.scaling.storage_path or str(run_dir / "ray"),
-        # The training hash in the name: a changed recipe never resumes a stale run.
-        run_name=f"{name}-{training_hash(cfg, name)[:10]}",
-        config_hash=cfg.config_hash(), training_hash=training_hash(cfg, name),
-        production=production, bct=bct, verbose=verbose,
+        out_dir=str(generation_dir(cfg, name)),
+        storage_path=cfg.scaling.storage_path or str(ray_storage(cfg)),
+        # The training hash in the name: a changed recipe or constraint never resumes a stale run.
+        run_name=f"{name}-{h[:10]}",
+        config_hash=cfg.config_hash(), training_hash=h,
+        production=c.production, bct=c.bct, verbose=verbose,
     )
 
 
@@ -149,8 +231,6 @@ def check_retrainable(cfg: RunConfig, name: str) -> None:
     """Raise ChainError when the registry serves generation `name` (production, shadow,
     canary, or named by an active rollout): training would overwrite the bytes being
     served and could not be recorded anyway. Asked before any training starts."""
-    from orchestrator.registry.store import Registry, RegistryError, registry_path
-
     path = registry_path(cfg)
     if not path.is_file():
         return  # no registry yet: nothing is served
@@ -166,7 +246,7 @@ def train_generation(cfg: RunConfig, name: str, log: Callable[[str], None] = pri
     """Train generation `name` on Ray Train (starting a local Ray if none is running).
 
     An interrupted run of the same config resumes from its last checkpoint unless `fresh`.
-    The trained generation is recorded in the registry (`orchestrator.registry.record_trained`).
+    The trained generation is recorded in the registry (`orchestrator.registry.register_trained`).
     Raises ChainError before training when the registry serves `name` (`check_retrainable`).
     """
     import ray
@@ -180,7 +260,5 @@ def train_generation(cfg: RunConfig, name: str, log: Callable[[str], None] = pri
         # Workers' progress comes through a queue; Ray's own worker logs stay in its log files.
         ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     result = _run_interruptibly(job, log)
-    from orchestrator.registry.store import record_trained  # lineage, sha256, metrics; bootstraps production
-
-    record_trained(cfg, name, actor="train")
+    register_trained(cfg, name, actor="train")  # lineage, sha256 of the bytes, metrics; bootstraps production
     return result

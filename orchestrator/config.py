@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from serving.specs import ServingSpec
 from workers.specs import DataSpec, GenerationSpec, ScalingSpec, StrictModel
@@ -62,6 +62,9 @@ class RolloutSpec(StrictModel):
     min_latency_requests: int = Field(100, ge=1, description="step requests before a p99 is trusted")
     latency_ticks: int = Field(3, ge=1, description="consecutive breaching ticks of fresh requests before a latency rollback")
     tick_seconds: float = Field(2.0, gt=0)
+    # One controller per rollout: the holder renews its lease every tick; another controller
+    # takes the rollout over only once the lease is this old (the holder died).
+    lease_seconds: float = Field(15.0, gt=0, description="controller lease; at least 2 x tick_seconds")
     metric_source: Literal["router", "prometheus"] = "router"
     prometheus_url: str = "http://127.0.0.1:9090"
     max_source_errors: int = Field(10, ge=1, description="consecutive metric-source errors before pausing")
@@ -72,6 +75,13 @@ class RolloutSpec(StrictModel):
     # and the Alertmanager webhook POST /v1/admin/alert. 0 turns it off.
     metrics_port: int = Field(9108, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+
+    @model_validator(mode="after")
+    def _lease_outlives_ticks(self) -> "RolloutSpec":
+        if self.lease_seconds < 2 * self.tick_seconds:
+            raise ValueError(f"lease_seconds ({self.lease_seconds:g}) must be at least 2 x tick_seconds "
+                             f"({self.tick_seconds:g}): the holder renews it once per tick")
+        return self
 
     @field_validator("steps")
     @classmethod
@@ -95,18 +105,19 @@ class RunConfig(StrictModel):
     serving: ServingSpec = Field(default_factory=ServingSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
 
+    @field_validator("run_dir")
+    @classmethod
+    def _absolute_run_dir(cls, v: Path) -> Path:
+        # Relative to the working directory of the command, made absolute once here: Ray
+        # workers, tasks and Serve replicas that get paths under it run elsewhere.
+        return Path(v).expanduser().resolve()
+
     def generation(self, name: str) -> GenerationSpec:
         """The generation called `name` (KeyError naming the known ones otherwise)."""
         for g in self.generations:
             if g.name == name:
                 return g
         raise KeyError(f"unknown generation {name!r}; known: {[g.name for g in self.generations]}")
-
-    def parent_of(self, name: str) -> Optional[GenerationSpec]:
-        """The generation before `name` in the chain (None for the first)."""
-        names = [g.name for g in self.generations]
-        i = names.index(name)
-        return self.generations[i - 1] if i > 0 else None
 
     @property
     def gallery(self) -> str:

@@ -7,7 +7,7 @@ Needs a connected Ray cluster (`ray.init`) in the calling process.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from ray import serve
@@ -18,6 +18,11 @@ from serving.specs import ServingSpec
 from workers.checkpoint import CheckpointError, load_model, model_file, sha256_file
 
 ROUTER_APP = "graceful"
+
+# Called by each router replica as it starts, with the attached generation names; returns
+# {"production": name, "weights": {name: share}, "shadows": [names]}. Serving defines the
+# shape; the control plane supplies it (orchestrator.apps.RegistryPlan).
+PlanSource = Callable[[list], dict]
 
 
 class ModelServer:
@@ -94,11 +99,14 @@ def generation_application(ref: ModelRef, spec: ServingSpec, inject_fault: Optio
 def router_application(spec: ServingSpec, production: ModelRef, candidates: Sequence[ModelRef] = (),
                        gallery: Optional[Gallery] = None, weights: Optional[dict[str, float]] = None,
                        shadows: Optional[Sequence[str]] = None, admin_token: Optional[str] = None,
-                       router_cls: type = None, **router_kwargs):
+                       router_cls: type = None, plan_source: Optional[PlanSource] = None, **router_kwargs):
     """The router ingress application (not started) over `production` and `candidates`.
 
-    Defaults: production takes all traffic, every candidate shadows. `router_cls` (a
-    `Router` subclass) and `router_kwargs` let a cluster builder wait for its generations.
+    Defaults: production takes all traffic, every candidate shadows. `plan_source`, when
+    given, is called by every replica as it starts (with the attached generation names)
+    and its plan replaces these defaults: the control plane's source of truth, read
+    again after a restart. `router_cls` (a `Router` subclass) and `router_kwargs` let a
+    cluster builder wait for its generations.
     """
     from serving.router import Router
 
@@ -114,7 +122,7 @@ def router_application(spec: ServingSpec, production: ModelRef, candidates: Sequ
          for r in refs},
         weights or {production.name: 1.0},
         list(shadows) if shadows is not None else [c.name for c in candidates],
-        gallery, admin_token, **router_kwargs)
+        gallery, admin_token, plan_source=plan_source, **router_kwargs)
 
 
 def deploy_generation(ref: ModelRef, spec: ServingSpec, inject_fault: Optional[dict] = None) -> str:
@@ -126,7 +134,8 @@ def deploy_generation(ref: ModelRef, spec: ServingSpec, inject_fault: Optional[d
 def start_serving(spec: ServingSpec, production: ModelRef, candidates: Sequence[ModelRef] = (),
                   gallery: Optional[Gallery] = None, weights: Optional[dict[str, float]] = None,
                   shadows: Optional[Sequence[str]] = None, admin_token: Optional[str] = None,
-                  app_name: str = ROUTER_APP, route_prefix: str = "/") -> str:
+                  app_name: str = ROUTER_APP, route_prefix: str = "/",
+                  plan_source: Optional[PlanSource] = None) -> str:
     """Start Serve on spec.host:spec.port, deploy every generation and the router.
 
     Defaults: production takes all traffic, every candidate shadows. With
@@ -137,7 +146,8 @@ def start_serving(spec: ServingSpec, production: ModelRef, candidates: Sequence[
     if not spec.in_router_models:
         for ref in (production, *candidates):
             deploy_generation(ref, spec)
-    serve.run(router_application(spec, production, candidates, gallery, weights, shadows, admin_token),
+    serve.run(router_application(spec, production, candidates, gallery, weights, shadows, admin_token,
+                                 plan_source=plan_source),
               name=app_name, route_prefix=route_prefix)
     return base_url(spec) + route_prefix.rstrip("/")
 

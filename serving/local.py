@@ -1,7 +1,7 @@
 """Generations hosted inside the router process (`serving.in_router_models`).
 
 For small models the deployment-handle hop costs more than the model itself (about a
-third of the throughput on 2 cores: shared/notes/ray-notes.md). A `LocalGeneration` has
+third of the throughput on 2 cores: docs/serving.md, Overhead benchmark). A `LocalGeneration` has
 the call surface of a deployment handle (`.predict.remote(x)` is awaitable), so the
 router treats local and remote generations alike. Inference runs on the router's event
 loop: only for models that answer in well under a millisecond.

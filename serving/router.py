@@ -1,7 +1,7 @@
 """The router ingress: split, shadow, feedback join, live counters, retrieval, admin.
 
 One replica by design: the feedback join store and the live counters live in its
-process (see README.md, Serving, "Limits"). Model generations are separate Serve
+process (see docs/serving.md, "Limits"). Model generations are separate Serve
 applications reached through deployment handles; the router attaches and detaches them
 at run time. The traffic plan is an immutable value swapped in one assignment, so a
 change never drops or splits a request in flight.
@@ -11,10 +11,11 @@ change never drops or splits a request in flight.
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from dataclasses import asdict
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -28,6 +29,8 @@ from serving.core import (BadRequest, FeedbackStore, LiveStats, TrafficPlan, fus
 from serving.metric_names import DEFINED, LATENCY_BUCKETS_MS
 from serving.local import LocalGeneration
 from serving.refs import Gallery, ModelRef
+
+log = logging.getLogger("graceful.router")
 
 # No `from __future__ import annotations` here: Serve's class-based view reads the
 # handlers' annotations at run time and would take a string "Request" for a query param.
@@ -75,7 +78,7 @@ class Router:
 
     def __init__(self, spec: dict, input_dim: int, production: str, generations: dict[str, dict],
                  weights: dict[str, float], shadows: list[str], gallery: Optional[Gallery],
-                 admin_token: Optional[str]):
+                 admin_token: Optional[str], plan_source: Optional[Callable[[list], dict]] = None):
         self.spec = spec
         self.input_dim = input_dim
         self.admin_token = admin_token
@@ -89,7 +92,21 @@ class Router:
         for name, info in generations.items():
             self.gens[name] = {**info, "handle": serve.get_app_handle(info["app"]) if info["app"] else
                                LocalGeneration(ModelRef(name, info["uri"], info["sha256"]))}
-        self.plan = TrafficPlan.build(production, weights, shadows, self.gens)
+        # The control plane's plan wins over the deploy-time arguments: a replica that
+        # restarts (crash, upgrade) comes back to production and the rollout's position as
+        # they are now, not as they were when the application was deployed.
+        self.plan_source = "arguments"
+        self.plan_error: Optional[str] = None
+        if plan_source is not None:
+            try:
+                p = plan_source(list(self.gens))
+                self.plan = TrafficPlan.build(p["production"], p["weights"], p["shadows"], self.gens)
+                self.plan_source = "registry"
+            except Exception as e:  # unreadable, or it names a generation this router does not hold
+                self.plan_error = f"{type(e).__name__}: {e}"
+                log.error("router: plan source failed (%s); starting with the deployed plan", self.plan_error)
+        if self.plan_source == "arguments":
+            self.plan = TrafficPlan.build(production, weights, shadows, self.gens)
         self._publish_plan()
         self._refresher: Optional[asyncio.Task] = None
         self._background: set[asyncio.Task] = set()
@@ -403,6 +420,7 @@ class Router:
         return {"production": plan.production, "candidates": plan.candidates, "shadows": list(plan.shadows),
                 "weights": dict(plan.weights), "fusion_weight": self.fusion_weight,
                 "started_at": self.started, "uptime_s": round(time.time() - self.started, 3),
+                "plan_source": self.plan_source, "plan_error": self.plan_error,
                 "feedback": {**self.stats.feedback, "stored": len(self.store),
                              "expired": self.store.expired, "evicted": self.store.evicted},
                 "shadows_in_flight": self._shadow_backlog, "generations": gens}

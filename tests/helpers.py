@@ -3,10 +3,34 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 from pathlib import Path
 
+import pytest
 import yaml
+
+PROMETHEUS_APT = "apt-get install prometheus prometheus-alertmanager"
+
+
+def in_ci() -> bool:
+    """True when the environment variable CI is "true" or "1" (any case)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def require_tool(name: str, install_hint: str = PROMETHEUS_APT, also_in: tuple[str, ...] = ()) -> str:
+    """The path of executable `name` (on PATH, else in the directories `also_in`).
+
+    Missing: under CI=true (or 1) the test fails, naming the tool and how to install it,
+    since CI must run every test; elsewhere it skips with the same message."""
+    path = shutil.which(name) or next((p for d in also_in if shutil.which(p := os.path.join(d, name))), None)
+    if path is not None:
+        return path
+    msg = f"{name} is not installed (Debian: {install_hint}; scripts/install-system.sh does it as root)"
+    if in_ci():
+        pytest.fail(f"{msg}. CI={os.environ['CI']}: a test needing {name} fails instead of skipping", pytrace=False)
+    pytest.skip(msg)
 
 
 def free_port() -> int:

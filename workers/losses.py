@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from workers.models import CosineHead, GracefulNet
@@ -61,9 +62,13 @@ class FrozenHead:
         return torch.addmm(b.to(dtype=z.dtype, device=z.device), z, wt)
 
 
-def frozen_head(model: GracefulNet, name: str, importance: float = 1.0) -> FrozenHead:
-    """Freeze `model`'s head into arrays."""
+def frozen_head(model: "GracefulNet | nn.Module", name: str, importance: float = 1.0) -> FrozenHead:
+    """Freeze `model`'s head into arrays: `model.classifier`, a `CosineHead` or `nn.Linear`.
+    A `GracefulNet`, or an LQF `workers.lqf.LinearizedNet`, whose `classifier` is its head
+    with the folded weights w0 + delta."""
     head = model.classifier
+    if not isinstance(head, (CosineHead, nn.Linear)):
+        raise TypeError(f"BCT against {name!r}: its head is a {type(head).__name__}, not a cosine or linear head")
     with torch.no_grad():
         if isinstance(head, CosineHead):
             return FrozenHead(name, F.normalize(head.weight, dim=-1).cpu().numpy(), None,

@@ -3,7 +3,7 @@
 Compatibility training needs the two apart: BCT feeds the new embedding through the old
 head, retrieval compares embeddings. By default the embedding is L2-normalised and the head
 is a cosine classifier, because with a ReLU embedding and a linear head backward-compatible
-training fails (shared/notes/compat-experiments.md: M(g1, g0) 36 vs 93).
+training fails (docs/training.md: M(g1, g0) 36 vs 93).
 """
 
 from __future__ import annotations

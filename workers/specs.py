@@ -1,7 +1,7 @@
 """Typed configuration of the training data plane (data, architectures, training, compatibility).
 
 These models are composed into the run config by `orchestrator.config`; they live here so
-that `workers` never imports `orchestrator` (see DESIGN.md, dependency direction).
+that `workers` never imports `orchestrator` (see docs/architecture.md, dependency direction).
 Every model rejects unknown keys; ranges are checked by the field constraints.
 """
 
@@ -61,7 +61,7 @@ class ArchSpec(StrictModel):
     kernel_size: int = Field(5, ge=1, le=31, description="cnn1d only")
     embed_dim: int = Field(64, gt=0)
     # cosine: L2-normalised embedding and a cosine head (normalised softmax) -- what BCT
-    # needs (shared/notes/compat-experiments.md); linear: ReLU-free embedding + linear head.
+    # needs (docs/training.md, Data and models); linear: ReLU-free embedding + linear head.
     head: Literal["cosine", "linear"] = "cosine"
     scale: float = Field(16.0, gt=0, description="cosine head: logit scale")
     activation: Literal["relu", "leaky_relu"] = "relu"

@@ -12,6 +12,7 @@ latest one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -27,10 +28,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from workers.checkpoint import save_model
+from workers.checkpoint import load_model, save_model
 from workers.data import Split, fingerprint, generation_train_split, load_dataset
 from workers.losses import (FrozenHead, bct_influence_loss, ensemble_distillation_loss,
                             focal_distillation_loss, frozen_head)
+from workers.lqf import LinearizedNet  # imports workers.checkpoint/training, never this module
 from workers.models import GracefulNet, build_model
 from workers.specs import CompatSpec, DataSpec, GenerationSpec, ScalingSpec
 from workers.training import ExtraLoss, accuracy, batch_indices, fit, make_optimizer, predict
@@ -115,22 +117,96 @@ def make_extra_loss(compat: CompatSpec, targets: CompatTargets,
 
 
 def _unit_embeddings(model: Optional[nn.Module]) -> bool:
-    """Whether `model` L2-normalises its embeddings (cosine heads): BCT then skips doing it again."""
+    """Whether `model` L2-normalises its embeddings (cosine heads): BCT then skips doing it again.
+    True for a plain `GracefulNet` and for an LQF `LinearizedNet` with a cosine head (both
+    normalise in `embed_and_logits`)."""
     spec = getattr(model, "spec", None)
-    return isinstance(model, GracefulNet) and spec is not None and spec.head == "cosine"
+    return isinstance(model, (GracefulNet, LinearizedNet)) and spec is not None and spec.head == "cosine"
 
 
 # --- driver-side preparation (Ray tasks) ---------------------------------------------------
 
 def _logits_of(path: str, sha256: str, x: np.ndarray) -> np.ndarray:
-    model, _ = _load_any(path, sha256)
+    model, _ = load_model(path, sha256)  # plain or LQF (served through a JVP)
     return predict(model, x)[1]
 
 
-def _load_any(path: str, sha256: Optional[str]) -> tuple[nn.Module, dict]:
-    from workers.lqf import load_servable  # LQF checkpoints are served through a JVP
+def constraint_head(c: ConstraintModel) -> FrozenHead:
+    """The frozen head of BCT constraint `c`, from its verified checkpoint (plain or LQF:
+    an LQF generation's head has the folded weights w0 + delta, `LinearizedNet.classifier`)."""
+    model, _ = load_model(c.path, c.sha256)
+    return frozen_head(model, c.name, c.importance)
 
-    return load_servable(path, sha256)
+
+# --- on-disk caches in a generation's directory ---------------------------------------------
+
+ENSEMBLE_CACHE_PREFIX = "ensemble_logits_"
+CACHE_PATTERNS = (f"{ENSEMBLE_CACHE_PREFIX}*.npy",)  # everything `clear_caches` removes
+
+
+def ensemble_seeds(gen: GenerationSpec) -> list[int]:
+    """The seeds of `gen`'s ensemble references."""
+    assert gen.compat.ensemble is not None
+    return [1000 + 17 * k + gen.train.seed for k in range(gen.compat.ensemble.members)]
+
+
+def ensemble_cache_key(gen: GenerationSpec, data: DataSpec, split: Split) -> str:
+    """sha256 of everything the ensemble references' mean logits depend on: the generation's
+    arch and train spec (seed included), the data spec (its cache_dir aside: where the
+    generated samples are kept changes nothing), train_fraction, label_noise, the member
+    seeds and count, and the fingerprint of the training split. Same inputs, same key; a
+    change to any of them is a new key, so stale targets are never reused."""
+    assert gen.compat.ensemble is not None
+    blob = {
+        "arch": gen.arch.model_dump(mode="json"),
+        "train": gen.train.model_dump(mode="json"),
+        "data": data.model_dump(mode="json", exclude={"cache_dir"}),
+        "train_fraction": gen.train_fraction,
+        "label_noise": gen.label_noise,
+        "members": gen.compat.ensemble.members,
+        "seeds": ensemble_seeds(gen),
+        "split": fingerprint(split),
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def ensemble_cache_path(job: TrainJob, split: Split) -> Path:
+    return Path(job.out_dir) / f"{ENSEMBLE_CACHE_PREFIX}{ensemble_cache_key(job.generation, job.data, split)}.npy"
+
+
+def clear_caches(out_dir: str | Path) -> list[Path]:
+    """Remove the cached constraint targets (ensemble logits, any key, old-style names too)
+    in generation directory `out_dir`, e.g. for `graceful train --force`; returns what was
+    removed. The checkpoint and metrics are left alone."""
+    removed: list[Path] = []
+    d = Path(out_dir)
+    if not d.is_dir():
+        return removed
+    for pattern in CACHE_PATTERNS:
+        for f in sorted(d.glob(pattern)):
+            if f.is_file():
+                f.unlink(missing_ok=True)
+                removed.append(f)
+    return removed
+
+
+def _read_cached_logits(cache: Path, rows: int) -> Optional[np.ndarray]:
+    """The cached array, or None when absent, unreadable or of the wrong number of rows."""
+    if not cache.is_file():
+        return None
+    try:
+        arr = np.load(cache, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return arr if arr.ndim == 2 and arr.shape[0] == rows else None
+
+
+def _write_cached_logits(cache: Path, arr: np.ndarray) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, cache)  # a reader never sees a half-written cache
 
 
 def _train_reference(gen: GenerationSpec, data: DataSpec, seed: int) -> np.ndarray:
@@ -153,10 +229,7 @@ def build_targets(job: TrainJob, split: Split, log: Callable[[str], None] = prin
     targets = CompatTargets()
     if compat.bct is not None:
         for c in job.bct:
-            model, _ = _load_any(c.path, c.sha256)
-            if not isinstance(model, GracefulNet):
-                raise ValueError(f"BCT against {c.name}: only plain (non-LQF) models have a head to freeze")
-            head = frozen_head(model, c.name, c.importance)
+            head = constraint_head(c)  # verified by sha256 on every call: nothing cached on disk
             if head.embed_dim != gen.arch.embed_dim:  # fail here, not in every restarted worker
                 raise ValueError(f"BCT against {c.name}: its head scores embeddings of size {head.embed_dim}, "
                                  f"{gen.name} produces {gen.arch.embed_dim}")
@@ -167,19 +240,19 @@ def build_targets(job: TrainJob, split: Split, log: Callable[[str], None] = prin
         task = ray.remote(num_cpus=1)(_logits_of)
         targets.old_logits = ray.get(task.remote(job.production.path, job.production.sha256, split.x))
     if compat.ensemble is not None:
-        cache = Path(job.out_dir) / f"ensemble_logits_{fingerprint(split)}_{compat.ensemble.members}.npy"
-        if cache.is_file():
-            targets.ensemble_logits = np.load(cache)
+        cache = ensemble_cache_path(job, split)
+        cached = _read_cached_logits(cache, len(split))
+        if cached is not None:
+            targets.ensemble_logits = cached
             log(f"[{gen.name}] ensemble logits from cache {cache.name}")
         else:
             t0 = time.time()
             task = ray.remote(num_cpus=1)(_train_reference)
-            seeds = [1000 + 17 * k + gen.train.seed for k in range(compat.ensemble.members)]
+            seeds = ensemble_seeds(gen)
             log(f"[{gen.name}] training {len(seeds)} ensemble references in parallel on Ray ...")
             refs = [task.remote(gen, job.data, s) for s in seeds]
             targets.ensemble_logits = np.mean(ray.get(refs), axis=0).astype(np.float32)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            np.save(cache, targets.ensemble_logits)
+            _write_cached_logits(cache, targets.ensemble_logits)
             log(f"[{gen.name}] ensemble references done in {time.time() - t0:.1f}s")
     return targets
 
@@ -217,7 +290,7 @@ def _train_loop_per_worker(config: dict) -> None:
     if gen.recipe == "lqf":
         from workers.lqf import make_lqf
 
-        parent, _ = _load_any(job.production.path, job.production.sha256)
+        parent, _ = load_model(job.production.path, job.production.sha256)
         lqf = make_lqf(parent, gen)
         model = lqf.model
         opt, sched = lqf.opt, lqf.sched
@@ -331,7 +404,7 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
     if gen.recipe == "lqf":
         from workers.lqf import make_lqf, save_lqf
 
-        parent, _ = _load_any(job.production.path, job.production.sha256)
+        parent, _ = load_model(job.production.path, job.production.sha256)
         model = make_lqf(parent, gen).model
         model.load_state_dict(state["model"])
         sha = save_lqf(model.eval(), job.out_dir, meta)

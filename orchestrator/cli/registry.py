@@ -11,7 +11,7 @@ import datetime as dt
 import sys
 
 from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
-from orchestrator.registry.store import IntegrityError, Registry, registry_path
+from orchestrator.registry import IntegrityError, Registry, registry_path
 
 
 def _when(t: float | None) -> str:
@@ -80,7 +80,10 @@ def _cmd_show(reg: Registry, args: argparse.Namespace) -> int:
     evals = reg.evaluations(g.name)
     events = reg.events(g.name)
     rollout = reg.latest_rollout(g.name)
-    payload = {"generation": g.as_dict(), "evaluations": evals, "events": [e.as_dict() for e in events],
+    # The record's fields at the top level (name, parent, status, sha256, ...) and again
+    # under "generation", with its lineage (oldest first), evaluations and history.
+    payload = {**g.as_dict(), "generation": g.as_dict(), "lineage": [x.name for x in reg.lineage(g.name)],
+               "evaluations": evals, "events": [e.as_dict() for e in events],
                "latest_rollout": rollout.as_dict() if rollout else None}
 
     def text(_: dict) -> str:

@@ -21,7 +21,8 @@ import requests
 
 from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
 from orchestrator.config import RunConfig
-from orchestrator.registry.store import FINAL_STATES, Registry, RegistryError, RolloutRecord, registry_path
+from orchestrator.registry import FINAL_STATES, Registry, RolloutRecord, RolloutState, registry_path
+from serving.client import RouterError
 
 EXIT_INTERRUPTED = 130
 
@@ -43,8 +44,8 @@ def build_source(cfg: RunConfig, client: Any):
 def _open_registry(cfg: RunConfig, must_exist: bool = True) -> Registry:
     path = registry_path(cfg)
     if must_exist and not path.is_file():
-        raise UsageError(f"no registry at {path}: no rollout has been started for this run "
-                         f"(graceful rollout CONFIG --candidate NAME)")
+        raise UsageError(f"no registry at {path}: nothing has been trained or registered for this run yet "
+                         f"(graceful train CONFIG)")
     return Registry(path)
 
 
@@ -55,50 +56,6 @@ def _actor(args: argparse.Namespace) -> str:
         return os.environ.get("USER") or getpass.getuser() or "operator"
     except Exception:
         return "operator"
-
-
-def _ensure_registered(cfg: RunConfig, reg: Registry, name: str, router_sha: Optional[str]) -> None:
-    """Register a trained generation the registry does not know yet (from its run dir),
-    and refuse one the router serves with other bytes than the registry recorded."""
-    from orchestrator.chain import generation_dir, read_metrics
-
-    rec = reg.generation(name)
-    if rec is None:
-        metrics = read_metrics(cfg, name)
-        if not metrics or not metrics.get("sha256"):
-            raise UsageError(f"generation {name!r} is neither registered nor trained in {cfg.run_dir}")
-        parent = cfg.parent_of(name)
-        parent_name = parent.name if parent is not None and reg.generation(parent.name) is not None else None
-        rec = reg.add_generation(name, parent_name, cfg.generation(name).arch.type, cfg.config_hash(),
-                                 str(generation_dir(cfg, name) / "model.pt"), metrics["sha256"],
-                                 metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                                 actor="rollout")
-    if router_sha and rec.sha256 != router_sha:
-        raise RegistryError(f"the router serves {name!r} with sha256 {router_sha[:12]}..., the registry "
-                            f"recorded {rec.sha256[:12]}...; refusing to roll out other bytes")
-
-
-def gate_check(cfg: RunConfig, reg: Registry, name: str, skip_gate: bool, reason: str) -> str:
-    """The audit reason of a new rollout of `name`, or UsageError when its offline gate
-    rejected it.
-
-    registry.start_rollout overwrites any status with 'shadow', so this is the only place
-    that stops a rejected generation from going live: refused when its status is
-    'rejected' and its `generations[].offline_gate` is 'enforce' (the default), unless
-    `skip_gate` (--skip-gate), which is appended to the reason; an 'advisory' gate allows
-    it and says so in the reason.
-    """
-    rec = reg.generation(name)
-    if rec is None or rec.status != "rejected":
-        return reason
-    if cfg.generation(name).offline_gate == "advisory":
-        return f"{reason} (offline gate rejected it; the gate is advisory for {name})"
-    if not skip_gate:
-        raise UsageError(f"generation {name!r} was rejected by the offline gate (registry status 'rejected', "
-                         f"generations[].offline_gate: enforce); refusing to roll it out. See "
-                         f"`graceful registry show` for the report; --skip-gate overrides (recorded in the "
-                         f"audit log)")
-    return f"{reason} (offline gate rejected it; skipped with --skip-gate)"
 
 
 def _progress(res: Any, t0: float) -> str:
@@ -116,7 +73,9 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     names = [g.name for g in cfg.generations]
     if args.candidate not in names:
         raise UsageError(f"--candidate {args.candidate!r}: unknown generation; known: {names}")
-    from orchestrator.rollout.controller import Controller, start_rollout
+    from orchestrator.apps import attach_on_cluster
+    from orchestrator.rollout.controller import Controller, ControllerStopped
+    from orchestrator.rollout.start import RolloutRefused, start_rollout
     from serving.client import RouterClient
 
     url = router_url(cfg, args.router)
@@ -125,34 +84,31 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     reg = _open_registry(cfg, must_exist=False)
     actor = _actor(args)
     try:
-        active = reg.active_rollout()
-        if active is not None and active.candidate != args.candidate:
-            raise UsageError(f"rollout {active.id} of {active.candidate!r} is active ({active.state}); "
+        r = reg.active_rollout()
+        if r is not None and r.candidate != args.candidate:
+            raise UsageError(f"rollout {r.id} of {r.candidate!r} is active ({r.state}); "
                              f"finish it first (graceful rollback/promote CONFIG)")
-        r = active
         if r is None:
             latest = reg.latest_rollout(args.candidate)
             if latest is not None and latest.state in FINAL_STATES and not args.new:
                 r = latest  # a restart after the end: report it (and heal the router), never redo it
             else:
-                reason = gate_check(cfg, reg, args.candidate, args.skip_gate,
-                                    args.reason or f"graceful rollout --candidate {args.candidate}")
                 try:
-                    status = client.status()
-                except Exception as e:
-                    print(f"error: router at {url} unreachable: {e}", file=sys.stderr)
+                    r = start_rollout(cfg, reg, client, source, args.candidate, actor,
+                                      args.reason or f"graceful rollout --candidate {args.candidate}",
+                                      skip_gate=args.skip_gate, attach=attach_on_cluster(cfg, reg))
+                except RolloutRefused as e:
+                    raise UsageError(str(e)) from None
+                except (RouterError, requests.RequestException) as e:
+                    print(f"error: router at {url}: {e}", file=sys.stderr)
                     return EXIT_FAILED
-                gens = status.get("generations", {})
-                baseline = status.get("production")
-                if args.candidate == baseline:
-                    raise UsageError(f"{args.candidate!r} is already production at {url}")
-                if not gens.get(args.candidate, {}).get("attached"):
-                    raise UsageError(f"{args.candidate!r} is not attached to the router at {url}; serve it first "
-                                     f"(graceful serve CONFIG --candidate {args.candidate})")
-                _ensure_registered(cfg, reg, baseline, gens.get(baseline, {}).get("sha256"))
-                _ensure_registered(cfg, reg, args.candidate, gens[args.candidate].get("sha256"))
-                r = start_rollout(reg, source, args.candidate, baseline, actor, reason)
-        ctl = Controller(cfg, reg, client, source, rollout_id=r.id)
+        ctl = Controller(cfg, reg, client, source, rollout_id=r.id, attach=attach_on_cluster(cfg, reg))
+        if r.state not in FINAL_STATES:
+            try:
+                ctl.hold_lease(r, time.time())
+            except ControllerStopped as e:
+                print(f"error: {e}", file=sys.stderr)
+                return EXIT_FAILED
         try:
             http = ctl.serve_http()
         except OSError as e:
@@ -161,8 +117,9 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
                   f"not started ({e}); /metrics and the alert webhook are off", file=sys.stderr)
         out = sys.stderr if args.json else sys.stdout
         print(f"rollout {r.id}: {r.candidate} vs {r.baseline} ({r.state} step {r.step}) via {url}, "
-              f"source {source.name}" + (f", metrics at http://{http.server_address[0]}:{http.server_address[1]}"
-                                          f"/metrics" if http else ""), file=out, flush=True)
+              f"source {source.name}, controller {ctl.holder}"
+              + (f", metrics at http://{http.server_address[0]}:{http.server_address[1]}/metrics" if http else ""),
+              file=out, flush=True)
         stop = threading.Event()
         interrupted = {"code": None}
 
@@ -185,16 +142,22 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
             ctl.run(stop, on_tick=on_tick, max_seconds=args.max_seconds)
         finally:
             ctl.stop_http()
+            if interrupted["code"] is not None or ctl.stopped is None:
+                ctl.release_lease()  # a clean exit hands the rollout over at once
         final = reg.rollout(r.id)
         summary = {"rollout_id": final.id, "candidate": final.candidate, "baseline": final.baseline,
                    "state": final.state, "step": final.step, "weight": final.weight,
-                   "finished": final.state in FINAL_STATES,
+                   "finished": final.state in FINAL_STATES, "controller": ctl.holder, "stopped": ctl.stopped,
                    "last_decision": ctl.last.as_dict() if ctl.last else None}
         emit(summary, args.json, lambda s: f"rollout {s['rollout_id']} of {s['candidate']}: {s['state']} "
-                                           f"(step {s['step']}, weight {s['weight']:.2f})")
+                                           f"(step {s['step']}, weight {s['weight']:.2f})"
+                                           + (f"; controller stopped: {s['stopped']}" if s["stopped"] else ""))
+        if ctl.stopped is not None:
+            print(f"error: {ctl.stopped}", file=sys.stderr)
+            return EXIT_FAILED
         if interrupted["code"] is not None:
             return interrupted["code"]
-        return EXIT_OK if final.state == "promoted" else EXIT_FAILED
+        return EXIT_OK if final.state == RolloutState.PROMOTED else EXIT_FAILED
     finally:
         reg.close()
         client.close()
@@ -214,12 +177,21 @@ def _live(cfg: RunConfig) -> Optional[dict]:
 
 
 def _render_status(s: dict) -> str:
+    lines = [f"production: {s['production'] or '-'}  (registry {s['registry']})"]
+    gens = s["generations"]
+    if gens:
+        lines.append("generations: " + ", ".join(f"{g['name']} {g['status']}" for g in gens))
     r = s["rollout"]
-    lines = [f"{'candidate':<12}{'baseline':<12}{'state':<13}{'step':>5}{'weight':>8}  {'live NFR':>9}  last decision",
-             f"{r['candidate']:<12}{r['baseline']:<12}{r['state']:<13}{r['step']:>5}{r['weight']:>8.2f}  "
-             f"{(format(s['live_nfr'], '.4f') if s['live_nfr'] is not None else '-'):>9}  "
-             f"{s['last_decision'] or '-'}"]
+    if r is None:
+        lines.append("no rollout yet")
+        return "\n".join(lines)
+    lines += [f"{'candidate':<12}{'baseline':<12}{'state':<13}{'step':>5}{'weight':>8}  {'live NFR':>9}  last decision",
+              f"{r['candidate']:<12}{r['baseline']:<12}{r['state']:<13}{r['step']:>5}{r['weight']:>8.2f}  "
+              f"{(format(s['live_nfr'], '.4f') if s['live_nfr'] is not None else '-'):>9}  "
+              f"{s['last_decision'] or '-'}"]
+    lease = s.get("lease")
     lines.append(f"rollout {r['id']}, controller {'running' if s['controller_running'] else 'not running'}"
+                 + (f" (lease held by {lease['holder']})" if lease else "")
                  + (f", {len(s['pending_commands'])} command(s) queued" if s["pending_commands"] else ""))
     lines.append("recent events:")
     for e in s["events"]:
@@ -231,23 +203,33 @@ def _render_status(s: dict) -> str:
 def _cmd_status(args: argparse.Namespace) -> int:
     cfg = load_or_exit(args.config)
     with _open_registry(cfg) as reg:
+        prod = reg.production()
+        payload: dict[str, Any] = {
+            "production": prod.name if prod else None, "registry": str(reg.path),
+            "generations": [{"name": g.name, "status": g.status, "parent": g.parent} for g in reg.generations()],
+            "rollout": None, "controller_running": False, "live_nfr": None, "last_decision": None,
+            "last_tick": None, "lease": None, "pending_commands": [], "events": []}
         r = reg.active_rollout() or reg.latest_rollout(args.candidate)
         if args.candidate and (r is None or r.candidate != args.candidate):
             r = reg.latest_rollout(args.candidate)
-        if r is None:
-            raise UsageError("no rollout" + (f" of {args.candidate!r}" if args.candidate else "") + " in "
-                             f"{registry_path(cfg)}")
-        live = _live(cfg)
-        last_tick = (live or {}).get("last_tick") if (live or {}).get("rollout", {}) and \
-            live["rollout"].get("id") == r.id else None
-        decisions = [e for e in reg.events(r.candidate) if e.action == "decision" and e.data.get("rollout_id") == r.id]
-        last_decision = (f"{last_tick['decision']}: {last_tick['reason']}" if last_tick and last_tick.get("decision")
-                         else f"{decisions[-1].data.get('decision')}: {decisions[-1].reason}" if decisions else None)
-        payload = {"rollout": r.as_dict(), "controller_running": last_tick is not None,
-                   "live_nfr": (last_tick or {}).get("stats", {}).get("live_nfr"),
-                   "last_decision": last_decision, "last_tick": last_tick,
-                   "pending_commands": [c.as_dict() for c in reg.pending_commands(r.id)],
-                   "events": [e.as_dict() for e in reg.events(r.candidate, limit=args.events)]}
+            if r is None:
+                raise UsageError(f"no rollout of {args.candidate!r} in {registry_path(cfg)}")
+        if r is not None:
+            live = _live(cfg)
+            last_tick = (live or {}).get("last_tick") if (live or {}).get("rollout", {}) and \
+                live["rollout"].get("id") == r.id else None
+            decisions = [e for e in reg.events(r.candidate)
+                         if e.action == "decision" and e.data.get("rollout_id") == r.id]
+            last_decision = (f"{last_tick['decision']}: {last_tick['reason']}" if last_tick and last_tick.get("decision")
+                             else f"{decisions[-1].data.get('decision')}: {decisions[-1].reason}" if decisions else None)
+            lease = reg.lease(r.id)
+            payload.update({
+                "rollout": r.as_dict(), "controller_running": last_tick is not None,
+                "live_nfr": (last_tick or {}).get("stats", {}).get("live_nfr"),
+                "last_decision": last_decision, "last_tick": last_tick,
+                "lease": lease.as_dict() if lease is not None and lease.expires_at > time.time() else None,
+                "pending_commands": [c.as_dict() for c in reg.pending_commands(r.id)],
+                "events": [e.as_dict() for e in reg.events(r.candidate, limit=args.events)]})
     emit(payload, args.json, _render_status)
     return EXIT_OK
 
@@ -262,9 +244,9 @@ def _enqueue(args: argparse.Namespace, command: str, reason: str, force: bool = 
             raise UsageError("no active rollout in " + str(registry_path(cfg)))
         if args.candidate and r.candidate != args.candidate:
             raise UsageError(f"the active rollout is of {r.candidate!r}, not {args.candidate!r}")
-        if command == "pause" and r.state == "paused":
+        if command == "pause" and r.state == RolloutState.PAUSED:
             raise UsageError(f"rollout {r.id} of {r.candidate!r} is already paused")
-        if command == "resume" and r.state != "paused":
+        if command == "resume" and r.state != RolloutState.PAUSED:
             raise UsageError(f"rollout {r.id} of {r.candidate!r} is not paused ({r.state})")
         cmd = reg.enqueue_command(r.id, command, _actor(args), reason, force=force)
         outcome = None

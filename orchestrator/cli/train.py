@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from orchestrator.chain import (ChainError, embed_dim_problems, next_untrained, read_metrics, train_generation,
-                                trained_with_this_config)
+from orchestrator.chain import ChainError, embed_dim_problems, next_untrained, train_generation, trained_with_this_config
 from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
-from orchestrator.registry.store import RegistryError
+from orchestrator.registry import Registry, RegistryError, registry_path
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -21,10 +20,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg.generation(name)
     except KeyError as e:
         raise UsageError(str(e.args[0])) from None
-    problems = embed_dim_problems(cfg, name)
+    try:
+        with Registry(registry_path(cfg)) as reg:
+            problems = embed_dim_problems(cfg, reg, name)
+            done = trained_with_this_config(cfg, name, reg)
+    except (ChainError, RegistryError) as e:
+        print(f"error: {e}")
+        return EXIT_FAILED
     if problems:
         raise UsageError(f"{args.config}: " + "; ".join(problems))
-    done = trained_with_this_config(cfg, name)
     if done is not None and not args.force:
         emit(done, args.json, lambda m: f"{name} is trained already with this config "
                                         f"(test_acc {m.get('test_accuracy', float('nan')):.4f}); --force retrains")

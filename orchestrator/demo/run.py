@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from orchestrator.config import RunConfig
+from orchestrator.rundir import generation_dir, registry_path, summary_path
 
 OUTCOMES = ("promoted", "rolled_back", "rejected")
 
@@ -72,14 +73,18 @@ def _stage(log: Callable[[str], None], text: str) -> None:
     log(f"\n== {text}")
 
 
-def train_chain(cfg: RunConfig, log: Callable[[str], None], stop: threading.Event) -> None:
-    """Train every untrained generation in order (a trained one is kept: reruns resume)."""
+def train_chain(cfg: RunConfig, registry, log: Callable[[str], None], stop: threading.Event) -> None:
+    """Train every untrained generation in order against the registry's production (a
+    generation trained already with this config and these constraints is kept and
+    registered: reruns resume)."""
     from orchestrator.chain import train_generation, trained_with_this_config
+    from orchestrator.registry import register_trained
 
     for gen in cfg.generations:
         _check(stop)
-        m = trained_with_this_config(cfg, gen.name)
+        m = trained_with_this_config(cfg, gen.name, registry)
         if m is not None:
+            register_trained(cfg, gen.name, actor="demo", registry=registry)
             log(f"[{gen.name}] trained already (test accuracy {m.get('test_accuracy', float('nan')):.4f}); kept")
             continue
         t0 = time.perf_counter()
@@ -116,7 +121,7 @@ def format_summary(rows: list[GenerationSummary], wall_s: float) -> str:
 
 def write_summary(cfg: RunConfig, rows: list[GenerationSummary], wall_s: float) -> Path:
     """run_dir/summary.json: one entry per generation and the wall time."""
-    path = Path(cfg.run_dir) / "summary.json"
+    path = summary_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"generations": [asdict(r) for r in rows], "wall_seconds": round(wall_s, 2)}
     tmp = path.with_suffix(".json.tmp")
@@ -130,7 +135,7 @@ def reset_run_dir(cfg: RunConfig) -> None:
     run = Path(cfg.run_dir)
     if not run.exists():
         return
-    ours = (run / "generations").is_dir() or (run / "registry.sqlite").exists() or not any(run.iterdir())
+    ours = generation_dir(cfg, "x").parent.is_dir() or registry_path(cfg).exists() or not any(run.iterdir())
     if not ours:
         raise RuntimeError(f"--fresh: {run} does not look like a graceful run directory; not removing it")
     shutil.rmtree(run)
@@ -170,19 +175,21 @@ def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, 
              stop: threading.Event, max_seconds: float, reason: str) -> str:
     """Attach `candidate` as a shadow and let the controller take it to a final state.
     Returns the final rollout state (promoted | rolled_back), or raises DemoInterrupted."""
-    from orchestrator.chain import generation_dir, read_metrics
-    from orchestrator.rollout.controller import Controller, start_rollout
+    from orchestrator.apps import generation_ref
+    from orchestrator.rollout.controller import Controller
     from orchestrator.rollout.sources import RouterSource
+    from orchestrator.rollout.start import start_rollout
     from serving import deploy
-    from serving.refs import ModelRef
 
-    m = read_metrics(cfg, candidate)
-    ref = ModelRef(candidate, str(generation_dir(cfg, candidate) / "model.pt"), m["sha256"])
-    deploy.add_generation(ref, cfg.serving, shadow=True)
-    log(f"[{candidate}] deployed beside {production} as a shadow: it sees every request, answers none")
+    def attach(name: str) -> None:
+        deploy.add_generation(generation_ref(cfg, registry, name, actor="demo"), cfg.serving, shadow=True)
+        log(f"[{name}] deployed beside {production} as a shadow: it sees every request, answers none")
+
     source = RouterSource(client)
-    r = start_rollout(registry, source, candidate, production, actor="demo", reason=reason)
-    ctl = Controller(cfg, registry, client, source, rollout_id=r.id)
+    # The library's start: the gate (advisory generations pass with the reason), the
+    # registry's production as baseline, and the candidate attached.
+    r = start_rollout(cfg, registry, client, source, candidate, actor="demo", reason=reason, attach=attach)
+    ctl = Controller(cfg, registry, client, source, rollout_id=r.id, attach=attach)
     t0 = time.monotonic()
     last_print = [0.0]
 
@@ -198,6 +205,8 @@ def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, 
 
     last = ctl.run(stop, on_tick=on_tick, max_seconds=max_seconds)
     _check(stop)
+    if ctl.stopped is not None:
+        raise RuntimeError(f"rollout of {candidate}: the controller stopped: {ctl.stopped}")
     state = last.state if last is not None else None
     if state not in ("promoted", "rolled_back"):
         raise RuntimeError(f"rollout of {candidate} did not finish within {max_seconds:.0f}s (state {state}); "
@@ -210,8 +219,6 @@ def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, 
 def archive_registry(cfg: RunConfig, log: Callable[[str], None]) -> None:
     """The demo replays the whole lifecycle on every run: trained checkpoints are reused,
     but the rollout history starts over. The previous registry is kept, renamed."""
-    from orchestrator.registry.store import registry_path
-
     path = registry_path(cfg)
     if path.exists():
         dest = path.with_name(f"registry-{time.strftime('%Y%m%d-%H%M%S')}.sqlite")
@@ -244,11 +251,10 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
 
     import ray
 
-    from orchestrator.chain import read_metrics
-    from orchestrator.cli.serve import build_gallery, resolve_ref
-    from orchestrator.registry.store import Registry, record_trained, registry_path
+    from orchestrator.apps import build_gallery, serving_plan, start_router
+    from orchestrator.registry import Registry
+    from orchestrator.rundir import read_metrics
     from serving.client import RouterClient
-    from serving.deploy import start_serving
     from workers.data import load_dataset
 
     stop = stop or threading.Event()
@@ -261,10 +267,10 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
     if not _port_free(cfg.serving.host, cfg.serving.port):
         raise RuntimeError(f"serving.port {cfg.serving.port} on {cfg.serving.host} is in use; "
                            f"free it or pass --port")
-    if not cfg.serving.resolved_admin_token():
-        # The controller drives the router through its admin routes, which need a token:
-        # one for this run only, never printed or stored.
-        cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"admin_token": secrets.token_urlsafe(24)})})
+    # One token for the router and the controller: the operator's (serving.admin_token or
+    # its environment variable), else one for this run only, never printed or stored.
+    token = cfg.serving.resolved_admin_token() or secrets.token_urlsafe(24)
+    cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"admin_token": token})})
 
     _stage(log, f"data: {cfg.data.source}")
     t0 = time.perf_counter()
@@ -281,23 +287,23 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
         trap_sigterm()  # again: ray.init makes SIGTERM exit at once, skipping the cleanup below
         # Serve's per-application INFO lines would bury the demo's own progress.
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
-        _stage(log, f"train the chain on Ray Train ({', '.join(g.name for g in cfg.generations)})")
-        train_chain(cfg, log, stop)
         registry = Registry(registry_path(cfg))
-        # Every generation as trained; the first becomes production (bootstrap, audited).
-        record_trained(cfg, cfg.generations[-1].name, actor="demo", registry=registry)
-        production = registry.production().name
-        gallery = build_gallery(cfg)  # embedded once: served by the router, scored offline
+        _stage(log, f"train the chain on Ray Train ({', '.join(g.name for g in cfg.generations)})")
+        # Each generation is registered as it is trained; the first becomes production
+        # (bootstrap, audited) and the later ones are trained against it.
+        train_chain(cfg, registry, log, stop)
+        plan = serving_plan(cfg, registry)  # production and traffic: the registry's
+        production = plan.production.name
+        gallery = build_gallery(cfg, registry)  # embedded once: served by the router, scored offline
         m0 = read_metrics(cfg, production)
         rows.append(GenerationSummary(production, 1 - m0["test_accuracy"], None, "promoted",
-                                      top1_vs_gallery=gallery_top1(cfg, production, ds.query, gallery)))
+                                      top1_vs_gallery=gallery_top1(cfg, registry, production, ds.query, gallery)))
 
         _stage(log, f"serve {production} on Ray Serve at http://{cfg.serving.host}:{cfg.serving.port} "
                     f"(retrieval gallery built once by {cfg.gallery})")
         _check(stop)
-        url = start_serving(cfg.serving, resolve_ref(cfg, production), gallery=gallery,
-                            admin_token=cfg.serving.admin_token)
-        client = RouterClient(url, cfg.serving.admin_token)
+        url = start_router(cfg, registry, plan, gallery=gallery, admin_token=token)
+        client = RouterClient(url, token)
         q = ds.query.take(min(512, len(ds.query)))
         top1, by = live_retrieval_top1(client, q.x, q.y)
         log(f"/v1/search: top-1 {100 * top1:.1f}% with queries embedded by {by} in {cfg.gallery}'s gallery")
@@ -343,15 +349,16 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
     return json.loads(path.read_text())
 
 
-def gallery_top1(cfg: RunConfig, name: str, query, gallery) -> float:
+def gallery_top1(cfg: RunConfig, registry, name: str, query, gallery) -> float:
     """Offline M(name, gallery generation): retrieval top-1 of `name`'s embeddings of the
     `query` split in `gallery` (the serving.refs.Gallery /v1/search serves, embedded once)."""
-    from orchestrator.chain import generation_dir, read_metrics
+    from orchestrator.apps import generation_ref
     from orchestrator.evaluation.metrics import retrieval_top1
-    from workers.lqf import load_servable
+    from workers.checkpoint import load_model
     from workers.training import predict
 
-    model = load_servable(str(generation_dir(cfg, name) / "model.pt"), read_metrics(cfg, name)["sha256"])[0]
+    ref = generation_ref(cfg, registry, name, actor="demo")
+    model = load_model(ref.uri, ref.sha256)[0]
     return retrieval_top1(predict(model, query.x)[0], query.y, gallery.embeddings, gallery.labels)
 
 
@@ -374,5 +381,5 @@ def offline_gate(cfg: RunConfig, registry, candidate: str, production: str, quer
                                                        "controller decides"))
     return GenerationSummary(candidate, ev.metrics["error_candidate"], ev.metrics["nfr"],
                              "rejected" if (enforced and not ev.passed) else "pending", against=production,
-                             top1_vs_gallery=gallery_top1(cfg, candidate, query, gallery), gate_passed=ev.passed,
+                             top1_vs_gallery=gallery_top1(cfg, registry, candidate, query, gallery), gate_passed=ev.passed,
                              reasons=list(ev.reasons), report=str(report))

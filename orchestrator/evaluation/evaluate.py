@@ -18,7 +18,7 @@ import numpy as np
 
 from orchestrator.evaluation import metrics as M
 from orchestrator.config import GatesSpec, RunConfig
-from orchestrator.registry.store import Registry, RegistryError, record_trained, registry_path
+from orchestrator.registry import GenerationStatus, Registry, RegistryError, register_trained, registry_path
 
 # Float tolerance of the thresholds: NFR 2/100 against max_nfr 0.02 is a pass, not a
 # rounding accident.
@@ -134,10 +134,10 @@ def gate(metrics: dict[str, Any], gates: GatesSpec) -> tuple[bool, list[str]]:
 
 def load_verified(reg: Registry, name: str):
     """The model of generation `name`, after its file's sha256 matched the registry."""
-    from workers.lqf import load_servable  # plain and LQF checkpoints, weights_only
+    from workers.checkpoint import load_model  # plain and LQF checkpoints, weights_only
 
     path = reg.verify_checkpoint(name)
-    model, _ = load_servable(path, reg.generation(name).sha256)
+    model, _ = load_model(path, reg.generation(name).sha256)
     return model
 
 
@@ -149,18 +149,17 @@ def outputs(reg: Registry, names: list[str], x: np.ndarray) -> dict[str, tuple[n
 
 
 def ensure_registered(cfg: RunConfig, reg: Registry, name: str) -> None:
-    """Register `name` from the run dir when it was trained but is not in the registry
-    (a run dir older than the registry). A registered generation is never re-read from
-    the run dir: the registry's sha256 is what the file is checked against."""
+    """Register `name` through the one registration path when it was trained but is not
+    in the registry; EvaluationError naming what is wrong otherwise."""
+    if reg.generation(name) is not None:
+        return
     try:
         cfg.generation(name)
+        register_trained(cfg, name, actor="evaluate", registry=reg)
     except KeyError as e:
         raise EvaluationError(str(e.args[0])) from None
-    if reg.generation(name) is None:
-        try:
-            record_trained(cfg, name, actor="evaluate", registry=reg)
-        except RegistryError as e:
-            raise EvaluationError(str(e)) from None
+    except RegistryError as e:
+        raise EvaluationError(str(e)) from None
 
 
 def resolve_baseline(reg: Registry, candidate: str, against: Optional[str]) -> str:
@@ -207,12 +206,15 @@ def evaluate(cfg: RunConfig, candidate: str, against: Optional[str] = None,
         if record:
             eid = reg.record_evaluation(candidate, baseline,
                                         {**mets, "per_class_nfr": per_class, "flip_matrix": flips,
-                                         "gates": cfg.gates.model_dump()}, passed, reasons)
-            if not passed and status == "trained":
-                status = reg.set_status(candidate, "rejected", "evaluate",
+                                         "gates": cfg.gates.model_dump(),
+                                         # the bytes judged: a retrained generation needs a new gate
+                                         "candidate_sha256": reg.generation(candidate).sha256,
+                                         "baseline_sha256": reg.generation(baseline).sha256}, passed, reasons)
+            if not passed and status == GenerationStatus.TRAINED:
+                status = reg.set_status(candidate, GenerationStatus.REJECTED, "evaluate",
                                         f"offline gate failed (evaluation {eid}): " + "; ".join(reasons)).status
-            elif passed and status == "rejected":
-                status = reg.set_status(candidate, "trained", "evaluate",
+            elif passed and status == GenerationStatus.REJECTED:
+                status = reg.set_status(candidate, GenerationStatus.TRAINED, "evaluate",
                                         f"offline gate passed (evaluation {eid})").status
         return Evaluation(candidate, baseline, passed, reasons, mets, checks, per_class, flips, eid, status)
     finally:

@@ -17,11 +17,8 @@ import numpy as np
 from orchestrator.evaluation import metrics as M
 from orchestrator.config import RunConfig
 from orchestrator.evaluation.evaluate import Evaluation, outputs
-from orchestrator.registry.store import Registry
-
-
-def reports_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.run_dir) / "reports"
+from orchestrator.registry import Registry
+from orchestrator.rundir import reports_dir
 
 
 def _plt():
@@ -53,8 +50,8 @@ def chain_summary(cfg: RunConfig, reg: Registry) -> dict:
     preds = {n: out[n][1].argmax(1) for n in names}
     rows = []
     for n in names:
-        parent = cfg.parent_of(n)
-        p = parent.name if parent is not None and parent.name in preds else None
+        parent = reg.generation(n).parent  # the lineage the registry recorded
+        p = parent if parent in preds else None
         rows.append({"name": n, "status": reg.generation(n).status, "parent": p,
                      "error": M.error_rate(y, preds[n]),
                      "nfr": M.nfr(y, preds[p], preds[n]) if p else None})

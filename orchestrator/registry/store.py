@@ -1,5 +1,6 @@
-"""The registry: generations and their lineage, offline evaluations, rollouts, operator
-commands and an append-only audit log, in one SQLite file (`run_dir/registry.sqlite`).
+"""The registry store: generations and their lineage, offline evaluations, rollouts,
+operator commands, controller leases and an append-only audit log, in one SQLite file
+(`run_dir/registry.sqlite`).
 
 Why SQLite: the controller and any number of CLI processes use it at the same time. WAL
 lets readers go on while one writer writes; every write is one `BEGIN IMMEDIATE`
@@ -7,9 +8,9 @@ transaction (the write lock is taken up front, so two writers never deadlock upg
 read lock), with a busy timeout and a retry on "database is locked" on top, so concurrent
 writers wait for each other and lose nothing.
 
-The schema is versioned (`schema_version`, one row per applied migration); opening an
-older file migrates it in place, keeping its rows. The audit log (`events`) has no update
-or delete API, and triggers refuse UPDATE and DELETE on it from any client.
+The schema and its migrations live in `orchestrator.registry.schema`. The audit log
+(`events`) has no update or delete API, and triggers refuse UPDATE and DELETE on it from
+any client.
 """
 
 from __future__ import annotations
@@ -20,23 +21,21 @@ import random
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 from urllib.parse import unquote, urlparse
 
-GEN_STATUSES = ("trained", "rejected", "shadow", "canary", "production", "retired", "rolled_back")
-SERVED_STATUSES = ("production", "shadow", "canary")  # the router holds these bytes
-ROLLOUT_STATES = ("shadow", "canary", "paused", "promoted", "rolled_back")  # promoted/rolled_back are final
-ACTIVE_STATES = ("shadow", "canary", "paused")
-FINAL_STATES = ("promoted", "rolled_back")
-COMMANDS = ("pause", "resume", "promote", "rollback")
+from orchestrator.registry.records import (COMMANDS, FINAL_STATES, GEN_STATUSES, ROLLOUT_STATES,
+                                           SERVED_STATUSES, Command, CommandKind, Event, GenerationRecord,
+                                           GenerationStatus, Lease, RolloutRecord, RolloutState)
+from orchestrator.registry.schema import MIGRATIONS, SCHEMA_VERSION, statements
+from workers.checkpoint import MODEL_FILE
 
-REGISTRY_FILE = "registry.sqlite"
 BUSY_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
 
+_ACTIVE_SQL = "('shadow', 'canary', 'paused')"
 
 class RegistryError(RuntimeError):
     """A bad request against the registry (unknown name, bad status, ...)."""
@@ -50,174 +49,14 @@ class IntegrityError(RegistryError):
     """A checkpoint whose bytes are not the ones recorded (changed, truncated or missing)."""
 
 
-def registry_path(cfg: Any) -> Path:
-    """Where the registry of a run lives: `run_dir/registry.sqlite`."""
-    return Path(cfg.run_dir) / REGISTRY_FILE
 
 
-# --- records ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class GenerationRecord:
-    name: str
-    parent: Optional[str]
-    arch: str
-    config_hash: str
-    checkpoint_uri: str
-    sha256: str
-    created_at: float
-    status: str
-    metrics: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
+class LeaseHeld(RegistryError):
+    """Another controller holds the rollout's lease (the message names it)."""
 
 
-@dataclass(frozen=True)
-class RolloutRecord:
-    id: int
-    candidate: str
-    baseline: str
-    state: str
-    step: int
-    weight: float
-    paused_from: Optional[str]
-    step_started_at: float
-    started_at: float
-    updated_at: float
-    finished_at: Optional[float]
-    data: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class Command:
-    id: int
-    rollout_id: int
-    command: str
-    actor: str
-    reason: str
-    force: bool
-    created_at: float
-    done_at: Optional[float]
-    outcome: Optional[str]
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class Event:
-    id: int
-    at: float
-    actor: str
-    action: str
-    subject: str
-    reason: str
-    from_state: Optional[str]
-    to_state: Optional[str]
-    data: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-# --- schema and migrations ------------------------------------------------------------------
-# Each migration takes the file from version i to i + 1 inside one transaction. Never edit
-# a released migration: add the next one.
-
-_V1 = """
-CREATE TABLE generations (
-    name TEXT PRIMARY KEY,
-    parent TEXT REFERENCES generations(name),
-    arch TEXT NOT NULL,
-    config_hash TEXT NOT NULL,
-    checkpoint_uri TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    status TEXT NOT NULL
-);
-CREATE TABLE evaluations (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    candidate TEXT NOT NULL REFERENCES generations(name),
-    baseline TEXT REFERENCES generations(name),
-    metrics TEXT NOT NULL,
-    passed INTEGER NOT NULL,
-    reasons TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    reason TEXT NOT NULL DEFAULT '',
-    from_state TEXT,
-    to_state TEXT
-);
-"""
-
-_V2 = """
-ALTER TABLE generations ADD COLUMN metrics TEXT NOT NULL DEFAULT '{}';
-ALTER TABLE events ADD COLUMN data TEXT NOT NULL DEFAULT '{}';
-CREATE TABLE rollouts (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    candidate TEXT NOT NULL REFERENCES generations(name),
-    baseline TEXT NOT NULL REFERENCES generations(name),
-    state TEXT NOT NULL CHECK (state IN ('shadow', 'canary', 'paused', 'promoted', 'rolled_back')),
-    step INTEGER NOT NULL,
-    weight REAL NOT NULL CHECK (weight >= 0 AND weight <= 1),
-    paused_from TEXT,
-    step_started_at REAL NOT NULL,
-    started_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    finished_at REAL,
-    data TEXT NOT NULL DEFAULT '{}'
-);
--- At most one rollout is active: the partial index holds one row per active rollout, all
--- with the same key.
-CREATE UNIQUE INDEX one_active_rollout ON rollouts ((state IN ('shadow', 'canary', 'paused')))
-    WHERE state IN ('shadow', 'canary', 'paused');
-CREATE TABLE commands (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    rollout_id INTEGER NOT NULL REFERENCES rollouts(id),
-    command TEXT NOT NULL CHECK (command IN ('pause', 'resume', 'promote', 'rollback')),
-    actor TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    force INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    done_at REAL,
-    outcome TEXT
-);
-CREATE INDEX commands_pending ON commands (rollout_id, done_at);
-CREATE INDEX events_subject ON events (subject, id);
-CREATE INDEX evaluations_candidate ON evaluations (candidate, id);
-CREATE TRIGGER events_no_update BEFORE UPDATE ON events
-    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TRIGGER events_no_delete BEFORE DELETE ON events
-    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-"""
-
-MIGRATIONS: tuple[str, ...] = (_V1, _V2)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def _statements(script: str) -> list[str]:
-    """Split a migration into statements (CREATE TRIGGER bodies hold ';' too)."""
-    out, buf = [], ""
-    for line in script.splitlines(keepends=True):
-        if line.strip().startswith("--"):
-            continue
-        buf += line
-        if sqlite3.complete_statement(buf):
-            out.append(buf.strip())
-            buf = ""
-    if buf.strip():
-        out.append(buf.strip())
-    return out
+class LeaseLost(RegistryError):
+    """This controller's lease expired and another took it, or it was released."""
 
 
 def _is_busy(e: sqlite3.OperationalError) -> bool:
@@ -247,7 +86,7 @@ def checkpoint_path(uri: str) -> Path:
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         p = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
-        return p / "model.pt" if p.is_dir() else p
+        return p / MODEL_FILE if p.is_dir() else p
     if len(parsed.scheme) == 1:  # a Windows drive letter, not a scheme
         return Path(uri)
     raise RegistryError(f"checkpoint URI {uri!r}: only local paths and file:// URIs can be verified here")
@@ -261,7 +100,6 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-# --- the registry ---------------------------------------------------------------------------
 
 class Registry:
     """One registry file. Safe to share between threads (one lock per instance) and between
@@ -342,7 +180,7 @@ class Registry:
                 raise RegistryError(f"{self.path}: schema version {current} is newer than this code "
                                     f"understands ({SCHEMA_VERSION}); upgrade graceful")
             for version in range(current + 1, SCHEMA_VERSION + 1):
-                for stmt in _statements(MIGRATIONS[version - 1]):
+                for stmt in statements(MIGRATIONS[version - 1]):
                     db.execute(stmt)
                 db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, time.time()))
             bad = db.execute("PRAGMA foreign_key_check").fetchall()
@@ -356,17 +194,17 @@ class Registry:
     @staticmethod
     def _gen(r: sqlite3.Row) -> GenerationRecord:
         return GenerationRecord(r["name"], r["parent"], r["arch"], r["config_hash"], r["checkpoint_uri"],
-                                r["sha256"], r["created_at"], r["status"], _loads(r["metrics"]))
+                                r["sha256"], r["created_at"], GenerationStatus(r["status"]), _loads(r["metrics"]))
 
     @staticmethod
     def _rollout(r: sqlite3.Row) -> RolloutRecord:
-        return RolloutRecord(r["id"], r["candidate"], r["baseline"], r["state"], r["step"], r["weight"],
-                             r["paused_from"], r["step_started_at"], r["started_at"], r["updated_at"],
+        return RolloutRecord(r["id"], r["candidate"], r["baseline"], RolloutState(r["state"]), r["step"],
+                             r["weight"], RolloutState(r["paused_from"]) if r["paused_from"] else None, r["step_started_at"], r["started_at"], r["updated_at"],
                              r["finished_at"], _loads(r["data"]))
 
     @staticmethod
     def _command(r: sqlite3.Row) -> Command:
-        return Command(r["id"], r["rollout_id"], r["command"], r["actor"], r["reason"], bool(r["force"]),
+        return Command(r["id"], r["rollout_id"], CommandKind(r["command"]), r["actor"], r["reason"], bool(r["force"]),
                        r["created_at"], r["done_at"], r["outcome"])
 
     @staticmethod
@@ -462,7 +300,7 @@ class Registry:
             why = f"it is in {g.status}"
         else:
             r = db.execute("SELECT id, candidate, baseline, state FROM rollouts WHERE state IN "
-                           "('shadow', 'canary', 'paused') AND (candidate = ? OR baseline = ?) ORDER BY id DESC",
+                           + _ACTIVE_SQL + " AND (candidate = ? OR baseline = ?) ORDER BY id DESC",
                            (name, name)).fetchone()
             if r is None:
                 return None
@@ -510,7 +348,7 @@ class Registry:
             self._need_gen_in(db, name)
             if self._ever_in_production_in(db):
                 return False
-            self._status_in(db, name, "production", actor, reason)
+            self._status_in(db, name, GenerationStatus.PRODUCTION, actor, reason)
             return True
 
         return self._write(run)
@@ -529,10 +367,10 @@ class Registry:
 
         def run(db: sqlite3.Connection) -> GenerationRecord:
             self._need_gen_in(db, name)
-            if status == "production":
+            if status == GenerationStatus.PRODUCTION:
                 for r in db.execute("SELECT name FROM generations WHERE status = 'production' AND name != ?",
                                     (name,)).fetchall():
-                    self._status_in(db, r[0], "retired", actor, f"replaced in production by {name}: {reason}")
+                    self._status_in(db, r[0], GenerationStatus.RETIRED, actor, f"replaced in production by {name}: {reason}")
             return self._status_in(db, name, status, actor, reason)
 
         return self._write(run)
@@ -556,6 +394,17 @@ class Registry:
     def production(self) -> Optional[GenerationRecord]:
         rows = self._read("SELECT * FROM generations WHERE status = 'production' ORDER BY rowid DESC LIMIT 1")
         return self._gen(rows[0]) if rows else None
+
+    def ever_production(self) -> list[str]:
+        """Every generation that was ever production (the audit log remembers each status
+        change to production), ordered by when they last got there: the current one last."""
+        rows = self._read("SELECT subject, MAX(id) AS last FROM events WHERE action = 'status' AND "
+                          "to_state = 'production' GROUP BY subject ORDER BY last")
+        names = [r["subject"] for r in rows]
+        prod = self.production()
+        if prod is not None and prod.name not in names:
+            names.append(prod.name)
+        return names
 
     def verify_checkpoint(self, name: str) -> Path:
         """The checkpoint file of `name`, after checking its sha256 against the record.
@@ -617,7 +466,7 @@ class Registry:
         def run(db: sqlite3.Connection) -> RolloutRecord:
             self._need_gen_in(db, candidate)
             self._need_gen_in(db, baseline)
-            active = db.execute("SELECT * FROM rollouts WHERE state IN ('shadow', 'canary', 'paused')").fetchone()
+            active = db.execute("SELECT * FROM rollouts WHERE state IN " + _ACTIVE_SQL).fetchone()
             if active is not None:
                 raise RegistryError(f"rollout {active['id']} of {active['candidate']!r} is still active "
                                     f"({active['state']}); finish it before starting another")
@@ -629,7 +478,7 @@ class Registry:
             rid = int(cur.lastrowid)
             self._audit_in(db, actor, "rollout_started", candidate, reason, None, "shadow",
                            {"rollout_id": rid, "baseline": baseline})
-            self._status_in(db, candidate, "shadow", actor, f"rollout {rid} started", {"rollout_id": rid})
+            self._status_in(db, candidate, GenerationStatus.SHADOW, actor, f"rollout {rid} started", {"rollout_id": rid})
             return self._rollout(db.execute("SELECT * FROM rollouts WHERE id = ?", (rid,)).fetchone())
 
         return self._write(run)
@@ -639,7 +488,7 @@ class Registry:
         return self._rollout(rows[0]) if rows else None
 
     def active_rollout(self) -> Optional[RolloutRecord]:
-        rows = self._read("SELECT * FROM rollouts WHERE state IN ('shadow', 'canary', 'paused') "
+        rows = self._read("SELECT * FROM rollouts WHERE state IN " + _ACTIVE_SQL + " "
                           "ORDER BY id DESC LIMIT 1")
         return self._rollout(rows[0]) if rows else None
 
@@ -678,11 +527,11 @@ class Registry:
             if cur.state in FINAL_STATES:
                 raise RegistryError(f"rollout {rollout_id} is finished ({cur.state}); start a new one")
             now = time.time()
-            if state == "paused":
-                paused_from = cur.paused_from if cur.state == "paused" else cur.state
+            if state == RolloutState.PAUSED:
+                paused_from = cur.paused_from if cur.state == RolloutState.PAUSED else cur.state
             else:
                 paused_from = None
-            pause_or_resume = state == "paused" or cur.state == "paused"
+            pause_or_resume = state == RolloutState.PAUSED or cur.state == RolloutState.PAUSED
             if step_started_at is None:
                 moved = step != cur.step or (state != cur.state and not pause_or_resume)
                 started = now if moved else cur.step_started_at
@@ -696,16 +545,16 @@ class Registry:
             ctx = {"rollout_id": rollout_id, "step": int(step), "weight": float(weight)}
             self._audit_in(db, actor, action, cur.candidate, reason, cur.state, state, ctx)
             why = f"rollout {rollout_id} {action}: {reason}"
-            if state in ("shadow", "canary"):
+            if state in (RolloutState.SHADOW, RolloutState.CANARY):
                 self._status_in(db, cur.candidate, state, actor, why, ctx)
-            elif state == "promoted":
+            elif state == RolloutState.PROMOTED:
                 for r in db.execute("SELECT name FROM generations WHERE status = 'production' AND name != ?",
                                     (cur.candidate,)).fetchall():
-                    self._status_in(db, r[0], "retired", actor, why, ctx)
-                self._status_in(db, cur.baseline, "retired", actor, why, ctx)
-                self._status_in(db, cur.candidate, "production", actor, why, ctx)
-            elif state == "rolled_back":
-                self._status_in(db, cur.candidate, "rolled_back", actor, why, ctx)
+                    self._status_in(db, r[0], GenerationStatus.RETIRED, actor, why, ctx)
+                self._status_in(db, cur.baseline, GenerationStatus.RETIRED, actor, why, ctx)
+                self._status_in(db, cur.candidate, GenerationStatus.PRODUCTION, actor, why, ctx)
+            elif state == RolloutState.ROLLED_BACK:
+                self._status_in(db, cur.candidate, GenerationStatus.ROLLED_BACK, actor, why, ctx)
             return self._rollout(db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone())
 
         return self._write(run)
@@ -761,6 +610,77 @@ class Registry:
 
         self._write(run)
 
+    # --- leases: one controller per rollout --------------------------------------------------
+
+    @staticmethod
+    def _lease(r: sqlite3.Row) -> Lease:
+        return Lease(r["rollout_id"], r["holder"], r["acquired_at"], r["heartbeat_at"], r["expires_at"])
+
+    def lease(self, rollout_id: int) -> Optional[Lease]:
+        """The lease row of a rollout (possibly expired), or None when nobody ever held it."""
+        rows = self._read("SELECT * FROM leases WHERE rollout_id = ?", (rollout_id,))
+        return self._lease(rows[0]) if rows else None
+
+    def acquire_lease(self, rollout_id: int, holder: str, ttl_s: float, now: Optional[float] = None) -> Lease:
+        """Take the rollout's lease for `holder` for `ttl_s` seconds, in one transaction.
+
+        Granted when nobody holds it, when its holder's lease expired (audited as
+        'lease_taken_over', naming the previous holder), or when `holder` holds it already
+        (a renewal). Raises LeaseHeld naming the live holder otherwise."""
+        if ttl_s <= 0:
+            raise RegistryError(f"lease ttl must be > 0 s, got {ttl_s}")
+
+        def run(db: sqlite3.Connection) -> Lease:
+            t = time.time() if now is None else now
+            r = db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+            if r is None:
+                raise RegistryError(f"unknown rollout {rollout_id}")
+            row = db.execute("SELECT * FROM leases WHERE rollout_id = ?", (rollout_id,)).fetchone()
+            if row is not None and row["holder"] != holder and row["expires_at"] > t:
+                raise LeaseHeld(f"rollout {rollout_id} of {r['candidate']!r} is driven by controller "
+                                f"{row['holder']!r} (lease renewed {t - row['heartbeat_at']:.1f} s ago, expires in "
+                                f"{row['expires_at'] - t:.1f} s); one controller per rollout: stop that one, or "
+                                f"wait for its lease to expire")
+            if row is not None and row["holder"] == holder:
+                db.execute("UPDATE leases SET heartbeat_at = ?, expires_at = ? WHERE rollout_id = ?",
+                           (t, t + ttl_s, rollout_id))
+            else:
+                db.execute("INSERT OR REPLACE INTO leases (rollout_id, holder, acquired_at, heartbeat_at, expires_at) "
+                           "VALUES (?, ?, ?, ?, ?)", (rollout_id, holder, t, t, t + ttl_s))
+                action = "lease_taken_over" if row is not None else "lease_acquired"
+                why = (f"previous holder {row['holder']!r} expired {t - row['expires_at']:.1f} s ago"
+                       if row is not None else "first controller of this rollout")
+                self._audit_in(db, holder, action, r["candidate"], why, None, None,
+                               {"rollout_id": rollout_id, "holder": holder,
+                                "previous_holder": row["holder"] if row is not None else None})
+            return self._lease(db.execute("SELECT * FROM leases WHERE rollout_id = ?", (rollout_id,)).fetchone())
+
+        return self._write(run)
+
+    def renew_lease(self, rollout_id: int, holder: str, ttl_s: float, now: Optional[float] = None) -> Lease:
+        """Extend `holder`'s lease (the heartbeat); LeaseLost when it is not the holder any more."""
+
+        def run(db: sqlite3.Connection) -> Lease:
+            t = time.time() if now is None else now
+            row = db.execute("SELECT * FROM leases WHERE rollout_id = ?", (rollout_id,)).fetchone()
+            if row is None or row["holder"] != holder:
+                raise LeaseLost(f"controller {holder!r} no longer holds the lease of rollout {rollout_id}"
+                                + (f" ({row['holder']!r} does)" if row is not None else ""))
+            db.execute("UPDATE leases SET heartbeat_at = ?, expires_at = ? WHERE rollout_id = ?",
+                       (t, t + ttl_s, rollout_id))
+            return self._lease(db.execute("SELECT * FROM leases WHERE rollout_id = ?", (rollout_id,)).fetchone())
+
+        return self._write(run)
+
+    def release_lease(self, rollout_id: int, holder: str) -> bool:
+        """Give the lease up (a clean exit); True when `holder` held it."""
+
+        def run(db: sqlite3.Connection) -> bool:
+            cur = db.execute("DELETE FROM leases WHERE rollout_id = ? AND holder = ?", (rollout_id, holder))
+            return cur.rowcount > 0
+
+        return self._write(run)
+
     # --- audit log -------------------------------------------------------------------------
 
     def audit(self, actor: str, action: str, subject: str, reason: str = "", from_state: Optional[str] = None,
@@ -779,48 +699,3 @@ class Registry:
         return [self._event(r) for r in self._read(sql, args)][::-1]
 
 
-# --- recording what `graceful train` left in the run directory ------------------------------
-
-def record_trained(cfg: Any, name: str, actor: str = "train", registry: Optional[Registry] = None) -> GenerationRecord:
-    """Register generation `name` from its run-dir files (model.pt, metrics.json), after
-    registering any trained ancestor that is not registered yet (a run dir trained before
-    the registry existed). A retrained checkpoint replaces the record, except for a served
-    generation (RegistryError, see `Registry.check_replaceable`). When no generation has
-    ever been production, the first generation (no parent) becomes production, audited as
-    "bootstrap: first generation". Raises RegistryError when `name` is not trained."""
-    from orchestrator.chain import generation_dir, read_metrics
-
-    reg = registry or Registry(registry_path(cfg))
-    try:
-        names = [g.name for g in cfg.generations]
-        if name not in names:
-            raise RegistryError(f"unknown generation {name!r}; known: {names}")
-        chain = names[: names.index(name) + 1]
-        record = None
-        for n in chain:
-            if n != name and reg.generation(n) is not None:
-                continue  # a registered ancestor is left as it is (its status may be production)
-            m = read_metrics(cfg, n)
-            if m is None:
-                if n == name:
-                    raise RegistryError(f"generation {name!r} is not trained (no model.pt and metrics.json under "
-                                        f"{generation_dir(cfg, name)}); run `graceful train CONFIG --generation {name}`")
-                continue  # an untrained ancestor: the chain is recorded from the trained ones
-            path = (generation_dir(cfg, n) / "model.pt").resolve()
-            actual = _sha256_file(path)
-            if actual != m.get("sha256"):
-                raise IntegrityError(f"checkpoint of {n!r} does not match its metrics.json: {path} has sha256 "
-                                     f"{actual}, metrics.json records {m.get('sha256')}; refusing to register it")
-            parent_spec = cfg.parent_of(n)
-            parent = parent_spec.name if parent_spec is not None and reg.generation(parent_spec.name) else None
-            kept = {k: v for k, v in m.items() if k != "history"}  # the per-step history stays in metrics.json
-            record = reg.add_generation(n, parent, cfg.generation(n).arch.type, str(m.get("config_hash", "")),
-                                        str(path), actual, kept, actor=actor, replace=True)
-        record = reg.generation(name)
-        assert record is not None
-        if reg.generation(names[0]) is not None and reg.bootstrap_production(names[0], actor):
-            record = reg.generation(name)
-        return record
-    finally:
-        if registry is None:
-            reg.close()

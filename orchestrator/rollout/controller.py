@@ -32,31 +32,49 @@ counted (graceful_controller_tick_errors_total), logged, and the loop goes on.
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
 import math
+import os
+import socket
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol, Sequence
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from orchestrator.rollout import metric_names
 from orchestrator.config import RunConfig
+from orchestrator.registry import FINAL_STATES, LeaseHeld, Registry, RolloutRecord, RolloutState, StaleTransition
+from orchestrator.rollout import metric_names
 from orchestrator.rollout.decision import Counts, Decision, Observation, decide
-from orchestrator.registry.store import FINAL_STATES, Registry, RolloutRecord, StaleTransition
-from orchestrator.rollout.sources import SourceError, add, advance, counts_from_dict, counts_to_dict
+from orchestrator.rollout.http import serve_http
+from orchestrator.rollout.plan import ReconcileError, desired_traffic, next_position, traffic_matches
+from orchestrator.rollout.sources import MetricSource, SourceError, add, advance, counts_from_dict, counts_to_dict
+from serving.client import RouterError
 
 log = logging.getLogger("graceful.controller")
 
 CONTROLLER = "controller"
 
 
-class ReconcileError(RuntimeError):
-    """The router cannot be made to match the persisted rollout (e.g. a generation is not attached)."""
+class TrafficRouter(Protocol):
+    """What the controller needs of the router (serving.client.RouterClient is one)."""
+
+    def status(self) -> dict: ...
+
+    def set_traffic(self, weights: dict[str, float], shadows: Optional[Sequence[str]] = None,
+                    production: Optional[str] = None) -> dict: ...
+
+
+class ControllerStopped(RuntimeError):
+    """This controller cannot act at all (another holds the lease, the router refuses its
+    token): it says why once and stops, instead of failing every tick."""
+
+
+def default_holder() -> str:
+    """A lease holder id unique to this process: host, pid and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 @dataclass
@@ -82,72 +100,6 @@ class TickResult:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "final": self.final}
-
-
-# --- pure helpers ----------------------------------------------------------------------------
-
-def desired_traffic(r: RolloutRecord, current: dict) -> dict:
-    """The router plan that matches persisted rollout `r`, given the router's current plan
-    (`current`: the `/v1/status` answer; only production, weights, shadows are used).
-
-    shadow: baseline serves everything, candidate shadowed; canary: candidate r.weight,
-    baseline 1 - r.weight, candidate still shadowed (so production-served requests are
-    compared too); paused: the plan of the state it paused; promoted: candidate is
-    production at weight 1, neither shadowed; rolled back: baseline production at weight
-    1, candidate no longer shadowed. Other generations keep weight 0 and their shadowing.
-    """
-    weights = {g: 0.0 for g in current.get("weights", {})}
-    for g in (r.candidate, r.baseline):
-        if g not in weights:
-            raise ReconcileError(f"generation {g!r} is not attached to the router "
-                                 f"(attached: {sorted(weights)}); serve it first")
-    shadows = [s for s in current.get("shadows", []) if s not in (r.candidate, r.baseline)]
-    state = r.paused_from if r.state == "paused" else r.state
-    if state == "promoted":
-        weights[r.candidate] = 1.0
-        return {"weights": weights, "shadows": shadows, "production": r.candidate}
-    if state == "rolled_back":
-        weights[r.baseline] = 1.0
-        return {"weights": weights, "shadows": shadows, "production": r.baseline}
-    w = float(r.weight) if state == "canary" else 0.0
-    weights[r.candidate] = w
-    weights[r.baseline] = 1.0 - w
-    return {"weights": weights, "shadows": shadows + [r.candidate], "production": r.baseline}
-
-
-def traffic_matches(want: dict, current: dict) -> bool:
-    """True when the router already runs plan `want` (weights within 1e-9, same shadow set)."""
-    cw = current.get("weights", {})
-    return (current.get("production") == want["production"]
-            and set(current.get("shadows", [])) == set(want["shadows"])
-            and set(cw) == set(want["weights"])
-            and all(abs(float(cw[g]) - w) <= 1e-9 for g, w in want["weights"].items()))
-
-
-def next_position(r: RolloutRecord, n_steps: int, weights: list[float]) -> tuple[str, int, float]:
-    """(state, step, weight) one promotion after `r`: shadow -> canary 1 -> ... -> canary n ->
-    promoted (step n, weight 1). `r` must be in shadow or canary."""
-    if r.state == "shadow":
-        return "canary", 1, weights[0]
-    if r.state == "canary" and r.step < n_steps:
-        return "canary", r.step + 1, weights[r.step]
-    if r.state == "canary":
-        return "promoted", r.step, 1.0
-    raise ValueError(f"no next step from state {r.state!r}")
-
-
-def start_rollout(registry: Registry, source: Any, candidate: str, baseline: str, actor: str,
-                  reason: str) -> RolloutRecord:
-    """Start a rollout whose evidence counts from now: the source's current snapshot is
-    stored as the first step's base (None when the source is down: the first good read
-    becomes the base)."""
-    try:
-        raw = counts_to_dict(source.read(candidate))
-    except SourceError as e:
-        log.warning("metric source down at rollout start (%s): evidence counts from its first read", e)
-        raw = None
-    return registry.start_rollout(candidate, baseline, actor, reason,
-                                  data={"raw_at_step_start": raw, "total_at_step_start": counts_to_dict(Counts())})
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -199,10 +151,15 @@ class Controller:
     sources.MetricSource. `clock` returns unix seconds (tests pass their own).
     """
 
-    def __init__(self, cfg: RunConfig, registry: Registry, router_client: Any, source: Any, *,
+    def __init__(self, cfg: RunConfig, registry: Registry, router_client: TrafficRouter, source: MetricSource, *,
                  rollout_id: Optional[int] = None, candidate: Optional[str] = None,
-                 clock: Callable[[], float] = time.time, metrics: Optional[ControllerMetrics] = None):
+                 clock: Callable[[], float] = time.time, metrics: Optional[ControllerMetrics] = None,
+                 holder: Optional[str] = None, attach: Optional[Callable[[str], None]] = None):
         self.cfg = cfg
+        # One controller per rollout: `holder` names this one in the rollout's lease.
+        self.holder = holder or default_holder()
+        self.attach = attach                # deploys and attaches a generation the router lost
+        self.stopped: Optional[str] = None  # why this controller gave up (it says so once)
         self.policy = cfg.rollout
         self.registry = registry
         self.router = router_client
@@ -218,7 +175,7 @@ class Controller:
         self._router_error: Optional[Exception] = None
         self._ev: Optional[_Evidence] = None
         self._last_kind: dict[int, str] = {}
-        self._http: Optional[ControllerHTTP] = None
+        self._http: Optional[Any] = None
         self._lock = threading.Lock()       # one tick at a time (run loop vs a test's tick)
 
     # --- which rollout -----------------------------------------------------------------------
@@ -250,6 +207,12 @@ class Controller:
             if latest is not None and latest.id != r.id:
                 return False
         current = self.router.status()
+        missing = [g for g in (r.candidate, r.baseline) if g not in current.get("weights", {})]
+        if missing and self.attach is not None and not r.state.final:
+            for g in missing:  # a router restarted without it: bring it back
+                log.warning("router lost %s; attaching it again", g)
+                self.attach(g)
+            current = self.router.status()
         want = desired_traffic(r, current)
         if traffic_matches(want, current):
             return False
@@ -320,7 +283,7 @@ class Controller:
             return self.registry.rollout(r.id)
         log.info("rollout %d %s: %s step %d -> %s step %d (%s)", r.id, action, r.state, r.step, state, step, reason)
         self.metrics.export_rollout(new)
-        if state == "rolled_back":
+        if state == RolloutState.ROLLED_BACK:
             self.metrics.rollback(r.candidate, "alert" if actor == "alert" else
                                   CONTROLLER if actor == CONTROLLER else "operator")
         try:
@@ -333,7 +296,7 @@ class Controller:
     @staticmethod
     def _new_step(r: RolloutRecord, state: str, step: int) -> bool:
         """A move that starts a new evidence window (not a pause, resume or final move)."""
-        return state == "canary" and (step != r.step or r.state == "shadow")
+        return state == RolloutState.CANARY and (step != r.step or r.state == RolloutState.SHADOW)
 
     def _apply_command(self, r: RolloutRecord, cmd: Any, now: float) -> tuple[RolloutRecord, str]:
         """Apply one operator command; returns the rollout after it and the outcome line."""
@@ -344,24 +307,24 @@ class Controller:
         if r.state in FINAL_STATES:
             return r, f"ignored: rollout already {r.state}"
         if cmd.command == "pause":
-            if r.state == "paused":
+            if r.state == RolloutState.PAUSED:
                 return r, "ignored: already paused"
-            r = self._move(r, "paused", r.step, r.weight, who, "pause", why, {**r.data, **tag}, now)
+            r = self._move(r, RolloutState.PAUSED, r.step, r.weight, who, "pause", why, {**r.data, **tag}, now)
             return r, f"paused at {r.paused_from} step {r.step}"
         if cmd.command == "resume":
-            if r.state != "paused":
+            if r.state != RolloutState.PAUSED:
                 return r, f"ignored: not paused ({r.state})"
-            r = self._move(r, r.paused_from or "shadow", r.step, r.weight, who, "resume", why, {**r.data, **tag}, now)
+            r = self._move(r, r.paused_from or RolloutState.SHADOW, r.step, r.weight, who, "resume", why, {**r.data, **tag}, now)
             return r, f"resumed {r.state} step {r.step}"
         if cmd.command == "rollback":
-            r = self._move(r, "rolled_back", r.step, 0.0, who, "rollback", why, {**r.data, **tag}, now)
+            r = self._move(r, RolloutState.ROLLED_BACK, r.step, 0.0, who, "rollback", why, {**r.data, **tag}, now)
             return r, "rolled back"
         if cmd.command == "promote":
             if cmd.force:
-                r = self._move(r, "promoted", len(self.policy.steps), 1.0, who, "force_promote", why,
+                r = self._move(r, RolloutState.PROMOTED, len(self.policy.steps), 1.0, who, "force_promote", why,
                                self._step_data(r, **tag), now)
                 return r, "promoted (forced: rule skipped)"
-            if r.state == "paused":
+            if r.state == RolloutState.PAUSED:
                 return r, "refused: paused; resume first (or promote --force)"
             # Without --force a promote skips the rest of the bake time, never the evidence:
             # the rule must say promote as if the bake were done.
@@ -383,30 +346,32 @@ class Controller:
         return [s.weight for s in self.policy.steps]
 
     def _step_spec(self, r: RolloutRecord):
-        state = r.paused_from if r.state == "paused" else r.state
-        if state == "shadow" or r.step < 1:
+        state = r.paused_from if r.state == RolloutState.PAUSED else r.state
+        if state == RolloutState.SHADOW or r.step < 1:
             return None
         return self.policy.steps[min(r.step, len(self.policy.steps)) - 1]
 
     # --- one tick ----------------------------------------------------------------------------
 
     def tick(self) -> TickResult:
-        """One tick; never raises (a failure is counted, logged and reported as 'error')."""
+        """One tick; never raises. A failure is counted, logged and reported as 'error'; a
+        controller that cannot act at all (lease lost, admin token refused) sets `stopped`
+        with the reason, says it once, and `run` ends."""
         with self._lock:
             now = self.clock()
             try:
                 result = self._tick(now)
+            except ControllerStopped as e:
+                if self.stopped is None:
+                    log.error("controller %s stops: %s", self.holder, e)
+                self.stopped = str(e)
+                r = self._current_or_none()
+                result = self._result_for(r, now, reason=f"controller stopped: {e}")
             except Exception as e:
                 self.metrics.m["graceful_controller_tick_errors"].inc()
                 log.exception("controller tick failed (the loop goes on)")
-                r = None
-                try:
-                    r = self.current()
-                except Exception:
-                    pass
-                result = TickResult(rollout_id=r and r.id, candidate=r and r.candidate, state=r and r.state,
-                                    step=r and r.step, weight=r and r.weight, decision="error",
-                                    reason=f"tick failed: {type(e).__name__}: {e}", at=now)
+                r = self._current_or_none()
+                result = self._result_for(r, now, decision="error", reason=f"tick failed: {type(e).__name__}: {e}")
                 if r is not None:
                     self.metrics.decision(r.candidate, "error")
             else:
@@ -414,77 +379,136 @@ class Controller:
             self.last = result
             return result
 
+    def _current_or_none(self) -> Optional[RolloutRecord]:
+        try:
+            return self.current()
+        except Exception:
+            return None
+
+    @staticmethod
+    def _result_for(r: Optional[RolloutRecord], now: float, decision: Optional[str] = None,
+                    reason: str = "") -> TickResult:
+        return TickResult(rollout_id=r and r.id, candidate=r and r.candidate, state=r and r.state,
+                          step=r and r.step, weight=r and r.weight, decision=decision, reason=reason, at=now)
+
     def _tick(self, now: float) -> TickResult:
+        """The phases of a tick, in order; each returns what the next one needs."""
         self._router_error = None
         self._source_error = ""
         r = self.current()
         if r is None:
             return TickResult(reason="no active rollout", at=now)
+        if not r.state.final:
+            self.hold_lease(r, now)                                  # 0. only the lease holder acts
         res = TickResult(rollout_id=r.id, candidate=r.candidate, at=now)
-        # 1. operator commands, oldest first
-        moved_by_command = False
+        r, res.commands, moved = self._commands_phase(r, now)       # 1. operator commands
+        res.router_changed = self._router_phase(r, now)              # 2. the router follows the registry
+        decision: Optional[Decision] = None
+        if moved:
+            res.transition = "by command"  # the new position is decided on from the next tick
+        elif not r.state.final and r.state != RolloutState.PAUSED:
+            r, decision, res.transition = self._decide_phase(r, now)  # 3. observe, decide; 4. act
+        return self._report_phase(res, r, decision)
+
+    def _commands_phase(self, r: RolloutRecord, now: float) -> tuple[RolloutRecord, list[str], bool]:
+        """Apply the queued operator commands, oldest first: (rollout after them, outcome
+        lines, whether they moved it)."""
+        lines, moved = [], False
         for cmd in self.registry.pending_commands(r.id):
             before = (r.state, r.step)
             r, outcome = self._apply_command(r, cmd, now)
-            moved_by_command |= (r.state, r.step) != before
+            moved |= (r.state, r.step) != before
             self.registry.complete_command(cmd.id, outcome, actor=CONTROLLER)
-            res.commands.append(f"{cmd.command}{' --force' if cmd.force else ''} #{cmd.id} by {cmd.actor}: {outcome}")
-        # 2. the router follows the registry
-        if self._router_error is None:
-            try:
-                res.router_changed = self.reconcile(r)
-            except Exception as e:
-                self._router_failed(r, e, now)
-                raise
-            self.router_errors = 0
+            lines.append(f"{cmd.command}{' --force' if cmd.force else ''} #{cmd.id} by {cmd.actor}: {outcome}")
+        return r, lines, moved
+
+    def _router_phase(self, r: RolloutRecord, now: float) -> bool:
+        """Reconcile the router with the persisted rollout; True when it changed it."""
+        if self._router_error is not None:
+            return False  # a command's move already failed to reach it: reported at the end
+        try:
+            changed = self.reconcile(r)
+        except RouterError as e:
+            if e.status in (401, 403):
+                raise ControllerStopped(
+                    f"the router refused the admin token (HTTP {e.status}): this controller uses the token from "
+                    f"serving.admin_token or ${self.cfg.serving.admin_token_env}; give it the token the router "
+                    f"was started with") from None
+            self._router_failed(r, e, now)
+            raise
+        except Exception as e:
+            self._router_failed(r, e, now)
+            raise
+        self.router_errors = 0
         self.metrics.export_rollout(r)
-        decision: Optional[Decision] = None
-        if moved_by_command:
-            res.transition = "by command"
-        elif r.state not in FINAL_STATES and r.state != "paused":
-            # 3. observe and decide (not in a tick an operator moved the rollout: the new
-            # position is decided on from the next tick)
-            obs = self.observe(r, now)
-            decision = decide(obs, self._step_spec(r), self.policy)
-            if obs is not None:
-                self._count_latency(r, decision)
-            if obs is None and self._source_error:
-                decision = Decision(decision.kind, f"{decision.reason}: {self._source_error}", decision.stats)
-            self.metrics.decision(r.candidate, decision.kind)
-            if "live_nfr" in decision.stats:
-                self.metrics.m["graceful_rollout_live_nfr"].labels(r.candidate).set(decision.stats["live_nfr"])
-            if self._last_kind.get(r.id) != decision.kind:
-                # Holds are not logged one by one; a change of kind is (with its numbers).
-                self.registry.audit(CONTROLLER, "decision", r.candidate, decision.reason,
-                                    data={"rollout_id": r.id, "step": r.step, "decision": decision.kind})
-                self._last_kind[r.id] = decision.kind
-            # 4. act: persist first, then the router
-            before = (r.state, r.step)
-            if decision.kind == "promote":
-                state, step, weight = next_position(r, len(self.policy.steps), self._weights())
-                r = self._move(r, state, step, weight, CONTROLLER, "promote" if state == "promoted" else "advance",
-                               decision.reason, self._step_data(r), now)
-            elif decision.kind == "rollback":
-                r = self._move(r, "rolled_back", r.step, 0.0, CONTROLLER, "rollback", decision.reason,
-                               self._step_data(r), now)
-            elif obs is None and self.source_errors >= self.policy.max_source_errors:
-                reason = (f"metric source {self.source.name} failed {self.source_errors} times in a row: "
-                          f"{self._source_error}")
-                r = self._move(r, "paused", r.step, r.weight, CONTROLLER, "pause", reason, None, now)
-                self.source_errors = 0
-            if (r.state, r.step) != before:
-                res.transition = f"{before[0]}/{before[1]} -> {r.state}/{r.step}"
+        return changed
+
+    def _decide_phase(self, r: RolloutRecord, now: float) -> tuple[RolloutRecord, Decision, Optional[str]]:
+        """Observe, decide (`decision.decide`), then act: persist first, then the router.
+        Returns (rollout after, the decision, "from -> to" when it moved)."""
+        obs = self.observe(r, now)
+        decision = decide(obs, self._step_spec(r), self.policy)
+        if obs is not None:
+            self._count_latency(r, decision)
+        if obs is None and self._source_error:
+            decision = Decision(decision.kind, f"{decision.reason}: {self._source_error}", decision.stats)
+        self.metrics.decision(r.candidate, decision.kind)
+        if "live_nfr" in decision.stats:
+            self.metrics.m["graceful_rollout_live_nfr"].labels(r.candidate).set(decision.stats["live_nfr"])
+        if self._last_kind.get(r.id) != decision.kind:
+            # Holds are not logged one by one; a change of kind is (with its numbers).
+            self.registry.audit(CONTROLLER, "decision", r.candidate, decision.reason,
+                                data={"rollout_id": r.id, "step": r.step, "decision": decision.kind})
+            self._last_kind[r.id] = decision.kind
+        before = (r.state, r.step)
+        if decision.kind == "promote":
+            state, step, weight = next_position(r, len(self.policy.steps), self._weights())
+            r = self._move(r, state, step, weight, CONTROLLER,
+                           "promote" if state == RolloutState.PROMOTED else "advance",
+                           decision.reason, self._step_data(r), now)
+        elif decision.kind == "rollback":
+            r = self._move(r, RolloutState.ROLLED_BACK, r.step, 0.0, CONTROLLER, "rollback", decision.reason,
+                           self._step_data(r), now)
+        elif obs is None and self.source_errors >= self.policy.max_source_errors:
+            reason = (f"metric source {self.source.name} failed {self.source_errors} times in a row: "
+                      f"{self._source_error}")
+            r = self._move(r, RolloutState.PAUSED, r.step, r.weight, CONTROLLER, "pause", reason, None, now)
+            self.source_errors = 0
+        moved = f"{before[0]}/{before[1]} -> {r.state}/{r.step}" if (r.state, r.step) != before else None
+        return r, decision, moved
+
+    def _report_phase(self, res: TickResult, r: RolloutRecord, decision: Optional[Decision]) -> TickResult:
         res.state, res.step, res.weight = r.state, r.step, r.weight
         if decision is not None:
             res.decision, res.reason, res.stats = decision.kind, decision.reason, dict(decision.stats)
-        elif r.state == "paused":
+        elif r.state == RolloutState.PAUSED:
             res.reason = f"paused (from {r.paused_from}); resume to go on"
         else:
             res.reason = f"rollout {r.state}"
         self.metrics.export_rollout(r)
+        if r.state.final:
+            self.release_lease(r)
         if self._router_error is not None:
             raise ReconcileError(f"router not updated: {self._router_error}")
         return res
+
+    # --- the lease: one controller per rollout ----------------------------------------------
+
+    def hold_lease(self, r: RolloutRecord, now: float) -> None:
+        """Take or renew this controller's lease on rollout `r`; ControllerStopped when
+        another controller holds it (or took it over after ours expired)."""
+        try:
+            self.registry.acquire_lease(r.id, self.holder, self.policy.lease_seconds, now=now)
+        except LeaseHeld as e:
+            raise ControllerStopped(str(e)) from None
+
+    def release_lease(self, r: Optional[RolloutRecord] = None) -> None:
+        r = r or self._current_or_none()
+        if r is not None:
+            try:
+                self.registry.release_lease(r.id, self.holder)
+            except Exception as e:  # it expires on its own
+                log.warning("could not release the lease of rollout %d: %s", r.id, e)
 
     def _router_failed(self, r: RolloutRecord, e: Exception, now: float) -> None:
         """A reconcile that failed (router down, or it lost a generation: restarted without
@@ -498,9 +522,9 @@ class Controller:
             self.registry.audit(CONTROLLER, "router_error", r.candidate, f"router not reconciled: {why}",
                                 data={"rollout_id": r.id, "step": r.step})
         if self.router_errors >= self.policy.max_source_errors and r.state not in FINAL_STATES \
-                and r.state != "paused":
+                and r.state != RolloutState.PAUSED:
             reason = f"router not reconciled {self.router_errors} times in a row: {why}"
-            self._move(r, "paused", r.step, r.weight, CONTROLLER, "pause", reason, None, now)
+            self._move(r, RolloutState.PAUSED, r.step, r.weight, CONTROLLER, "pause", reason, None, now)
             self.router_errors = 0
 
     # --- loop --------------------------------------------------------------------------------
@@ -510,141 +534,25 @@ class Controller:
         """Tick every rollout.tick_seconds until the rollout is final, `stop` is set or
         `max_seconds` passed. Returns the last tick's result."""
         deadline = time.monotonic() + max_seconds if max_seconds else None
-        try:
-            self.reconcile()  # a restart heals a crash between persist and router update
-        except Exception as e:
-            log.warning("reconcile on start failed (retried every tick): %s", e)
         while not stop.is_set():
             t0 = time.monotonic()
             res = self.tick()
             if on_tick is not None:
                 on_tick(res)
-            if res.final or (deadline is not None and time.monotonic() >= deadline):
+            if res.final or self.stopped or (deadline is not None and time.monotonic() >= deadline):
                 break
             stop.wait(max(0.0, self.policy.tick_seconds - (time.monotonic() - t0)))
         return self.last
 
-    # --- HTTP: /metrics, /v1/rollout, the Alertmanager webhook -------------------------------
-
-    def serve_http(self, host: Optional[str] = None, port: Optional[int] = None) -> Optional["ControllerHTTP"]:
-        """Start the small HTTP server in a thread (rollout.metrics_host:metrics_port unless
-        given); None when the port is 0 (off). `stop_http` stops it."""
-        host = host or self.policy.metrics_host
-        port = self.policy.metrics_port if port is None else port
-        if not port:
-            return None
-        self._http = ControllerHTTP((host, port), self, self.cfg.serving.resolved_admin_token())
-        threading.Thread(target=self._http.serve_forever, name="controller-http", daemon=True).start()
+    def serve_http(self, host: Optional[str] = None, port: Optional[int] = None) -> Optional[Any]:
+        """Start the endpoint of `orchestrator.rollout.http` (rollout.metrics_host:metrics_port
+        unless given) in a thread; None when the port is 0 (off). `stop_http` stops it."""
+        self._http = serve_http(self, host or self.policy.metrics_host,
+                                self.policy.metrics_port if port is None else port,
+                                self.cfg.serving.resolved_admin_token())
         return self._http
 
     def stop_http(self) -> None:
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.stop()
             self._http = None
-
-    def handle_alerts(self, payload: Any) -> dict:
-        """Alertmanager webhook body -> rollback commands for the candidate it names.
-
-        A firing alert with label `candidate` or `generation` equal to the active rollout's
-        candidate queues one rollback (actor "alert", reason: the alert name and summary),
-        unless one is already queued; resolved alerts and other generations are ignored.
-        """
-        if not isinstance(payload, dict) or not isinstance(payload.get("alerts"), list):
-            raise ValueError("body must be an Alertmanager webhook object with an 'alerts' list")
-        r = self.registry.active_rollout()
-        out: dict[str, Any] = {"rollbacks": [], "ignored": 0, "candidate": r.candidate if r else None}
-        for a in payload["alerts"]:
-            if not isinstance(a, dict) or not isinstance(a.get("labels", {}), dict):
-                raise ValueError("each alert must be an object with a 'labels' object")
-            labels = a.get("labels") or {}
-            status = a.get("status", payload.get("status"))
-            named = labels.get("candidate") or labels.get("generation")
-            if r is None or status != "firing" or named != r.candidate:
-                out["ignored"] += 1
-                continue
-            pending = [c for c in self.registry.pending_commands(r.id) if c.command == "rollback"]
-            if pending:
-                out["ignored"] += 1
-                continue
-            name = str(labels.get("alertname", "unnamed alert"))
-            summary = (a.get("annotations") or {}).get("summary")
-            cmd = self.registry.enqueue_command(r.id, "rollback", "alert",
-                                                f"alert {name}" + (f": {summary}" if summary else ""))
-            out["rollbacks"].append(cmd.id)
-        return out
-
-
-class ControllerHTTP(ThreadingHTTPServer):
-    daemon_threads = True
-    MAX_BODY = 1_000_000
-
-    def __init__(self, addr: tuple[str, int], controller: Controller, token: Optional[str]):
-        self.controller = controller
-        self.token = token
-        super().__init__(addr, _Handler)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: ControllerHTTP
-    # A client that sends less body than its Content-Length would otherwise pin a thread
-    # in rfile.read forever.
-    timeout = 10
-
-    def log_message(self, fmt: str, *args: Any) -> None:  # quiet: requests go to the debug log
-        log.debug("http %s", fmt % args)
-
-    def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj, default=str).encode())
-
-    def do_GET(self) -> None:
-        c = self.server.controller
-        if self.path == "/metrics":
-            self._send(200, c.metrics.text(), CONTENT_TYPE_LATEST)
-        elif self.path == "/v1/rollout":
-            r = c.current()
-            self._json(200, {"rollout": r.as_dict() if r else None,
-                             "last_tick": c.last.as_dict() if c.last else None,
-                             "source": c.source.name, "consecutive_source_errors": c.source_errors})
-        elif self.path == "/healthz":
-            self._json(200, {"ok": True})
-        else:
-            self._json(404, {"error": f"no route {self.path}"})
-
-    def do_POST(self) -> None:
-        if self.path != "/v1/admin/alert":
-            self._json(404, {"error": f"no route {self.path}"})
-            return
-        auth = self.headers.get("Authorization", "")
-        if not auth.startswith("Bearer "):
-            self._json(401, {"error": "missing bearer token"})
-            return
-        token = self.server.token
-        if not token or not hmac.compare_digest(auth[7:].strip().encode(), token.encode()):
-            self._json(403, {"error": "wrong admin token" if token else "admin is off: no token configured"})
-            return
-        try:
-            n = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            n = -1
-        if n < 0 or n > self.server.MAX_BODY:
-            self._json(413 if n > 0 else 400, {"error": "bad Content-Length"})
-            return
-        try:
-            payload = json.loads(self.rfile.read(n) or b"null")
-            out = self.server.controller.handle_alerts(payload)
-        except (ValueError, UnicodeDecodeError) as e:
-            self._json(400, {"error": f"bad alert body: {e}"})
-            return
-        except Exception as e:
-            log.exception("alert webhook failed")
-            self._json(500, {"error": f"{type(e).__name__}: {e}"})
-            return
-        self._json(200, out)

@@ -17,7 +17,7 @@ Rollback when LLR >= log(1/false_rollback_rate); promote the step (after bake ti
 minimum counts) when LLR <= log(false_promote_rate * (1 - disagreement_share)). Before
 labels arrive, the same test on disagreements / compared samples (the disagreement rate
 bounds the NFR from above: a negative flip is a disagreement) may promote with the rest
-of the false-promote budget; it never rolls back. See the README, "The rollout decision rule".
+of the false-promote budget; it never rolls back. See docs/rollouts.md, "The rollout decision rule".
 
 No I/O, no clock: times arrive as numbers.
 """

@@ -19,6 +19,7 @@ from orchestrator.rollout import metric_names as controller_metrics
 from orchestrator.config import RolloutSpec, load_config
 from serving import metric_names as router_metrics
 from serving.refs import app_name_for
+from tests.helpers import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -161,19 +162,12 @@ def test_dashboard_is_a_grafana_dashboard_with_a_prometheus_datasource_variable(
 
 # --- Prometheus, Alertmanager ------------------------------------------------------------
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (Debian: apt-get install {'prometheus' if name == 'promtool' else 'prometheus-alertmanager'})")
-    return path
-
-
 def _run(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
 def test_promtool_accepts_the_scrape_config_and_rules():
-    promtool = _tool("promtool")
+    promtool = require_tool("promtool")
     r = _run(promtool, "check", "config", str(PROM / "prometheus.yml"))
     assert r.returncode == 0, r.stdout + r.stderr
     r = _run(promtool, "check", "rules", str(PROM / "alerts.yml"))
@@ -185,7 +179,7 @@ def test_promtool_accepts_the_scrape_config_and_rules():
 def test_dashboard_queries_are_valid_promql(tmp_path):
     """Every panel and annotation query parses: promtool checks them as recording rules
     (Grafana's variables replaced by values it would substitute)."""
-    promtool = _tool("promtool")
+    promtool = require_tool("promtool")
     dash = json.loads(DASHBOARD.read_text())
     exprs = [e for where, e in dashboard_exprs(dash) if not where.startswith("variable")]
     subst = [e.replace("$__rate_interval", "1m").replace("$generation", ".*") for e in exprs]
@@ -204,14 +198,14 @@ def test_alert_rules_fire_on_synthetic_series():
     """deploy/prometheus/alerts_test.yml: the NFR alert fires for a 5 % candidate and not
     for 0.5 % or under 500 labels; controller-down fires only during a rollout; stale
     tick, shadow errors and rollbacks (new and existing counter series)."""
-    promtool = _tool("promtool")
+    promtool = require_tool("promtool")
     r = _run(promtool, "test", "rules", str(PROM / "alerts_test.yml"))
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_promtool_test_fails_when_a_rule_is_broken(tmp_path):
     """The unit tests can fail: with the NFR threshold at 6 % the 5 % candidate stays quiet."""
-    promtool = _tool("promtool")
+    promtool = require_tool("promtool")
     shutil.copy(PROM / "alerts_test.yml", tmp_path)
     (tmp_path / "alerts.yml").write_text((PROM / "alerts.yml").read_text().replace("> 0.02", "> 0.06"))
     r = _run(promtool, "test", "rules", str(tmp_path / "alerts_test.yml"))
@@ -257,7 +251,7 @@ def test_alertmanager_sends_rollback_alerts_to_the_controller_webhook_with_a_tok
 
 
 def test_amtool_accepts_the_alertmanager_config_and_routes():
-    amtool = _tool("amtool")
+    amtool = require_tool("amtool")
     r = _run(amtool, "check-config", str(ALERTMANAGER))
     assert r.returncode == 0, r.stdout + r.stderr
     r = _run(amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER}",

@@ -21,22 +21,22 @@ import requests
 
 from orchestrator.config import parse_config
 from orchestrator.rollout.controller import Controller, start_rollout
-from orchestrator.registry.store import Registry
+from orchestrator.registry import Registry
 from orchestrator.rollout.sources import PrometheusSource, SourceError, counts_from_status
 from serving.client import RouterClient
 from serving.specs import ServingSpec
-from tests.helpers import free_port
+from tests.helpers import free_port, require_tool
 from tests.integration.conftest import local_ray
 from tests.integration.test_rollout import ARCH, DATA, TOKEN, _Traffic, _write_run
 
 
-def _prometheus_binary():
-    path = shutil.which("prometheus") or ("/usr/bin/prometheus" if shutil.os.path.exists("/usr/bin/prometheus")
-                                          else None)
-    if path is None and shutil.which("apt-get"):
+def _prometheus_binary() -> str:
+    """Debian's prometheus (apt-get install tried when missing); else require_tool's rule:
+    fail under CI=true, skip elsewhere."""
+    if shutil.which("prometheus") is None and not shutil.os.path.exists("/usr/bin/prometheus") \
+            and shutil.which("apt-get"):
         subprocess.run(["apt-get", "install", "-y", "-q", "prometheus"], capture_output=True, timeout=300)
-        path = shutil.which("prometheus")
-    return path
+    return require_tool("prometheus", also_in=("/usr/bin",))
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,6 @@ def ray_fast_metrics():
 @pytest.fixture(scope="module")
 def stack(ray_fast_metrics, tmp_path_factory):
     binary = _prometheus_binary()
-    if binary is None:
-        pytest.skip("prometheus is not installed and could not be installed with apt-get")
     from serving import deploy
 
     tmp = tmp_path_factory.mktemp("prom")

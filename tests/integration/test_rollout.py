@@ -24,7 +24,7 @@ import pytest
 import requests
 import yaml
 
-from orchestrator.registry.store import Registry
+from orchestrator.registry import Registry
 from orchestrator.demo.traffic import TrafficGenerator
 from serving.client import RouterClient
 from serving.refs import ModelRef

@@ -203,22 +203,20 @@ def test_search_finds_gallery_items_with_the_production_model(served):
     assert np.allclose(np.linalg.norm(e["embeddings"], axis=1), 1.0, atol=1e-4)
 
 
-def _p50_ms(session, url, x, n):
-    lat = []
+def _predict_n(session, url, x, n):
+    """`n` requests; production g0 answers every one."""
     for _ in range(n):
-        t0 = time.perf_counter()
         r = session.post(url + "/v1/predict", json={"inputs": x}, timeout=10)
-        lat.append((time.perf_counter() - t0) * 1000)
         assert r.status_code == 200 and r.json()["generation"] == "g0"
-    return lat
 
 
 @pytest.mark.parametrize("fault,counter", [({"error": True}, "shadow_errors"),
                                            ({"delay_s": 0.6}, "shadow_timeouts")])
 def test_faulty_shadow_never_touches_the_primary(served, fault, counter):
     """A candidate that raises on every request, or is slower than the 0.3 s shadow timeout:
-    every primary answer succeeds, the failures are counted, and the median primary
-    latency stays within 1.2x of no shadow (blocks interleaved to cancel drift)."""
+    every primary answer succeeds and the failures are counted; only requests sent while it
+    shadows are mirrored to it. (What it costs the primary's latency is a measurement, not a
+    test: benchmarks/serving_overhead.py, "faulty shadow vs none".)"""
     from serving import deploy
 
     client, ds, spec = served["client"], served["ds"], served["spec"]
@@ -226,23 +224,20 @@ def test_faulty_shadow_never_touches_the_primary(served, fault, counter):
     bad = ModelRef(name, served["g1"].uri, served["g1"].sha256)
     deploy.add_generation(bad, spec, shadow=True, inject_fault=fault)
     x = ds.query.x[:4].tolist()
-    with_shadow, without = [], []
     try:
         with requests.Session() as s:
             client.set_traffic({"g0": 1.0}, shadows=[])
-            _p50_ms(s, served["url"], x, 10)  # warm-up
-            for _ in range(5):
+            _predict_n(s, served["url"], x, 10)
+            for _ in range(5):  # shadow on and off: 60 requests mirrored in all
                 client.set_traffic({"g0": 1.0}, shadows=[])
-                without += _p50_ms(s, served["url"], x, 12)
+                _predict_n(s, served["url"], x, 12)
                 client.set_traffic({"g0": 1.0}, shadows=[name])
-                with_shadow += _p50_ms(s, served["url"], x, 12)
+                _predict_n(s, served["url"], x, 12)
         # With at most 8 shadows in flight, copies beyond that are dropped (and counted).
         c = _wait_for(lambda: (lambda c: c if c[counter] >= c["requests_shadow"] else None)(
             _counters(client, name)), 15)
         assert c["requests_shadow"] + c["shadow_dropped"] == 60 and c["requests_shadow"] >= 8
         assert c["compared"] == 0 and c["requests_primary"] == 0 and c["shadow_errors" if counter == "shadow_timeouts" else "shadow_timeouts"] == 0
-        ratio = np.median(with_shadow) / np.median(without)
-        assert ratio <= 1.2, (np.median(with_shadow), np.median(without))
         if fault.get("error"):
             # As a canary taking all traffic, it fails every call and production answers.
             client.set_traffic({"g0": 0.0, name: 1.0}, shadows=[])

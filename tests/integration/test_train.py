@@ -96,8 +96,9 @@ def test_interrupted_run_continues_when_rerun(ray_session, tmp_path):
     assert saved["sha256"] == result.sha256
 
 
-def test_lqf_recipe_trains_on_two_workers_and_serves(ray_session, tmp_path):
-    from workers.lqf import LinearizedNet, load_servable
+def test_lqf_recipe_trains_on_two_workers_and_loads_through_the_serving_loader(ray_session, tmp_path):
+    from workers.checkpoint import load_model
+    from workers.lqf import LinearizedNet
 
     cfg = parse_config({
         "run_dir": str(tmp_path / "run"),
@@ -115,7 +116,7 @@ def test_lqf_recipe_trains_on_two_workers_and_serves(ray_session, tmp_path):
     })
     r0 = train_generation(cfg, "g0")
     r1 = train_generation(cfg, "g1")
-    model, meta = load_servable(r1.checkpoint, r1.sha256)
+    model, meta = load_model(r1.checkpoint, r1.sha256)  # the one loader serving uses too
     assert isinstance(model, LinearizedNet) and meta["recipe"] == "lqf"
     # Fine-tuning on 3x the data from g0's weights must not be worse than g0.
     assert r1.metrics["test_accuracy"] >= r0.metrics["test_accuracy"] - 0.01

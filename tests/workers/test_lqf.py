@@ -9,7 +9,7 @@ import torch
 from workers.checkpoint import CheckpointError, load_model, save_model
 from workers.data import Split
 from workers.lqf import (KFAC, LinearizedNet, conv1d_factors, damped_inverses, fit_lqf, fold, linear_factors,
-                         load_servable, make_lqf, save_lqf, square_loss)
+                         make_lqf, save_lqf, square_loss)
 from workers.models import build_model
 from workers.specs import ArchSpec, GenerationSpec, LQFSpec, TrainSpec
 
@@ -169,7 +169,7 @@ def test_lqf_checkpoint_round_trip_serves_the_linearised_model(tmp_path):
     lin = LinearizedNet(parent)
     _set_delta(lin, [torch.randn_like(p) for p in parent.parameters()], 0.1)
     sha = save_lqf(lin, tmp_path / "g1")
-    served, meta = load_servable(tmp_path / "g1", sha256=sha)
+    served, meta = load_model(tmp_path / "g1", sha256=sha)
     assert meta["recipe"] == "lqf" and isinstance(served, LinearizedNet)
     x = torch.randn(5, 16)
     with torch.no_grad():
@@ -185,12 +185,10 @@ def test_lqf_checkpoint_round_trip_serves_the_linearised_model(tmp_path):
             gaps.append((fold(lin64).double()(x.double()) - lin64(x.double())).abs().max().item())
     assert gaps[0] > 0 and 3.5 < gaps[0] / gaps[1] < 4.5
     with pytest.raises(CheckpointError):
-        load_model(tmp_path / "g1")  # a plain loader must not silently serve it wrong
-    with pytest.raises(CheckpointError):
-        load_servable(tmp_path / "g1", sha256="0" * 64)
-    # Ordinary checkpoints pass through.
+        load_model(tmp_path / "g1", sha256="0" * 64)
+    # Ordinary checkpoints load through the same loader.
     sha2 = save_model(parent, tmp_path / "g0")
-    plain, _ = load_servable(tmp_path / "g0", sha256=sha2)
+    plain, _ = load_model(tmp_path / "g0", sha256=sha2)
     assert not isinstance(plain, LinearizedNet)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -77,3 +78,145 @@ def test_bct_skips_renormalising_only_for_models_with_unit_embeddings():
     assert extra(cosine, *args).item() == pytest.approx(math.log1p(math.exp(-6)), rel=1e-4)
     assert extra(linear, *args).item() == pytest.approx(math.log1p(math.exp(-2)), rel=1e-5)
     assert extra(None, *args).item() == pytest.approx(math.log1p(math.exp(-2)), rel=1e-5)
+
+
+# --- BCT against an LQF ancestor ---------------------------------------------------------------
+
+def _saved_lqf(tmp_path, head: str = "cosine"):
+    from workers.lqf import LinearizedNet, save_lqf
+    from workers.models import build_model
+    from workers.specs import ArchSpec
+
+    torch.manual_seed(0)
+    parent = build_model(ArchSpec(type="mlp", width=8, depth=1, embed_dim=4, head=head), 6, 3)
+    lin = LinearizedNet(parent)
+    with torch.no_grad():
+        for d in lin.delta:
+            d.copy_(0.2 * torch.randn_like(d))
+    sha = save_lqf(lin, tmp_path / "g1")
+    return lin.eval(), sha
+
+
+@pytest.mark.parametrize("head", ["cosine", "linear"])
+def test_an_lqf_checkpoint_serves_as_a_bct_constraint(tmp_path, head):
+    """The LQF generation's frozen head is its head with the folded weights w0 + delta
+    (`LinearizedNet.head`); the BCT term through it is finite and trains the new model."""
+    from workers.data import Split
+    from workers.models import build_model
+    from workers.specs import ArchSpec, DataSpec, GenerationSpec, ScalingSpec
+    from workers.train import ConstraintModel, TrainJob, build_targets, constraint_head
+
+    lin, sha = _saved_lqf(tmp_path, head)
+    c = ConstraintModel("g1", str(tmp_path / "g1"), sha, importance=1.0)
+    frozen = constraint_head(c)
+    assert frozen.embed_dim == 4 and frozen.num_classes == 3
+    z = torch.randn(5, 4)
+    if head == "cosine":
+        z = torch.nn.functional.normalize(z, dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen.logits(z, unit=head == "cosine"), lin.head(z), rtol=1e-5, atol=1e-5)
+        # ... and it is not the parent's head: delta moved it.
+        assert not torch.allclose(lin.head(z), lin.base.head(z))
+
+    # The real preparation path (BCT only: no Ray task is needed).
+    gen = GenerationSpec(name="g2", arch=ArchSpec(type="mlp", width=8, depth=1, embed_dim=4, head=head),
+                         compat=CompatSpec(bct=BCTSpec(weight=2.0)))
+    job = TrainJob(generation=gen, data=DataSpec(source="digits"), scaling=ScalingSpec(), out_dir=str(tmp_path / "g2"),
+                   storage_path=str(tmp_path / "ray"), run_name="g2", bct=(c,))
+    x = torch.randn(16, 6)
+    y = torch.arange(16) % 3
+    targets = build_targets(job, Split(x.numpy(), y.numpy()), log=lambda _: None)
+    assert len(targets.heads) == 1 and np.array_equal(targets.heads[0].weight, frozen.weight)
+    extra = make_extra_loss(gen.compat, targets)
+    torch.manual_seed(1)
+    new = build_model(gen.arch, 6, 3)
+    z, logits = new.embed_and_logits(x)
+    loss = extra(new, x, y, torch.arange(16), z, logits)
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    grads = [p.grad for p in new.trunk.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    # An LQF generation can itself be trained against an LQF ancestor (delta gets the gradient).
+    from workers.lqf import LinearizedNet
+
+    child = LinearizedNet(build_model(lin.spec, 6, 3))
+    z, logits = child.embed_and_logits(x)
+    loss = extra(child, x, y, torch.arange(16), z, logits)
+    loss.backward()
+    assert torch.isfinite(loss) and any(d.grad is not None and d.grad.abs().sum() > 0 for d in child.delta)
+
+
+def test_an_lqf_model_with_a_cosine_head_has_unit_embeddings(tmp_path):
+    from workers.train import _unit_embeddings
+
+    lin, _ = _saved_lqf(tmp_path, "cosine")
+    assert _unit_embeddings(lin)
+    torch.testing.assert_close(lin.embed(torch.randn(3, 6)).norm(dim=-1), torch.ones(3))
+    lin_linear, _ = _saved_lqf(tmp_path / "l", "linear")
+    assert not _unit_embeddings(lin_linear)
+
+
+# --- the ensemble-reference cache ------------------------------------------------------------
+
+def _ens_gen(**train):
+    from workers.specs import ArchSpec, GenerationSpec, TrainSpec
+
+    return GenerationSpec(name="g1", arch=ArchSpec(type="mlp", width=8, depth=1, embed_dim=4),
+                          train=TrainSpec(steps=10, **train), compat=CompatSpec(ensemble=EnsembleSpec(members=2)))
+
+
+def _split(seed: int = 0):
+    from workers.data import Split
+
+    rng = np.random.default_rng(seed)
+    return Split(rng.standard_normal((10, 6)).astype(np.float32), rng.integers(0, 3, 10))
+
+
+def test_the_ensemble_cache_key_covers_what_the_references_depend_on():
+    from workers.specs import ArchSpec, DataSpec
+    from workers.train import ensemble_cache_key
+
+    gen, data, split = _ens_gen(), DataSpec(source="digits"), _split()
+    key = ensemble_cache_key(gen, data, split)
+    assert len(key) == 64 and key == ensemble_cache_key(_ens_gen(), DataSpec(source="digits"), _split())
+    changed = {
+        "arch": gen.model_copy(update={"arch": ArchSpec(type="mlp", width=16, depth=1, embed_dim=4)}),
+        "seed": _ens_gen(seed=3),
+        "lr": _ens_gen(lr=0.1),
+        "steps": gen.model_copy(update={"train": gen.train.model_copy(update={"steps": 11})}),
+        "members": gen.model_copy(update={"compat": CompatSpec(ensemble=EnsembleSpec(members=3))}),
+        "train_fraction": gen.model_copy(update={"train_fraction": 0.5}),
+        "label_noise": gen.model_copy(update={"label_noise": 0.1}),
+    }
+    keys = {what: ensemble_cache_key(g, data, split) for what, g in changed.items()}
+    keys["data"] = ensemble_cache_key(gen, DataSpec(source="digits", seed=1), split)
+    keys["split"] = ensemble_cache_key(gen, data, _split(1))
+    assert key not in keys.values() and len(set(keys.values())) == len(keys), keys
+    # What cannot change the references' logits does not change the key.
+    assert ensemble_cache_key(gen.model_copy(update={"compat": CompatSpec(ensemble=EnsembleSpec(members=2, weight=3.0))}),
+                              data, split) == key
+    assert ensemble_cache_key(gen, DataSpec(source="digits", cache_dir="/elsewhere"), split) == key
+
+
+def test_cached_ensemble_logits_are_read_back_under_their_key_and_cleared(tmp_path):
+    from workers.specs import DataSpec, ScalingSpec
+    from workers.train import TrainJob, build_targets, clear_caches, ensemble_cache_path
+
+    job = TrainJob(generation=_ens_gen(), data=DataSpec(source="digits"), scaling=ScalingSpec(),
+                   out_dir=str(tmp_path / "g1"), storage_path=str(tmp_path / "ray"), run_name="g1")
+    split = _split()
+    cache = ensemble_cache_path(job, split)
+    cache.parent.mkdir(parents=True)
+    want = np.arange(30, dtype=np.float32).reshape(10, 3)
+    np.save(cache, want)
+    lines: list[str] = []
+    got = build_targets(job, split, log=lines.append).ensemble_logits  # from the cache: no Ray task
+    assert np.array_equal(got, want) and any("ensemble logits from cache" in s for s in lines)
+    # A changed seed looks elsewhere.
+    assert ensemble_cache_path(dataclasses.replace(job, generation=_ens_gen(seed=5)), split) != cache
+    old_style = tmp_path / "g1" / "ensemble_logits_0123456789abcdef_2.npy"
+    np.save(old_style, want)
+    (tmp_path / "g1" / "model.pt").write_bytes(b"kept")
+    assert sorted(clear_caches(tmp_path / "g1")) == sorted([cache, old_style])
+    assert not cache.exists() and not old_style.exists() and (tmp_path / "g1" / "model.pt").exists()
+    assert clear_caches(tmp_path / "missing") == []

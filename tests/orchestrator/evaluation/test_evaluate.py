@@ -13,7 +13,7 @@ import yaml
 from benchmarks.sample_report import train_chain
 from orchestrator.config import GatesSpec, load_config
 from orchestrator.evaluation.evaluate import EvaluationError, evaluate, evaluation_metrics, gate, gate_checks, load_verified
-from orchestrator.registry.store import IntegrityError, Registry, record_trained, registry_path
+from orchestrator.registry import IntegrityError, Registry, register_trained, registry_path
 
 # g1 is a plain improvement; g2 learns from 60% random labels and must fail. Gates are
 # loose enough for an honest tiny g1 to pass, and require_bct is off (tiny MLPs without
@@ -46,7 +46,7 @@ def make_chain(root: Path, train: tuple[str, ...] = ("g0", "g1", "g2"), **overri
 
     for name in train:
         train_in_process(build_job(cfg, name, verbose=False), log=lambda s: None)
-        record_trained(cfg, name)
+        register_trained(cfg, name)
     return path
 
 
@@ -196,11 +196,11 @@ def test_record_trained_backfills_and_replaces(tmp_path):
         job = type(job)(**{**job.__dict__, "generation": job.generation.model_copy(
             update={"train": job.generation.train.model_copy(update={"seed": 9})})})
         train_in_process(job, log=lambda s: None)
-        new = record_trained(cfg, "g1", registry=reg)
+        new = register_trained(cfg, "g1", registry=reg)
         assert new.sha256 != old_sha and new.status == "trained"
         assert reg.events("g1")[-1].action == "replaced"
         # model.pt changed behind metrics.json's back: refused
         f = cfg.run_dir / "generations" / "g1" / "model.pt"
         f.write_bytes(f.read_bytes() + b"x")
         with pytest.raises(IntegrityError, match="does not match its metrics.json"):
-            record_trained(cfg, "g1", registry=reg)
+            register_trained(cfg, "g1", registry=reg)

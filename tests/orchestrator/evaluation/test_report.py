@@ -6,7 +6,7 @@ import numpy as np
 
 from orchestrator.config import load_config
 from orchestrator.evaluation.evaluate import evaluate
-from orchestrator.registry.store import Registry, registry_path
+from orchestrator.registry import Registry, registry_path
 from orchestrator.evaluation.report import chain_summary, plot_compat, write_report
 from tests.orchestrator.evaluation.test_evaluate import make_chain
 

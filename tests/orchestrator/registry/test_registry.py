@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from orchestrator.registry.store import (SCHEMA_VERSION, IntegrityError, Registry, RegistryError, StaleTransition,
+from orchestrator.registry import (SCHEMA_VERSION, IntegrityError, Registry, RegistryError, StaleTransition,
                                    registry_path)
 
 SHA = {k: c * 64 for k, c in zip(("g0", "g1", "g2", "g3"), "abcd")}
@@ -434,14 +434,14 @@ def _run_dir_chain(tmp_path):
     """A config of g0, g1, g2 whose run dir holds model.pt + metrics.json for each (the
     bytes are only hashed here), recorded in the registry with g0 bootstrapped."""
     from orchestrator.config import load_config
-    from orchestrator.registry.store import record_trained
+    from orchestrator.registry import register_trained
 
     path = tmp_path / "c.yaml"
     path.write_text(f"run_dir: {tmp_path / 'run'}\ngenerations: [{{name: g0}}, {{name: g1}}, {{name: g2}}]\n")
     cfg = load_config(str(path))
     for name in ("g0", "g1", "g2"):
         write_generation(cfg, name, f"{name} weights v1".encode())
-        record_trained(cfg, name)
+        register_trained(cfg, name)
     return path, cfg
 
 
@@ -457,7 +457,7 @@ def write_generation(cfg, name, data):
 
 
 def test_retraining_production_never_hands_production_back_to_g0(tmp_path):
-    from orchestrator.registry.store import record_trained
+    from orchestrator.registry import register_trained
 
     _, cfg = _run_dir_chain(tmp_path)
     with Registry(registry_path(cfg)) as reg:
@@ -468,12 +468,12 @@ def test_retraining_production_never_hands_production_back_to_g0(tmp_path):
         served = reg.generation("g1")
         write_generation(cfg, "g1", b"g1 weights v2")  # a retrain left new files
         with pytest.raises(RegistryError, match="'g1' cannot be retrained or replaced: it is in production"):
-            record_trained(cfg, "g1", registry=reg)
+            register_trained(cfg, "g1", registry=reg)
         assert reg.generation("g1") == served and reg.production().name == "g1"
         assert reg.generation("g0").status == "retired"
         # production retired by hand, then g1 retrained: allowed, and g0 is not brought back
         reg.set_status("g1", "retired", "alice", "decommissioned")
-        rec = record_trained(cfg, "g1", registry=reg)
+        rec = register_trained(cfg, "g1", registry=reg)
         assert rec.status == "trained" and rec.sha256 != served.sha256
         assert reg.production() is None and reg.generation("g0").status == "retired"
 

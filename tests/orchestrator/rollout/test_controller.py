@@ -15,7 +15,7 @@ from orchestrator.rollout import metric_names
 from orchestrator.config import parse_config
 from orchestrator.rollout.controller import Controller, desired_traffic, start_rollout
 from orchestrator.rollout.decision import Counts
-from orchestrator.registry.store import Registry
+from orchestrator.registry import Registry
 from orchestrator.rollout.sources import SourceError
 from tests.helpers import free_port
 

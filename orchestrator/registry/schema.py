@@ -1,0 +1,116 @@
+"""The registry's SQLite schema and its migrations.
+
+The schema is versioned (`schema_version`, one row per applied migration); opening an
+older file migrates it in place, keeping its rows (`orchestrator.registry.store`). Each
+migration takes the file from version i to i + 1 inside one transaction. Never edit a
+released migration: add the next one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+_V1 = """
+CREATE TABLE generations (
+    name TEXT PRIMARY KEY,
+    parent TEXT REFERENCES generations(name),
+    arch TEXT NOT NULL,
+    config_hash TEXT NOT NULL,
+    checkpoint_uri TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    status TEXT NOT NULL
+);
+CREATE TABLE evaluations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate TEXT NOT NULL REFERENCES generations(name),
+    baseline TEXT REFERENCES generations(name),
+    metrics TEXT NOT NULL,
+    passed INTEGER NOT NULL,
+    reasons TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    from_state TEXT,
+    to_state TEXT
+);
+"""
+
+_V2 = """
+ALTER TABLE generations ADD COLUMN metrics TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE events ADD COLUMN data TEXT NOT NULL DEFAULT '{}';
+CREATE TABLE rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    candidate TEXT NOT NULL REFERENCES generations(name),
+    baseline TEXT NOT NULL REFERENCES generations(name),
+    state TEXT NOT NULL CHECK (state IN ('shadow', 'canary', 'paused', 'promoted', 'rolled_back')),
+    step INTEGER NOT NULL,
+    weight REAL NOT NULL CHECK (weight >= 0 AND weight <= 1),
+    paused_from TEXT,
+    step_started_at REAL NOT NULL,
+    started_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    finished_at REAL,
+    data TEXT NOT NULL DEFAULT '{}'
+);
+-- At most one rollout is active: the partial index holds one row per active rollout, all
+-- with the same key.
+CREATE UNIQUE INDEX one_active_rollout ON rollouts ((state IN ('shadow', 'canary', 'paused')))
+    WHERE state IN ('shadow', 'canary', 'paused');
+CREATE TABLE commands (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout_id INTEGER NOT NULL REFERENCES rollouts(id),
+    command TEXT NOT NULL CHECK (command IN ('pause', 'resume', 'promote', 'rollback')),
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    force INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    done_at REAL,
+    outcome TEXT
+);
+CREATE INDEX commands_pending ON commands (rollout_id, done_at);
+CREATE INDEX events_subject ON events (subject, id);
+CREATE INDEX evaluations_candidate ON evaluations (candidate, id);
+CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+_V3 = """
+-- One controller per rollout: the holder of a rollout's lease drives it; the lease
+-- expires unless its holder renews it (heartbeat), so a dead holder's rollout resumes.
+CREATE TABLE leases (
+    rollout_id INTEGER PRIMARY KEY REFERENCES rollouts(id),
+    holder TEXT NOT NULL,
+    acquired_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def statements(script: str) -> list[str]:
+    """Split a migration into statements (CREATE TRIGGER bodies hold ';' too)."""
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--"):
+            continue
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out
+
+
