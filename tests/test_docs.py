@@ -12,9 +12,11 @@ Checked over every file, prose and code alike, and failing with one line per off
 - dotted Python references (`workers.train.make_extra_loss`, `orchestrator.apps:router_app`,
   `from serving.client import RouterClient`) name a module of the repository and a name
   it defines;
+- HTTP routes (`POST /v1/admin/alert`) are routes of the router or the controller;
 - config keys in backticks (`rollout.max_source_errors`, `generations[].compat`) and the
-  keys of the tables marked `<!-- config-keys: PREFIX -->` resolve in the pydantic models
-  of the run config;
+  keys of the tables marked `<!-- config-keys: PREFIX -->` (PREFIX `.` for top-level
+  keys) resolve in the pydantic models of the run config, those tables' `default` column
+  matches the models' defaults, and every `rollout.` and `gates.` key has a row;
 - metric names (`ray_graceful_*`, `graceful_*`) are exported by a `metric_names.py`
   module, and every exported name is documented in docs/metrics.md;
 - nothing in the repository cites a file that lives outside it.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -297,6 +300,24 @@ def test_benchmark_results_named_in_the_docs_exist():
             if not (ROOT / path).is_file():
                 offenders.append(f"{s.where()}: {path} does not exist")
     report(offenders, "missing benchmark results")
+
+
+# --- HTTP routes ---------------------------------------------------------------------------
+
+ROUTE = re.compile(r"\b(GET|POST|PUT|DELETE) (/[\w/{}.-]*\w[}]?)")
+
+
+def test_http_routes_in_the_docs_are_served():
+    sources = "".join(p.read_text() for d in ("serving", "orchestrator") for p in (ROOT / d).rglob("*.py"))
+    offenders, checked = [], 0
+    for s in code():
+        for m in ROUTE.finditer(s.text):
+            checked += 1
+            if f'"{m.group(2)}"' not in sources:
+                offenders.append(f"{s.where()}: `{m.group(1)} {m.group(2)}`: no module of serving/ or "
+                                 f"orchestrator/ has the route \"{m.group(2)}\"")
+    report(offenders, "HTTP routes that nothing serves")
+    assert checked > 10, checked
 
 
 # --- Python references -------------------------------------------------------------------
@@ -617,16 +638,16 @@ def test_every_exported_metric_is_in_the_metrics_reference():
 # Spelled in pieces so that this file does not cite them itself.
 OUTSIDE = re.compile("shared" r"/notes|(?<![\w/])notes" r"/[\w-]+\.md|\bDESIGN" r"\.md")
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".json", ".toml", ".sh", ".txt", ".cfg", ".ini", ""}
-SKIP_DIRS = {".git", ".venv", "__pycache__", "runs", ".pytest_cache", "build", "dist"}
+SKIP_DIRS = {".git", ".venv", "__pycache__", "runs", ".pytest_cache", "build", "dist", ".cache", ".gl"}
 
 
 def repository_text_files() -> Iterator[Path]:
-    for path in ROOT.rglob("*"):
-        rel = path.relative_to(ROOT)
-        if any(part in SKIP_DIRS or part.endswith(".egg-info") for part in rel.parts):
-            continue
-        if path.is_file() and path.suffix in TEXT_SUFFIXES and path.stat().st_size < 2_000_000:
-            yield path
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info"))
+        for name in sorted(files):
+            path = Path(folder) / name
+            if path.suffix in TEXT_SUFFIXES and path.stat().st_size < 2_000_000:
+                yield path
 
 
 def test_nothing_cites_files_outside_the_repository():

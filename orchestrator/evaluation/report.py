@@ -255,7 +255,7 @@ def write_report(cfg: RunConfig, ev: Evaluation, reg: Registry, out_dir: Optiona
         f"Compatibility along the chain: each generation's own top-1 and its top-1 in the gallery "
         f"that {gallery}'s embeddings fill (served, never re-indexed). The price the constraints "
         f"cost each generation (the compatibility tax, against independently trained models) is "
-        f"measured by `benchmarks/chain_tax.py` (README, 'compatibility tax').",
+        f"measured by `benchmarks/chain_tax.py` (docs/training.md, 'compatibility tax').",
         "",
         f"![compatibility along the chain]({files['chain-compat']})",
         "",

@@ -105,10 +105,18 @@ def start_rollout(cfg: RunConfig, reg: Registry, router: Any, source: MetricSour
     if not traffic_matches(want, status):
         # Production is the registry's: a router started from anything else is brought back.
         router.set_traffic(want["weights"], shadows=want["shadows"], production=want["production"])
+    return begin_rollout(reg, source, candidate, prod.name, actor, reason)
+
+
+def begin_rollout(reg: Registry, source: MetricSource, candidate: str, baseline: str, actor: str,
+                  reason: str) -> RolloutRecord:
+    """The record `start_rollout` ends with, below its checks (tests of the controller
+    start here): evidence counts from now, so the source's current snapshot is stored as
+    the first step's base (None when the source is down: its first good read is)."""
     try:
         raw = counts_to_dict(source.read(candidate))
     except SourceError as e:
         log.warning("metric source down at rollout start (%s): evidence counts from its first read", e)
         raw = None
-    return reg.start_rollout(candidate, prod.name, actor, reason,
+    return reg.start_rollout(candidate, baseline, actor, reason,
                              data={"raw_at_step_start": raw, "total_at_step_start": counts_to_dict(Counts())})

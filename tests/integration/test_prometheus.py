@@ -20,7 +20,8 @@ import pytest
 import requests
 
 from orchestrator.config import parse_config
-from orchestrator.rollout.controller import Controller, start_rollout
+from orchestrator.rollout.controller import Controller
+from orchestrator.rollout.start import begin_rollout
 from orchestrator.registry import Registry
 from orchestrator.rollout.sources import PrometheusSource, SourceError, counts_from_status
 from serving.client import RouterClient
@@ -131,7 +132,7 @@ def test_controller_decides_from_prometheus_and_holds_when_it_is_gone(stack):
     for name in ("g0", "g1"):
         ref = stack["refs"][name]
         reg.add_generation(name, None, "mlp", cfg.config_hash(), ref.uri, ref.sha256)
-    r = start_rollout(reg, source, "g1", "g0", "test", "prometheus-driven rollout")
+    r = begin_rollout(reg, source, "g1", "g0", "test", "prometheus-driven rollout")
     assert r.data["raw_at_step_start"] is not None  # the base snapshot came from Prometheus
     ctl = Controller(cfg, reg, client, source, rollout_id=r.id)
     results = []
@@ -149,7 +150,7 @@ def test_controller_decides_from_prometheus_and_holds_when_it_is_gone(stack):
     # Prometheus gone: the source errors, decisions are inconclusive, nothing rolls back.
     stack["proc"].send_signal(signal.SIGTERM)
     stack["proc"].wait(timeout=30)
-    back = start_rollout(reg, source, "g0", "g1", "test", "source-down check")
+    back = begin_rollout(reg, source, "g0", "g1", "test", "source-down check")
     assert back.data["raw_at_step_start"] is None
     ctl2 = Controller(cfg, reg, client, source, rollout_id=back.id)
     ticks = [ctl2.tick() for _ in range(3)]

@@ -192,7 +192,7 @@ def test_metric_names_are_prefixed_and_documented():
     assert "ray_graceful_traffic_weight" in EXPORTED
     from pathlib import Path
 
-    doc = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
     missing = [n for n in EXPORTED if n not in doc]
     assert not missing, missing
 
