@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import yaml
 
-from orchestrator.apps import AppArgsError, ClusterRouter, generation_app, router_app, wait_for_apps
+from orchestrator.apps import AppArgsError, ClusterRouter, RegistryPlan, generation_app, router_app, wait_for_apps
 from serving.deploy import ModelServer
 from serving.refs import app_name_for
 from tests.helpers import write_untrained_run
@@ -50,7 +50,8 @@ def test_router_app_binds_production_candidates_gallery_and_token(run_config):
     spec, input_dim, production, gens, weights, shadows, gallery, token = dep.init_args
     assert spec["replicas"] == 2 and input_dim == 64 and production == "g0"
     assert {n: g["app"] for n, g in gens.items()} == {"g0": "graceful-gen-g0", "g1": "graceful-gen-g1"}
-    assert weights == {"g0": 1.0} and shadows == ["g1"]
+    assert weights == {"g0": 1.0, "g1": 0.0} and shadows == ["g1"]
+    assert isinstance(dep.init_kwargs["plan_source"], RegistryPlan)   # replicas re-read the registry
     assert gallery.generation == "g0" and gallery.embeddings.shape[1] == 8
     assert token == "app-admin-token-1"
     assert dep.init_kwargs["app_names"] == ("graceful-gen-g0", "graceful-gen-g1")
@@ -89,7 +90,7 @@ def test_router_app_bad_args_name_the_problem(run_config, args, message):
 def test_a_changed_checkpoint_is_never_built(run_config):
     model = run_config.parent / "run" / "generations" / "g1" / "model.pt"
     model.write_bytes(model.read_bytes() + b"x")
-    with pytest.raises(Exception, match="refusing to serve it"):
+    with pytest.raises(Exception, match="refusing to (serve|register|use) it"):
         generation_app({"config": str(run_config), "generation": "g1"})
 
 

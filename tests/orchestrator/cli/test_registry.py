@@ -41,7 +41,7 @@ def test_train_records_generations(trained, capsys):
     assert main(["registry", str(trained), "list", "--json"]) == 0
     gens = json.loads(capsys.readouterr().out)
     assert [(g["name"], g["parent"], g["status"]) for g in gens] == [
-        ("g0", None, "production"), ("g1", "g0", "trained"), ("g2", "g1", "trained")]
+        ("g0", None, "production"), ("g1", "g0", "trained"), ("g2", "g0", "trained")]  # parent: production when trained
     assert all(len(g["sha256"]) == 64 and g["checkpoint_uri"].endswith(f"generations/{g['name']}/model.pt")
                for g in gens)
     assert main(["registry", str(trained), "list"]) == 0
@@ -76,12 +76,14 @@ def test_registry_show_lineage_events(trained, capsys):
     assert main(["registry", str(trained), "show", "g2", "--json"]) == 0
     show = json.loads(capsys.readouterr().out)
     assert show["generation"]["status"] == "rejected" and show["evaluations"][-1]["passed"] is False
+    assert (show["name"], show["parent"], show["status"]) == ("g2", "g0", "rejected")   # the documented contract
+    assert show["lineage"] == ["g0", "g2"]
     assert [e["action"] for e in show["events"]][:1] == ["registered"]
     assert main(["registry", str(trained), "show", "g2"]) == 0
     text = capsys.readouterr().out
     assert "status rejected" in text and "FAIL" in text and "trained -> rejected" in text
     assert main(["registry", str(trained), "lineage", "g2", "--json"]) == 0
-    assert [g["name"] for g in json.loads(capsys.readouterr().out)] == ["g0", "g1", "g2"]
+    assert [g["name"] for g in json.loads(capsys.readouterr().out)] == ["g0", "g2"]
     assert main(["registry", str(trained), "lineage", "g2"]) == 0
     assert "└─ g2" in capsys.readouterr().out
     assert main(["registry", str(trained), "events", "--subject", "g0", "--json"]) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from orchestrator.chain import training_hash
+from orchestrator.chain import Constraints, training_hash
 from orchestrator.cli import main
 from orchestrator.config import load_config
 
@@ -24,10 +24,15 @@ def _fake_trained(cfg, name, training_hash):
                                                 "test_accuracy": 0.5, "sha256": "0" * 64}))
 
 
+def _first(cfg):
+    """The training hash of a first generation (nothing to be constrained against)."""
+    return training_hash(cfg, "g0", Constraints("g0", None))
+
+
 def test_trained_generation_is_not_retrained(tmp_path, capsys):
     path = _config(tmp_path)
     cfg = load_config(str(path))
-    _fake_trained(cfg, "g0", training_hash(cfg, "g0"))
+    _fake_trained(cfg, "g0", _first(cfg))
     assert main(["train", str(path), "--generation", "g0"]) == 0
     assert "g0 is trained already with this config (test_acc 0.5000)" in capsys.readouterr().out
     assert main(["train", str(path), "--generation", "g0", "--json"]) == 0
@@ -38,7 +43,7 @@ def test_every_generation_trained(tmp_path, capsys):
     path = _config(tmp_path)
     cfg = load_config(str(path))
     for name in ("g0", "g1"):
-        _fake_trained(cfg, name, training_hash(cfg, name))
+        _fake_trained(cfg, name, training_hash(cfg, name, Constraints(name, None)))
     assert main(["train", str(path)]) == 0
     assert "every generation" in capsys.readouterr().out
 
@@ -46,7 +51,7 @@ def test_every_generation_trained(tmp_path, capsys):
 def test_changing_serving_or_rollout_does_not_retrain(tmp_path, capsys):
     path = _config(tmp_path)
     cfg = load_config(str(path))
-    _fake_trained(cfg, "g0", training_hash(cfg, "g0"))
+    _fake_trained(cfg, "g0", _first(cfg))
     path.write_text(path.read_text() + "serving: {port: 9002}\nrollout: {nfr_limit: 0.03}\n")
     assert main(["train", str(path), "--generation", "g0"]) == 0
     assert "g0 is trained already with this config" in capsys.readouterr().out

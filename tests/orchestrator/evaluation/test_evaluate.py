@@ -117,7 +117,7 @@ def test_first_generation_bootstraps_production(chain):
         assert reg.production().name == "g0"
         boot = [e for e in reg.events("g0") if e.action == "status"]
         assert [(e.actor, e.reason, e.to_state) for e in boot] == [("train", "bootstrap: first generation", "production")]
-        assert [g.name for g in reg.lineage("g2")] == ["g0", "g1", "g2"]
+        assert [g.name for g in reg.lineage("g2")] == ["g0", "g2"]   # g1 was never production
         g1 = reg.generation("g1")
         assert g1.arch == "mlp" and g1.config_hash == cfg.config_hash() and "history" not in g1.metrics
         assert g1.checkpoint_uri == str((cfg.run_dir / "generations" / "g1" / "model.pt").resolve())

@@ -216,7 +216,7 @@ def test_migration_from_v1_keeps_rows(tmp_path):
     db.executescript(V1_SQL)
     db.close()
     reg = Registry(path)
-    assert reg.schema_version() == SCHEMA_VERSION == 2
+    assert reg.schema_version() == SCHEMA_VERSION == 3
     gens = reg.generations()
     assert [(g.name, g.parent, g.arch, g.status, g.metrics) for g in gens] == [
         ("g0", None, "mlp", "production", {}), ("g1", "g0", "cnn", "trained", {})]
@@ -233,7 +233,7 @@ def test_migration_from_v1_keeps_rows(tmp_path):
     # reopening does not migrate twice
     again = Registry(path)
     versions = again._db.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
-    assert [v[0] for v in versions] == [1, 2]
+    assert [v[0] for v in versions] == [1, 2, 3]
     again.close()
 
 
