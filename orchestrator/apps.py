@@ -40,7 +40,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from ray import serve
 
 from orchestrator.config import ConfigError, RunConfig, load_config
-from orchestrator.registry import (GenerationStatus, Registry, RegistryError, ensure_registered, registry_path)
+from orchestrator.registry import (GenerationStatus, Registry, RegistryError, ensure_registered, production_of,
+                                   registry_path)
 from orchestrator.rollout.plan import registry_plan
 from serving.refs import Gallery, ModelRef
 from serving.router import Router
@@ -81,21 +82,15 @@ def generation_ref(cfg: RunConfig, reg: Registry, name: str, actor: str = "serve
     return ModelRef(name, rec.checkpoint_uri, rec.sha256)
 
 
-def production_of(cfg: RunConfig, reg: Registry, asked: Optional[str] = None) -> str:
+def production_name(cfg: RunConfig, reg: Registry, asked: Optional[str] = None) -> str:
     """The registry's production generation. A run dir older than its registry registers
     its first generation (which bootstraps production). `asked` (`--production`, the
     RayService's `production` arg) must agree with the registry: it can only confirm."""
-    prod = reg.production()
-    first = cfg.generations[0].name
-    if prod is None and reg.generation(first) is None and not reg.ever_in_production():
-        try:
-            ensure_registered(cfg, reg, first, "serve")
-        except RegistryError:
-            pass
-        prod = reg.production()
+    prod = production_of(cfg, reg)
     if prod is None:
         raise NotTrained(f"no generation is in production in {reg.path}: train the first generation "
-                         f"(`graceful train CONFIG --generation {first}`), which becomes production")
+                         f"(`graceful train CONFIG --generation {cfg.generations[0].name}`), which becomes "
+                         f"production")
     if asked is not None and asked != prod.name:
         raise ServeRequestError(f"production is {prod.name!r} in the registry ({reg.path}), not {asked!r}: the "
                                 f"registry is the source of truth; change production with `graceful rollout` / "
@@ -121,7 +116,7 @@ def serving_plan(cfg: RunConfig, reg: Registry, candidates: Sequence[str] = (),
                  production: Optional[str] = None, shadows: Optional[Sequence[str]] = None) -> ServingPlan:
     """Production from the registry, the asked candidates plus the active rollout's, and
     the plan the registry implies (`orchestrator.rollout.plan.registry_plan`)."""
-    prod = production_of(cfg, reg, production)
+    prod = production_name(cfg, reg, production)
     names = list(dict.fromkeys(candidates))
     if prod in names:
         raise ServeRequestError(f"{prod!r} is production; it cannot also be a candidate")

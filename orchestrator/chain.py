@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from orchestrator.config import RunConfig
-from orchestrator.registry import EXCLUDED_FROM_LINEAGE, Registry, RegistryError, register_trained, registry_path
+from orchestrator.registry import (EXCLUDED_FROM_LINEAGE, Registry, RegistryError, production_of, register_trained,
+                                   registry_path)
 from orchestrator.rundir import generation_dir, ray_storage, read_metrics
 from workers.losses import ancestor_importances
 from workers.train import ConstraintModel, TrainJob, TrainResult, run_training
@@ -55,12 +56,7 @@ def _constraint(reg: Registry, name: str, importance: float = 1.0) -> Constraint
 
 def _production_for(cfg: RunConfig, reg: Registry, name: str) -> Optional[str]:
     """The generation `name` is trained against: production now (None for the first one)."""
-    prod = reg.production()
-    if prod is None:
-        first = cfg.generations[0].name
-        if first != name and read_metrics(cfg, first) is not None:
-            register_trained(cfg, first, actor="train", registry=reg)  # a run dir older than its registry
-            prod = reg.production()
+    prod = production_of(cfg, reg) if name != cfg.generations[0].name else reg.production()
     if prod is None:
         first = cfg.generations[0].name
         if name != first:

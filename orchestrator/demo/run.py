@@ -321,9 +321,9 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
                     continue
                 _stage(log, f"{gen.name}: rollout (shadow -> canary "
                             f"{' -> '.join(f'{100 * s.weight:g}%' for s in cfg.rollout.steps)} -> promoted)")
-                why = ("offline gate passed" if row.gate_passed else
-                       "offline gate failed: " + "; ".join(row.reasons) + " (advisory for this generation)")
-                state = roll_out(cfg, registry, client, gen.name, production, log, stop, rollout_seconds, why)
+                # The library's start adds the gate's verdict (and "advisory") to the reason.
+                state = roll_out(cfg, registry, client, gen.name, production, log, stop, rollout_seconds,
+                                 "graceful demo")
                 row.live_nfr, row.live_labelled = _live_counts(client, gen.name)
                 row.outcome = state
                 log(f"[{gen.name}] {state.replace('_', ' ')}")

@@ -71,3 +71,16 @@ def ensure_registered(cfg: Any, reg: Registry, name: str, actor: str) -> Generat
     dir: its recorded sha256 is what every later load is checked against."""
     rec = reg.generation(name)
     return rec if rec is not None else register_trained(cfg, name, actor=actor, registry=reg)
+
+
+def production_of(cfg: Any, reg: Registry) -> Optional[GenerationRecord]:
+    """The registry's production generation. A run dir older than its registry (trained,
+    never registered, no generation ever production) registers its first generation,
+    which bootstraps production. None when nothing is in production."""
+    prod = reg.production()
+    first = cfg.generations[0].name
+    if prod is None and reg.generation(first) is None and not reg.ever_in_production() \
+            and read_metrics(cfg, first) is not None:
+        register_trained(cfg, first, actor="bootstrap", registry=reg)
+        prod = reg.production()
+    return prod

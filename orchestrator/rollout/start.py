@@ -18,7 +18,7 @@ import logging
 from typing import Any, Callable, Optional
 
 from orchestrator.config import RunConfig
-from orchestrator.registry import Registry, RegistryError, RolloutRecord, ensure_registered
+from orchestrator.registry import Registry, RegistryError, RolloutRecord, ensure_registered, production_of
 from orchestrator.rollout.decision import Counts
 from orchestrator.rollout.plan import registry_plan, traffic_matches
 from orchestrator.rollout.sources import MetricSource, SourceError, counts_to_dict
@@ -76,7 +76,7 @@ def start_rollout(cfg: RunConfig, reg: Registry, router: Any, source: MetricSour
     deploys and attaches a generation to it. A router whose production is not the
     registry's is brought back to the registry's plan first. Raises RolloutRefused (or
     RegistryError) with the reason; nothing is recorded then."""
-    prod = reg.production()
+    prod = production_of(cfg, reg)
     if prod is None:
         raise RolloutRefused("no generation is in production: train the first generation, which becomes production")
     if candidate == prod.name:

@@ -57,6 +57,12 @@ def test_router_app_binds_production_candidates_gallery_and_token(run_config):
     assert dep.init_kwargs["app_names"] == ("graceful-gen-g0", "graceful-gen-g1")
 
 
+def test_router_app_refuses_a_production_the_registry_contradicts(run_config):
+    """The registry says g0 (bootstrapped); args.production g1 can only confirm, not set."""
+    with pytest.raises(AppArgsError, match="production is 'g0' in the registry"):
+        router_app({"config": str(run_config), "production": "g1"})
+
+
 def test_router_app_defaults_to_the_first_generation_alone(run_config):
     dep = _deployment(router_app({"config": str(run_config)}))
     assert dep.init_args[2] == "g0" and list(dep.init_args[3]) == ["g0"] and dep.init_args[5] == []

@@ -79,7 +79,8 @@ def test_demo_promotes_the_compatible_generation_and_rolls_back_the_regression(t
     rows = db.execute("SELECT actor, subject, to_state FROM events WHERE to_state = 'rolled_back'").fetchall()
     assert ("controller", "g2", "rolled_back") in rows
     started = dict(db.execute("SELECT subject, reason FROM events WHERE action = 'rollout_started'").fetchall())
-    assert started["g1"] == "offline gate passed" and started["g2"].startswith("offline gate failed: ")
+    assert "offline gate: evaluation" in started["g1"] and started["g1"].endswith("against 'g0' passed)")
+    assert "against 'g1' failed: " in started["g2"] and "the gate is advisory for g2" in started["g2"]
     promoted = db.execute("SELECT COUNT(*) FROM events WHERE subject = 'g1' AND action LIKE '%promot%' "
                           "AND to_state = 'promoted'").fetchone()[0]
     assert promoted == 1
