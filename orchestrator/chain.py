@@ -27,7 +27,7 @@ from orchestrator.registry import (EXCLUDED_FROM_LINEAGE, Registry, RegistryErro
                                    registry_path)
 from orchestrator.rundir import generation_dir, ray_storage, read_metrics
 from workers.losses import ancestor_importances
-from workers.train import ConstraintModel, TrainJob, TrainResult, run_training
+from workers.train import ConstraintModel, TrainJob, TrainResult, clear_caches, run_training
 
 
 class ChainError(RuntimeError):
@@ -250,8 +250,10 @@ def train_generation(cfg: RunConfig, name: str, log: Callable[[str], None] = pri
     check_retrainable(cfg, name)
     job = job or build_job(cfg, name)
     stale = Path(job.storage_path) / job.run_name
-    if fresh and stale.is_dir():
-        shutil.rmtree(stale)
+    if fresh:
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        clear_caches(job.out_dir)  # --force: cached ensemble targets are recomputed too
     if not ray.is_initialized():
         # Workers' progress comes through a queue; Ray's own worker logs stay in its log files.
         ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)

@@ -18,7 +18,8 @@ import numpy as np
 
 from orchestrator.evaluation import metrics as M
 from orchestrator.config import GatesSpec, RunConfig
-from orchestrator.registry import GenerationStatus, Registry, RegistryError, register_trained, registry_path
+from orchestrator.registry import GenerationStatus, Registry, RegistryError, registry_path
+from orchestrator.registry import ensure_registered as registered
 
 # Float tolerance of the thresholds: NFR 2/100 against max_nfr 0.02 is a pass, not a
 # rounding accident.
@@ -149,15 +150,14 @@ def outputs(reg: Registry, names: list[str], x: np.ndarray) -> dict[str, tuple[n
 
 
 def ensure_registered(cfg: RunConfig, reg: Registry, name: str) -> None:
-    """Register `name` through the one registration path when it was trained but is not
-    in the registry; EvaluationError naming what is wrong otherwise."""
-    if reg.generation(name) is not None:
-        return
+    """`orchestrator.registry.ensure_registered` (the one registration path), with its
+    refusals as EvaluationError naming what is wrong."""
     try:
         cfg.generation(name)
-        register_trained(cfg, name, actor="evaluate", registry=reg)
+        registered(cfg, reg, name, actor="evaluate")
     except KeyError as e:
-        raise EvaluationError(str(e.args[0])) from None
+        if reg.generation(name) is None:
+            raise EvaluationError(str(e.args[0])) from None
     except RegistryError as e:
         raise EvaluationError(str(e)) from None
 

@@ -1,0 +1,51 @@
+"""The controller lease and the ever-production history, on a real SQLite registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.registry import LeaseHeld, LeaseLost, Registry
+
+SHA = "a" * 64
+
+
+@pytest.fixture
+def reg(tmp_path):
+    r = Registry(tmp_path / "registry.sqlite")
+    r.add_generation("g0", None, "mlp", "h", "/x/g0", SHA)
+    r.add_generation("g1", "g0", "mlp", "h", "/x/g1", "b" * 64)
+    r.bootstrap_production("g0", "test")
+    yield r
+    r.close()
+
+
+def test_one_holder_at_a_time_until_the_lease_expires(reg):
+    """ttl 10 s from t=100: b is refused at t=105 (naming a), granted at t=111 (a expired),
+    after which a's renewal fails."""
+    rid = reg.start_rollout("g1", "g0", "test", "go").id
+    lease = reg.acquire_lease(rid, "a", 10, now=100)
+    assert (lease.holder, lease.expires_at) == ("a", 110)
+    with pytest.raises(LeaseHeld, match="driven by controller 'a'"):
+        reg.acquire_lease(rid, "b", 10, now=105)
+    assert reg.acquire_lease(rid, "a", 10, now=105).expires_at == 115      # the holder renews
+    with pytest.raises(LeaseHeld):
+        reg.acquire_lease(rid, "b", 10, now=114)
+    assert reg.acquire_lease(rid, "b", 10, now=116).holder == "b"
+    with pytest.raises(LeaseLost, match="'b' does"):
+        reg.renew_lease(rid, "a", 10, now=117)
+    actions = [(e.action, e.data.get("previous_holder")) for e in reg.events("g1") if e.action.startswith("lease")]
+    assert actions == [("lease_acquired", None), ("lease_taken_over", "a")]
+
+
+def test_a_released_lease_is_free_at_once(reg):
+    rid = reg.start_rollout("g1", "g0", "test", "go").id
+    reg.acquire_lease(rid, "a", 60, now=0)
+    assert reg.release_lease(rid, "b") is False and reg.release_lease(rid, "a") is True
+    assert reg.lease(rid) is None and reg.acquire_lease(rid, "b", 60, now=1).holder == "b"
+
+
+def test_ever_production_lists_every_production_most_recent_last(reg):
+    r = reg.start_rollout("g1", "g0", "test", "go")
+    reg.transition(r.id, ("shadow", 0), state="promoted", step=1, weight=1.0, actor="t", action="promote", reason="t")
+    assert reg.ever_production() == ["g0", "g1"] and reg.production().name == "g1"
+    assert reg.generation("g0").status == "retired"
