@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from ray import serve
 
-from serving.local import infer, probabilities
+from serving.local import infer, probabilities, warm_up
 from serving.refs import Gallery, ModelRef, app_name_for
 from serving.specs import ServingSpec
 from workers.checkpoint import CheckpointError, load_model, model_file, sha256_file
@@ -40,6 +40,7 @@ class ModelServer:
         torch.set_num_threads(1)
         self.ref = ref
         self.model, self.meta = load_model(ref.uri, ref.sha256)  # raises: never served unverified
+        warm_up(self.model)  # ready only once the first (slow) call is behind it
         self.fault = dict(inject_fault or {})
         for method in (self.predict, self.embed):
             method.set_max_batch_size(max_batch_size)

@@ -29,6 +29,15 @@ def probabilities(model) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda t: torch.softmax(model(t), dim=-1)
 
 
+def warm_up(model) -> None:
+    """Run predict and embed once on a zero row before the first request: a model's first
+    call can cost ~1 s (an LQF model's first jvp), which would otherwise land on live
+    traffic as shadow timeouts and count against the candidate."""
+    x = np.zeros((1, model.input_dim), dtype=np.float32)
+    infer(probabilities(model), x)
+    infer(model.embed, x)
+
+
 class _Method:
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
         self._fn = fn
@@ -49,6 +58,7 @@ class LocalGeneration:
         torch.set_num_threads(1)
         self.ref = ref
         self.model, _ = load_model(ref.uri, ref.sha256)
+        warm_up(self.model)
         self.predict = _Method(probabilities(self.model))
         self.embed = _Method(self.model.embed)
 
