@@ -68,7 +68,9 @@ def _write_run(tmp: Path, rollout: dict, shuffled: bool = True) -> tuple[Path, d
     return path, refs, ds
 
 
+LEASE_S = 2.0
 ROLLOUT = {"shadow_bake_seconds": 2, "nfr_limit": 0.1, "tick_seconds": 0.5, "max_source_errors": 20,
+           "lease_seconds": LEASE_S,
            "error_rate_limit": 0.05, "latency_p99_ms": 5000,
            "steps": [{"weight": w, "bake_seconds": 3, "min_requests": 20, "min_labels": 40} for w in STEPS]}
 
@@ -108,9 +110,11 @@ class _Traffic:
 
 
 def _rollout_proc(served, candidate, *extra):
+    """`graceful rollout` as an operator runs it. These generations were never gated
+    offline (the drill is about the live rule): --skip-gate, which the audit log records."""
     env = {**os.environ, "GRACEFUL_ADMIN_TOKEN": TOKEN}
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "rollout", str(served["config"]),
-                             "--candidate", candidate, "--router", served["url"], "--json", *extra],
+                             "--candidate", candidate, "--router", served["url"], "--json", "--skip-gate", *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -137,6 +141,8 @@ def test_bad_candidate_is_rolled_back_automatically(served):
         assert ev.actor == "controller" and "NFR" in ev.reason, ev.reason
         assert reg.generation("g2").status == "rolled_back"
         assert not any(m[2] == "promoted" for m in moves)
+        started = [e for e in reg.events("g2") if e.action == "rollout_started"][-1]
+        assert "skipped with --skip-gate" in started.reason
 
 
 def test_controller_killed_mid_canary_resumes_and_promotes_once(served):
@@ -153,6 +159,11 @@ def test_controller_killed_mid_canary_resumes_and_promotes_once(served):
                     # the live controller's metrics say where it is
                     text = requests.get(metrics_url, timeout=5).text
                     assert 'graceful_rollout_state{candidate="g1",state="canary"} 1.0' in text
+                    # one controller per rollout: a second one exits 1 naming the holder
+                    holder = reg.lease(r.id).holder
+                    other = _rollout_proc(served, "g1")
+                    _, other_err = other.communicate(timeout=60)
+                    assert other.returncode == 1 and f"driven by controller {holder!r}" in other_err, other_err[-2000:]
                     proc.send_signal(signal.SIGKILL)
                     proc.wait(timeout=10)
                     killed_at = (r.state, r.step)
@@ -160,8 +171,9 @@ def test_controller_killed_mid_canary_resumes_and_promotes_once(served):
                 time.sleep(0.05)
             assert killed_at is not None, f"never saw canary step 1; rc={proc.poll()} {proc.stderr.read()[-2000:]}"
             assert proc.returncode == -signal.SIGKILL
-            # the rollout waits, persisted, while no controller runs
-            time.sleep(1.0)
+            # the rollout waits, persisted, while no controller runs; the dead holder's
+            # lease expires, then a new controller takes the rollout over
+            time.sleep(LEASE_S + 0.5)
             r = reg.active_rollout()
             assert r is not None and r.state == "canary" and r.step in (1, 2)
             proc2 = _rollout_proc(served, "g1")
@@ -170,6 +182,8 @@ def test_controller_killed_mid_canary_resumes_and_promotes_once(served):
             summary = json.loads(out)
             assert summary["state"] == "promoted" and summary["rollout_id"] == r.id
             moves = _moves(reg, "g1", r.id)
+            taken = [e for e in reg.events("g1") if e.action == "lease_taken_over"]
+            assert len(taken) == 1 and taken[0].data["previous_holder"] == holder
             assert [(m[0], m[2], m[3]) for m in moves] == [
                 ("rollout_started", "shadow", None), ("advance", "canary", 1), ("advance", "canary", 2),
                 ("advance", "canary", 3), ("promote", "promoted", 3)], moves

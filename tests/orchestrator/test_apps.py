@@ -83,3 +83,10 @@ def test_status_json_names_production_without_any_rollout(run, capsys):
     assert out["production"] == "g0" and out["rollout"] is None
     assert main(["status", str(path)]) == 0
     assert "production: g0" in capsys.readouterr().out
+
+
+def test_graceful_serve_refuses_a_production_the_registry_contradicts_before_ray(run, capsys):
+    path, cfg, reg = run
+    serving_plan(cfg, reg)                                   # g0 production (bootstrap)
+    assert main(["serve", str(path), "--production", "g1"]) == 2   # Ray would refuse to start here
+    assert "production is 'g0' in the registry" in capsys.readouterr().err
