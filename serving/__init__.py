@@ -1,0 +1,13 @@
+"""graceful's serving data plane on Ray Serve (may import workers, never orchestrator).
+
+    specs         the `serving:` config section
+    refs          what to serve: ModelRef (name, uri, sha256), Gallery
+    core          pure parts of the router: traffic plans, parsing, the feedback join
+    router        the HTTP ingress (split, shadow, feedback, search, admin)
+    deploy        deploying generations and the router (`start_serving`, `add_generation`)
+    local         generations hosted in the router; model warm-up
+    client        the HTTP client of the router (`RouterClient`)
+    metric_names  the router's Prometheus names (an API)
+"""
+
+__all__ = ["specs", "refs", "core", "router", "deploy", "local", "client", "metric_names"]

@@ -408,16 +408,7 @@ def test_python_references_exist():
 
 # --- (d) config keys ---------------------------------------------------------------------
 
-def _model_in(annotation: Any) -> Any:
-    from pydantic import BaseModel
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
+from orchestrator.config import _model_in  # noqa: E402  the loader's own walk of nested models
 
 
 def _is_list(annotation: Any) -> bool:
