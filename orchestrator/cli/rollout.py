@@ -289,9 +289,9 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("rollout", help="run the rollout controller for a candidate until promoted or rolled back")
+    p = sub.add_parser("rollout", help="start (or resume) the rollout of a candidate against the registry's production and run its controller until promoted or rolled back")
     add_config_arg(p)
-    p.add_argument("--candidate", required=True, help="generation to roll out (attached to the router)")
+    p.add_argument("--candidate", required=True, help="generation to roll out (attached to the router as a shadow if it is not)")
     p.add_argument("--router", help="router base URL (default: http://serving.host:serving.port)")
     p.add_argument("--max-seconds", type=float, help="stop the controller after this long (the rollout stays "
                                                      "where it is; run again to resume)")
@@ -299,8 +299,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--actor", help="who starts it (default: $USER)")
     p.add_argument("--new", action="store_true", help="start a new rollout even if this candidate's last one "
                                                       "finished (e.g. retry after a rollback)")
-    p.add_argument("--skip-gate", action="store_true", help="roll out a generation the offline gate rejected "
-                                                            "(offline_gate: enforce); recorded in the audit log")
+    p.add_argument("--skip-gate", action="store_true", help="roll out a generation without a passing offline gate "
+                                                            "against the current production (offline_gate: enforce); "
+                                                            "recorded in the audit log")
     add_json_arg(p)
     p.set_defaults(func=_cmd_rollout)
 

@@ -1,6 +1,9 @@
 """The rollout controller: shadow -> canary steps -> promoted, or -> rolled back.
 
-Each tick (every `rollout.tick_seconds`):
+Each tick (every `rollout.tick_seconds`) runs these phases in order, each a method that
+returns what the next needs:
+0. hold the rollout's lease (one controller per rollout): take it, renew it, or stop
+   naming the holder when another controller has it;
 1. apply the operator commands queued in the registry (pause, resume, promote
    [--force], rollback), oldest first;
 2. reconcile the router with the persisted state (weights, shadows, production): only
@@ -26,8 +29,11 @@ is only completed on restart, never applied twice.
 A source error is inconclusive (never a rollback); after `rollout.max_source_errors` in a
 row the rollout is paused, with an audit event. A router that cannot be reconciled (down,
 or restarted without the candidate attached) is counted the same way: audited, and paused
-after `rollout.max_source_errors` failed ticks in a row. A tick that raises is caught,
-counted (graceful_controller_tick_errors_total), logged, and the loop goes on.
+after `rollout.max_source_errors` failed ticks in a row; a generation the restarted
+router lost is attached again when the controller was given `attach`. A tick that raises
+is caught, counted (graceful_controller_tick_errors_total), logged, and the loop goes on.
+A controller that cannot act at all (the router refuses its admin token, another holds
+the lease) says why once and stops (`Controller.stopped`).
 """
 
 from __future__ import annotations
