@@ -44,10 +44,14 @@ def _demo_config(tmp_path: Path) -> Path:
     return path
 
 
-def _env(tmp_path: Path) -> dict:
+def _env(tmp_path: Path, admin_token: str | None = None) -> dict:
+    """Without `admin_token` the demo makes its own for the run; with it, the operator's
+    token (exported as the operator's guide says) must reach the router and the controller."""
     env = {**os.environ, "GRACEFUL_CACHE": str(tmp_path / "cache")}
     env.pop("RAY_ADDRESS", None)
-    env.pop("GRACEFUL_ADMIN_TOKEN", None)  # the demo makes its own for the run
+    env.pop("GRACEFUL_ADMIN_TOKEN", None)
+    if admin_token is not None:
+        env["GRACEFUL_ADMIN_TOKEN"] = admin_token
     return env
 
 
@@ -56,7 +60,8 @@ def test_demo_promotes_the_compatible_generation_and_rolls_back_the_regression(t
     before = _ray_pids()
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "demo", str(cfg), "--port", str(free_port()),
-                           "--json"], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=540)
+                           "--json"], cwd=ROOT, env=_env(tmp_path, admin_token="operator-token-123"),
+                          capture_output=True, text=True, timeout=540)
     wall = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
