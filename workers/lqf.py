@@ -48,7 +48,7 @@ from workers.checkpoint import FORMAT_VERSION, MODEL_FILE, CheckpointError, sha2
 from workers.data import Split
 from workers.models import CosineHead, GracefulNet, build_model
 from workers.specs import ArchSpec, GenerationSpec, LQFSpec, TrainSpec
-from workers.training import ExtraLoss, accuracy, batch_indices
+from workers.training import ExtraLoss, log_rows, run_steps
 
 _ARCH_MUST_MATCH = ("type", "width", "depth", "kernel_size", "embed_dim", "head", "scale")
 
@@ -325,7 +325,8 @@ class KFAC:
 # --- the recipe -------------------------------------------------------------------------
 
 class LQFRecipe:
-    """Everything a training loop needs for `recipe: lqf`, built by `make_lqf`.
+    """Everything the training loop needs for `recipe: lqf`, built by `make_lqf`: a
+    `workers.training.Recipe`, run by `workers.training.run_steps`.
 
     Per step the loop does:  loss = recipe.task_loss(logits, y) (+ compatibility terms);
     opt.zero_grad(); loss.backward(); recipe.before_step(step, x); opt.step(); sched.step().
@@ -387,26 +388,8 @@ def fit_lqf(parent: GracefulNet, train: Split, gen: GenerationSpec, extra_loss: 
             val: Optional[Split] = None, log: Optional[Callable[[dict], None]] = None) -> LinearizedNet:
     """Single-process LQF fine-tuning of `parent` (the LQF analogue of `training.fit`)."""
     recipe = make_lqf(parent, gen)
-    model, spec = recipe.model, gen.train
-    x_all, y_all = torch.as_tensor(train.x), torch.as_tensor(train.y)
-    for step in range(spec.steps):
-        idx = torch.as_tensor(batch_indices(len(train), spec.batch_size, step, spec.seed))
-        x, y = x_all[idx], y_all[idx]
-        z, logits = model.embed_and_logits(x)
-        loss = recipe.task_loss(logits, y)
-        if extra_loss is not None:
-            loss = loss + extra_loss(model, x, y, idx, z, logits)  # type: ignore[arg-type]
-        recipe.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        recipe.before_step(step, x)
-        recipe.opt.step()
-        recipe.sched.step()
-        if log is not None and ((step + 1) % spec.eval_every == 0 or step + 1 == spec.steps):
-            row = {"step": step + 1, "loss": float(loss.detach())}
-            if val is not None and len(val):
-                row["val_accuracy"] = accuracy(model, val)  # type: ignore[arg-type]
-            log(row)
-    return model.eval()
+    run_steps(recipe, train, gen.train, extra_loss=extra_loss, on_eval=log_rows(recipe.model, val, log))
+    return recipe.model.eval()
 
 
 # --- checkpoints ------------------------------------------------------------------------

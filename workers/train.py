@@ -26,7 +26,6 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from workers.checkpoint import load_model, save_model
 from workers.data import Split, fingerprint, generation_train_split, load_dataset
@@ -35,7 +34,7 @@ from workers.losses import (FrozenHead, bct_influence_loss, ensemble_distillatio
 from workers.lqf import LinearizedNet  # imports workers.checkpoint/training, never this module
 from workers.models import GracefulNet, build_model
 from workers.specs import CompatSpec, DataSpec, GenerationSpec, ScalingSpec
-from workers.training import ExtraLoss, accuracy, batch_indices, fit, make_optimizer, predict
+from workers.training import ExtraLoss, Recipe, StandardRecipe, accuracy, fit, predict, run_steps
 
 STATE_FILE = "state.pt"
 
@@ -286,17 +285,15 @@ def _train_loop_per_worker(config: dict) -> None:
     ds = load_dataset(job.data)
     split = generation_train_split(ds, gen.train_fraction, gen.label_noise, gen.train.seed)
     torch.manual_seed(spec.seed)  # identical initial weights on every worker
-    lqf = None
+    recipe: Recipe
     if gen.recipe == "lqf":
         from workers.lqf import make_lqf
 
         parent, _ = load_model(job.production.path, job.production.sha256)
-        lqf = make_lqf(parent, gen)
-        model = lqf.model
-        opt, sched = lqf.opt, lqf.sched
+        recipe = make_lqf(parent, gen)
     else:
-        model = build_model(gen.arch, ds.input_dim, ds.num_classes)
-        opt, sched = make_optimizer(model, spec)
+        recipe = StandardRecipe(build_model(gen.arch, ds.input_dim, ds.num_classes), spec)
+    model, opt, sched = recipe.model, recipe.opt, recipe.sched
     model.to(device)
     ddp = ray.train.torch.prepare_model(_EmbedAndLogits(model))
     extra = make_extra_loss(gen.compat, targets, device)
@@ -314,25 +311,7 @@ def _train_loop_per_worker(config: dict) -> None:
         if rank == 0 and progress is not None:
             progress.put(f"[{gen.name}] resuming from the checkpoint at step {start}/{spec.steps}")
 
-    x_all = torch.as_tensor(split.x, device=device)
-    y_all = torch.as_tensor(split.y, device=device)
-    t0 = time.time()
-    for step in range(start, spec.steps):
-        # Every worker draws the same global batch and takes its own slice of it.
-        idx = torch.as_tensor(batch_indices(len(split), spec.batch_size, step, spec.seed)[rank::world],
-                              device=device)
-        x, y = x_all[idx], y_all[idx]
-        z, logits = ddp(x)
-        loss = lqf.task_loss(logits, y) if lqf else F.cross_entropy(logits, y)
-        if extra is not None:
-            loss = loss + extra(model, x, y, idx, z, logits)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if lqf is not None:
-            lqf.before_step(step, x)
-        opt.step()
-        sched.step()
-
+    def inject_fault(step: int) -> None:
         if job.fault_at_step is not None and step == job.fault_at_step and rank == world - 1:
             marker = Path(job.fault_marker or Path(job.out_dir) / ".fault-injected")
             if not marker.exists():
@@ -340,24 +319,30 @@ def _train_loop_per_worker(config: dict) -> None:
                 marker.write_text(str(os.getpid()))
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        last = step + 1 == spec.steps
-        if (step + 1) % spec.eval_every == 0 or last:
-            row = {"step": step + 1, "loss": float(loss.detach()), "seconds": round(time.time() - t0, 2),
-                   "resumed_from_step": resumed_from}
-            if rank == 0:
-                row["val_accuracy"] = accuracy(model, ds.val) if len(ds.val) else float("nan")
-                history.append(row)
-                with tempfile.TemporaryDirectory() as d:
-                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "step": step + 1, "history": history},
-                               Path(d) / STATE_FILE)
-                    ray.train.report({**row, "history": json.dumps(history)},
-                                     checkpoint=ray.train.Checkpoint.from_directory(d))
-                if progress is not None:
-                    progress.put(f"[{gen.name}] step {step + 1}/{spec.steps}  loss {row['loss']:.4f}  "
-                                 f"val_acc {row['val_accuracy']:.4f}  ({row['seconds']:.1f}s)")
-            else:
-                ray.train.report(row)
+    def report(step: int, loss: float) -> None:
+        # Every rank reports (Ray Train expects it); rank 0 alone evaluates and checkpoints.
+        row = {"step": step, "loss": loss, "seconds": round(time.time() - t0, 2),
+               "resumed_from_step": resumed_from}
+        if rank == 0:
+            row["val_accuracy"] = accuracy(model, ds.val) if len(ds.val) else float("nan")
+            history.append(row)
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "step": step, "history": history},
+                           Path(d) / STATE_FILE)
+                ray.train.report({**row, "history": json.dumps(history)},
+                                 checkpoint=ray.train.Checkpoint.from_directory(d))
+            if progress is not None:
+                progress.put(f"[{gen.name}] step {step}/{spec.steps}  loss {row['loss']:.4f}  "
+                             f"val_acc {row['val_accuracy']:.4f}  ({row['seconds']:.1f}s)")
+        else:
+            ray.train.report(row)
+
+    t0 = time.time()
+    # DDP (`ddp`) all-reduces the gradients in backward; each worker trains on its slice
+    # of every global batch; a resumed run continues from the checkpoint's step.
+    run_steps(recipe, split, spec, extra_loss=extra, forward=ddp, rank=rank, world=world, start=start,
+              device=device, after_step=inject_fault, on_eval=report)
 
 
 # --- the driver ----------------------------------------------------------------------------

@@ -1,7 +1,13 @@
-"""The single-process training loop (the body each Ray Train worker runs, and what tests
-and benchmarks call directly).
+"""The one training step loop (`run_steps`), and the single-process entry point `fit`.
 
-`fit` optimises task loss plus optional extra terms with AdamW and a cosine schedule.
+`run_steps` is shared by every way a generation trains: `fit` here (tests, benchmarks,
+ensemble references), `workers.lqf.fit_lqf`, and each Ray Train worker
+(`workers.train._train_loop_per_worker`). What differs between them is passed in: the
+recipe (model, optimiser, task loss, a hook between backward and the optimiser step: the
+standard recipe's AdamW and cross-entropy, or LQF's SGD, square loss and K-FAC), the
+forward (a DDP wrapper syncs gradients during backward), this worker's slice of the
+global batch, the step to resume from, and what to do at each evaluation.
+
 Extra terms receive the batch's row indices, so cached outputs of older models can be
 looked up aligned with the batch instead of recomputing them every step.
 """
@@ -9,18 +15,35 @@ looked up aligned with the batch instead of recomputing them every step.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from workers.data import Split
 from workers.models import GracefulNet
 from workers.specs import TrainSpec
 
-# extra_loss(model, x, y, idx, embedding, logits) -> scalar tensor
-ExtraLoss = Callable[[GracefulNet, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# extra_loss(model, x, y, idx, embedding, logits) -> scalar tensor; `model` is the network
+# being trained (a GracefulNet, or an LQF LinearizedNet), never a DDP wrapper.
+ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# on_eval(steps_done, loss of the last batch): called every `eval_every` steps and after the last.
+OnEval = Callable[[int, float], None]
+
+
+class Recipe(Protocol):
+    """What `run_steps` needs from a training recipe (`StandardRecipe`, `workers.lqf.LQFRecipe`)."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+
+    def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    def before_step(self, step: int, x: torch.Tensor) -> None:
+        """Called after backward, before the optimiser step: may rewrite the gradients."""
 
 
 def make_optimizer(model: torch.nn.Module, spec: TrainSpec) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -59,28 +82,79 @@ def accuracy(model: GracefulNet, split: Split) -> float:
     return float(np.mean(logits.argmax(1) == split.y))
 
 
+class StandardRecipe:
+    """The standard recipe: cross-entropy, AdamW with the spec's schedule, plain gradients."""
+
+    def __init__(self, model: nn.Module, spec: TrainSpec):
+        self.model = model
+        self.opt, self.sched = make_optimizer(model, spec)
+
+    def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y)
+
+    def before_step(self, step: int, x: torch.Tensor) -> None:
+        pass
+
+
+def run_steps(recipe: Recipe, train: Split, spec: TrainSpec, *, extra_loss: Optional[ExtraLoss] = None,
+              forward: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None,
+              rank: int = 0, world: int = 1, start: int = 0, device: Optional[torch.device] = None,
+              after_step: Optional[Callable[[int], None]] = None, on_eval: Optional[OnEval] = None) -> None:
+    """Train `recipe.model` in place on `train` for steps `start` .. `spec.steps - 1`.
+
+    Each step: task loss (+ `extra_loss`) on the batch, backward, `recipe.before_step`,
+    optimiser and scheduler step, then `after_step(step)`, then `on_eval` when an
+    evaluation is due. `forward(x) -> (embedding, logits)` defaults to the model's
+    `embed_and_logits`; pass a DDP wrapper of it to all-reduce gradients during backward.
+    With `world` > 1 every worker draws the same global batch (batch indices depend only
+    on the seed and the step, so a resumed run sees the same batches) and trains on its
+    slice `rank::world`. Setting the seed, building the recipe and restoring its state
+    when resuming are the caller's.
+    """
+    model = recipe.model
+    forward = forward or model.embed_and_logits
+    x_all = torch.as_tensor(train.x, device=device)
+    y_all = torch.as_tensor(train.y, device=device)
+    model.train()
+    for step in range(start, spec.steps):
+        idx = torch.as_tensor(batch_indices(len(train), spec.batch_size, step, spec.seed)[rank::world],
+                              device=device)
+        x, y = x_all[idx], y_all[idx]
+        z, logits = forward(x)
+        loss = recipe.task_loss(logits, y)
+        if extra_loss is not None:
+            # The model itself, not `forward`: terms inspect it (e.g. its head type).
+            loss = loss + extra_loss(model, x, y, idx, z, logits)
+        recipe.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        recipe.before_step(step, x)
+        recipe.opt.step()
+        recipe.sched.step()
+        if after_step is not None:
+            after_step(step)
+        if on_eval is not None and ((step + 1) % spec.eval_every == 0 or step + 1 == spec.steps):
+            on_eval(step + 1, float(loss.detach()))
+
+
+def log_rows(model: nn.Module, val: Optional[Split],
+             log: Optional[Callable[[dict], None]]) -> Optional[OnEval]:
+    """The in-process `on_eval`: `log({"step", "loss"[, "val_accuracy"]})`; None without `log`."""
+    if log is None:
+        return None
+
+    def on_eval(step: int, loss: float) -> None:
+        row: dict = {"step": step, "loss": loss}
+        if val is not None and len(val):
+            row["val_accuracy"] = accuracy(model, val)  # type: ignore[arg-type]
+        log(row)
+
+    return on_eval
+
+
 def fit(model: GracefulNet, train: Split, spec: TrainSpec, extra_loss: Optional[ExtraLoss] = None,
         val: Optional[Split] = None, log: Optional[Callable[[dict], None]] = None) -> GracefulNet:
     """Train `model` in place for `spec.steps` steps (single process)."""
     torch.manual_seed(spec.seed)
-    opt, sched = make_optimizer(model, spec)
-    x_all, y_all = torch.as_tensor(train.x), torch.as_tensor(train.y)
-    model.train()
-    for step in range(spec.steps):
-        idx = torch.as_tensor(batch_indices(len(train), spec.batch_size, step, spec.seed))
-        x, y = x_all[idx], y_all[idx]
-        z, logits = model.embed_and_logits(x)
-        loss = F.cross_entropy(logits, y)
-        if extra_loss is not None:
-            loss = loss + extra_loss(model, x, y, idx, z, logits)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log is not None and ((step + 1) % spec.eval_every == 0 or step + 1 == spec.steps):
-            row = {"step": step + 1, "loss": float(loss.detach())}
-            if val is not None and len(val):
-                row["val_accuracy"] = accuracy(model, val)
-            log(row)
+    run_steps(StandardRecipe(model, spec), train, spec, extra_loss=extra_loss, on_eval=log_rows(model, val, log))
     model.eval()
     return model
