@@ -115,7 +115,7 @@ def mean_rows(seed_rows: list[dict]) -> list[dict]:
 def table(rows: list[dict], seeds: int) -> str:
     """Markdown table in %: own top-1, tax vs independent, M(gk, g0), error."""
     by = {(r["method"], r["generation"]): r for r in rows}
-    out = [f"| generation | method | M(gk,gk) | tax (indep - this) | M(gk,g0) | M(gk,g0) > M(g0,g0) | error % |",
+    out = ["| generation | method | M(gk,gk) | tax (indep - this) | M(gk,g0) | M(gk,g0) > M(g0,g0) | error % |",
            "|---|---|---|---|---|---|---|"]
     m00 = by.get(("independent", 0), {}).get("top1_self")
     for k in range(5):

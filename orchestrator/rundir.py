@@ -19,9 +19,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from workers.checkpoint import MODEL_FILE
+from workers.checkpoint import METRICS_FILE, MODEL_FILE
 
-METRICS_FILE = "metrics.json"
 REGISTRY_FILE = "registry.sqlite"
 
 

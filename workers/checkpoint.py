@@ -5,7 +5,7 @@ The file holds only tensors and plain values, so it loads with
 
 `load_model` is the one loader, for every consumer (serving, BCT constraints, evaluation):
 it dispatches on the file's `kind` -- absent or "plain": a `GracefulNet` (`save_model`);
-"lqf": a `workers.lqf.LinearizedNet` (`workers.lqf.save_lqf`). Both have the serving
+"lqf": a `workers.models.LinearizedNet` (written by `workers.lqf.save_lqf`). Both have the serving
 interface: `input_dim`, `num_classes`, `spec`, `embed(x)`, `forward(x)` -> logits,
 `embed_and_logits(x)`, `head(z)` and `classifier` (what BCT freezes).
 """
@@ -21,11 +21,13 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from workers.models import GracefulNet, build_model
+from workers.models import GracefulNet, LinearizedNet, build_model
 from workers.specs import ArchSpec
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.pt"
+# What training records beside the checkpoint (written by workers.train.run_training).
+METRICS_FILE = "metrics.json"
 
 
 class CheckpointError(RuntimeError):
@@ -112,9 +114,17 @@ def model_from_checkpoint(f: Path, blob: dict[str, Any]) -> tuple[GracefulNet, d
 
 
 def _lqf_from_checkpoint(f: Path, blob: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-    from workers.lqf import lqf_from_checkpoint  # lazily: workers.lqf imports this module
+    """The `LinearizedNet` (eval mode) and meta of an LQF checkpoint `read_checkpoint`
+    returned (kind "lqf", written by `workers.lqf.save_lqf`)."""
+    try:
+        spec = ArchSpec.model_validate(blob["arch"])
+        parent = build_model(spec, int(blob["input_dim"]), int(blob["num_classes"]))
+        model = LinearizedNet(parent, spec)
+        model.load_state_dict(blob["state_dict"], strict=True)
+    except Exception as e:
+        raise CheckpointError(f"LQF checkpoint {f} does not match its architecture: {e}") from None
+    return model.eval(), dict(blob.get("meta") or {})
 
-    return lqf_from_checkpoint(f, blob)
 
 
 # kind (the file's "kind"; absent = "plain") -> builder of (model in eval mode, meta).

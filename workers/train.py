@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from workers.checkpoint import load_model, save_model
+from workers.checkpoint import METRICS_FILE, MODEL_FILE, load_model, save_model
 from workers.data import Split, fingerprint, generation_train_split, load_dataset
 from workers.losses import (FrozenHead, bct_influence_loss, ensemble_distillation_loss,
                             focal_distillation_loss, frozen_head)
@@ -409,12 +409,12 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
         "scaling": job.scaling.model_dump(),
     }
     out = Path(job.out_dir)
-    tmp = out / ".metrics.json.tmp"
+    tmp = out / f".{METRICS_FILE}.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    os.replace(tmp, out / METRICS_FILE)
     log(f"[{gen.name}] done in {metrics['train_seconds']:.1f}s: val_acc {metrics['val_accuracy']:.4f}, "
-        f"test_acc {metrics['test_accuracy']:.4f}; checkpoint {out / 'model.pt'} (sha256 {sha[:12]}...)")
-    return TrainResult(gen.name, str(out / "model.pt"), sha, metrics)
+        f"test_acc {metrics['test_accuracy']:.4f}; checkpoint {out / MODEL_FILE} (sha256 {sha[:12]}...)")
+    return TrainResult(gen.name, str(out / MODEL_FILE), sha, metrics)
 
 
 def constraint_records(job: TrainJob) -> list[dict]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import yaml
 
 from orchestrator.apps import AppArgsError, ClusterRouter, RegistryPlan, generation_app, router_app, wait_for_apps
 from serving.deploy import ModelServer

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmarks.sample_report import train_chain
 from orchestrator.config import GatesSpec, load_config
 from orchestrator.evaluation.evaluate import EvaluationError, evaluate, evaluation_metrics, gate, gate_checks, load_verified
 from orchestrator.registry import IntegrityError, Registry, register_trained, registry_path
