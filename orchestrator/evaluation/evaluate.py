@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from orchestrator.evaluation import metrics as M
+import orchestrator.evaluation.metrics as M
 from orchestrator.config import GatesSpec, RunConfig
 from orchestrator.registry import GenerationStatus, Registry, RegistryError, registry_path
 from orchestrator.registry import ensure_registered as registered

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from orchestrator.evaluation import metrics as M
+import orchestrator.evaluation.metrics as M
 from orchestrator.config import RunConfig
 from orchestrator.evaluation.evaluate import Evaluation, outputs
 from orchestrator.registry import Registry

@@ -52,7 +52,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from orchestrator.config import RunConfig
 from orchestrator.registry import FINAL_STATES, LeaseHeld, Registry, RolloutRecord, RolloutState, StaleTransition
-from orchestrator.rollout import metric_names
+import orchestrator.rollout.metric_names as metric_names
 from orchestrator.rollout.decision import Counts, Decision, Observation, decide
 from orchestrator.rollout.http import serve_http
 from orchestrator.rollout.plan import ReconcileError, desired_traffic, next_position, traffic_matches
