@@ -62,3 +62,17 @@ def write_untrained_run(tmp: Path, data: dict, arch: dict, trained: tuple[str, .
         sha = save_model(build_model(ArchSpec(**arch), ds.input_dim, ds.num_classes), d)
         (d / "metrics.json").write_text(json.dumps({"sha256": sha}))
     return path
+
+
+def moved_lqf(parent, scale: float = 0.2):
+    """An LQF model around `parent` whose delta is random (scale * N(0, 1), from torch's
+    current seed), so that it differs from its parent; eval mode."""
+    import torch
+
+    from workers.models import LinearizedNet
+
+    lin = LinearizedNet(parent)
+    with torch.no_grad():
+        for d in lin.delta:
+            d.copy_(scale * torch.randn_like(d))
+    return lin.eval()

@@ -16,16 +16,13 @@ from workers.checkpoint import CheckpointError, load_model, save_model
 from workers.lqf import LinearizedNet, fold, save_lqf
 from workers.models import build_model
 from workers.specs import ArchSpec
+from tests.helpers import moved_lqf
 
 
 def _lqf(head: str = "cosine") -> LinearizedNet:
     torch.manual_seed(0)
     parent = build_model(ArchSpec(type="cnn1d", width=6, depth=2, embed_dim=5, head=head), 16, 3)
-    lin = LinearizedNet(parent)
-    with torch.no_grad():
-        for d in lin.delta:
-            d.copy_(0.2 * torch.randn_like(d))
-    return lin.eval()
+    return moved_lqf(parent)
 
 
 def _x(rows: int = 7) -> np.ndarray:

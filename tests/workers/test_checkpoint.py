@@ -16,6 +16,7 @@ import torch
 
 from workers.checkpoint import CheckpointError, load_model, save_model, sha256_file
 from workers.lqf import LinearizedNet, save_lqf
+from tests.helpers import moved_lqf
 from workers.models import GracefulNet, build_model
 from workers.specs import ArchSpec
 
@@ -26,11 +27,7 @@ def _net(seed: int):
 
 
 def _lqf(seed: int) -> LinearizedNet:
-    lin = LinearizedNet(_net(seed))
-    with torch.no_grad():
-        for d in lin.delta:
-            d.copy_(0.1 * torch.randn_like(d))
-    return lin
+    return moved_lqf(_net(seed), scale=0.1).train()
 
 
 def _save(kind: str, seed: int, path: Path) -> tuple[str, torch.nn.Module]:

@@ -83,18 +83,15 @@ def test_bct_skips_renormalising_only_for_models_with_unit_embeddings():
 # --- BCT against an LQF ancestor ---------------------------------------------------------------
 
 def _saved_lqf(tmp_path, head: str = "cosine"):
-    from workers.lqf import LinearizedNet, save_lqf
+    from tests.helpers import moved_lqf
+    from workers.lqf import save_lqf
     from workers.models import build_model
     from workers.specs import ArchSpec
 
     torch.manual_seed(0)
-    parent = build_model(ArchSpec(type="mlp", width=8, depth=1, embed_dim=4, head=head), 6, 3)
-    lin = LinearizedNet(parent)
-    with torch.no_grad():
-        for d in lin.delta:
-            d.copy_(0.2 * torch.randn_like(d))
+    lin = moved_lqf(build_model(ArchSpec(type="mlp", width=8, depth=1, embed_dim=4, head=head), 6, 3))
     sha = save_lqf(lin, tmp_path / "g1")
-    return lin.eval(), sha
+    return lin, sha
 
 
 @pytest.mark.parametrize("head", ["cosine", "linear"])
