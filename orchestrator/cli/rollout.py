@@ -142,8 +142,7 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
             ctl.run(stop, on_tick=on_tick, max_seconds=args.max_seconds)
         finally:
             ctl.stop_http()
-            if interrupted["code"] is not None or ctl.stopped is None:
-                ctl.release_lease()  # a clean exit hands the rollout over at once
+            ctl.release_lease()  # any exit but a crash hands the rollout over at once (only ours is deleted)
         final = reg.rollout(r.id)
         summary = {"rollout_id": final.id, "candidate": final.candidate, "baseline": final.baseline,
                    "state": final.state, "step": final.step, "weight": final.weight,

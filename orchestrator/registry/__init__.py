@@ -7,7 +7,7 @@ rollouts, operator commands, controller leases, audit log).
     ingest    the one registration path from a trained run dir
 """
 
-from orchestrator.registry.ingest import ensure_registered, production_of, register_trained
+from orchestrator.registry.ingest import NotTrainedError, ensure_registered, production_of, register_trained
 from orchestrator.registry.records import (ACTIVE_STATES, EXCLUDED_FROM_LINEAGE, FINAL_STATES, SERVED_STATUSES,
                                            Command, CommandKind, Event, GenerationRecord, GenerationStatus, Lease,
                                            RolloutRecord, RolloutState)
@@ -20,5 +20,5 @@ __all__ = [
     "ACTIVE_STATES", "EXCLUDED_FROM_LINEAGE", "FINAL_STATES", "SERVED_STATUSES", "SCHEMA_VERSION",
     "Command", "CommandKind", "Event", "GenerationRecord", "GenerationStatus", "Lease", "RolloutRecord",
     "RolloutState", "IntegrityError", "LeaseHeld", "LeaseLost", "Registry", "RegistryError", "StaleTransition",
-    "checkpoint_path", "ensure_registered", "production_of", "register_trained", "registry_path",
+    "NotTrainedError", "checkpoint_path", "ensure_registered", "production_of", "register_trained", "registry_path",
 ]

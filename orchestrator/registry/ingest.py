@@ -9,16 +9,16 @@ generation was trained against), never from the order of the YAML.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Optional
 
 from orchestrator.registry.records import GenerationRecord
 from orchestrator.registry.store import IntegrityError, Registry, RegistryError
 from orchestrator.rundir import generation_dir, model_file, read_metrics, registry_path
+from workers.checkpoint import sha256_file
 
 
-def _sha256_bytes(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+class NotTrainedError(RegistryError):
+    """A generation asked for has no trained checkpoint in the run dir."""
 
 
 def register_trained(cfg: Any, name: str, actor: str = "train", registry: Optional[Registry] = None,
@@ -39,10 +39,10 @@ def register_trained(cfg: Any, name: str, actor: str = "train", registry: Option
             raise RegistryError(f"unknown generation {name!r}; known: {names}")
         m = read_metrics(cfg, name)
         if m is None:
-            raise RegistryError(f"generation {name!r} is not trained (no model.pt and metrics.json under "
+            raise NotTrainedError(f"generation {name!r} is not trained (no model.pt and metrics.json under "
                                 f"{generation_dir(cfg, name)}); run `graceful train CONFIG --generation {name}`")
         path = model_file(cfg, name)
-        actual = _sha256_bytes(path)
+        actual = sha256_file(path)
         if actual != m.get("sha256"):
             raise IntegrityError(f"checkpoint of {name!r} does not match its metrics.json: {path} has sha256 "
                                  f"{actual}, metrics.json records {m.get('sha256')}; refusing to register it")

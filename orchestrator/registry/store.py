@@ -15,7 +15,6 @@ any client.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import sqlite3
@@ -29,7 +28,7 @@ from orchestrator.registry.records import (COMMANDS, FINAL_STATES, GEN_STATUSES,
                                            SERVED_STATUSES, Command, CommandKind, Event, GenerationRecord,
                                            GenerationStatus, Lease, RolloutRecord, RolloutState)
 from orchestrator.registry.schema import MIGRATIONS, SCHEMA_VERSION, statements
-from workers.checkpoint import MODEL_FILE
+from workers.checkpoint import MODEL_FILE, sha256_file
 
 BUSY_TIMEOUT_S = 30.0
 
@@ -90,14 +89,6 @@ def checkpoint_path(uri: str) -> Path:
     if len(parsed.scheme) == 1:  # a Windows drive letter, not a scheme
         return Path(uri)
     raise RegistryError(f"checkpoint URI {uri!r}: only local paths and file:// URIs can be verified here")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 
@@ -238,7 +229,7 @@ class Registry:
     def _status_in(self, db: sqlite3.Connection, name: str, status: str, actor: str, reason: str,
                    data: Optional[dict] = None) -> GenerationRecord:
         if status not in GEN_STATUSES:
-            raise RegistryError(f"status {status!r} is not one of {GEN_STATUSES}")
+            raise RegistryError(f"status {status!r} is not one of {[x.value for x in GEN_STATUSES]}")
         g = self._need_gen_in(db, name)
         if g.status == status:
             return g
@@ -327,7 +318,8 @@ class Registry:
 
     def ever_in_production(self) -> bool:
         """Whether any generation has ever been in production (now, or per the audit log)."""
-        return self._retry(lambda: self._ever_in_production_in(self._db))
+        with self._lock:
+            return self._retry(lambda: self._ever_in_production_in(self._db))
 
     @staticmethod
     def _ever_in_production_in(db: sqlite3.Connection) -> bool:
@@ -416,7 +408,7 @@ class Registry:
         path = checkpoint_path(g.checkpoint_uri)
         if not path.is_file():
             raise IntegrityError(f"checkpoint of {name!r} is missing: {path} (recorded sha256 {g.sha256})")
-        actual = _sha256_file(path)
+        actual = sha256_file(path)
         if actual != g.sha256:
             raise IntegrityError(f"checkpoint of {name!r} was changed or truncated: {path} has sha256 {actual}, "
                                  f"the registry recorded {g.sha256}; refusing to use it")
@@ -457,15 +449,19 @@ class Registry:
     # --- rollouts --------------------------------------------------------------------------
 
     def start_rollout(self, candidate: str, baseline: str, actor: str, reason: str,
-                      data: Optional[dict] = None) -> RolloutRecord:
+                      data: Optional[dict] = None, baseline_is_production: bool = False) -> RolloutRecord:
         """Start a rollout in state 'shadow' (step 0, weight 0); the candidate's status
-        becomes 'shadow'. RegistryError while another rollout is active."""
+        becomes 'shadow'. RegistryError while another rollout is active; with
+        `baseline_is_production`, StaleTransition unless `baseline` is production in the
+        same transaction (a promotion in between cannot slip in)."""
         if candidate == baseline:
             raise RegistryError(f"candidate and baseline are the same generation {candidate!r}")
 
         def run(db: sqlite3.Connection) -> RolloutRecord:
             self._need_gen_in(db, candidate)
-            self._need_gen_in(db, baseline)
+            base = self._need_gen_in(db, baseline)
+            if baseline_is_production and base.status != GenerationStatus.PRODUCTION:
+                raise StaleTransition(f"{baseline!r} is no longer production ({base.status}); start again")
             active = db.execute("SELECT * FROM rollouts WHERE state IN " + _ACTIVE_SQL).fetchone()
             if active is not None:
                 raise RegistryError(f"rollout {active['id']} of {active['candidate']!r} is still active "
@@ -501,8 +497,13 @@ class Registry:
 
     def transition(self, rollout_id: int, expect: tuple[str, int], *, state: str, step: int, weight: float,
                    actor: str, action: str, reason: str, data: Optional[dict] = None,
-                   step_started_at: Optional[float] = None) -> RolloutRecord:
+                   step_started_at: Optional[float] = None, holder: Optional[str] = None,
+                   now: Optional[float] = None) -> RolloutRecord:
         """Move a rollout, compare-and-set, in ONE transaction.
+
+        With `holder` (a controller), the move is fenced by the lease: LeaseLost unless
+        `holder` holds an unexpired lease on the rollout at `now` (default: the wall clock),
+        so a controller whose lease was taken over while it was slow moves nothing.
 
         Checks (state, step) == `expect` (else StaleTransition); updates the rollout
         (`data`, when given, replaces the stored data; `step_started_at` defaults to now
@@ -512,9 +513,10 @@ class Registry:
         baseline retired; rolled_back -> candidate rolled_back); appends an audit event
         (subject: the candidate; data: rollout id, step, weight)."""
         if state not in ROLLOUT_STATES:
-            raise RegistryError(f"rollout state {state!r} is not one of {ROLLOUT_STATES}")
+            raise RegistryError(f"rollout state {state!r} is not one of {[x.value for x in ROLLOUT_STATES]}")
         if not 0.0 <= float(weight) <= 1.0:
             raise RegistryError(f"weight must be within [0, 1], got {weight}")
+        fence_at = now
 
         def run(db: sqlite3.Connection) -> RolloutRecord:
             row = db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
@@ -526,6 +528,14 @@ class Registry:
                                       f"not the expected ({expect[0]}, step {expect[1]}); reread and decide again")
             if cur.state in FINAL_STATES:
                 raise RegistryError(f"rollout {rollout_id} is finished ({cur.state}); start a new one")
+            if holder is not None:
+                lease = db.execute("SELECT holder, expires_at FROM leases WHERE rollout_id = ?",
+                                   (rollout_id,)).fetchone()
+                at = time.time() if fence_at is None else fence_at
+                if lease is None or lease["holder"] != holder or lease["expires_at"] <= at:
+                    raise LeaseLost(f"controller {holder!r} no longer holds the lease of rollout {rollout_id}"
+                                    + (f" ({lease['holder']!r} does)" if lease is not None else "")
+                                    + "; it moves nothing")
             now = time.time()
             if state == RolloutState.PAUSED:
                 paused_from = cur.paused_from if cur.state == RolloutState.PAUSED else cur.state
@@ -565,7 +575,7 @@ class Registry:
                         force: bool = False) -> Command:
         """Queue an operator command for the controller's next tick (audited as 'requested')."""
         if command not in COMMANDS:
-            raise RegistryError(f"command {command!r} is not one of {COMMANDS}")
+            raise RegistryError(f"command {command!r} is not one of {[x.value for x in COMMANDS]}")
 
         def run(db: sqlite3.Connection) -> Command:
             r = db.execute("SELECT candidate FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
@@ -653,21 +663,6 @@ class Registry:
                 self._audit_in(db, holder, action, r["candidate"], why, None, None,
                                {"rollout_id": rollout_id, "holder": holder,
                                 "previous_holder": row["holder"] if row is not None else None})
-            return self._lease(db.execute("SELECT * FROM leases WHERE rollout_id = ?", (rollout_id,)).fetchone())
-
-        return self._write(run)
-
-    def renew_lease(self, rollout_id: int, holder: str, ttl_s: float, now: Optional[float] = None) -> Lease:
-        """Extend `holder`'s lease (the heartbeat); LeaseLost when it is not the holder any more."""
-
-        def run(db: sqlite3.Connection) -> Lease:
-            t = time.time() if now is None else now
-            row = db.execute("SELECT * FROM leases WHERE rollout_id = ?", (rollout_id,)).fetchone()
-            if row is None or row["holder"] != holder:
-                raise LeaseLost(f"controller {holder!r} no longer holds the lease of rollout {rollout_id}"
-                                + (f" ({row['holder']!r} does)" if row is not None else ""))
-            db.execute("UPDATE leases SET heartbeat_at = ?, expires_at = ? WHERE rollout_id = ?",
-                       (t, t + ttl_s, rollout_id))
             return self._lease(db.execute("SELECT * FROM leases WHERE rollout_id = ?", (rollout_id,)).fetchone())
 
         return self._write(run)

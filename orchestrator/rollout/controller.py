@@ -51,7 +51,8 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from orchestrator.config import RunConfig
-from orchestrator.registry import FINAL_STATES, LeaseHeld, Registry, RolloutRecord, RolloutState, StaleTransition
+from orchestrator.registry import (FINAL_STATES, LeaseHeld, LeaseLost, Registry, RolloutRecord, RolloutState,
+                                   StaleTransition)
 import orchestrator.rollout.metric_names as metric_names
 from orchestrator.rollout.decision import Counts, Decision, Observation, decide
 from orchestrator.rollout.http import serve_http
@@ -62,6 +63,8 @@ from serving.client import RouterError
 log = logging.getLogger("graceful.controller")
 
 CONTROLLER = "controller"
+# Outcomes of commands that moved the rollout (checked against what the registry shows).
+_MOVES = ("paused", "resumed", "rolled back", "promoted")
 
 
 class TrafficRouter(Protocol):
@@ -279,11 +282,16 @@ class Controller:
 
     def _move(self, r: RolloutRecord, state: str, step: int, weight: float, actor: str, action: str,
               reason: str, data: Optional[dict], now: float) -> RolloutRecord:
-        """Persist (compare-and-set on r's (state, step)), THEN set the router."""
+        """Persist (compare-and-set on r's (state, step), fenced by this controller's
+        lease), THEN set the router. A move somebody else made first returns the rollout as
+        it is; a lost lease stops this controller."""
         try:
             new = self.registry.transition(r.id, (r.state, r.step), state=state, step=step, weight=weight,
                                            actor=actor, action=action, reason=reason, data=data,
-                                           step_started_at=now if self._new_step(r, state, step) else None)
+                                           step_started_at=now if self._new_step(r, state, step) else None,
+                                           holder=self.holder, now=now)
+        except LeaseLost as e:
+            raise ControllerStopped(str(e)) from None
         except StaleTransition as e:
             log.warning("transition refused, somebody moved rollout %d first: %s", r.id, e)
             return self.registry.rollout(r.id)
@@ -295,9 +303,21 @@ class Controller:
         try:
             self.reconcile(new)
         except Exception as e:  # persisted already: the next tick's reconcile heals the router
+            stop = self._refused(e)
+            if stop is not None:
+                raise stop from None
             self._router_error = e
             log.error("router update after %s failed (the next tick retries): %s", action, e)
         return new
+
+    def _refused(self, e: Exception) -> Optional[ControllerStopped]:
+        """The stop a router error means, when it refused this controller's admin token."""
+        if isinstance(e, RouterError) and e.status in (401, 403):
+            return ControllerStopped(
+                f"the router refused the admin token (HTTP {e.status}): this controller uses the token from "
+                f"serving.admin_token or ${self.cfg.serving.admin_token_env}; give it the token the router "
+                f"was started with")
+        return None
 
     @staticmethod
     def _new_step(r: RolloutRecord, state: str, step: int) -> bool:
@@ -305,7 +325,15 @@ class Controller:
         return state == RolloutState.CANARY and (step != r.step or r.state == RolloutState.SHADOW)
 
     def _apply_command(self, r: RolloutRecord, cmd: Any, now: float) -> tuple[RolloutRecord, str]:
-        """Apply one operator command; returns the rollout after it and the outcome line."""
+        """Apply one operator command; returns the rollout after it and the outcome line
+        (a move somebody made first is reported as not applied, never as done)."""
+        before = (r.state, r.step)
+        r2, outcome = self._command_move(r, cmd, now)
+        if outcome.startswith(_MOVES) and (r2.state, r2.step) == before and r2.data.get("last_command") != cmd.id:
+            return r2, f"not applied: the rollout was moved first (now {r2.state} step {r2.step})"
+        return r2, outcome
+
+    def _command_move(self, r: RolloutRecord, cmd: Any, now: float) -> tuple[RolloutRecord, str]:
         if r.data.get("last_command") == cmd.id:
             return r, f"{cmd.command}: applied before a restart"  # transition committed, completion did not
         tag = {"last_command": cmd.id}
@@ -434,15 +462,10 @@ class Controller:
             return False  # a command's move already failed to reach it: reported at the end
         try:
             changed = self.reconcile(r)
-        except RouterError as e:
-            if e.status in (401, 403):
-                raise ControllerStopped(
-                    f"the router refused the admin token (HTTP {e.status}): this controller uses the token from "
-                    f"serving.admin_token or ${self.cfg.serving.admin_token_env}; give it the token the router "
-                    f"was started with") from None
-            self._router_failed(r, e, now)
-            raise
         except Exception as e:
+            stop = self._refused(e)
+            if stop is not None:
+                raise stop from None
             self._router_failed(r, e, now)
             raise
         self.router_errors = 0

@@ -2,8 +2,9 @@
 comes through `start_rollout`, so its safety checks hold everywhere:
 
 - the baseline is the registry's production, never a name from the caller;
-- both generations are registered (the one registration path) and the router serves the
-  bytes the registry recorded;
+- both generations are registered (the one registration path), their files still have
+  the recorded bytes, and the router, where it reports a sha256, serves those bytes;
+- the baseline is still production when the rollout is recorded (one transaction);
 - an enforced offline gate needs a passing evaluation of these exact bytes against the
   *current* production (a generation never evaluated, evaluated against an older
   production or retrained since, does not go live); `skip_gate` overrides and the audit
@@ -20,7 +21,6 @@ from typing import Any, Callable, Optional
 from orchestrator.config import RunConfig
 from orchestrator.registry import Registry, RegistryError, RolloutRecord, ensure_registered, production_of
 from orchestrator.rollout.decision import Counts
-from orchestrator.rollout.plan import registry_plan, traffic_matches
 from orchestrator.rollout.sources import MetricSource, SourceError, counts_to_dict
 
 log = logging.getLogger("graceful.controller")
@@ -39,8 +39,10 @@ def gate_verdict(reg: Registry, candidate: str, baseline: str) -> tuple[bool, st
         return False, f"never evaluated against production {baseline!r}"
     e = evs[-1]
     m = e["metrics"]
+    if m.get("candidate_sha256") is None or m.get("baseline_sha256") is None:
+        return False, f"evaluation {e['id']} against {baseline!r} does not record the bytes it judged; evaluate again"
     stale = [who for who, rec, key in (("candidate", cand, "candidate_sha256"), ("production", base, "baseline_sha256"))
-             if m.get(key) is not None and rec is not None and m[key] != rec.sha256]
+             if rec is not None and m[key] != rec.sha256]
     if stale:
         return False, f"evaluation {e['id']} against {baseline!r} was of other bytes ({' and '.join(stale)} retrained since)"
     if not e["passed"]:
@@ -85,8 +87,12 @@ def start_rollout(cfg: RunConfig, reg: Registry, router: Any, source: MetricSour
     if active is not None:
         raise RolloutRefused(f"rollout {active.id} of {active.candidate!r} is active ({active.state}); finish it "
                              f"first (graceful promote / rollback CONFIG)")
-    cand = ensure_registered(cfg, reg, candidate, actor)
-    reg.verify_checkpoint(candidate)
+    try:
+        cand = ensure_registered(cfg, reg, candidate, actor)
+        reg.verify_checkpoint(candidate)
+        reg.verify_checkpoint(prod.name)
+    except RegistryError as e:  # untrained, unknown, or bytes that are not the recorded ones
+        raise RolloutRefused(str(e)) from None
     reason = gate_reason(cfg, reg, candidate, prod.name, skip_gate, reason)
     status = router.status()
     if candidate not in status.get("weights", {}):
@@ -101,15 +107,13 @@ def start_rollout(cfg: RunConfig, reg: Registry, router: Any, source: MetricSour
         if served and served != rec.sha256:
             raise RolloutRefused(f"the router serves {rec.name!r} with sha256 {served[:12]}..., the registry "
                                  f"recorded {rec.sha256[:12]}...; refusing to roll out other bytes")
-    want = registry_plan(prod.name, None, status.get("weights", {}), [*status.get("shadows", []), candidate])
-    if not traffic_matches(want, status):
-        # Production is the registry's: a router started from anything else is brought back.
-        router.set_traffic(want["weights"], shadows=want["shadows"], production=want["production"])
-    return begin_rollout(reg, source, candidate, prod.name, actor, reason)
+    # The router is not moved here: the controller's first tick reconciles it with the
+    # persisted rollout (production = the baseline), after the row exists.
+    return begin_rollout(reg, source, candidate, prod.name, actor, reason, baseline_is_production=True)
 
 
 def begin_rollout(reg: Registry, source: MetricSource, candidate: str, baseline: str, actor: str,
-                  reason: str) -> RolloutRecord:
+                  reason: str, baseline_is_production: bool = False) -> RolloutRecord:
     """The record `start_rollout` ends with, below its checks (tests of the controller
     start here): evidence counts from now, so the source's current snapshot is stored as
     the first step's base (None when the source is down: its first good read is)."""
@@ -119,4 +123,5 @@ def begin_rollout(reg: Registry, source: MetricSource, candidate: str, baseline:
         log.warning("metric source down at rollout start (%s): evidence counts from its first read", e)
         raw = None
     return reg.start_rollout(candidate, baseline, actor, reason,
-                             data={"raw_at_step_start": raw, "total_at_step_start": counts_to_dict(Counts())})
+                             data={"raw_at_step_start": raw, "total_at_step_start": counts_to_dict(Counts())},
+                             baseline_is_production=baseline_is_production)

@@ -31,8 +31,14 @@ def test_one_holder_at_a_time_until_the_lease_expires(reg):
     with pytest.raises(LeaseHeld):
         reg.acquire_lease(rid, "b", 10, now=114)
     assert reg.acquire_lease(rid, "b", 10, now=116).holder == "b"
+    # fencing: a late move by the old holder is refused inside the transition
     with pytest.raises(LeaseLost, match="'b' does"):
-        reg.renew_lease(rid, "a", 10, now=117)
+        reg.transition(rid, ("shadow", 0), state="canary", step=1, weight=0.1, actor="controller",
+                       action="advance", reason="late", holder="a", now=117)
+    assert reg.rollout(rid).state == "shadow"
+    moved = reg.transition(rid, ("shadow", 0), state="canary", step=1, weight=0.1, actor="controller",
+                           action="advance", reason="on time", holder="b", now=117)
+    assert moved.state == "canary"
     actions = [(e.action, e.data.get("previous_holder")) for e in reg.events("g1") if e.action.startswith("lease")]
     assert actions == [("lease_acquired", None), ("lease_taken_over", "a")]
 

@@ -13,7 +13,7 @@ import requests
 
 from orchestrator.rollout import metric_names
 from orchestrator.config import parse_config
-from orchestrator.rollout.controller import Controller
+from orchestrator.rollout.controller import Controller, ControllerStopped
 from orchestrator.rollout.plan import desired_traffic
 from orchestrator.rollout.start import begin_rollout
 from orchestrator.rollout.decision import Counts
@@ -572,6 +572,34 @@ def test_a_gate_of_other_bytes_does_not_count_and_skip_gate_is_audited(tmp_path)
     reg.close()
 
 
+def test_an_evaluation_that_does_not_record_its_bytes_does_not_pass(tmp_path):
+    from orchestrator.rollout.start import gate_verdict
+
+    cfg, reg = _gate_env(tmp_path)
+    reg.record_evaluation("g1", "g0", {"nfr": 0.0}, True, [])
+    passed, why = gate_verdict(reg, "g1", "g0")
+    assert passed is False and "does not record the bytes" in why
+    reg.close()
+
+
+def test_a_slow_controller_whose_lease_was_taken_over_moves_nothing(env):
+    """Fencing: ctl-a's lease expired and ctl-b took the rollout; a's late transition is
+    refused inside the registry's transaction and a stops."""
+    cfg, reg, router, source, r = env
+    a = Controller(cfg, reg, router, source, holder="ctl-a")
+    a.tick()                                                 # canary 1, a holds the lease
+    later = time.time() + cfg.rollout.lease_seconds + 1
+    b = Controller(cfg, reg, router, source, holder="ctl-b", clock=lambda: later)
+    b.tick()                                                 # takes over: canary 2
+    moved = reg.rollout(r.id)
+    # a was slow: it decided before b took over and moves now, without a new tick
+    with pytest.raises(ControllerStopped, match="no longer holds the lease"):
+        a._move(reg.rollout(r.id), "canary", 3, 0.6, "controller", "advance", "late", None, time.time())
+    assert reg.rollout(r.id) == moved
+    res = a.tick()                                           # and its next tick stops naming b
+    assert a.stopped is not None and "'ctl-b'" in a.stopped and "controller stopped" in res.reason
+
+
 def test_an_advisory_gate_lets_a_rejected_generation_through_saying_so(tmp_path):
     from orchestrator.rollout.start import start_rollout
 
@@ -600,8 +628,10 @@ def test_start_rollout_attaches_a_candidate_the_router_lacks_and_restores_produc
         router.weights[name] = 0.0
         router.shadows.append(name)
 
-    start_rollout(cfg, reg, router, FakeSource(GOOD), "g1", "tester", "go", attach=attach)
-    assert attached == ["g1"] and router.production == "g0" and router.weights["g0"] == 1.0
+    r = start_rollout(cfg, reg, router, FakeSource(GOOD), "g1", "tester", "go", attach=attach)
+    assert attached == ["g1"] and r.baseline == "g0"
+    Controller(cfg, reg, router, FakeSource(GOOD)).tick()   # its first reconcile: the registry's plan
+    assert router.production == "g0" and router.weights["g0"] == 1.0 and "g1" in router.shadows
     reg.close()
 
 
