@@ -40,8 +40,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from ray import serve
 
 from orchestrator.config import ConfigError, RunConfig, load_config
-from orchestrator.registry import (GenerationStatus, Registry, RegistryError, ensure_registered, production_of,
-                                   registry_path)
+from orchestrator.registry import (GenerationStatus, NotTrainedError, Registry, RegistryError, ensure_registered,
+                                   production_of, registry_path)
 from orchestrator.rollout.plan import registry_plan
 from serving.refs import Gallery, ModelRef
 from serving.router import Router
@@ -74,10 +74,8 @@ def generation_ref(cfg: RunConfig, reg: Registry, name: str, actor: str = "serve
             raise ServeRequestError(str(e.args[0])) from None
     try:
         rec = ensure_registered(cfg, reg, name, actor)
-    except RegistryError as e:
-        if "not trained" in str(e):
-            raise NotTrained(str(e)) from None
-        raise
+    except NotTrainedError as e:
+        raise NotTrained(str(e)) from None
     reg.verify_checkpoint(name)
     return ModelRef(name, rec.checkpoint_uri, rec.sha256)
 
@@ -119,7 +117,10 @@ def serving_plan(cfg: RunConfig, reg: Registry, candidates: Sequence[str] = (),
     prod = production_name(cfg, reg, production)
     names = list(dict.fromkeys(candidates))
     if prod in names:
-        raise ServeRequestError(f"{prod!r} is production; it cannot also be a candidate")
+        # A candidate that was promoted since the manifest or the command was written: it
+        # is served as production (a RayService upgrade after a promotion must build).
+        log.warning("%s is production in the registry; serving it as production, not as a candidate", prod)
+        names.remove(prod)
     active = reg.active_rollout()
     if active is not None and active.candidate not in names and active.candidate != prod:
         names.append(active.candidate)  # a rollout in progress keeps its candidate served
@@ -148,7 +149,7 @@ class RegistryPlan:
         self.shadows = tuple(shadows)
 
     def __call__(self, attached: Sequence[str]) -> dict:
-        with Registry(self.registry_file) as reg:
+        with Registry(self.registry_file, readonly=True) as reg:  # a replica never writes the registry
             prod = reg.production()
             if prod is None:
                 raise RegistryError(f"no generation is in production in {self.registry_file}")

@@ -7,8 +7,8 @@ training job. The constraints come from the registry, never from the YAML's orde
   (`compat.bct.against: ancestors`, importance decay**distance, distance 1 = production),
   or production alone (`against: production`), plus always the generation whose
   embeddings fill the served gallery, since compatibility is not transitive;
-- rejected and rolled-back generations are never parents, ancestors or targets (they
-  were never production, and a gallery generation in that state is skipped).
+- rejected and rolled-back generations are never parents, ancestors or targets (a
+  generation in either state is skipped wherever it appears).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import Callable, Optional
 from orchestrator.config import RunConfig
 from orchestrator.registry import (EXCLUDED_FROM_LINEAGE, Registry, RegistryError, production_of, register_trained,
                                    registry_path)
-from orchestrator.rundir import generation_dir, ray_storage, read_metrics
+from orchestrator.rundir import generation_dir, model_file, ray_storage, read_metrics
+from workers.checkpoint import sha256_file
 from workers.losses import ancestor_importances
 from workers.train import ConstraintModel, TrainJob, TrainResult, clear_caches, run_training
 
@@ -55,10 +56,13 @@ def _constraint(reg: Registry, name: str, importance: float = 1.0) -> Constraint
 
 
 def _production_for(cfg: RunConfig, reg: Registry, name: str) -> Optional[str]:
-    """The generation `name` is trained against: production now (None for the first one)."""
-    prod = production_of(cfg, reg) if name != cfg.generations[0].name else reg.production()
+    """The generation `name` is trained against: production now. None for the first
+    generation of the config, which is never constrained (retrained, it gets no parent)."""
+    first = cfg.generations[0].name
+    if name == first:
+        return None
+    prod = production_of(cfg, reg)
     if prod is None:
-        first = cfg.generations[0].name
         if name != first:
             raise ChainError(f"no generation is in production yet, so {name!r} has nothing to be trained against: "
                              f"run `graceful train CONFIG --generation {first}` first (the first generation "
@@ -148,16 +152,29 @@ def recorded_constraints(cfg: RunConfig, reg: Registry, name: str, metrics: dict
         if rec is None:
             return None
         prod = ConstraintModel(parent, rec.checkpoint_uri, rec.sha256)
-    bct = tuple(ConstraintModel(c["name"], "", c["sha256"], float(c["importance"]))
-                for c in metrics.get("constraints", []) if c.get("kind") == "bct")
-    return Constraints(name, prod, bct)
+    bct = []
+    for c in metrics.get("constraints", []):
+        if c.get("kind") != "bct":
+            continue
+        rec = reg.generation(c["name"])
+        if rec is None or rec.sha256 != c["sha256"]:
+            return None  # a BCT model that was replaced or forgotten since
+        bct.append(ConstraintModel(c["name"], rec.checkpoint_uri, c["sha256"], float(c["importance"])))
+    return Constraints(name, prod, tuple(bct))
+
+
+def _recipe_of(cfg: RunConfig, name: str) -> Optional[str]:
+    """The recipe generation `name` was trained with (its metrics.json)."""
+    m = read_metrics(cfg, name)
+    return m.get("recipe") if m is not None else None
 
 
 def trained_with_this_config(cfg: RunConfig, name: str, reg: Optional[Registry] = None) -> Optional[dict]:
-    """metrics.json of `name` when it was trained with what this config says (and against
-    models the registry still holds with the same bytes), else None."""
+    """metrics.json of `name` when it was trained with what this config says, against
+    models the registry still holds with the same bytes, and its model.pt still has the
+    bytes training recorded (a crash between the two files means: not trained); else None."""
     m = read_metrics(cfg, name)
-    if m is None:
+    if m is None or sha256_file(model_file(cfg, name)) != m.get("sha256"):
         return None
     own = reg or Registry(registry_path(cfg))
     try:
@@ -192,6 +209,9 @@ def build_job(cfg: RunConfig, name: str, verbose: bool = True, registry: Optiona
             reg.close()
     if gen.recipe == "lqf" and c.production is None:
         raise ChainError(f"{name}: recipe lqf fine-tunes the production model, and none is in production")
+    if gen.recipe == "lqf" and _recipe_of(cfg, c.production.name) == "lqf":
+        raise ChainError(f"{name}: recipe lqf linearises a plain network around its weights, but production "
+                         f"{c.production.name!r} is itself an LQF generation; use recipe standard for {name}")
     h = training_hash(cfg, name, c)
     return TrainJob(
         generation=gen, data=cfg.data, scaling=cfg.scaling,

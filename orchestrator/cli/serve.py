@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from orchestrator.apps import NotTrained, ServeRequestError, serving_plan, start_router
+from orchestrator.apps import NotTrained, ServeRequestError, build_gallery, serving_plan, start_router
 from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
 from orchestrator.registry import IntegrityError, Registry, registry_path
 
@@ -32,6 +32,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         try:  # before Ray starts: a request the registry contradicts is refused at once
             plan = serving_plan(cfg, reg, args.candidate or [], args.production)
+            gallery = build_gallery(cfg, reg)
         except ServeRequestError as e:
             raise UsageError(str(e)) from None
         except (NotTrained, IntegrityError) as e:
@@ -41,7 +42,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                  configure_logging=False)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        url = start_router(cfg, reg, plan, spec=spec, admin_token=token)
+        url = start_router(cfg, reg, plan, gallery=gallery, spec=spec, admin_token=token)
         info = {"url": url, "production": plan.production.name, "candidates": [c.name for c in plan.candidates],
                 "weights": plan.weights, "shadows": list(plan.shadows), "gallery": cfg.gallery, "admin": bool(token),
                 "registry": str(reg.path)}

@@ -175,14 +175,16 @@ def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, 
              stop: threading.Event, max_seconds: float, reason: str) -> str:
     """Attach `candidate` as a shadow and let the controller take it to a final state.
     Returns the final rollout state (promoted | rolled_back), or raises DemoInterrupted."""
-    from orchestrator.apps import generation_ref
+    from orchestrator.apps import attach_on_cluster
     from orchestrator.rollout.controller import Controller
     from orchestrator.rollout.sources import RouterSource
     from orchestrator.rollout.start import start_rollout
     from serving import deploy
 
+    deploy_beside = attach_on_cluster(cfg, registry)  # this process's Ray is the demo's own
+
     def attach(name: str) -> None:
-        deploy.add_generation(generation_ref(cfg, registry, name, actor="demo"), cfg.serving, shadow=True)
+        deploy_beside(name)
         log(f"[{name}] deployed beside {production} as a shadow: it sees every request, answers none")
 
     source = RouterSource(client)
@@ -203,7 +205,10 @@ def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, 
             log(f"[{candidate}] {now - t0:5.1f}s {res.state} step {res.step} weight {res.weight or 0:.2f}: "
                 f"{res.decision} ({live}){move}")
 
-    last = ctl.run(stop, on_tick=on_tick, max_seconds=max_seconds)
+    try:
+        last = ctl.run(stop, on_tick=on_tick, max_seconds=max_seconds)
+    finally:
+        ctl.release_lease()
     _check(stop)
     if ctl.stopped is not None:
         raise RuntimeError(f"rollout of {candidate}: the controller stopped: {ctl.stopped}")

@@ -96,10 +96,25 @@ class Registry:
     """One registry file. Safe to share between threads (one lock per instance) and between
     processes (SQLite locking); every write method is one transaction."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, readonly: bool = False):
+        """Open (creating and migrating) the registry file. `readonly`: open an existing
+        file for reading only, never migrating or writing (what a router replica needs;
+        any write raises)."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
         self._lock = threading.RLock()
+        if readonly:
+            if not self.path.is_file():
+                raise RegistryError(f"no registry at {self.path}")
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
+                                       isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+            if self.schema_version() > SCHEMA_VERSION:
+                raise RegistryError(f"{self.path}: schema version {self.schema_version()} is newer than this "
+                                    f"code understands ({SCHEMA_VERSION}); upgrade graceful")
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
         self._db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False)

@@ -56,6 +56,21 @@ def test_router_app_binds_production_candidates_gallery_and_token(run_config):
     assert dep.init_kwargs["app_names"] == ("graceful-gen-g0", "graceful-gen-g1")
 
 
+def test_a_candidate_promoted_since_the_manifest_was_written_is_served_as_production(run_config):
+    """The manifest still lists g1 as a candidate after g1's promotion: the router builds,
+    with g1 as production and no candidate (a RayService upgrade must not fail)."""
+    from orchestrator.config import load_config
+    from orchestrator.registry import Registry, registry_path
+
+    router_app({"config": str(run_config), "candidates": ["g1"]})        # registers g0 (production) and g1
+    with Registry(registry_path(load_config(run_config))) as reg:
+        r = reg.start_rollout("g1", "g0", "t", "go")
+        reg.transition(r.id, ("shadow", 0), state="promoted", step=1, weight=1.0, actor="t", action="promote",
+                       reason="t")
+    dep = _deployment(router_app({"config": str(run_config), "candidates": ["g1"]}))
+    assert dep.init_args[2] == "g1" and list(dep.init_args[3]) == ["g1"] and dep.init_args[4] == {"g1": 1.0}
+
+
 def test_router_app_refuses_a_production_the_registry_contradicts(run_config):
     """The registry says g0 (bootstrapped); args.production g1 can only confirm, not set."""
     with pytest.raises(AppArgsError, match="production is 'g0' in the registry"):
@@ -81,7 +96,6 @@ def test_generation_app_bad_args_name_the_problem(run_config, args, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    ({"production": "g0", "candidates": ["g0"]}, "'g0' is production"),
     ({"candidates": "g1"}, "must be a list"),
     ({"candidates": ["g1"], "shadows": ["g2"]}, "args.shadows"),
     ({"wait_s": 0}, "args.wait_s"),

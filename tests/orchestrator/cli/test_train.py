@@ -3,6 +3,7 @@ a trained generation with the same config hash is not trained again)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from orchestrator.chain import Constraints, training_hash
@@ -19,9 +20,10 @@ def _config(tmp_path):
 def _fake_trained(cfg, name, training_hash):
     d = cfg.run_dir / "generations" / name
     d.mkdir(parents=True)
-    (d / "model.pt").write_bytes(b"not read by this command")
+    (d / "model.pt").write_bytes(b"hashed, never loaded, by this command")
+    sha = hashlib.sha256((d / "model.pt").read_bytes()).hexdigest()
     (d / "metrics.json").write_text(json.dumps({"name": name, "training_hash": training_hash,
-                                                "test_accuracy": 0.5, "sha256": "0" * 64}))
+                                                "test_accuracy": 0.5, "sha256": sha}))
 
 
 def _first(cfg):
@@ -55,3 +57,16 @@ def test_changing_serving_or_rollout_does_not_retrain(tmp_path, capsys):
     path.write_text(path.read_text() + "serving: {port: 9002}\nrollout: {nfr_limit: 0.03}\n")
     assert main(["train", str(path), "--generation", "g0"]) == 0
     assert "g0 is trained already with this config" in capsys.readouterr().out
+
+
+def test_a_checkpoint_that_does_not_match_its_metrics_is_not_trained(tmp_path, capsys):
+    """A crash between writing model.pt and metrics.json: the old metrics' hash no longer
+    describes the file, so the generation counts as untrained (and is trained again)."""
+    from orchestrator.chain import trained_with_this_config
+
+    path = _config(tmp_path)
+    cfg = load_config(str(path))
+    _fake_trained(cfg, "g0", _first(cfg))
+    assert trained_with_this_config(cfg, "g0") is not None
+    (cfg.run_dir / "generations" / "g0" / "model.pt").write_bytes(b"half of a newer checkpoint")
+    assert trained_with_this_config(cfg, "g0") is None

@@ -55,3 +55,13 @@ def test_ever_production_lists_every_production_most_recent_last(reg):
     reg.transition(r.id, ("shadow", 0), state="promoted", step=1, weight=1.0, actor="t", action="promote", reason="t")
     assert reg.ever_production() == ["g0", "g1"] and reg.production().name == "g1"
     assert reg.generation("g0").status == "retired"
+
+
+def test_a_readonly_registry_reads_and_refuses_to_write(reg):
+    ro = Registry(reg.path, readonly=True)
+    try:
+        assert ro.production().name == "g0" and ro.ever_production() == ["g0"]
+        with pytest.raises(Exception, match="readonly"):
+            ro.audit("x", "y", "g0")
+    finally:
+        ro.close()
