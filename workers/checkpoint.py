@@ -48,21 +48,22 @@ def model_file(path: str | Path) -> Path:
     return p / MODEL_FILE if p.is_dir() else p
 
 
-def save_model(model: GracefulNet, path: str | Path, meta: Optional[dict[str, Any]] = None) -> str:
-    """Write `model` to `path` (a directory, or a file name) and return the file's sha256."""
+def save_model(model: nn.Module, path: str | Path, meta: Optional[dict[str, Any]] = None,
+               kind: Optional[str] = None) -> str:
+    """Write `model` (a `GracefulNet`, or with `kind` another model of `BUILDERS`) to
+    `path` (a directory, or a file name) and return the file's sha256. The one writer of
+    the format: `workers.lqf.save_lqf` comes through here with kind "lqf"."""
     target = Path(path)
     if target.suffix != ".pt":
-        target.mkdir(parents=True, exist_ok=True)
         target = target / MODEL_FILE
-    else:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
     blob = {
         "format": FORMAT_VERSION,
+        **({"kind": kind} if kind is not None else {}),
         "arch": model.spec.model_dump(mode="json"),
         "input_dim": model.input_dim,
         "num_classes": model.num_classes,
-        "state_dict": state,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "meta": meta or {},
     }
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")

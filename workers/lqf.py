@@ -35,7 +35,6 @@ measured by benchmarks/lqf.py.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -44,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from workers.checkpoint import FORMAT_VERSION, MODEL_FILE, sha256_file
+from workers.checkpoint import save_model
 from workers.data import Split
 from workers.models import CosineHead, GracefulNet, LinearizedNet, build_model, lqf_arch  # noqa: F401  (re-exported)
 from workers.specs import GenerationSpec, LQFSpec, TrainSpec
@@ -291,20 +290,4 @@ def fit_lqf(parent: GracefulNet, train: Split, gen: GenerationSpec, extra_loss: 
 
 def save_lqf(model: LinearizedNet, path: str | Path, meta: Optional[dict[str, Any]] = None) -> str:
     """Write an LQF checkpoint (w0 and delta) in the `workers.checkpoint` format; sha256."""
-    target = Path(path)
-    if target.suffix != ".pt":
-        target = target / MODEL_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    blob = {
-        "format": FORMAT_VERSION,
-        "kind": "lqf",
-        "arch": model.spec.model_dump(mode="json"),
-        "input_dim": model.input_dim,
-        "num_classes": model.num_classes,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "meta": {**(meta or {}), "recipe": "lqf"},
-    }
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    torch.save(blob, tmp)
-    os.replace(tmp, target)
-    return sha256_file(target)
+    return save_model(model, path, {**(meta or {}), "recipe": "lqf"}, kind="lqf")
