@@ -17,6 +17,7 @@ import io
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional
+from urllib.parse import unquote, urlparse
 
 import torch
 from torch import nn
@@ -43,7 +44,14 @@ def sha256_file(path: str | Path) -> str:
 
 
 def model_file(path: str | Path) -> Path:
-    """Accept either the checkpoint directory or the model file itself."""
+    """The model file a checkpoint reference names: the checkpoint directory or the file
+    itself, as a path or a `file://` URI (every loader and verifier resolves through this).
+    CheckpointError for another URI scheme (only local files can be verified here)."""
+    if isinstance(path, str) and "://" in path:
+        parsed = urlparse(path)
+        if parsed.scheme != "file":
+            raise CheckpointError(f"checkpoint URI {path!r}: only local paths and file:// URIs can be loaded here")
+        path = unquote(parsed.path)
     p = Path(path)
     return p / MODEL_FILE if p.is_dir() else p
 

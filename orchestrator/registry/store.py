@@ -22,13 +22,12 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
-from urllib.parse import unquote, urlparse
 
 from orchestrator.registry.records import (COMMANDS, FINAL_STATES, GEN_STATUSES, ROLLOUT_STATES,
                                            SERVED_STATUSES, Command, CommandKind, Event, GenerationRecord,
                                            GenerationStatus, Lease, RolloutRecord, RolloutState)
 from orchestrator.registry.schema import MIGRATIONS, SCHEMA_VERSION, statements
-from workers.checkpoint import MODEL_FILE, sha256_file
+from workers.checkpoint import CheckpointError, model_file, sha256_file
 
 BUSY_TIMEOUT_S = 30.0
 
@@ -81,14 +80,12 @@ def _json_default(o: Any) -> Any:
 
 
 def checkpoint_path(uri: str) -> Path:
-    """The local file a checkpoint URI names: a plain path or `file://...`."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        p = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
-        return p / MODEL_FILE if p.is_dir() else p
-    if len(parsed.scheme) == 1:  # a Windows drive letter, not a scheme
-        return Path(uri)
-    raise RegistryError(f"checkpoint URI {uri!r}: only local paths and file:// URIs can be verified here")
+    """The local file a checkpoint URI names (`workers.checkpoint.model_file`: a plain path
+    or `file://...`); RegistryError for any other scheme."""
+    try:
+        return model_file(uri)
+    except CheckpointError as e:
+        raise RegistryError(str(e)) from None
 
 
 
