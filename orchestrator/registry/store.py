@@ -400,11 +400,16 @@ class Registry:
         return self._gen(rows[0]) if rows else None
 
     def ever_production(self) -> list[str]:
-        """Every generation that was ever production (the audit log remembers each status
-        change to production), ordered by when they last got there: the current one last."""
+        """Every generation that was ever production with the bytes it has now (the audit
+        log remembers each status change to production, and each replaced checkpoint),
+        ordered by when they last got there: the current one last."""
         rows = self._read("SELECT subject, MAX(id) AS last FROM events WHERE action = 'status' AND "
                           "to_state = 'production' GROUP BY subject ORDER BY last")
-        names = [r["subject"] for r in rows]
+        # A generation retrained since it was production (new bytes under its name) was
+        # never production with the bytes it has now.
+        replaced = {r["subject"]: r["last"] for r in
+                    self._read("SELECT subject, MAX(id) AS last FROM events WHERE action = 'replaced' GROUP BY subject")}
+        names = [r["subject"] for r in rows if replaced.get(r["subject"], -1) < r["last"]]
         prod = self.production()
         if prod is not None and prod.name not in names:
             names.append(prod.name)

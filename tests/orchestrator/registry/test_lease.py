@@ -65,3 +65,12 @@ def test_a_readonly_registry_reads_and_refuses_to_write(reg):
             ro.audit("x", "y", "g0")
     finally:
         ro.close()
+
+
+def test_a_generation_retrained_since_it_was_production_is_not_an_ancestor(reg):
+    """g0 was production, then g1; g0 retired is retrained (new bytes): its new bytes were
+    never production, so only g1 remains."""
+    r = reg.start_rollout("g1", "g0", "test", "go")
+    reg.transition(r.id, ("shadow", 0), state="promoted", step=1, weight=1.0, actor="t", action="promote", reason="t")
+    reg.add_generation("g0", None, "mlp", "h", "/x/g0", "c" * 64, replace=True)
+    assert reg.ever_production() == ["g1"]
