@@ -133,8 +133,11 @@ def serving_plan(cfg: RunConfig, reg: Registry, candidates: Sequence[str] = (),
 def plan_for(reg: Registry, production: str, attached: Sequence[str], shadows: Iterable[str]) -> dict:
     """The registry's plan over the `attached` generations (rolled-back or retired ones
     are not shadowed again)."""
-    keep = [s for s in shadows if s in attached and (reg.generation(s) is None or
-                                                     reg.generation(s).status not in _NOT_SHADOWED)]
+    def ended(g: str) -> bool:
+        rec = reg.generation(g)
+        return rec is not None and rec.status in _NOT_SHADOWED
+
+    keep = [s for s in shadows if s in attached and not ended(s)]
     return registry_plan(production, reg.active_rollout(), attached, keep)
 
 

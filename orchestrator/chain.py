@@ -20,7 +20,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from orchestrator.config import RunConfig
 from orchestrator.registry import (EXCLUDED_FROM_LINEAGE, Registry, RegistryError, production_of, register_trained,
@@ -63,11 +63,9 @@ def _production_for(cfg: RunConfig, reg: Registry, name: str) -> Optional[str]:
         return None
     prod = production_of(cfg, reg)
     if prod is None:
-        if name != first:
-            raise ChainError(f"no generation is in production yet, so {name!r} has nothing to be trained against: "
-                             f"run `graceful train CONFIG --generation {first}` first (the first generation "
-                             f"trained becomes production)")
-        return None
+        raise ChainError(f"no generation is in production yet, so {name!r} has nothing to be trained against: "
+                         f"run `graceful train CONFIG --generation {first}` first (the first generation "
+                         f"trained becomes production)")
     return prod.name if prod.name != name else None
 
 
@@ -88,11 +86,12 @@ def ancestors(cfg: RunConfig, reg: Registry, name: str) -> list[str]:
 
 def constraint_names(cfg: RunConfig, reg: Registry, name: str) -> list[tuple[str, float]]:
     """(ancestor name, BCT importance) pairs for generation `name`, from the registry."""
+    return _bct_names(cfg, reg, name, _production_for(cfg, reg, name))
+
+
+def _bct_names(cfg: RunConfig, reg: Registry, name: str, parent: Optional[str]) -> list[tuple[str, float]]:
     gen = cfg.generation(name)
-    if gen.compat.bct is None:
-        return []
-    parent = _production_for(cfg, reg, name)
-    if parent is None:
+    if gen.compat.bct is None or parent is None:
         return []
     anc = ancestors(cfg, reg, name)
     if gen.compat.bct.against == "production":
@@ -107,17 +106,19 @@ def constraints_of(cfg: RunConfig, reg: Registry, name: str) -> Constraints:
     """The parent and the BCT constraints generation `name` would be trained against now."""
     parent = _production_for(cfg, reg, name)
     return Constraints(name, _constraint(reg, parent) if parent is not None else None,
-                       tuple(_constraint(reg, n, w) for n, w in constraint_names(cfg, reg, name)))
+                       tuple(_constraint(reg, n, w) for n, w in _bct_names(cfg, reg, name, parent)))
 
 
-def embed_dim_problems(cfg: RunConfig, reg: Registry, name: str) -> list[str]:
-    """Why generation `name` cannot be trained through its BCT models' heads, if it cannot:
-    their embedding sizes must equal its own (we refuse rather than learn a projection,
-    which would change what the gallery compares)."""
+def embed_dim_problems(cfg: RunConfig, reg: Registry, name: str,
+                       bct: Optional[Sequence[str]] = None) -> list[str]:
+    """Why generation `name` cannot be trained through its BCT models' heads (`bct`, by
+    default those the registry gives it now), if it cannot: their embedding sizes must
+    equal its own (we refuse rather than learn a projection, which would change what the
+    gallery compares)."""
     names = [g.name for g in cfg.generations]
     gen = cfg.generation(name)
     out = []
-    for other, _ in constraint_names(cfg, reg, name):
+    for other in (bct if bct is not None else [n for n, _ in constraint_names(cfg, reg, name)]):
         try:
             dim = cfg.generation(other).arch.embed_dim
         except KeyError:
@@ -200,10 +201,10 @@ def build_job(cfg: RunConfig, name: str, verbose: bool = True, registry: Optiona
     gen = cfg.generation(name)
     reg = registry or Registry(registry_path(cfg))
     try:
-        problems = embed_dim_problems(cfg, reg, name)
+        c = constraints_of(cfg, reg, name)
+        problems = embed_dim_problems(cfg, reg, name, [m.name for m in c.bct])
         if problems:
             raise ValueError("; ".join(problems))
-        c = constraints_of(cfg, reg, name)
     finally:
         if registry is None:
             reg.close()
