@@ -327,9 +327,10 @@ class Controller:
     def _apply_command(self, r: RolloutRecord, cmd: Any, now: float) -> tuple[RolloutRecord, str]:
         """Apply one operator command; returns the rollout after it and the outcome line
         (a move somebody made first is reported as not applied, never as done)."""
-        before = (r.state, r.step)
         r2, outcome = self._command_move(r, cmd, now)
-        if outcome.startswith(_MOVES) and (r2.state, r2.step) == before and r2.data.get("last_command") != cmd.id:
+        # Every move a command makes stores its id in the rollout's data: without it, the
+        # compare-and-set refused the move (somebody moved the rollout first).
+        if outcome.startswith(_MOVES) and r2.data.get("last_command") != cmd.id:
             return r2, f"not applied: the rollout was moved first (now {r2.state} step {r2.step})"
         return r2, outcome
 

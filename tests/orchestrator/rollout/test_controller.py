@@ -687,3 +687,16 @@ def test_a_controller_whose_token_the_router_refuses_says_so_once_and_stops(env,
     assert sum("stops:" in rec.message for rec in caplog.records) == 1
 
 
+
+
+def test_a_command_whose_move_was_refused_is_reported_not_applied(env):
+    """The controller applies a rollback from a stale view (shadow) while the registry is
+    at canary 1: the compare-and-set refuses it, and the outcome says so (never 'rolled
+    back')."""
+    cfg, reg, router, source, r = env
+    ctl = Controller(cfg, reg, router, source)
+    stale = reg.rollout(r.id)
+    ctl.tick()                                                      # canary 1
+    cmd = reg.enqueue_command(r.id, "rollback", "erin", "test")
+    after, outcome = ctl._apply_command(stale, cmd, time.time())
+    assert outcome.startswith("not applied: the rollout was moved first") and after.state == "canary"
