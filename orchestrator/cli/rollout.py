@@ -83,6 +83,8 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     source = build_source(cfg, client)
     reg = _open_registry(cfg, must_exist=False)
     actor = _actor(args)
+    attach = attach_on_cluster(cfg, reg)
+    ctl = None
     try:
         r = reg.active_rollout()
         if r is not None and r.candidate != args.candidate:
@@ -96,13 +98,13 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
                 try:
                     r = start_rollout(cfg, reg, client, source, args.candidate, actor,
                                       args.reason or f"graceful rollout --candidate {args.candidate}",
-                                      skip_gate=args.skip_gate, attach=attach_on_cluster(cfg, reg))
+                                      skip_gate=args.skip_gate, attach=attach)
                 except RolloutRefused as e:
                     raise UsageError(str(e)) from None
                 except (RouterError, requests.RequestException) as e:
                     print(f"error: router at {url}: {e}", file=sys.stderr)
                     return EXIT_FAILED
-        ctl = Controller(cfg, reg, client, source, rollout_id=r.id, attach=attach_on_cluster(cfg, reg))
+        ctl = Controller(cfg, reg, client, source, rollout_id=r.id, attach=attach)
         if r.state not in FINAL_STATES:
             try:
                 ctl.hold_lease(r, time.time())
@@ -142,7 +144,6 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
             ctl.run(stop, on_tick=on_tick, max_seconds=args.max_seconds)
         finally:
             ctl.stop_http()
-            ctl.release_lease()  # any exit but a crash hands the rollout over at once (only ours is deleted)
         final = reg.rollout(r.id)
         summary = {"rollout_id": final.id, "candidate": final.candidate, "baseline": final.baseline,
                    "state": final.state, "step": final.step, "weight": final.weight,
@@ -158,6 +159,8 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
             return interrupted["code"]
         return EXIT_OK if final.state == RolloutState.PROMOTED else EXIT_FAILED
     finally:
+        if ctl is not None:
+            ctl.release_lease()  # any exit but a crash hands the rollout over at once (only ours is deleted)
         reg.close()
         client.close()
 
