@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from workers.checkpoint import save_model
-from workers.data import fingerprint, generation_train_split, load_dataset
+from workers.data import fingerprint, generation_data, load_dataset
 from workers.models import build_model
 from workers.train import (CompatTargets, TrainJob, TrainResult, _logits_of, constraint_head, constraint_records,
                            make_extra_loss)
@@ -56,14 +56,14 @@ def train_in_process(job: TrainJob, log: Callable[[str], None] = print) -> Train
         raise ValueError(f"{gen.name}: train_in_process covers plain recipes with BCT/FD only")
     t0 = time.time()
     ds = load_dataset(job.data)
-    split = generation_train_split(ds, gen.train_fraction, gen.label_noise, gen.train.seed)
+    split, classes = generation_data(ds, gen)
     targets = CompatTargets()
     if gen.compat.bct is not None:
         targets.heads = [constraint_head(c) for c in job.bct]
     if gen.compat.focal_distillation is not None and job.production is not None:
-        targets.old_logits = _logits_of(job.production.path, job.production.sha256, split.x)
+        targets.old_logits = _logits_of(job.production, split.x)
     torch.manual_seed(gen.train.seed)
-    model = build_model(gen.arch, ds.input_dim, ds.num_classes)
+    model = build_model(gen.arch, ds.input_shape, classes)
     history: list[dict] = []
     fit(model, split, gen.train, extra_loss=make_extra_loss(gen.compat, targets), val=ds.val, log=history.append)
     meta = {"generation": gen.name, "parent": job.production.name if job.production else None}

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from ray import serve
 
-from orchestrator.config import ConfigError, RunConfig, load_config
+from orchestrator.config import ConfigError, RunConfig, init_ray, load_config
 from orchestrator.registry import (GenerationStatus, NotTrainedError, Registry, RegistryError, ensure_registered,
                                    production_of, registry_path)
 from orchestrator.rollout.plan import registry_plan
@@ -202,7 +202,7 @@ def attach_on_cluster(cfg: RunConfig, reg: Registry) -> Callable[[str], None]:
 
             address = os.environ.get("RAY_ADDRESS") or "auto"
             try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+                init_ray(cfg, address=address)
             except Exception as e:
                 raise RegistryError(f"cannot attach {name!r}: no Ray cluster to deploy it on at {address} "
                                     f"({type(e).__name__}: {e}); serve it with `graceful serve CONFIG "

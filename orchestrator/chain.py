@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from orchestrator.config import RunConfig
+from orchestrator.config import RunConfig, init_ray
 from orchestrator.registry import (EXCLUDED_FROM_LINEAGE, Registry, RegistryError, production_of, register_trained,
                                    registry_path)
 from orchestrator.rundir import generation_dir, model_file, ray_storage, read_metrics
-from workers.checkpoint import sha256_file
+from workers.checkpoint import expected_factory, sha256_file
 from workers.losses import ancestor_importances
 from workers.train import ConstraintModel, TrainJob, TrainResult, clear_caches, run_training
 
@@ -48,11 +48,20 @@ class Constraints:
         return self.production.name if self.production is not None else None
 
 
-def _constraint(reg: Registry, name: str, importance: float = 1.0) -> ConstraintModel:
+def expected_factory_of(cfg: RunConfig, name: str) -> Optional[str]:
+    """The model factory the config expects generation `name`'s checkpoint to record
+    (`workers.checkpoint.expected_factory`); None when the config no longer lists it."""
+    try:
+        return expected_factory(cfg.generation(name).arch)
+    except KeyError:
+        return None
+
+
+def _constraint(cfg: RunConfig, reg: Registry, name: str, importance: float = 1.0) -> ConstraintModel:
     rec = reg.generation(name)
     if rec is None:
         raise ChainError(f"generation {name!r} is not registered; train it first")
-    return ConstraintModel(name, rec.checkpoint_uri, rec.sha256, importance)
+    return ConstraintModel(name, rec.checkpoint_uri, rec.sha256, importance, expected_factory_of(cfg, name))
 
 
 def _production_for(cfg: RunConfig, reg: Registry, name: str) -> Optional[str]:
@@ -105,8 +114,8 @@ def _bct_names(cfg: RunConfig, reg: Registry, name: str, parent: Optional[str]) 
 def constraints_of(cfg: RunConfig, reg: Registry, name: str) -> Constraints:
     """The parent and the BCT constraints generation `name` would be trained against now."""
     parent = _production_for(cfg, reg, name)
-    return Constraints(name, _constraint(reg, parent) if parent is not None else None,
-                       tuple(_constraint(reg, n, w) for n, w in _bct_names(cfg, reg, name, parent)))
+    return Constraints(name, _constraint(cfg, reg, parent) if parent is not None else None,
+                       tuple(_constraint(cfg, reg, n, w) for n, w in _bct_names(cfg, reg, name, parent)))
 
 
 def embed_dim_problems(cfg: RunConfig, reg: Registry, name: str,
@@ -152,7 +161,7 @@ def recorded_constraints(cfg: RunConfig, reg: Registry, name: str, metrics: dict
         rec = reg.generation(parent)
         if rec is None:
             return None
-        prod = ConstraintModel(parent, rec.checkpoint_uri, rec.sha256)
+        prod = ConstraintModel(parent, rec.checkpoint_uri, rec.sha256, factory=expected_factory_of(cfg, parent))
     bct = []
     for c in metrics.get("constraints", []):
         if c.get("kind") != "bct":
@@ -160,7 +169,8 @@ def recorded_constraints(cfg: RunConfig, reg: Registry, name: str, metrics: dict
         rec = reg.generation(c["name"])
         if rec is None or rec.sha256 != c["sha256"]:
             return None  # a BCT model that was replaced or forgotten since
-        bct.append(ConstraintModel(c["name"], rec.checkpoint_uri, c["sha256"], float(c["importance"])))
+        bct.append(ConstraintModel(c["name"], rec.checkpoint_uri, c["sha256"], float(c["importance"]),
+                                   expected_factory_of(cfg, c["name"])))
     return Constraints(name, prod, tuple(bct))
 
 
@@ -277,7 +287,7 @@ def train_generation(cfg: RunConfig, name: str, log: Callable[[str], None] = pri
         clear_caches(job.out_dir)  # --force: cached ensemble targets are recomputed too
     if not ray.is_initialized():
         # Workers' progress comes through a queue; Ray's own worker logs stay in its log files.
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        init_ray(cfg)
     result = _run_interruptibly(job, log)
     register_trained(cfg, name, actor="train")  # lineage, sha256 of the bytes, metrics; bootstraps production
     return result

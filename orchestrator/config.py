@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from serving.specs import ServingSpec
 from workers.specs import DataSpec, GenerationSpec, ScalingSpec, StrictModel
@@ -92,6 +92,60 @@ class RolloutSpec(StrictModel):
         return steps
 
 
+def _config_relative(v: Optional[Path], info: ValidationInfo) -> Optional[Path]:
+    """A path relative to the config file's directory, made absolute; it must exist."""
+    if v is None:
+        return v
+    base = (info.context or {}).get("base_dir")
+    p = (v if v.is_absolute() or base is None else Path(base) / v).expanduser().resolve()
+    if not p.exists():
+        raise ValueError(f"not found: {p}")
+    return p
+
+
+class RuntimeEnvSpec(StrictModel):
+    """How user code (model and data factories) reaches Ray workers on a cluster: Ray's
+    `runtime_env`, passed to `ray.init` as it is. Local paths are relative to the config
+    file; the driver imports from them too (`import_paths`)."""
+
+    working_dir: Optional[Path] = Field(None, description="a directory shipped to every worker as its cwd")
+    py_modules: list[Path] = Field(default_factory=list, description="package directories shipped to every worker")
+    pip: list[str] = Field(default_factory=list, description="packages every worker installs")
+    env_vars: dict[str, str] = Field(default_factory=dict)
+
+    _working_dir = field_validator("working_dir")(classmethod(lambda cls, v, info: _config_relative(v, info)))
+
+    @field_validator("py_modules")
+    @classmethod
+    def _modules_exist(cls, v: list[Path], info: ValidationInfo) -> list[Path]:
+        return [_config_relative(p, info) for p in v]  # type: ignore[misc]
+
+    def as_ray(self) -> Optional[dict[str, Any]]:
+        """The `runtime_env` mapping for `ray.init`; None when nothing is set."""
+        env: dict[str, Any] = {}
+        if self.working_dir is not None:
+            env["working_dir"] = str(self.working_dir)
+        if self.py_modules:
+            env["py_modules"] = [str(p) for p in self.py_modules]
+        if self.pip:
+            env["pip"] = list(self.pip)
+        if self.env_vars:
+            env["env_vars"] = dict(self.env_vars)
+        return env or None
+
+    def import_paths(self) -> list[Path]:
+        """Where the driver imports the same code from: the working_dir, and the directory
+        holding each py_modules package."""
+        paths = [self.working_dir] if self.working_dir is not None else []
+        return paths + [p.parent for p in self.py_modules]
+
+
+class RaySpec(StrictModel):
+    """Ray settings every graceful process uses when it starts or joins a cluster."""
+
+    runtime_env: RuntimeEnvSpec = Field(default_factory=RuntimeEnvSpec)
+
+
 class RunConfig(StrictModel):
     """A whole run: data, the chain of generations, scaling, gates, serving and rollout."""
 
@@ -104,6 +158,7 @@ class RunConfig(StrictModel):
     gates: GatesSpec = Field(default_factory=GatesSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
 
     @field_validator("run_dir")
     @classmethod
@@ -291,6 +346,51 @@ def parse_config(raw: dict, name: str = "<config>", base_dir: Optional[Path] = N
     except ValidationError as e:
         lines = [f"{name}: {_format_loc(err['loc'])}: {_message(err, RunConfig)}" for err in e.errors()]
     lines += [f"{name}: {loc}: {msg}" for loc, msg in _semantic_problems(raw)]
+    if cfg is not None and not lines:
+        lines += [f"{name}: {loc}: {msg}" for loc, msg in _factory_problems(cfg)]
     if lines or cfg is None:
         raise ConfigError(lines)
     return cfg
+
+
+def _factories(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(key path, import path) of every factory the config names."""
+    out = []
+    if cfg.data.factory is not None:
+        out.append(("data.factory", cfg.data.factory))
+    for i, g in enumerate(cfg.generations):
+        if g.arch.factory is not None:
+            out.append((f"generations[{i}].arch.factory", g.arch.factory))
+        if g.train_data is not None and g.train_data.factory is not None:
+            out.append((f"generations[{i}].train_data.factory", g.train_data.factory))
+    return out
+
+
+def _factory_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """Factories that do not import, found once at load rather than in every Ray worker.
+
+    The runtime_env's directories go on the driver's `sys.path` first: user code comes
+    only from there, installed packages and PYTHONPATH, the import paths the operator set."""
+    from workers.factory import FactoryError, add_import_paths, load_callable
+
+    add_import_paths(cfg.ray.runtime_env.import_paths())
+    problems = []
+    for loc, path in _factories(cfg):
+        try:
+            load_callable(path, "factory")
+        except FactoryError as e:
+            problems.append((loc, str(e)))
+    return problems
+
+
+def init_ray(cfg: RunConfig, address: Optional[str] = None, **kwargs: Any) -> None:
+    """`ray.init` with the config's runtime_env (the one place graceful starts or joins a
+    Ray cluster for a run), quiet by default."""
+    import ray
+
+    opts: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    opts.update(kwargs)
+    env = cfg.ray.runtime_env.as_ray()
+    if env is not None:
+        opts["runtime_env"] = env
+    ray.init(address=address, **opts)

@@ -381,7 +381,25 @@ def is_config_key(ref: str) -> bool:
     section = section.split("[")[0]  # generations[].compat
     if ref.rsplit(".", 1)[-1] in FILE_SUFFIXES:
         return False
-    return section in config_sections() and module_file(f"{section}.{rest.split('.')[0]}") is None
+    if section not in config_sections() or module_file(f"{section}.{rest.split('.')[0]}") is not None:
+        return False
+    return resolve_config_key(ref)[1] is None or not names_installed_attribute(ref)
+
+
+def names_installed_attribute(ref: str) -> bool:
+    """`ray.serve.metrics`, `ray.nodes`: an attribute of an installed package that shares
+    its name with a config section (`ray:`), not a config key."""
+    import importlib
+
+    parts = ref.split(".")
+    try:
+        obj: Any = importlib.import_module(parts[0])
+    except ImportError:
+        return False
+    for p in parts[1:2]:
+        if not hasattr(obj, p):
+            return False
+    return True
 
 
 def test_python_references_exist():

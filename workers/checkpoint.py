@@ -4,10 +4,17 @@ The file holds only tensors and plain values, so it loads with
 `torch.load(weights_only=True)`: no pickle of arbitrary objects is ever executed.
 
 `load_model` is the one loader, for every consumer (serving, BCT constraints, evaluation):
-it dispatches on the file's `kind` -- absent or "plain": a `GracefulNet` (`save_model`);
-"lqf": a `workers.models.LinearizedNet` (written by `workers.lqf.save_lqf`). Both have the serving
-interface: `input_dim`, `num_classes`, `spec`, `embed(x)`, `forward(x)` -> logits,
+it dispatches on the file's `kind` -- absent or "plain": the network `arch` describes
+(`workers.models.build_model`: a `GracefulNet`, or a custom factory's `UserNet`);
+"lqf": a `workers.models.LinearizedNet` (written by `workers.lqf.save_lqf`). All have the
+serving interface: `input_shape`, `num_classes`, `spec`, `embed(x)`, `forward(x)` -> logits,
 `embed_and_logits(x)`, `head(z)` and `classifier` (what BCT freezes).
+
+The file records the architecture (for a custom model its factory's import path and
+kwargs), the input shape, the number of classes and the state dict. A custom model is
+rebuilt by calling its factory again, so loading one imports user code: callers that have
+the run config pass `factory=` (the config's), and a checkpoint naming another factory is
+refused before anything is imported.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from urllib.parse import unquote, urlparse
 import torch
 from torch import nn
 
-from workers.models import GracefulNet, LinearizedNet, build_model
+from workers.models import LinearizedNet, build_model
 from workers.specs import ArchSpec
 
 FORMAT_VERSION = 1
@@ -58,7 +65,7 @@ def model_file(path: str | Path) -> Path:
 
 def save_model(model: nn.Module, path: str | Path, meta: Optional[dict[str, Any]] = None,
                kind: Optional[str] = None) -> str:
-    """Write `model` (a `GracefulNet`, or with `kind` another model of `BUILDERS`) to
+    """Write `model` (a `build_model` network, or with `kind` another model of `BUILDERS`) to
     `path` (a directory, or a file name) and return the file's sha256. The one writer of
     the format: `workers.lqf.save_lqf` comes through here with kind "lqf"."""
     target = Path(path)
@@ -69,7 +76,7 @@ def save_model(model: nn.Module, path: str | Path, meta: Optional[dict[str, Any]
         "format": FORMAT_VERSION,
         **({"kind": kind} if kind is not None else {}),
         "arch": model.spec.model_dump(mode="json"),
-        "input_dim": model.input_dim,
+        "input_shape": list(model.input_shape),
         "num_classes": model.num_classes,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "meta": meta or {},
@@ -110,11 +117,45 @@ def read_checkpoint(path: str | Path, sha256: Optional[str] = None) -> tuple[Pat
     return f, blob
 
 
-def model_from_checkpoint(f: Path, blob: dict[str, Any]) -> tuple[GracefulNet, dict[str, Any]]:
-    """The `GracefulNet` (eval mode) and meta of a plain checkpoint `read_checkpoint` returned."""
+def input_shape_of(blob: dict[str, Any]) -> tuple[int, ...]:
+    """The recorded input shape (files written before shapes existed hold `input_dim`)."""
+    if "input_shape" in blob:
+        return tuple(int(d) for d in blob["input_shape"])
+    return (int(blob["input_dim"]),)
+
+
+# What `factory_of` says of a built-in architecture (mlp, cnn1d, cnn2d).
+BUILTIN = "(built-in)"
+
+
+def factory_of(blob: dict[str, Any]) -> str:
+    """The import path of a custom checkpoint's factory; `BUILTIN` for a built-in architecture."""
+    arch = blob.get("arch") or {}
+    return (arch.get("factory") if isinstance(arch, dict) else None) or BUILTIN
+
+
+def expected_factory(arch: ArchSpec) -> str:
+    """What a config's `arch` expects `factory_of` a checkpoint to say."""
+    return arch.factory or BUILTIN
+
+
+def _rebuild(f: Path, blob: dict[str, Any]) -> nn.Module:
+    """The (untrained) network a checkpoint's arch, input shape and classes describe."""
+    from workers.factory import FactoryError
+
     try:
         spec = ArchSpec.model_validate(blob["arch"])
-        model = build_model(spec, int(blob["input_dim"]), int(blob["num_classes"]))
+        return build_model(spec, input_shape_of(blob), int(blob["num_classes"]))
+    except FactoryError as e:
+        raise CheckpointError(f"checkpoint {f}: {e}") from None
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {f} does not describe a buildable model: {type(e).__name__}: {e}") from None
+
+
+def model_from_checkpoint(f: Path, blob: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """The model (eval mode) and meta of a plain checkpoint `read_checkpoint` returned."""
+    model = _rebuild(f, blob)
+    try:
         model.load_state_dict(blob["state_dict"], strict=True)
     except Exception as e:
         raise CheckpointError(f"checkpoint {f} does not match its architecture: {e}") from None
@@ -125,10 +166,9 @@ def model_from_checkpoint(f: Path, blob: dict[str, Any]) -> tuple[GracefulNet, d
 def _lqf_from_checkpoint(f: Path, blob: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """The `LinearizedNet` (eval mode) and meta of an LQF checkpoint `read_checkpoint`
     returned (kind "lqf", written by `workers.lqf.save_lqf`)."""
+    parent = _rebuild(f, blob)
     try:
-        spec = ArchSpec.model_validate(blob["arch"])
-        parent = build_model(spec, int(blob["input_dim"]), int(blob["num_classes"]))
-        model = LinearizedNet(parent, spec)
+        model = LinearizedNet(parent, parent.spec)
         model.load_state_dict(blob["state_dict"], strict=True)
     except Exception as e:
         raise CheckpointError(f"LQF checkpoint {f} does not match its architecture: {e}") from None
@@ -148,14 +188,22 @@ def checkpoint_kind(blob: dict[str, Any]) -> str:
     return "plain" if kind is None else kind
 
 
-def load_model(path: str | Path, sha256: Optional[str] = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(path: str | Path, sha256: Optional[str] = None,
+               factory: Optional[str] = None) -> tuple[nn.Module, dict[str, Any]]:
     """Load any generation's checkpoint (weights_only), verifying its sha256 first when one
     is given; the verified bytes are the loaded bytes (one read, see `read_checkpoint`).
 
-    Dispatches on the checkpoint's kind (`BUILDERS`): a `GracefulNet` for plain ones, a
+    `factory`: what the caller's config expects (`expected_factory(arch)`: the factory's
+    import path, or `BUILTIN`); a checkpoint recording another one is refused before its
+    factory is imported. None: the recorded factory is used.
+
+    Dispatches on the checkpoint's kind (`BUILDERS`): the `arch` network for plain ones, a
     `workers.lqf.LinearizedNet` for `recipe: lqf`. Raises CheckpointError for a kind it
     does not know, naming the kind and the file."""
     f, blob = read_checkpoint(path, sha256)  # reports missing, changed, corrupt or foreign files
+    if factory is not None and factory_of(blob) != factory:
+        raise CheckpointError(f"checkpoint {f} was built by factory {factory_of(blob)}, "
+                              f"the config names {factory}; refusing to load it")
     kind = checkpoint_kind(blob)
     builder = BUILDERS.get(kind) if isinstance(kind, str) else None
     if builder is None:

@@ -1,8 +1,12 @@
 """Datasets and deterministic splits.
 
-Three sources: MNIST-1D generated offline by `mnist1d` (cached on disk), scikit-learn's
-digits (tiny, for fast tests) and a user's `.npz` with arrays `x` and `y`. Every split is
-a pure function of the data and a seed, so each Ray worker rebuilds the same split.
+Sources: MNIST-1D generated offline by `mnist1d` (cached on disk), scikit-learn's digits
+(tiny, for fast tests), a user's `.npz` with arrays `x` and `y`, and a user's factory
+(`source: custom`, by import path) returning `(x, y)` or the three splits. `x` has any
+shape `(N, *input_shape)`; `y` holds class ids. Every split is a pure function of the
+data and a seed, so each Ray worker rebuilds the same split (a factory is called on the
+driver and on every worker, and must return the same arrays each time). `source: ray`
+streams instead (`workers.streaming`).
 """
 
 from __future__ import annotations
@@ -11,10 +15,14 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from workers.specs import DataSpec
+
+if TYPE_CHECKING:
+    from workers.specs import GenerationSpec
 
 # Query/gallery for retrieval are the two halves of the test split.
 
@@ -25,7 +33,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Split:
-    x: np.ndarray  # (N, L) float32
+    x: np.ndarray  # (N, *input_shape) float32
     y: np.ndarray  # (N,) int64
 
     def __len__(self) -> int:
@@ -45,8 +53,13 @@ class Dataset:
     num_classes: int
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.train.x.shape[1:])
+
+    @property
     def input_dim(self) -> int:
-        return int(self.train.x.shape[1])
+        """Values per row (the product of `input_shape`)."""
+        return int(np.prod(self.input_shape))
 
     @property
     def query(self) -> Split:
@@ -98,6 +111,44 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return (x - x.mean()) / x.std(), d.target.astype(np.int64)
 
 
+def _to_numpy(v: object, name: str) -> np.ndarray:
+    """An array-like (numpy, a torch tensor, nested lists) as a numpy array, or DataError."""
+    if hasattr(v, "detach") and hasattr(v, "cpu"):  # a torch tensor
+        v = v.detach().cpu().numpy()
+    try:
+        return np.asarray(v)
+    except Exception as e:
+        raise DataError(f"{name}: not an array ({type(e).__name__}: {e})") from None
+
+
+def check_arrays(x: object, y: object, where: str, num_classes: Optional[int] = None) -> Split:
+    """`x` (N, *input_shape) numbers and `y` (N,) class ids as a float32/int64 `Split`.
+
+    DataError naming `where`, the array and the problem: a dtype that is not numbers (x) or
+    integers (y), mismatched lengths, no rows, NaN/Inf, negative labels, or labels outside
+    [0, num_classes) when `num_classes` is given."""
+    xa, ya = _to_numpy(x, f"{where}: x"), _to_numpy(y, f"{where}: y")
+    if xa.dtype.kind not in "biuf":
+        raise DataError(f"{where}: x must hold numbers, got dtype {xa.dtype}")
+    if ya.dtype.kind not in "iu":
+        raise DataError(f"{where}: y must hold integer class ids, got dtype {ya.dtype}")
+    if xa.ndim < 2:
+        raise DataError(f"{where}: x must be (N, *input_shape) with at least 2 dimensions, got shape {xa.shape}")
+    if ya.ndim != 1 or len(ya) != len(xa):
+        raise DataError(f"{where}: y must be (N,) with one label per row of x, got x {xa.shape} and y {ya.shape}")
+    if len(ya) == 0:
+        raise DataError(f"{where}: no rows")
+    xf = xa.astype(np.float32, copy=False)
+    if not np.isfinite(xf).all():
+        bad = int(np.count_nonzero(~np.isfinite(xf).reshape(len(xf), -1).all(axis=1)))
+        raise DataError(f"{where}: x contains NaN or Inf ({bad} of {len(xf)} rows)")
+    if (ya < 0).any():
+        raise DataError(f"{where}: y must hold class ids >= 0, found {int(ya.min())}")
+    if num_classes is not None and int(ya.max()) >= num_classes:
+        raise DataError(f"{where}: y holds class {int(ya.max())}, outside [0, {num_classes}) (data.num_classes)")
+    return Split(np.ascontiguousarray(xf), ya.astype(np.int64, copy=False))
+
+
 def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -108,54 +159,150 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(e, DataError):
             raise
         raise DataError(f"{path}: not a readable .npz file ({e})") from None
-    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
-        raise DataError(f"{path}: x must be (N, L) and y (N,), got {x.shape} and {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
-        raise DataError(f"{path}: y must hold non-negative integer class ids")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise DataError(f"{path}: x contains NaN or inf")
-    return x, y.astype(np.int64)
+    s = check_arrays(x, y, str(path))
+    return s.x, s.y
+
+
+SPLITS = ("train", "val", "test")
+
+
+def call_data_factory(spec: DataSpec) -> object:
+    """What the `factory` of a custom or ray source returns (FactoryError if it fails)."""
+    from workers.factory import FactoryError, load_callable
+
+    fn = load_callable(spec.factory or "", "data.factory")
+    try:
+        return fn(**spec.kwargs)
+    except Exception as e:
+        raise FactoryError(f"data.factory {spec.factory}(**{spec.kwargs}) failed: {type(e).__name__}: {e}") from None
+
+
+def _custom(spec: DataSpec) -> "tuple[np.ndarray, np.ndarray] | dict[str, Split]":
+    """(x, y) to split by seed, or the factory's own splits checked one by one."""
+    out = call_data_factory(spec)
+    where = f"data.factory {spec.factory}"
+    if isinstance(out, dict):
+        unknown = sorted(set(out) - set(SPLITS))
+        if unknown or "train" not in out or "test" not in out:
+            raise DataError(f"{where}: a dict of splits needs keys 'train' and 'test' (and optionally 'val'), "
+                            f"got {sorted(out)}")
+        splits = {}
+        for k, v in out.items():
+            if not (isinstance(v, (tuple, list)) and len(v) == 2):
+                raise DataError(f"{where}: split {k!r} must be a pair (x, y), got {type(v).__name__}")
+            splits[k] = check_arrays(v[0], v[1], f"{where}: {k}")
+        return splits
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        s = check_arrays(out[0], out[1], where)
+        return s.x, s.y
+    raise DataError(f"{where}: must return (x, y) or {{'train': (x, y), 'val': (x, y), 'test': (x, y)}}, "
+                    f"got {type(out).__name__}")
+
+
+def _arrays(spec: DataSpec) -> "tuple[np.ndarray, np.ndarray] | dict[str, Split]":
+    if spec.source == "mnist1d":
+        return _mnist1d(spec.num_samples, spec.seed, cache_dir(spec))
+    if spec.source == "digits":
+        return _digits()
+    if spec.source == "npz":
+        assert spec.path is not None
+        return _npz(Path(spec.path))
+    if spec.source == "custom":
+        return _custom(spec)
+    raise DataError(f"data source {spec.source!r} is streamed to the workers (workers.streaming), "
+                    f"not loaded into memory")
+
+
+def _classes(spec: DataSpec, splits: dict[str, Split]) -> int:
+    """`spec.num_classes`, checked against every split's labels; else max label + 1."""
+    top = max(int(s.y.max()) for s in splits.values() if len(s))
+    if spec.num_classes is not None:
+        for k, s in splits.items():
+            if len(s) and int(s.y.max()) >= spec.num_classes:
+                raise DataError(f"data: the {k} split holds class {int(s.y.max())}, outside "
+                                f"[0, {spec.num_classes}) (data.num_classes)")
+        return spec.num_classes
+    if top < 1:
+        raise DataError("data: every label is 0; a classifier needs at least 2 classes")
+    return top + 1
 
 
 def load_dataset(spec: DataSpec) -> Dataset:
-    """Build (or read from cache) the dataset and split it deterministically by `spec.seed`."""
-    if spec.source == "mnist1d":
-        x, y = _mnist1d(spec.num_samples, spec.seed, cache_dir(spec))
-    elif spec.source == "digits":
-        x, y = _digits()
+    """Build (or read from cache) the dataset and split it deterministically by `spec.seed`
+    (a custom factory's own splits are used as they are). DataError naming the problem."""
+    got = _arrays(spec)
+    if isinstance(got, dict):
+        shapes = {k: s.x.shape[1:] for k, s in got.items()}
+        if len(set(shapes.values())) > 1:
+            raise DataError(f"data.factory {spec.factory}: the splits' rows differ in shape: {shapes}")
+        empty = Split(got["train"].x[:0], got["train"].y[:0])
+        train, val, test = got["train"], got.get("val", empty), got["test"]
     else:
-        assert spec.path is not None
-        x, y = _npz(Path(spec.path))
-    n = len(y)
-    order = np.random.default_rng(spec.seed).permutation(n)
-    x, y = x[order], y[order]
-    n_test = max(2, int(round(n * spec.test_fraction)))
-    n_val = int(round(n * spec.val_fraction))
-    if n - n_test - n_val < 2:
-        raise DataError(f"{n} samples leave nothing to train on")
-    test = Split(x[:n_test], y[:n_test])
-    val = Split(x[n_test:n_test + n_val], y[n_test:n_test + n_val])
-    train = Split(x[n_test + n_val:], y[n_test + n_val:])
-    return Dataset(train=train, val=val, test=test, num_classes=int(y.max()) + 1)
+        x, y = got
+        n = len(y)
+        order = np.random.default_rng(spec.seed).permutation(n)
+        x, y = x[order], y[order]
+        n_test = max(2, int(round(n * spec.test_fraction)))
+        n_val = int(round(n * spec.val_fraction))
+        if n - n_test - n_val < 2:
+            raise DataError(f"{n} samples leave nothing to train on")
+        test = Split(x[:n_test], y[:n_test])
+        val = Split(x[n_test:n_test + n_val], y[n_test:n_test + n_val])
+        train = Split(x[n_test + n_val:], y[n_test + n_val:])
+    classes = _classes(spec, {"train": train, "val": val, "test": test})
+    return Dataset(train=train, val=val, test=test, num_classes=classes)
+
+
+def load_pool(spec: DataSpec, input_shape: tuple[int, ...]) -> tuple[Split, int]:
+    """A generation's own training data (`generations[].train_data`): every row of it (the
+    'train' split of a factory's dict), checked to have rows of `input_shape`; and its
+    number of classes (`num_classes`, or max label + 1)."""
+    got = _arrays(spec)
+    pool = got["train"] if isinstance(got, dict) else Split(*got)
+    if tuple(pool.x.shape[1:]) != tuple(input_shape):
+        raise DataError(f"train_data ({spec.source}): rows of shape {tuple(pool.x.shape[1:])}, the run's data has "
+                        f"{tuple(input_shape)}; every generation must take the same input shape")
+    classes = spec.num_classes if spec.num_classes is not None else int(pool.y.max()) + 1
+    if int(pool.y.max()) >= classes:
+        raise DataError(f"train_data: y holds class {int(pool.y.max())}, outside [0, {classes}) (num_classes)")
+    return pool, classes
+
+
+def generation_data(ds: Dataset, gen: "GenerationSpec") -> tuple[Split, int]:
+    """What generation `gen` trains on and its number of classes.
+
+    The run's training pool, or `gen.train_data` when set (new rows, possibly new
+    classes: the generation then has max(run classes, its classes) outputs), with the
+    generation's train_fraction and label noise applied (`generation_train_split`)."""
+    if gen.train_data is None:
+        pool, classes = ds.train, ds.num_classes
+    else:
+        pool, own = load_pool(gen.train_data, ds.input_shape)
+        classes = max(ds.num_classes, own)
+    split = generation_train_split(ds, gen.train_fraction, gen.label_noise, gen.train.seed,
+                                   pool=pool, num_classes=classes)
+    return split, classes
 
 
 def generation_train_split(ds: Dataset, train_fraction: float, label_noise: float = 0.0,
-                           seed: int = 0) -> Split:
-    """The prefix of the training pool a generation sees, optionally with noisy labels.
+                           seed: int = 0, pool: Optional[Split] = None,
+                           num_classes: Optional[int] = None) -> Split:
+    """The prefix of the training pool (`ds.train`, or `pool`) a generation sees,
+    optionally with noisy labels (drawn from `num_classes`, default `ds.num_classes`).
 
     A prefix, so that each later generation (larger fraction) sees a superset of the data
     of the ones before it. Label noise replaces that share of labels by random classes
     (deterministic by `seed`): the demo's way to build a regressing candidate.
     """
-    n = max(1, int(round(len(ds.train) * train_fraction)))
-    part = ds.train.take(n)
+    pool = ds.train if pool is None else pool
+    n = max(1, int(round(len(pool) * train_fraction)))
+    part = pool.take(n)
     if label_noise <= 0:
         return part
     rng = np.random.default_rng(10_000 + seed)
     y = part.y.copy()
     noisy = rng.random(n) < label_noise
-    y[noisy] = rng.integers(0, ds.num_classes, noisy.sum())
+    y[noisy] = rng.integers(0, num_classes or ds.num_classes, noisy.sum())
     return Split(part.x, y)
 
 

@@ -11,6 +11,7 @@ All take tensors of the batch and cached old outputs aligned with it; none runs 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional, Sequence
@@ -28,21 +29,25 @@ class FrozenHead:
     """The classifier head of an older model, as plain arrays (cheap to ship to workers).
 
     Cosine heads keep their row-normalised weight and scale; linear heads weight and bias.
+    Any other head (a custom model's own `head(z)`) is kept as a frozen module copy
+    (`module`, with `dims` = (classes, embedding size)).
     """
 
     name: str
-    weight: np.ndarray  # (C_old, D)
+    weight: Optional[np.ndarray]  # (C_old, D)
     bias: Optional[np.ndarray]  # (C_old,) for linear heads
     scale: Optional[float]  # cosine heads only
     importance: float = 1.0  # relative weight among the BCT constraints
+    module: Optional[nn.Module] = None
+    dims: Optional[tuple[int, int]] = None
 
     @property
     def num_classes(self) -> int:
-        return int(self.weight.shape[0])
+        return int(self.weight.shape[0]) if self.weight is not None else int(self.dims[0])  # type: ignore[index]
 
     @property
     def embed_dim(self) -> int:
-        return int(self.weight.shape[1])
+        return int(self.weight.shape[1]) if self.weight is not None else int(self.dims[1])  # type: ignore[index]
 
     @cached_property
     def _tensors(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -54,7 +59,13 @@ class FrozenHead:
 
     def logits(self, z: torch.Tensor, unit: bool = False) -> torch.Tensor:
         """Old-head logits of embeddings `z`; `unit`: z is L2-normalised already (then the
-        normalisation, the costliest part of this on every step, is skipped)."""
+        normalisation, the costliest part of this on every step, is skipped). A module
+        head gets `z` as the old model's `head` would: `unit` does not apply to it."""
+        if self.module is not None:
+            m = self.module
+            if next(m.parameters(), z).device != z.device:
+                m.to(z.device)
+            return m(z)
         wt, b = self._tensors
         wt = wt.to(dtype=z.dtype, device=z.device)
         if b is None:
@@ -63,12 +74,15 @@ class FrozenHead:
 
 
 def frozen_head(model: "GracefulNet | nn.Module", name: str, importance: float = 1.0) -> FrozenHead:
-    """Freeze `model`'s head into arrays: `model.classifier`, a `CosineHead` or `nn.Linear`.
-    A `GracefulNet`, or an LQF `workers.lqf.LinearizedNet`, whose `classifier` is its head
-    with the folded weights w0 + delta."""
+    """Freeze `model`'s head: `model.classifier`, a `CosineHead` or `nn.Linear` into arrays,
+    any other head module into a frozen copy. A `GracefulNet`, a custom `UserNet`, or an
+    LQF `workers.lqf.LinearizedNet`, whose `classifier` is its head with the folded weights
+    w0 + delta."""
     head = model.classifier
     if not isinstance(head, (CosineHead, nn.Linear)):
-        raise TypeError(f"BCT against {name!r}: its head is a {type(head).__name__}, not a cosine or linear head")
+        frozen = copy.deepcopy(head).cpu().requires_grad_(False).eval()
+        return FrozenHead(name, None, None, None, importance, module=frozen,
+                          dims=(int(model.num_classes), int(model.embed_dim)))
     with torch.no_grad():
         if isinstance(head, CosineHead):
             return FrozenHead(name, F.normalize(head.weight, dim=-1).cpu().numpy(), None,

@@ -12,7 +12,7 @@ tangent `w - w0`, never a materialised Jacobian. Three things change together:
   Jacobian is zero wherever a unit is off at w0, so those units could never move;
 - the loss: square loss on one-hot targets scaled by `lqf.target_scale` -- with a model
   linear in w this is a convex quadratic in w;
-- the optimiser: SGD with momentum on gradients preconditioned per Linear/Conv1d layer (and
+- the optimiser: SGD with momentum on gradients preconditioned per Linear/Conv1d/Conv2d layer (and
   the cosine head) by a Kronecker-factored curvature A (x) G (K-FAC), with factored Tikhonov
   damping `lqf.damping`, factors refreshed every `lqf.update_interval` steps.
 
@@ -52,9 +52,9 @@ from workers.training import ExtraLoss, log_rows, run_steps
 def fold(model: LinearizedNet) -> GracefulNet:
     """The plain network at w0 + delta: a first-order approximation of `model`, not equal
     to it (the gap is second order in delta). For callers that cannot serve a JVP."""
-    net = build_model(model.spec, model.input_dim, model.num_classes)
+    net = build_model(model.spec, model.input_shape, model.num_classes)
     with torch.no_grad():
-        net.load_state_dict({n: model._param(n) for n in model.names}, strict=False)
+        net.load_state_dict(model.folded_state(), strict=False)
     return net.eval()
 
 
@@ -102,6 +102,33 @@ def conv1d_factors(a: torch.Tensor, g: torch.Tensor, kernel_size: int, stride: i
     return p.T @ p / p.shape[0], gt.T @ gt / g.shape[0]
 
 
+def conv2d_factors(a: torch.Tensor, g: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
+                   padding: tuple[int, int], dilation: tuple[int, int], bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-FAC factors of a Conv2d layer (KFC, Grosse & Martens 2016), as `conv1d_factors`
+    with the output positions running over both spatial axes.
+
+    `a` (B, C_in, H, W) inputs, `g` (B, C_out, H_out, W_out) output gradients; the patch
+    a_t has C_in * kh * kw values in the order of the weight's reshape (C_out, -1).
+    """
+    patches = F.unfold(a, kernel_size, dilation=dilation, padding=padding, stride=stride)
+    p = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (B * H_out * W_out, C_in * kh * kw)
+    if bias:
+        p = torch.cat([p, p.new_ones(p.shape[0], 1)], 1)
+    gt = g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])  # (B * H_out * W_out, C_out)
+    return p.T @ p / p.shape[0], gt.T @ gt / g.shape[0]
+
+
+def _kfac_covers(m: nn.Module) -> bool:
+    """Layers with a K-FAC block: Linear, the cosine head, and ungrouped convolutions with
+    numeric padding (grouped convolutions and padding='same' keep their plain gradient)."""
+    if isinstance(m, (nn.Linear, CosineHead)):
+        return True
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        ok = m.groups == 1 and not isinstance(m.padding, str) and m.padding_mode == "zeros"
+        return ok and (isinstance(m, nn.Conv2d) or m.dilation[0] == 1)
+    return False
+
+
 def damped_inverses(A: torch.Tensor, G: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(A + pi sqrt(l) I)^-1, (G + sqrt(l)/pi I)^-1 with pi^2 = (tr A / dim A) / (tr G / dim G).
 
@@ -130,7 +157,7 @@ class _Layer:
 class KFAC:
     """Kronecker-factored preconditioner of a `LinearizedNet`'s delta gradients.
 
-    Covers every Linear and Conv1d layer of the network and the cosine head (a bias-free
+    Covers every Linear, Conv1d and Conv2d layer of the network (`_kfac_covers`) and the cosine head (a bias-free
     linear map of the normalised embedding whose row c is scaled by scale / |w_c|; the
     projection onto the sphere's tangent plane is left out, it only removes the radial
     direction the logits do not depend on). Other parameters keep their plain gradient.
@@ -142,7 +169,7 @@ class KFAC:
         index = {n: i for i, n in enumerate(model.names)}
         self.layers: list[_Layer] = []
         for name, m in model.base.named_modules():
-            if isinstance(m, (nn.Linear, nn.Conv1d, CosineHead)):
+            if _kfac_covers(m) and f"{name}.weight" in index:
                 b = index.get(f"{name}.bias") if getattr(m, "bias", None) is not None else None
                 self.layers.append(_Layer(m, index[f"{name}.weight"], b))
 
@@ -150,9 +177,15 @@ class KFAC:
         m = L.module
         if isinstance(m, nn.Conv1d):
             return conv1d_factors(L.a, L.g, m.kernel_size[0], m.stride[0], m.padding[0], L.bias is not None)
+        if isinstance(m, nn.Conv2d):
+            return conv2d_factors(L.a, L.g, m.kernel_size, m.stride, m.padding, m.dilation, L.bias is not None)
         if isinstance(m, CosineHead):
             g = L.g * (m.scale / m.weight.norm(dim=1))
             return linear_factors(F.normalize(L.a, dim=-1), g, bias=False)
+        if L.a.ndim > 2:  # a Linear on (B, ..., in), e.g. sequences: positions as in a conv
+            batch = L.a.shape[0]
+            A, G = linear_factors(L.a.reshape(-1, L.a.shape[-1]), L.g.reshape(-1, L.g.shape[-1]), L.bias is not None)
+            return A, G * (L.g.numel() // L.g.shape[-1] / batch)
         return linear_factors(L.a, L.g, L.bias is not None)
 
     @torch.no_grad()

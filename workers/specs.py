@@ -7,10 +7,13 @@ Every model rejects unknown keys; ranges are checked by the field constraints.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from workers.factory import FACTORY_PATTERN
 
 
 class StrictModel(BaseModel):
@@ -19,12 +22,28 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+def _json_kwargs(v: dict[str, Any]) -> dict[str, Any]:
+    """Factory kwargs are recorded in checkpoints and hashes: plain JSON values only."""
+    try:
+        json.dumps(v, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"kwargs must be plain JSON values (numbers, strings, lists, mappings): {e}") from None
+    return v
+
+
 class DataSpec(StrictModel):
     """Where the samples come from and how they are split (deterministic by `seed`)."""
 
-    source: Literal["mnist1d", "digits", "npz"] = "mnist1d"
-    # npz: a file with arrays `x` (N, L) float and `y` (N,) int; relative to the config file.
+    # custom: `factory(**kwargs)` returns (x, y) or {"train": (x, y), "val": ..., "test": ...};
+    # ray: `factory(**kwargs)` returns a ray.data.Dataset with columns x and y (or such a
+    # dict of them), streamed to the Ray Train workers (workers.streaming).
+    source: Literal["mnist1d", "digits", "npz", "custom", "ray"] = "mnist1d"
+    # npz: a file with arrays `x` (N, *input_shape) and `y` (N,) int; relative to the config file.
     path: Optional[Path] = None
+    factory: Optional[str] = Field(None, pattern=FACTORY_PATTERN, description="custom / ray: 'module:callable'")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="custom / ray: passed to the factory")
+    # Default: the largest label in the data + 1.
+    num_classes: Optional[int] = Field(None, ge=2)
     num_samples: int = Field(15000, gt=0, description="mnist1d only: samples generated")
     seed: int = Field(0, ge=0)
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -43,22 +62,34 @@ class DataSpec(StrictModel):
             raise ValueError(f"file not found: {p}")
         return p
 
+    _kwargs_json = field_validator("kwargs")(classmethod(lambda cls, v: _json_kwargs(v)))
+
     @model_validator(mode="after")
     def _npz_needs_path(self) -> "DataSpec":
         if self.source == "npz" and self.path is None:
             raise ValueError("source 'npz' needs `path` to a .npz file with arrays x and y")
+        if self.source in ("custom", "ray") and self.factory is None:
+            raise ValueError(f"source {self.source!r} needs `factory: package.module:callable`")
+        if self.source not in ("custom", "ray") and (self.factory is not None or self.kwargs):
+            raise ValueError(f"`factory` and `kwargs` are for source custom or ray, not {self.source!r}")
         if self.test_fraction + self.val_fraction >= 0.9:
             raise ValueError("test_fraction + val_fraction must leave at least 10% for training")
         return self
 
 
 class ArchSpec(StrictModel):
-    """A model: an embedding network and a classifier head on top of it."""
+    """A model: an embedding network and a classifier head on top of it.
 
-    type: Literal["mlp", "cnn1d"] = "cnn1d"
-    width: int = Field(32, gt=0, description="hidden units (mlp) or channels (cnn1d)")
-    depth: int = Field(3, ge=1, le=16, description="hidden layers (mlp) or conv layers (cnn1d)")
-    kernel_size: int = Field(5, ge=1, le=31, description="cnn1d only")
+    custom: `factory(input_shape, num_classes, **kwargs)` builds the module (workers.models,
+    "Bring your own model"); width, depth and kernel_size are then unused.
+    """
+
+    type: Literal["mlp", "cnn1d", "cnn2d", "custom"] = "cnn1d"
+    factory: Optional[str] = Field(None, pattern=FACTORY_PATTERN, description="custom only: 'module:callable'")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="custom only: passed to the factory")
+    width: int = Field(32, gt=0, description="hidden units (mlp) or channels (cnn1d, cnn2d)")
+    depth: int = Field(3, ge=1, le=16, description="hidden layers (mlp), conv layers (cnn1d), residual blocks (cnn2d)")
+    kernel_size: int = Field(5, ge=1, le=31, description="cnn1d only (cnn2d uses 3x3)")
     embed_dim: int = Field(64, gt=0)
     # cosine: L2-normalised embedding and a cosine head (normalised softmax) -- what BCT
     # needs (docs/training.md, Data and models); linear: ReLU-free embedding + linear head.
@@ -66,6 +97,16 @@ class ArchSpec(StrictModel):
     scale: float = Field(16.0, gt=0, description="cosine head: logit scale")
     activation: Literal["relu", "leaky_relu"] = "relu"
     negative_slope: float = Field(0.01, gt=0, lt=1, description="leaky_relu only")
+
+    _kwargs_json = field_validator("kwargs")(classmethod(lambda cls, v: _json_kwargs(v)))
+
+    @model_validator(mode="after")
+    def _custom_needs_factory(self) -> "ArchSpec":
+        if self.type == "custom" and self.factory is None:
+            raise ValueError("type 'custom' needs `factory: package.module:callable`")
+        if self.type != "custom" and (self.factory is not None or self.kwargs):
+            raise ValueError(f"`factory` and `kwargs` are for type custom, not {self.type!r}")
+        return self
 
 
 class TrainSpec(StrictModel):
@@ -133,6 +174,9 @@ class GenerationSpec(StrictModel):
 
     name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     arch: ArchSpec = Field(default_factory=ArchSpec)
+    # New data for this generation: replaces the run's training pool (new rows, new
+    # classes); every generation is still evaluated on the run's common test split.
+    train_data: Optional[DataSpec] = None
     # How much of the training pool this generation sees (a prefix, so later generations
     # see a superset: continual learning). Fraction of the pool in (0, 1].
     train_fraction: float = Field(1.0, gt=0, le=1)

@@ -28,11 +28,10 @@ import torch
 from torch import nn
 
 from workers.checkpoint import METRICS_FILE, MODEL_FILE, load_model, save_model
-from workers.data import Split, fingerprint, generation_train_split, load_dataset
+from workers.data import Split, fingerprint, generation_data, load_dataset
 from workers.losses import (FrozenHead, bct_influence_loss, ensemble_distillation_loss,
                             focal_distillation_loss, frozen_head)
-from workers.lqf import LinearizedNet  # imports workers.checkpoint/training, never this module
-from workers.models import GracefulNet, build_model
+from workers.models import build_model
 from workers.specs import CompatSpec, DataSpec, GenerationSpec, ScalingSpec
 from workers.training import ExtraLoss, Recipe, StandardRecipe, accuracy, fit, predict, run_steps
 
@@ -47,6 +46,13 @@ class ConstraintModel:
     path: str  # checkpoint directory or file
     sha256: str
     importance: float = 1.0  # weight among the BCT heads
+    # What the config expects its checkpoint's factory to be (`checkpoint.expected_factory`);
+    # a checkpoint recording another one is refused. None: not checked.
+    factory: Optional[str] = None
+
+    def load(self) -> tuple[nn.Module, dict[str, Any]]:
+        """Its model, verified by sha256 and factory."""
+        return load_model(self.path, self.sha256, factory=self.factory)
 
 
 @dataclass(frozen=True)
@@ -116,24 +122,23 @@ def make_extra_loss(compat: CompatSpec, targets: CompatTargets,
 
 
 def _unit_embeddings(model: Optional[nn.Module]) -> bool:
-    """Whether `model` L2-normalises its embeddings (cosine heads): BCT then skips doing it again.
-    True for a plain `GracefulNet` and for an LQF `LinearizedNet` with a cosine head (both
-    normalise in `embed_and_logits`)."""
-    spec = getattr(model, "spec", None)
-    return isinstance(model, (GracefulNet, LinearizedNet)) and spec is not None and spec.head == "cosine"
+    """Whether `model` L2-normalises its embeddings (cosine heads): BCT then skips doing it
+    again. `unit_embeddings` of a `GracefulNet`, or an LQF `LinearizedNet` around one, with
+    a cosine head; False for a custom model's own `embed` and anything unknown."""
+    return bool(getattr(model, "unit_embeddings", False))
 
 
 # --- driver-side preparation (Ray tasks) ---------------------------------------------------
 
-def _logits_of(path: str, sha256: str, x: np.ndarray) -> np.ndarray:
-    model, _ = load_model(path, sha256)  # plain or LQF (served through a JVP)
+def _logits_of(c: ConstraintModel, x: np.ndarray) -> np.ndarray:
+    model, _ = c.load()  # plain or LQF (served through a JVP)
     return predict(model, x)[1]
 
 
 def constraint_head(c: ConstraintModel) -> FrozenHead:
     """The frozen head of BCT constraint `c`, from its verified checkpoint (plain or LQF:
     an LQF generation's head has the folded weights w0 + delta, `LinearizedNet.classifier`)."""
-    model, _ = load_model(c.path, c.sha256)
+    model, _ = c.load()
     return frozen_head(model, c.name, c.importance)
 
 
@@ -213,9 +218,9 @@ def _train_reference(gen: GenerationSpec, data: DataSpec, seed: int) -> np.ndarr
     compatibility terms; returns its logits on the generation's training rows."""
     torch.set_num_threads(1)
     ds = load_dataset(data)
-    split = generation_train_split(ds, gen.train_fraction, gen.label_noise, gen.train.seed)
+    split, classes = generation_data(ds, gen)
     torch.manual_seed(seed)
-    model = build_model(gen.arch, ds.input_dim, ds.num_classes)
+    model = build_model(gen.arch, ds.input_shape, classes)
     fit(model, split, gen.train.model_copy(update={"seed": seed}))
     return predict(model, split.x)[1]
 
@@ -237,7 +242,7 @@ def build_targets(job: TrainJob, split: Split, log: Callable[[str], None] = prin
         if job.production is None:
             raise ValueError("focal_distillation needs a production model")
         task = ray.remote(num_cpus=1)(_logits_of)
-        targets.old_logits = ray.get(task.remote(job.production.path, job.production.sha256, split.x))
+        targets.old_logits = ray.get(task.remote(job.production, split.x))
     if compat.ensemble is not None:
         cache = ensemble_cache_path(job, split)
         cached = _read_cached_logits(cache, len(split))
@@ -283,16 +288,16 @@ def _train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
 
     ds = load_dataset(job.data)
-    split = generation_train_split(ds, gen.train_fraction, gen.label_noise, gen.train.seed)
+    split, classes = generation_data(ds, gen)
     torch.manual_seed(spec.seed)  # identical initial weights on every worker
     recipe: Recipe
     if gen.recipe == "lqf":
         from workers.lqf import make_lqf
 
-        parent, _ = load_model(job.production.path, job.production.sha256)
+        parent, _ = job.production.load()
         recipe = make_lqf(parent, gen)
     else:
-        recipe = StandardRecipe(build_model(gen.arch, ds.input_dim, ds.num_classes), spec)
+        recipe = StandardRecipe(build_model(gen.arch, ds.input_shape, classes), spec)
     model, opt, sched = recipe.model, recipe.opt, recipe.sched
     model.to(device)
     ddp = ray.train.torch.prepare_model(_EmbedAndLogits(model))
@@ -356,7 +361,7 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
     gen = job.generation
     t_start = time.time()
     ds = load_dataset(job.data)
-    split = generation_train_split(ds, gen.train_fraction, gen.label_noise, gen.train.seed)
+    split, classes = generation_data(ds, gen)
     if gen.recipe == "lqf" and job.production is None:
         raise ValueError(f"{gen.name}: recipe lqf needs a parent (production) model")
     targets = build_targets(job, split, log)
@@ -389,12 +394,12 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
     if gen.recipe == "lqf":
         from workers.lqf import make_lqf, save_lqf
 
-        parent, _ = load_model(job.production.path, job.production.sha256)
+        parent, _ = job.production.load()
         model = make_lqf(parent, gen).model
         model.load_state_dict(state["model"])
         sha = save_lqf(model.eval(), job.out_dir, meta)
     else:
-        model = build_model(gen.arch, ds.input_dim, ds.num_classes)
+        model = build_model(gen.arch, ds.input_shape, classes)
         model.load_state_dict(state["model"])
         sha = save_model(model.eval(), job.out_dir, meta)
     last = history[-1] if history else {}
@@ -405,6 +410,8 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
         "test_accuracy": accuracy(model, ds.test), "history": history,
         "resumed_from_step": next((h["resumed_from_step"] for h in history if h.get("resumed_from_step")), None),
         "data_fingerprint": fingerprint(split), "train_samples": len(split),
+        "input_shape": list(ds.input_shape), "num_classes": classes,
+        "factory": gen.arch.factory,
         "constraints": constraint_records(job),
         "scaling": job.scaling.model_dump(),
     }

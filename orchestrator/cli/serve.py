@@ -15,6 +15,7 @@ import threading
 import time
 
 from orchestrator.apps import NotTrained, ServeRequestError, build_gallery, serving_plan, start_router
+from orchestrator.config import init_ray
 from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
 from orchestrator.registry import IntegrityError, Registry, registry_path
 
@@ -38,8 +39,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         except (NotTrained, IntegrityError) as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_FAILED
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        init_ray(cfg, address=os.environ.get("RAY_ADDRESS"))
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         url = start_router(cfg, reg, plan, gallery=gallery, spec=spec, admin_token=token)

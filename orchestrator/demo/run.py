@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from orchestrator.config import RunConfig
+from orchestrator.config import RunConfig, init_ray
 from orchestrator.rundir import generation_dir, registry_path, summary_path
 
 OUTCOMES = ("promoted", "rolled_back", "rejected")
@@ -288,7 +288,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
     try:
         # Always a new local cluster (never one RAY_ADDRESS points at): the finally below
         # shuts down Serve and Ray, which must only ever be our own.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+        init_ray(cfg, address="local")
         trap_sigterm()  # again: ray.init makes SIGTERM exit at once, skipping the cleanup below
         # Serve's per-application INFO lines would bury the demo's own progress.
         logging.getLogger("ray.serve").setLevel(logging.WARNING)

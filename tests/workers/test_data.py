@@ -66,7 +66,8 @@ def test_user_npz(tmp_path):
 
 @pytest.mark.parametrize("arrays,match", [
     ({"x": np.zeros((5, 2))}, "needs arrays 'x' and 'y'"),
-    ({"x": np.zeros((5, 2)), "y": np.zeros(4, int)}, "x must be"),
+    ({"x": np.zeros((5, 2)), "y": np.zeros(4, int)}, "one label per row"),
+    ({"x": np.zeros(5), "y": np.zeros(5, int)}, "x must be"),
     ({"x": np.full((5, 2), np.nan), "y": np.zeros(5, int)}, "NaN"),
     ({"x": np.zeros((5, 2)), "y": np.full(5, 0.5)}, "integer class ids"),
 ])
