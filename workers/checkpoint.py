@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from workers.models import LinearizedNet, build_model
-from workers.specs import ArchSpec
+from workers.specs import BUILTIN_FACTORY, ArchSpec
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.pt"
@@ -125,7 +125,7 @@ def input_shape_of(blob: dict[str, Any]) -> tuple[int, ...]:
 
 
 # What `factory_of` says of a built-in architecture (mlp, cnn1d, cnn2d).
-BUILTIN = "(built-in)"
+BUILTIN = BUILTIN_FACTORY
 
 
 def factory_of(blob: dict[str, Any]) -> str:
@@ -136,7 +136,7 @@ def factory_of(blob: dict[str, Any]) -> str:
 
 def expected_factory(arch: ArchSpec) -> str:
     """What a config's `arch` expects `factory_of` a checkpoint to say."""
-    return arch.factory or BUILTIN
+    return arch.checkpoint_factory
 
 
 def _rebuild(f: Path, blob: dict[str, Any]) -> nn.Module:

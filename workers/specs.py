@@ -77,6 +77,9 @@ class DataSpec(StrictModel):
         return self
 
 
+BUILTIN_FACTORY = "(built-in)"
+
+
 class ArchSpec(StrictModel):
     """A model: an embedding network and a classifier head on top of it.
 
@@ -99,6 +102,12 @@ class ArchSpec(StrictModel):
     negative_slope: float = Field(0.01, gt=0, lt=1, description="leaky_relu only")
 
     _kwargs_json = field_validator("kwargs")(classmethod(lambda cls, v: _json_kwargs(v)))
+
+    @property
+    def checkpoint_factory(self) -> str:
+        """What a checkpoint of this arch records as its factory (`BUILTIN_FACTORY` for mlp,
+        cnn1d, cnn2d): loaders compare the two before importing anything."""
+        return self.factory or BUILTIN_FACTORY
 
     @model_validator(mode="after")
     def _custom_needs_factory(self) -> "ArchSpec":

@@ -11,7 +11,7 @@ recorded in the registry; a failed gate marks a 'trained' candidate 'rejected'.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -133,20 +133,49 @@ def gate(metrics: dict[str, Any], gates: GatesSpec) -> tuple[bool, list[str]]:
 
 # --- side effects at the edges ------------------------------------------------------------
 
-def load_verified(reg: Registry, name: str):
-    """The model of generation `name`, after its file's sha256 matched the registry."""
-    from workers.checkpoint import load_model  # plain and LQF checkpoints, weights_only
+def load_verified(reg: Registry, name: str, cfg: Optional[RunConfig] = None):
+    """The model of generation `name`, after its file's sha256 matched the registry (and,
+    with `cfg`, its factory is the one the config names for it)."""
+    from orchestrator.chain import expected_factory_of
+    from workers.checkpoint import load_model  # every kind, weights_only
 
     path = reg.verify_checkpoint(name)
-    model, _ = load_model(path, reg.generation(name).sha256)
+    factory = expected_factory_of(cfg, name) if cfg is not None else None
+    model, _ = load_model(path, reg.generation(name).sha256, factory=factory)
     return model
 
 
-def outputs(reg: Registry, names: list[str], x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def outputs(reg: Registry, names: list[str], x: np.ndarray,
+            cfg: Optional[RunConfig] = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(embeddings, logits) on `x` of each named generation (verified checkpoints)."""
     from workers.training import predict
 
-    return {n: predict(load_verified(reg, n), x) for n in names}
+    return {n: predict(load_verified(reg, n, cfg), x) for n in names}
+
+
+def compare_models(baseline, candidate, x: np.ndarray, y: np.ndarray, gates: GatesSpec,
+                   names: tuple[str, str] = ("baseline", "candidate"), n_boot: int = 1000) -> Evaluation:
+    """The offline gate of model `candidate` against model `baseline` on test rows `x`
+    (N, *input_shape) with labels `y`: every metric and check of `evaluate`, recorded
+    nowhere. Retrieval uses the first half of the rows as queries and the second as the
+    gallery. The models may differ in architecture and in classes (a candidate that knows
+    new classes); their input shapes must be those of `x`."""
+    from workers.training import predict
+
+    (emb_b, log_b), (emb_c, log_c) = predict(baseline, x), predict(candidate, x)
+    pred_b, pred_c = log_b.argmax(1), log_c.argmax(1)
+    classes = max(int(y.max()) + 1, log_b.shape[1], log_c.shape[1])
+    half = len(y) // 2  # query half / gallery half, as workers.data.Dataset splits them
+    m_cp = None  # stays None when the embedding sizes differ: not comparable
+    if emb_b.shape[1] == emb_c.shape[1]:
+        m_cp = M.retrieval_top1(emb_c[:half], y[:half], emb_b[half:], y[half:])
+    m_pp = M.retrieval_top1(emb_b[:half], y[:half], emb_b[half:], y[half:])
+    mets = evaluation_metrics(y, pred_b, pred_c, classes, m_cp, m_pp, n_boot=n_boot)
+    checks = gate_checks(mets, gates)
+    passed, reasons = gate(mets, gates)
+    per_class = M.per_class_nfr(y, pred_b, pred_c, classes).tolist()
+    flips = M.flip_matrix(y, pred_b, pred_c, classes).tolist()
+    return Evaluation(names[1], names[0], passed, reasons, mets, checks, per_class, flips)
 
 
 def ensure_registered(cfg: RunConfig, reg: Registry, name: str) -> None:
@@ -188,20 +217,10 @@ def evaluate(cfg: RunConfig, candidate: str, against: Optional[str] = None,
         baseline = resolve_baseline(reg, candidate, against)
         ensure_registered(cfg, reg, baseline)
         ds = load_dataset(cfg.data)
-        out = outputs(reg, [baseline, candidate], ds.test.x)
-        (emb_b, log_b), (emb_c, log_c) = out[baseline], out[candidate]
-        y = ds.test.y
-        pred_b, pred_c = log_b.argmax(1), log_c.argmax(1)
-        half = len(y) // 2  # query half / gallery half, as workers.data.Dataset splits them
-        m_cp = None  # stays None when the embedding sizes differ: not comparable
-        if emb_b.shape[1] == emb_c.shape[1]:
-            m_cp = M.retrieval_top1(emb_c[:half], y[:half], emb_b[half:], y[half:])
-        m_pp = M.retrieval_top1(emb_b[:half], y[:half], emb_b[half:], y[half:])
-        mets = evaluation_metrics(y, pred_b, pred_c, ds.num_classes, m_cp, m_pp, n_boot=n_boot)
-        checks = gate_checks(mets, cfg.gates)
-        passed, reasons = gate(mets, cfg.gates)
-        per_class = M.per_class_nfr(y, pred_b, pred_c, ds.num_classes).tolist()
-        flips = M.flip_matrix(y, pred_b, pred_c, ds.num_classes).tolist()
+        ev = compare_models(load_verified(reg, baseline, cfg), load_verified(reg, candidate, cfg),
+                            ds.test.x, ds.test.y, cfg.gates, (baseline, candidate), n_boot)
+        mets, passed, reasons = ev.metrics, ev.passed, ev.reasons
+        per_class, flips = ev.per_class_nfr, ev.flip_matrix
         eid, status = None, reg.generation(candidate).status
         if record:
             eid = reg.record_evaluation(candidate, baseline,
@@ -216,7 +235,7 @@ def evaluate(cfg: RunConfig, candidate: str, against: Optional[str] = None,
             elif passed and status == GenerationStatus.REJECTED:
                 status = reg.set_status(candidate, GenerationStatus.TRAINED, "evaluate",
                                         f"offline gate passed (evaluation {eid})").status
-        return Evaluation(candidate, baseline, passed, reasons, mets, checks, per_class, flips, eid, status)
+        return replace(ev, evaluation_id=eid, status=status)
     finally:
         if registry is None:
             reg.close()

@@ -46,7 +46,7 @@ def chain_summary(cfg: RunConfig, reg: Registry) -> dict:
     names = [g.name for g in cfg.generations if reg.generation(g.name) is not None]
     ds = load_dataset(cfg.data)
     y = ds.test.y
-    out = outputs(reg, names, ds.test.x)
+    out = outputs(reg, names, ds.test.x, cfg)
     preds = {n: out[n][1].argmax(1) for n in names}
     rows = []
     for n in names:
