@@ -104,3 +104,121 @@ def strings():
 
 def not_arrays():
     return 42
+
+
+# --- added for the unit tests of models, losses and LQF --------------------------------------
+
+class ScaledIdentityHead(nn.Module):
+    """embed(x) = a Linear of the flattened rows to `num_classes` values; head(z) = scale * z,
+    a method without parameters: logits are known by hand for any z."""
+
+    def __init__(self, input_shape, num_classes: int, scale: float):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), num_classes))
+        self.scale = scale
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        return self.scale * z
+
+
+def scaled_identity_head(input_shape, num_classes, scale: float = 2.0) -> nn.Module:
+    return ScaledIdentityHead(input_shape, num_classes, scale)
+
+
+class SubmoduleHead(nn.Module):
+    """embed(x) a method, `head` an nn.Linear submodule."""
+
+    def __init__(self, input_shape, num_classes: int, dim: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), dim))
+        self.head = nn.Linear(dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def submodule_head(input_shape, num_classes, dim: int = 5) -> nn.Module:
+    return SubmoduleHead(input_shape, num_classes, dim)
+
+
+def wrong_head_classes(input_shape, num_classes):
+    """A head with one class too many: refused."""
+    return SubmoduleHead(input_shape, num_classes + 1, 4)
+
+
+def wrong_input_channels(input_shape, num_classes):
+    """A backbone expecting one channel more than the data has: fails on the dry run."""
+    return TinyBackbone(int(input_shape[0]) + 1, 2)
+
+
+class OddConvs(nn.Module):
+    """Convolutions K-FAC does not cover (grouped, padding='same') beside one it does."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.plain = nn.Conv2d(channels, 4, 3, padding=1)
+        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.same = nn.Conv2d(4, 4, 3, padding="same")
+        self.pool = nn.Sequential(nn.LeakyReLU(0.1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.same(self.grouped(self.plain(x))))
+
+
+def odd_convs(input_shape, num_classes) -> nn.Module:
+    return OddConvs(int(input_shape[0]))
+
+
+class SequenceLinear(nn.Module):
+    """(N, T, F) -> a Linear on every position -> mean over T: (N, H) features."""
+
+    def __init__(self, features: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(features, hidden)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.proj(x)).mean(dim=1)
+
+
+def sequence_linear(input_shape, num_classes, hidden: int = 3) -> nn.Module:
+    return SequenceLinear(int(input_shape[-1]), hidden)
+
+
+# --- added for the unit tests of data -----------------------------------------------------
+
+def negative_labels():
+    x, y = digits_images()
+    y = y.copy()
+    y[5] = -1
+    return x, y
+
+
+def splits_without_test():
+    x, y = digits_images()
+    return {"train": (x[:1200], y[:1200]), "val": (x[1200:], y[1200:])}
+
+
+def split_not_a_pair():
+    x, y = digits_images()
+    return {"train": (x[:1200], y[:1200]), "test": x[1200:]}
+
+
+def splits_of_other_shapes():
+    x, y = digits_images()
+    return {"train": (x[:1200], y[:1200]), "test": (x[1200:, :, :4, :], y[1200:])}
+
+
+def torch_tensors():
+    """x and y as torch tensors (accepted and converted)."""
+    x, y = digits_images()
+    return torch.as_tensor(x), torch.as_tensor(y)
+
+
+def tiny_flat(n: int = 40, classes: int = 3, features: int = 5):
+    """n rows of `features` values, labels 0..classes-1 in turn (deterministic)."""
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, features)).astype(np.float32), np.arange(n) % classes

@@ -103,3 +103,81 @@ def test_ensemble_distillation_hand_cases():
 def test_ancestor_importances():
     """Distances 1,2,3 with decay 0.5: 1, .5, .25 -> normalised 4/7, 2/7, 1/7."""
     assert ancestor_importances([1, 2, 3], 0.5) == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+
+
+# --- custom heads: a module FrozenHead ------------------------------------------------------
+
+from torch.nn import functional as F  # noqa: E402
+
+from workers.models import LinearizedNet, UserNet  # noqa: E402
+
+
+def _user(name: str, input_shape=(4,), classes: int = 3, **kwargs) -> UserNet:
+    torch.manual_seed(0)
+    model = build_model(ArchSpec(type="custom", factory=f"tests.factories:{name}", kwargs=kwargs), input_shape, classes)
+    assert type(model) is UserNet
+    return model
+
+
+def test_frozen_head_of_a_method_head_is_a_frozen_module_with_the_right_dims():
+    model = _user("own_heads", dim=6)
+    fh = frozen_head(model, "g0", importance=0.5)
+    assert fh.module is not None and fh.weight is None and fh.bias is None and fh.scale is None
+    assert fh.dims == (3, 6) and (fh.num_classes, fh.embed_dim) == (3, 6) and fh.importance == 0.5
+    assert all(not p.requires_grad for p in fh.module.parameters()) and not fh.module.training
+    z = torch.randn(5, 6)
+    torch.testing.assert_close(fh.logits(z), model.head(z))
+    torch.testing.assert_close(fh.logits(z, unit=True), model.head(z))  # `unit` does not apply
+    # A copy: training the model on does not move the frozen head.
+    with torch.no_grad():
+        model.net.cls.weight.add_(1.0)
+    assert not torch.allclose(fh.logits(z), model.head(z))
+
+
+def test_bct_through_a_module_head_is_the_cross_entropy_of_the_users_head():
+    model = _user("own_heads", dim=6)
+    fh = frozen_head(model, "g0")
+    z = torch.randn(7, 6, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    loss = bct_influence_loss(z, y, [fh])
+    torch.testing.assert_close(loss, F.cross_entropy(model.head(z), y))
+    loss.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_bct_through_a_parameter_free_head_hand_case():
+    """head(z) = 2 z (ScaledIdentityHead): z = (1, 0) gives logits (2, 0), CE for y = 0 is
+    log(1 + e^-2) = 0.126928, as for the cosine EYE_HEAD above; y = 1: log(1 + e^2) = 2.126928."""
+    fh = frozen_head(_user("scaled_identity_head", classes=2), "g0")
+    assert fh.module is not None and fh.dims == (2, 2)
+    z = torch.tensor([[1.0, 0.0]])
+    assert bct_influence_loss(z, torch.tensor([0]), [fh]).item() == pytest.approx(0.126928, rel=1e-5)
+    assert bct_influence_loss(z, torch.tensor([1]), [fh]).item() == pytest.approx(2.126928, rel=1e-5)
+
+
+def test_bct_masks_classes_a_module_head_does_not_know():
+    """Old 2-class head(z) = 2 z; batch of 3 with y = 0, 5, 1: the class-5 row is masked,
+    the others cost log(1 + e^-2) each (z = (1, 0), y = 0 and z = (0, 1), y = 1), the sum is
+    divided by the batch size 3: 2 * 0.126928 / 3 = 0.084619."""
+    fh = frozen_head(_user("scaled_identity_head", classes=2), "g0")
+    z = torch.tensor([[1.0, 0.0], [5.0, -5.0], [0.0, 1.0]])
+    loss = bct_influence_loss(z, torch.tensor([0, 5, 1]), [fh])
+    assert loss.item() == pytest.approx(2 * 0.126928 / 3, rel=1e-5)
+    assert bct_influence_loss(z[1:2], torch.tensor([5]), [fh]).item() == 0.0  # nothing known
+
+
+def test_frozen_head_of_a_head_submodule_and_of_an_lqf_user_net():
+    sub = _user("submodule_head", dim=5)
+    fh = frozen_head(sub, "g0")
+    assert fh.module is None and fh.weight.shape == (3, 5) and fh.bias.shape == (3,)  # an nn.Linear: arrays
+    z = torch.randn(4, 5)
+    torch.testing.assert_close(fh.logits(z), sub.head(z), atol=1e-5, rtol=1e-5)
+    lin = LinearizedNet(_user("own_heads", dim=6))
+    with torch.no_grad():
+        for d in lin.delta:
+            d.copy_(0.1 * torch.randn_like(d))
+    fl = frozen_head(lin, "g1")
+    assert fl.module is not None and fl.dims == (3, 6)
+    z = torch.randn(4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fl.logits(z), lin.head(z))

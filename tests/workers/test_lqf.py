@@ -210,3 +210,164 @@ def test_exact_step_lands_on_the_batch_minimum_along_the_direction():
 
     best = loss_at(1.0)
     assert best < loss_at(0.0) and best < loss_at(0.8) and best < loss_at(1.2)
+
+
+# --- Conv2d, custom models ----------------------------------------------------------------
+
+from torch import nn  # noqa: E402
+
+from workers.lqf import _kfac_covers, conv2d_factors  # noqa: E402
+
+
+def test_conv2d_factors_hand_case_1x1_kernel():
+    """C_in = C_out = 1, a 2x2 image [[1, 2], [3, 4]], 1x1 kernel: the 4 patches are the
+    pixels. A = mean of p^2 = (1 + 4 + 9 + 16) / 4 = 7.5; with the bias column
+    [[7.5, mean p], [mean p, 1]] = [[7.5, 2.5], [2.5, 1]]. g = [[1, -1], [2, 0]] at the
+    4 output positions: G = sum over positions of g^2, batch mean = (1 + 1 + 4 + 0) / 1 = 6."""
+    a = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    g = torch.tensor([[[[1.0, -1.0], [2.0, 0.0]]]])
+    A, G = conv2d_factors(a, g, (1, 1), (1, 1), (0, 0), (1, 1), bias=False)
+    torch.testing.assert_close(A, torch.tensor([[7.5]]))
+    torch.testing.assert_close(G, torch.tensor([[6.0]]))
+    A_b, _ = conv2d_factors(a, g, (1, 1), (1, 1), (0, 0), (1, 1), bias=True)
+    torch.testing.assert_close(A_b, torch.tensor([[7.5, 2.5], [2.5, 1.0]]))
+
+
+def test_conv2d_factors_hand_case_2x2_kernel_is_one_linear_layer():
+    """A 2x2 kernel on a 2x2 image has one output position: the layer is a Linear on the
+    patch p = [1, 2, 3, 4] (row-major, the weight's reshape order), A = p p^T,
+    e.g. A[1, 3] = 2 * 4 = 8; g = 3 -> G = 9."""
+    a = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    g = torch.tensor([[[[3.0]]]])
+    A, G = conv2d_factors(a, g, (2, 2), (1, 1), (0, 0), (1, 1), bias=False)
+    p = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    torch.testing.assert_close(A, torch.outer(p, p))
+    assert A[1, 3].item() == 8.0
+    torch.testing.assert_close(G, torch.tensor([[9.0]]))
+
+
+def _brute_conv2d_factors(a, g, k, s, p, d, bias):
+    """The patches by explicit loops over (b, i, j), in the order of weight.reshape(C_out, -1)."""
+    B, C, H, W = a.shape
+    ap = torch.nn.functional.pad(a, (p[1], p[1], p[0], p[0]))
+    Ho, Wo = g.shape[2:]
+    patches, grads = [], []
+    for b in range(B):
+        for i in range(Ho):
+            for j in range(Wo):
+                rows = [i * s[0] + u * d[0] for u in range(k[0])]
+                cols = [j * s[1] + v * d[1] for v in range(k[1])]
+                patch = ap[b][:, rows][:, :, cols].reshape(-1)
+                patches.append(torch.cat([patch, torch.ones(1, dtype=a.dtype)]) if bias else patch)
+                grads.append(g[b, :, i, j])
+    P, Gt = torch.stack(patches), torch.stack(grads)
+    return P.T @ P / len(P), Gt.T @ Gt / B, torch.stack(patches)
+
+
+@pytest.mark.parametrize("k,s,p,d", [((3, 3), (1, 1), (1, 1), (1, 1)), ((2, 3), (2, 1), (0, 1), (1, 1)),
+                                     ((3, 2), (1, 2), (2, 0), (2, 1))])
+def test_conv2d_factors_agree_with_a_brute_force_computation(k, s, p, d):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 3, 5, 6, generator=gen, dtype=torch.float64)
+    conv = nn.Conv2d(3, 4, k, stride=s, padding=p, dilation=d).double()
+    out = conv(a)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    A, G = conv2d_factors(a, g, k, s, p, d, bias=True)
+    A_want, G_want, patches = _brute_conv2d_factors(a, g, k, s, p, d, bias=True)
+    torch.testing.assert_close(A, A_want)
+    torch.testing.assert_close(G, G_want)
+    # The patch order is the weight's: [W, b] @ [patch; 1] is the convolution's output.
+    Wb = torch.cat([conv.weight.reshape(4, -1), conv.bias[:, None]], 1)
+    torch.testing.assert_close((patches @ Wb.T).reshape(2, *out.shape[2:], 4).permute(0, 3, 1, 2), out)
+
+
+def test_kfac_covers_every_conv2d_of_a_cnn2d():
+    """cnn2d depth 2 on 8x8: stem conv, block 1 (two convs, identity skip), block 2
+    (two convs and a 1x1 skip conv, it downsamples) = 6 Conv2d; + projection + cosine head."""
+    torch.manual_seed(0)
+    parent = build_model(ArchSpec(type="cnn2d", width=3, depth=2, embed_dim=4), (1, 8, 8), 3)
+    convs = [m for m in parent.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 6
+    lin = LinearizedNet(parent)
+    kfac = KFAC(lin, damping=1e-3)
+    kinds = [type(L.module).__name__ for L in kfac.layers]
+    assert kinds.count("Conv2d") == 6 and kinds[-2:] == ["Linear", "CosineHead"] and len(kinds) == 8
+    x = torch.randn(8, 1, 8, 8)
+    kfac.update(x)
+    stem = kfac.layers[0]
+    assert stem.A.shape == (1 * 9 + 1, 1 * 9 + 1) and stem.G.shape == (3, 3)
+    want_A, _ = conv2d_factors(x, torch.zeros(8, 3, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1), bias=True)
+    torch.testing.assert_close(stem.A, want_A)  # the stem's inputs are the images themselves
+    square_loss(lin(x), torch.randint(0, 3, (8,)), 4.0).backward()
+    raw = [d.grad.clone() for d in lin.delta]
+    kfac.precondition()
+    assert not torch.allclose(raw[stem.weight], lin.delta[stem.weight].grad)
+
+
+def test_kfac_skips_grouped_convs_and_padding_same():
+    assert _kfac_covers(nn.Conv2d(2, 2, 3, padding=1)) and _kfac_covers(nn.Conv2d(2, 2, 3, dilation=2))
+    assert not _kfac_covers(nn.Conv2d(2, 2, 3, groups=2))
+    assert not _kfac_covers(nn.Conv2d(2, 2, 3, padding="same"))
+    assert not _kfac_covers(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+    assert not _kfac_covers(nn.Conv1d(2, 2, 3, dilation=2)) and _kfac_covers(nn.Conv1d(2, 2, 3))
+    torch.manual_seed(0)
+    parent = build_model(ArchSpec(type="custom", factory="tests.factories:odd_convs", embed_dim=4), (2, 5, 5), 3)
+    lin = LinearizedNet(parent)
+    kfac = KFAC(lin, damping=1e-3)
+    covered = {n for n, m in lin.base.named_modules() if any(L.module is m for L in kfac.layers)}
+    assert covered == {"trunk.plain", "project", "classifier"}
+    x = torch.randn(6, 2, 5, 5)
+    kfac.update(x)
+    square_loss(lin(x), torch.randint(0, 3, (6,)), 4.0).backward()
+    raw = {n: d.grad.clone() for n, d in zip(lin.names, lin.delta)}
+    kfac.precondition()
+    after = {n: d.grad for n, d in zip(lin.names, lin.delta)}
+    for n in ("trunk.grouped.weight", "trunk.same.weight", "trunk.same.bias"):
+        assert torch.equal(raw[n], after[n])  # plain gradient
+    assert not torch.allclose(raw["trunk.plain.weight"], after["trunk.plain.weight"])
+
+
+def test_kfac_factors_of_a_linear_on_sequences_treat_positions_as_a_conv_does():
+    """A Linear(1, 1) without bias on (B, T, F) = (1, 2, 1) inputs a = [1, 2], output
+    gradients g = [1, 3]: A = mean over positions of a^2 = (1 + 4) / 2 = 2.5, G = sum over
+    positions of g^2, batch mean = (1 + 9) / 1 = 10 (as conv1d_factors would give)."""
+    torch.manual_seed(0)
+    parent = build_model(ArchSpec(type="custom", factory="tests.factories:sequence_linear", embed_dim=4), (2, 1), 3)
+    kfac = KFAC(LinearizedNet(parent), damping=1e-3)
+    L = kfac.layers[0]
+    assert L.module is kfac.model.base.trunk.proj and L.bias is not None
+    L.bias = None
+    L.a, L.g = torch.tensor([[[1.0], [2.0]]]), torch.tensor([[[1.0], [3.0]]])
+    A, G = kfac._factors(L)
+    torch.testing.assert_close(A, torch.tensor([[2.5]]))
+    torch.testing.assert_close(G, torch.tensor([[10.0]]))
+    # Through the hooks: the first layer's inputs are the sequences themselves.
+    kfac2 = KFAC(LinearizedNet(parent), damping=1e-3)
+    x = torch.randn(5, 2, 1)
+    kfac2.update(x)
+    rows = torch.cat([x.reshape(-1, 1), torch.ones(10, 1)], 1)
+    torch.testing.assert_close(kfac2.layers[0].A, rows.T @ rows / 10)
+
+
+def test_lqf_trains_a_custom_model_with_its_own_heads():
+    """Own embed/head (OwnHeads: Flatten, Linear, ReLU; Linear head) on a separable toy
+    problem, y = [x_0 > 0]: the ReLU becomes leaky and the square loss falls."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 2, 3)).astype(np.float32)
+    y = (x[:, 0, 0] > 0).astype(np.int64)
+    torch.manual_seed(0)
+    parent = build_model(ArchSpec(type="custom", factory="tests.factories:own_heads", kwargs={"dim": 8}), (2, 3), 2)
+    gen = GenerationSpec(name="g1", arch=parent.spec, recipe="lqf",
+                         train=TrainSpec(steps=30, batch_size=32, lr=0.1),
+                         lqf=LQFSpec(target_scale=4.0, damping=1e-2, update_interval=5))
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    start = LinearizedNet(parent)
+    assert not any(type(m) is nn.ReLU for m in start.base.modules())
+    assert [type(L.module).__name__ for L in KFAC(start, 1e-3).layers] == ["Linear", "Linear"]
+    with torch.no_grad():
+        before = square_loss(start(xt), yt, 4.0).item()
+    lin = fit_lqf(parent, Split(x, y), gen)
+    with torch.no_grad():
+        after = square_loss(lin(xt), yt, 4.0).item()
+        accuracy = (lin(xt).argmax(1) == yt).float().mean().item()
+    assert after < 0.5 * before and accuracy > 0.8
