@@ -66,7 +66,11 @@ class ServeRequestError(ValueError):
 def generation_ref(cfg: RunConfig, reg: Registry, name: str, actor: str = "serve") -> ModelRef:
     """The checkpoint of `name` as the registry recorded it (registered from the run dir
     first when it was trained but never registered), after checking its bytes against
-    the registry's sha256 (IntegrityError otherwise)."""
+    the registry's sha256 (IntegrityError otherwise). The ref names the model factory the
+    config expects (`orchestrator.chain.expected_factory_of`), so whatever loads it refuses
+    a checkpoint built by another one."""
+    from orchestrator.chain import expected_factory_of
+
     try:
         cfg.generation(name)
     except KeyError as e:
@@ -77,7 +81,7 @@ def generation_ref(cfg: RunConfig, reg: Registry, name: str, actor: str = "serve
     except NotTrainedError as e:
         raise NotTrained(str(e)) from None
     reg.verify_checkpoint(name)
-    return ModelRef(name, rec.checkpoint_uri, rec.sha256)
+    return ModelRef(name, rec.checkpoint_uri, rec.sha256, expected_factory_of(cfg, name))
 
 
 def production_name(cfg: RunConfig, reg: Registry, asked: Optional[str] = None) -> str:
@@ -166,7 +170,7 @@ def build_gallery(cfg: RunConfig, reg: Registry) -> Gallery:
     from workers.training import predict
 
     ref = generation_ref(cfg, reg, cfg.gallery)
-    model, _ = load_model(ref.uri, ref.sha256)
+    model, _ = load_model(ref.uri, ref.sha256, factory=ref.factory)
     gallery = load_dataset(cfg.data).gallery
     emb, _ = predict(model, gallery.x)
     return Gallery(ref.name, emb, gallery.y)

@@ -1,14 +1,20 @@
 """HTTP client of the router, for the rollout controller, the CLI and tests.
 
 Reads status and moves traffic over HTTP only, so the controller may run in any process.
-Errors from the router (4xx/5xx) raise `RouterError` carrying its JSON message.
+Errors from the router (4xx/5xx) raise `RouterError` carrying its JSON message. Inputs
+given as a numpy array of shape (N, *input_shape) are sent as an npy body
+(`Content-Type: application/x-npy`); nested lists as JSON.
 """
 
 from __future__ import annotations
 
+import io
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import requests
+
+from serving.core import NPY_CONTENT_TYPE, USER_HEADER
 
 
 class RouterError(RuntimeError):
@@ -33,10 +39,19 @@ class RouterClient:
     def close(self) -> None:
         self._session.close()
 
-    def _call(self, method: str, path: str, body: Optional[dict] = None, admin: bool = False) -> dict:
-        headers = {"Authorization": f"Bearer {self.admin_token}"} if admin and self.admin_token else {}
-        r = self._session.request(method, self.base_url + path, json=body, headers=headers,
-                                  timeout=self.timeout_s)
+    def _call(self, method: str, path: str, body: Optional[dict] = None, admin: bool = False,
+              npy: Optional[np.ndarray] = None, headers: Optional[dict] = None, params: Optional[dict] = None) -> dict:
+        headers = dict(headers or {})
+        if admin and self.admin_token:
+            headers["Authorization"] = f"Bearer {self.admin_token}"
+        data = None
+        if npy is not None:
+            buf = io.BytesIO()
+            np.save(buf, npy, allow_pickle=False)
+            data, body = buf.getvalue(), None
+            headers["Content-Type"] = NPY_CONTENT_TYPE
+        r = self._session.request(method, self.base_url + path, json=body, data=data, headers=headers,
+                                  params=params, timeout=self.timeout_s)
         try:
             payload = r.json()
         except ValueError:
@@ -70,20 +85,29 @@ class RouterClient:
     def detach(self, name: str) -> dict:
         return self._call("DELETE", f"/v1/admin/generations/{name}", admin=True)
 
-    def predict(self, inputs: list, user_id: Optional[str] = None) -> dict:
+    def _data(self, path: str, inputs, user_id: Optional[str] = None, k: Optional[int] = None) -> dict:
+        """A data route: an ndarray goes as an npy body (user id in the `X-Graceful-User`
+        header, `k` in the query string), anything else as `{"inputs": ...}` JSON."""
+        if isinstance(inputs, np.ndarray):
+            return self._call("POST", path, npy=inputs,
+                              headers={USER_HEADER: str(user_id)} if user_id is not None else None,
+                              params={"k": k} if k is not None else None)
         body: dict[str, Any] = {"inputs": inputs}
         if user_id is not None:
             body["user_id"] = user_id
-        return self._call("POST", "/v1/predict", body)
+        if k is not None:
+            body["k"] = k
+        return self._call("POST", path, body)
+
+    def predict(self, inputs, user_id: Optional[str] = None) -> dict:
+        """`inputs`: nested lists of shape (N, *input_shape), or such an ndarray (sent as npy)."""
+        return self._data("/v1/predict", inputs, user_id)
 
     def feedback(self, request_id: str, labels: list[int]) -> dict:
         return self._call("POST", "/v1/feedback", {"request_id": request_id, "labels": labels})
 
-    def embed(self, inputs: list) -> dict:
-        return self._call("POST", "/v1/embed", {"inputs": inputs})
+    def embed(self, inputs, user_id: Optional[str] = None) -> dict:
+        return self._data("/v1/embed", inputs, user_id)
 
-    def search(self, inputs: list, k: Optional[int] = None) -> dict:
-        body: dict[str, Any] = {"inputs": inputs}
-        if k is not None:
-            body["k"] = k
-        return self._call("POST", "/v1/search", body)
+    def search(self, inputs, k: Optional[int] = None, user_id: Optional[str] = None) -> dict:
+        return self._data("/v1/search", inputs, user_id, k)

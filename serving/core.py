@@ -10,6 +10,7 @@ Units: request counters count requests; comparison and label counters count samp
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import time
@@ -113,6 +114,91 @@ class TrafficPlan:
 
 # --- input checks ------------------------------------------------------------------------
 
+# The content type of a binary request body: one `.npy` array of shape (N, *input_shape).
+NPY_CONTENT_TYPE = "application/x-npy"
+# With an npy body the request's other fields travel outside it: the user id in this
+# header, `k` of /v1/search in the query string.
+USER_HEADER = "X-Graceful-User"
+_NPY_MAGIC = b"\x93NUMPY"
+# Every JSON scalar a row may hold: int and float exactly (bool is an int subclass, and a
+# row of true/false is a client bug, not a feature vector).
+_NUMBER = (int, float)
+
+
+def as_shape(shape: "int | Iterable[int]") -> tuple[int, ...]:
+    """A row's shape as a tuple (an int is the legacy flat `input_dim`)."""
+    return (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+
+
+def _expected(key: str, shape: tuple[int, ...]) -> str:
+    return f"{key}: expected shape [N, {', '.join(map(str, shape))}] (rows of shape {list(shape)})"
+
+
+def _nested_shape(v: Any) -> list[int]:
+    """The shape of a nested list, following first elements."""
+    out = []
+    while isinstance(v, list):
+        out.append(len(v))
+        if not v:
+            break
+        v = v[0]
+    return out
+
+
+def _shape_error(key: str, shape: tuple[int, ...], rows: list, detail: str) -> BadRequest:
+    got = _nested_shape(rows)
+    if got[1:] != list(shape):
+        return BadRequest(f"{_expected(key, shape)}, got {got}")
+    return BadRequest(f"{_expected(key, shape)}, got lists of unequal lengths: {detail}")
+
+
+def _check_rows(key: str, rows: list, shape: tuple[int, ...]) -> None:
+    """Every row of `rows` is a nested list of `shape` holding numbers only (walked level
+    by level, so a deep but small request costs no recursion)."""
+    level = rows
+    for depth, n in enumerate(shape):
+        nxt: list = []
+        for i, v in enumerate(level):
+            if isinstance(v, list):
+                if len(v) != n:
+                    where = _path(key, depth, i, shape)
+                    raise _shape_error(key, shape, rows, f"{where} has {len(v)} items, not {n}")
+                nxt.extend(v)
+            elif type(v) in _NUMBER:
+                raise _shape_error(key, shape, rows, f"{_path(key, depth, i, shape)} is a number, not a list of {n}")
+            else:
+                raise _not_a_number(key, _path(key, depth, i, shape), v)
+        level = nxt
+    for i, v in enumerate(level):
+        if type(v) not in _NUMBER:
+            where = _path(key, len(shape), i, shape)
+            if isinstance(v, list):
+                raise _shape_error(key, shape, rows, f"{where} is a list, not a number")
+            raise _not_a_number(key, where, v)
+
+
+def _not_a_number(key: str, where: str, v: Any) -> BadRequest:
+    what = "null" if v is None else "a boolean" if isinstance(v, bool) else type(v).__name__
+    return BadRequest(f"{key}: rows must hold numbers only; {where} is {what}")
+
+
+def _path(key: str, depth: int, flat: int, shape: tuple[int, ...]) -> str:
+    """`inputs[2][0][5]`: where the `flat`-th element at `depth` sits (the levels above
+    have the expected lengths, or the walk would have stopped there)."""
+    idx = []
+    for n in reversed(shape[:depth]):
+        idx.append(flat % n)
+        flat //= n
+    idx.append(flat)
+    return key + "".join(f"[{i}]" for i in reversed(idx))
+
+
+def _finite(key: str, x: np.ndarray) -> np.ndarray:
+    if not np.isfinite(x).all():
+        raise BadRequest(f"{key}: NaN or infinite values (or values beyond float32)")
+    return x
+
+
 def parse_json_object(body: bytes) -> dict:
     """Decode a request body that must be a JSON object."""
     try:
@@ -126,29 +212,81 @@ def parse_json_object(body: bytes) -> dict:
     return obj
 
 
-def parse_inputs(obj: dict, input_dim: int, max_rows: int, key: str = "inputs") -> np.ndarray:
-    """`obj[key]` as a (rows, input_dim) float32 array of finite numbers, or BadRequest."""
+def parse_inputs(obj: dict, input_shape: "int | Iterable[int]", max_rows: int, key: str = "inputs") -> np.ndarray:
+    """`obj[key]`, nested lists of shape (N, *input_shape), as a float32 array of finite
+    numbers, or BadRequest naming the expected and the received shape."""
+    shape = as_shape(input_shape)
     if key not in obj:
         raise BadRequest(f"missing key {key!r}")
     rows = obj[key]
     if not isinstance(rows, list) or not rows:
-        raise BadRequest(f"{key}: must be a non-empty list of rows")
+        raise BadRequest(f"{key}: must be a non-empty list of rows of shape {list(shape)}")
     if len(rows) > max_rows:
         raise BadRequest(f"{key}: {len(rows)} rows, at most {max_rows} per request", status=413)
-    if not all(isinstance(r, list) for r in rows):
-        raise BadRequest(f"{key}: every row must be a list of {input_dim} numbers")
-    # bools are ints to numpy; a row of true/false is a client bug, not a feature vector.
-    if any(isinstance(v, (bool, str)) or v is None for r in rows for v in r):
-        raise BadRequest(f"{key}: rows must hold numbers only")
+    _check_rows(key, rows, shape)
     try:
-        x = np.asarray(rows, dtype=np.float32)
-    except (ValueError, TypeError, OverflowError):
-        raise BadRequest(f"{key}: rows must be lists of numbers of equal length {input_dim}") from None
-    if x.ndim != 2 or x.shape[1] != input_dim:
-        raise BadRequest(f"{key}: each row must have {input_dim} numbers, got shape {list(x.shape)}")
-    if not np.isfinite(x).all():
-        raise BadRequest(f"{key}: NaN or infinite values (or values beyond float32)")
-    return x
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = np.asarray(rows, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError):  # an integer beyond any float
+        raise BadRequest(f"{key}: NaN or infinite values (or values beyond float32)") from None
+    return _finite(key, x)
+
+
+def _npy_header(body: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header length) of an npy body; BadRequest when it is not one."""
+    if not body.startswith(_NPY_MAGIC):
+        raise BadRequest(f"body is not an .npy array (Content-Type: {NPY_CONTENT_TYPE}; "
+                         f"write it with numpy.save)")
+    fp = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise BadRequest(f"npy body: format version {version[0]}.{version[1]} is not supported (1.0 or 2.0)")
+    except BadRequest:
+        raise
+    except Exception as e:  # numpy raises ValueError, EOFError, SyntaxError... for broken headers
+        raise BadRequest(f"npy body: malformed header ({type(e).__name__}: {e})") from None
+    return tuple(int(d) for d in shape), dtype, fp.tell()
+
+
+def parse_npy(body: bytes, input_shape: "int | Iterable[int]", max_rows: int, key: str = "inputs") -> np.ndarray:
+    """An `application/x-npy` body (one array of shape (N, *input_shape), any float or
+    integer dtype) as a float32 array of finite numbers, or BadRequest. The header is
+    checked (dtype, shape, data size) before the array is read, which
+    `np.load(..., allow_pickle=False)` then does."""
+    shape = as_shape(input_shape)
+    got, dtype, start = _npy_header(body)
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in "fiu":
+        raise BadRequest(f"{key}: npy dtype {dtype.str!r} is not a number type (expected float32, "
+                         f"or another float or integer dtype)")
+    if len(got) != len(shape) + 1 or got[1:] != shape:
+        raise BadRequest(f"{_expected(key, shape)}, got {list(got)}")
+    if got[0] == 0:
+        raise BadRequest(f"{key}: the array has no rows")
+    if got[0] > max_rows:
+        raise BadRequest(f"{key}: {got[0]} rows, at most {max_rows} per request", status=413)
+    want = math.prod(got) * dtype.itemsize
+    if len(body) - start != want:
+        raise BadRequest(f"npy body: malformed, {len(body) - start} bytes of data where its header "
+                         f"(shape {list(got)}, dtype {dtype.str!r}) needs {want}")
+    try:
+        x = np.load(io.BytesIO(body), allow_pickle=False)
+    except Exception as e:
+        raise BadRequest(f"npy body: cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(x, np.ndarray) or x.shape != got:  # cannot happen after the header checks
+        raise BadRequest("npy body: malformed")
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    return _finite(key, x)
+
+
+def is_npy(content_type: Optional[str]) -> bool:
+    """Whether a Content-Type header names the npy body (parameters ignored)."""
+    return (content_type or "").split(";")[0].strip().lower() == NPY_CONTENT_TYPE
 
 
 def parse_user_id(obj: dict) -> Optional[str]:

@@ -12,10 +12,10 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from ray import serve
 
-from serving.local import infer, probabilities, warm_up
+from serving.local import describe, infer, probabilities, warm_up
 from serving.refs import Gallery, ModelRef, app_name_for
 from serving.specs import ServingSpec
-from workers.checkpoint import CheckpointError, load_model, model_file, sha256_file
+from workers.checkpoint import CheckpointError, input_shape_of, load_model, model_file, read_checkpoint, sha256_file
 
 ROUTER_APP = "graceful"
 
@@ -39,7 +39,8 @@ class ModelServer:
         # Replicas share two cores with everything else; intra-op threads only contend.
         torch.set_num_threads(1)
         self.ref = ref
-        self.model, self.meta = load_model(ref.uri, ref.sha256)  # raises: never served unverified
+        # Raises: never served unverified, nor built by a factory other than the config's.
+        self.model, self.meta = load_model(ref.uri, ref.sha256, factory=ref.factory)
         warm_up(self.model)  # ready only once the first (slow) call is behind it
         self.fault = dict(inject_fault or {})
         for method in (self.predict, self.embed):
@@ -71,8 +72,7 @@ class ModelServer:
         return self._run(xs, self.model.embed)
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.ref.name, "sha256": self.ref.sha256, "input_dim": self.model.input_dim,
-                "num_classes": self.model.num_classes}
+        return describe(self.ref, self.model)
 
 
 def verify(ref: ModelRef) -> None:
@@ -108,19 +108,27 @@ def router_application(spec: ServingSpec, production: ModelRef, candidates: Sequ
     and its plan replaces these defaults: the control plane's source of truth, read
     again after a restart. `router_cls` (a `Router` subclass) and `router_kwargs` let a
     cluster builder wait for its generations.
+
+    The router takes production's input shape; a candidate recording another one is
+    refused here (CheckpointError), as `Router.attach` refuses it later.
     """
     from serving.router import Router
 
-    model, _ = load_model(production.uri, production.sha256)
+    model, _ = load_model(production.uri, production.sha256, factory=production.factory)
     refs = [production, *candidates]
     for ref in refs:
         verify(ref)
+    for ref in candidates:
+        shape = input_shape_of(read_checkpoint(ref.uri, ref.sha256)[1])
+        if shape != tuple(model.input_shape):
+            raise CheckpointError(f"{ref.name}: takes inputs of shape {list(shape)}, production {production.name} "
+                                  f"{list(model.input_shape)}; a candidate must take production's input shape")
     router = serve.deployment(router_cls or Router).options(
         name="router", num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": spec.router_cpus})
     return router.bind(
-        spec.model_dump(mode="json"), model.input_dim, production.name,
-        {r.name: {"app": None if spec.in_router_models else r.app_name, "sha256": r.sha256, "uri": r.uri}
-         for r in refs},
+        spec.model_dump(mode="json"), tuple(model.input_shape), production.name,
+        {r.name: {"app": None if spec.in_router_models else r.app_name, "sha256": r.sha256, "uri": r.uri,
+                  "factory": r.factory} for r in refs},
         weights or {production.name: 1.0},
         list(shadows) if shadows is not None else [c.name for c in candidates],
         gallery, admin_token, plan_source=plan_source, **router_kwargs)

@@ -20,7 +20,7 @@ from workers.checkpoint import load_model
 
 
 def infer(fn: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray) -> np.ndarray:
-    """Run `fn` without autograd on a (rows, dim) float32 array."""
+    """Run `fn` without autograd on a (rows, *input_shape) float32 array."""
     with torch.inference_mode():
         return fn(torch.from_numpy(x)).numpy()
 
@@ -29,11 +29,19 @@ def probabilities(model) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda t: torch.softmax(model(t), dim=-1)
 
 
+def describe(ref: ModelRef, model) -> dict[str, Any]:
+    """What a generation serves: name, sha256, input shape (and its legacy `input_dim`,
+    the values per row), classes."""
+    return {"name": ref.name, "sha256": ref.sha256, "input_shape": list(model.input_shape),
+            "input_dim": model.input_dim, "num_classes": model.num_classes}
+
+
 def warm_up(model) -> None:
-    """Run predict and embed once on a zero row before the first request: a model's first
-    call can cost ~1 s (an LQF model's first jvp), which would otherwise land on live
-    traffic as shadow timeouts and count against the candidate."""
-    x = np.zeros((1, model.input_dim), dtype=np.float32)
+    """Run predict and embed once on a zero row, of shape (1, *model.input_shape), before
+    the first request: a model's first call can cost ~1 s (an LQF model's first jvp),
+    which would otherwise land on live traffic as shadow timeouts and count against the
+    candidate."""
+    x = np.zeros((1, *model.input_shape), dtype=np.float32)
     infer(probabilities(model), x)
     infer(model.embed, x)
 
@@ -52,16 +60,16 @@ class _Method:
 
 
 class LocalGeneration:
-    """A verified checkpoint loaded in the router (sha256 checked by load_model)."""
+    """A verified checkpoint loaded in the router (sha256, and the factory when `ref`
+    names one, checked by load_model)."""
 
     def __init__(self, ref: ModelRef):
         torch.set_num_threads(1)
         self.ref = ref
-        self.model, _ = load_model(ref.uri, ref.sha256)
+        self.model, _ = load_model(ref.uri, ref.sha256, factory=ref.factory)
         warm_up(self.model)
         self.predict = _Method(probabilities(self.model))
         self.embed = _Method(self.model.embed)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.ref.name, "sha256": self.ref.sha256, "input_dim": self.model.input_dim,
-                "num_classes": self.model.num_classes}
+        return describe(self.ref, self.model)

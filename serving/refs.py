@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -22,11 +23,18 @@ def app_name_for(generation: str) -> str:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """One generation's checkpoint: loaded only if its file still has this sha256."""
+    """One generation's checkpoint: loaded only if its file still has this sha256.
+
+    `factory`: the model factory the config expects the checkpoint to record
+    (`workers.checkpoint.expected_factory`: a custom factory's import path, or
+    `workers.checkpoint.BUILTIN`); a checkpoint built by another factory is refused when it
+    is loaded. None: whatever factory the checkpoint records (no config to compare with).
+    """
 
     name: str
     uri: str
     sha256: str
+    factory: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import asdict
@@ -24,8 +25,8 @@ from ray import serve
 from ray.serve import metrics as serve_metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.core import (BadRequest, FeedbackStore, LiveStats, TrafficPlan, fuse, join_feedback,
-                          parse_feedback, parse_inputs, parse_json_object, parse_user_id)
+from serving.core import (USER_HEADER, BadRequest, FeedbackStore, LiveStats, TrafficPlan, as_shape, fuse, is_npy,
+                          join_feedback, parse_feedback, parse_inputs, parse_json_object, parse_npy, parse_user_id)
 from serving.metric_names import DEFINED, LATENCY_BUCKETS_MS
 from serving.local import LocalGeneration
 from serving.refs import Gallery, ModelRef
@@ -76,11 +77,14 @@ def _make_metrics() -> dict[str, Any]:
 class Router:
     """Ingress of the serving plane. Construct through `serving.deploy.start_serving`."""
 
-    def __init__(self, spec: dict, input_dim: int, production: str, generations: dict[str, dict],
+    def __init__(self, spec: dict, input_shape: "tuple[int, ...] | list[int] | int", production: str,
+                 generations: dict[str, dict],
                  weights: dict[str, float], shadows: list[str], gallery: Optional[Gallery],
                  admin_token: Optional[str], plan_source: Optional[Callable[[list], dict]] = None):
         self.spec = spec
-        self.input_dim = input_dim
+        # Production's `model.input_shape`: every request's rows, and every attached generation.
+        self.input_shape = as_shape(input_shape)
+        self.input_dim = math.prod(self.input_shape)  # legacy: values per row
         self.admin_token = admin_token
         self.fusion_weight = spec.get("fusion_weight")
         self.shadow_timeout_s = spec["shadow_timeout_s"]
@@ -91,7 +95,7 @@ class Router:
         self.gens: dict[str, dict] = {}  # name -> {"app", "sha256", "handle"}
         for name, info in generations.items():
             self.gens[name] = {**info, "handle": serve.get_app_handle(info["app"]) if info["app"] else
-                               LocalGeneration(ModelRef(name, info["uri"], info["sha256"]))}
+                               LocalGeneration(ModelRef(name, info["uri"], info["sha256"], info.get("factory")))}
         # The control plane's plan wins over the deploy-time arguments: a replica that
         # restarts (crash, upgrade) comes back to production and the rollout's position as
         # they are now, not as they were when the application was deployed.
@@ -143,6 +147,25 @@ class Router:
 
     async def _json_body(self, request: Request) -> dict:
         return parse_json_object(await self._body(request))
+
+    async def _inputs(self, request: Request) -> tuple[np.ndarray, Optional[str], dict]:
+        """(rows, user id, other fields) of a data request: a JSON object whose `inputs`
+        are nested lists of shape (N, *input_shape), or an npy body of that shape
+        (`Content-Type: application/x-npy`) with the user id in the `X-Graceful-User`
+        header and `k` in the query string. Both are bounded by max_body_bytes and max_rows."""
+        body = await self._body(request)
+        if not is_npy(request.headers.get("content-type")):
+            obj = parse_json_object(body)
+            return parse_inputs(obj, self.input_shape, self.spec["max_rows"]), parse_user_id(obj), obj
+        x = parse_npy(body, self.input_shape, self.spec["max_rows"])
+        fields: dict[str, Any] = {}
+        user = request.headers.get(USER_HEADER)
+        if user is not None:
+            fields["user_id"] = user
+        k = request.query_params.get("k")
+        if k is not None:
+            fields["k"] = int(k) if k.isascii() and k.isdigit() and len(k) < 4 else k
+        return x, parse_user_id(fields), fields
 
     def _check_admin(self, request: Request) -> None:
         auth = request.headers.get("authorization", "")
@@ -290,9 +313,7 @@ class Router:
         rid = _request_id()
         self._ensure_refresher()
         try:
-            obj = await self._json_body(request)
-            x = parse_inputs(obj, self.input_dim, self.spec["max_rows"])
-            user = parse_user_id(obj)
+            x, user, _ = await self._inputs(request)
         except BadRequest as e:
             return self._error(e, rid, "predict")
         plan = self.plan
@@ -361,9 +382,7 @@ class Router:
                       "candidates": {g: asdict(f) for g, f in added.items()}})
 
     async def _embed(self, request: Request, rid: str) -> tuple[str, np.ndarray, dict]:
-        obj = await self._json_body(request)
-        x = parse_inputs(obj, self.input_dim, self.spec["max_rows"])
-        user = parse_user_id(obj)
+        x, user, obj = await self._inputs(request)
         gen = self.plan.choose(user if user is not None else rid)
         try:
             emb = await self.gens[gen]["handle"].embed.remote(x)
@@ -418,6 +437,7 @@ class Router:
                           "sha256": self.gens[name]["sha256"] if attached else None,
                           **self.stats.generation_snapshot(name)}
         return {"production": plan.production, "candidates": plan.candidates, "shadows": list(plan.shadows),
+                "input_shape": list(self.input_shape),
                 "weights": dict(plan.weights), "fusion_weight": self.fusion_weight,
                 "started_at": self.started, "uptime_s": round(time.time() - self.started, 3),
                 "plan_source": self.plan_source, "plan_error": self.plan_error,
@@ -454,20 +474,25 @@ class Router:
         if info.get("sha256") != sha256:
             raise BadRequest(f"app {app_name!r} serves sha256 {str(info.get('sha256'))[:12]}..., "
                              f"not {sha256[:12]}...", status=409)
-        if info.get("input_dim") != self.input_dim:
-            raise BadRequest(f"generation {name!r} takes {info.get('input_dim')} inputs, "
-                             f"the router {self.input_dim}", status=409)
+        self._check_shape(name, info.get("input_shape"))
         return self._add(name, {"app": app_name, "sha256": sha256, "handle": handle}, shadow)
 
     def attach_local(self, ref: ModelRef, shadow: bool = True) -> dict[str, Any]:
         """Load a generation inside the router (in_router_models) and attach it."""
         if ref.name in self.gens:
             raise BadRequest(f"generation {ref.name!r} is already attached", status=409)
-        local = LocalGeneration(ref)  # verifies the sha256
-        if local.model.input_dim != self.input_dim:
-            raise BadRequest(f"generation {ref.name!r} takes {local.model.input_dim} inputs, "
-                             f"the router {self.input_dim}", status=409)
-        return self._add(ref.name, {"app": None, "sha256": ref.sha256, "uri": ref.uri, "handle": local}, shadow)
+        local = LocalGeneration(ref)  # verifies the sha256 (and the factory, when the ref names one)
+        self._check_shape(ref.name, local.model.input_shape)
+        return self._add(ref.name, {"app": None, "sha256": ref.sha256, "uri": ref.uri, "factory": ref.factory,
+                                    "handle": local}, shadow)
+
+    def _check_shape(self, name: str, shape) -> None:
+        """A generation must take production's input shape (its architecture may differ)."""
+        got = None if shape is None else [int(d) for d in shape]
+        if got != list(self.input_shape):
+            raise BadRequest(f"generation {name!r} takes inputs of shape {got}, production (the router) "
+                             f"{list(self.input_shape)}; a candidate must take production's input shape",
+                             status=409)
 
     def _add(self, name: str, entry: dict, shadow: bool) -> dict[str, Any]:
         plan = self.plan

@@ -363,7 +363,7 @@ def gallery_top1(cfg: RunConfig, registry, name: str, query, gallery) -> float:
     from workers.training import predict
 
     ref = generation_ref(cfg, registry, name, actor="demo")
-    model = load_model(ref.uri, ref.sha256)[0]
+    model = load_model(ref.uri, ref.sha256, factory=ref.factory)[0]
     return retrieval_top1(predict(model, query.x)[0], query.y, gallery.embeddings, gallery.labels)
 
 

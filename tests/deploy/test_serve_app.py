@@ -46,8 +46,8 @@ def test_router_app_binds_production_candidates_gallery_and_token(run_config):
     dep = _deployment(app)
     assert issubclass(dep.func_or_class, ClusterRouter)
     assert dep.name == "router" and dep.num_replicas == 1
-    spec, input_dim, production, gens, weights, shadows, gallery, token = dep.init_args
-    assert spec["replicas"] == 2 and input_dim == 64 and production == "g0"
+    spec, input_shape, production, gens, weights, shadows, gallery, token = dep.init_args
+    assert spec["replicas"] == 2 and input_shape == (64,) and production == "g0"
     assert {n: g["app"] for n, g in gens.items()} == {"g0": "graceful-gen-g0", "g1": "graceful-gen-g1"}
     assert weights == {"g0": 1.0, "g1": 0.0} and shadows == ["g1"]
     assert isinstance(dep.init_kwargs["plan_source"], RegistryPlan)   # replicas re-read the registry

@@ -5,13 +5,15 @@ The same paths run for real over HTTP in tests/integration/test_serving.py.
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pytest
 
-from serving.core import (BadRequest, FeedbackStore, LiveStats, TrafficPlan, count_flips, fuse,
-                          join_feedback, parse_feedback, parse_inputs, parse_json_object, sticky_unit)
+from serving.core import (NPY_CONTENT_TYPE, BadRequest, FeedbackStore, LiveStats, TrafficPlan, count_flips, fuse,
+                          is_npy, join_feedback, parse_feedback, parse_inputs, parse_json_object, parse_npy,
+                          sticky_unit)
 from serving.metric_names import DEFINED, EXPORTED
 from serving.refs import ModelRef
 from serving.specs import ServingSpec
@@ -78,20 +80,126 @@ def test_mirrors_include_production_for_candidate_traffic():
 
 
 def test_parse_inputs_accepts_good_rows_and_names_bad_ones():
-    x = parse_inputs({"inputs": [[1, 2.5], [0, -1]]}, input_dim=2, max_rows=4)
+    """Flat rows, as every client sent them before shapes: unchanged."""
+    x = parse_inputs({"inputs": [[1, 2.5], [0, -1]]}, input_shape=(2,), max_rows=4)
     assert x.dtype == np.float32 and x.shape == (2, 2)
+    assert parse_inputs({"inputs": [[1, 2]]}, 2, 4).shape == (1, 2)  # an int is the legacy input_dim
+    want = "expected shape [N, 2] (rows of shape [2])"
     cases = [
         ({}, "missing key", 400), ({"inputs": []}, "non-empty", 400),
-        ({"inputs": [[1, 2]] * 5}, "at most 4", 413), ({"inputs": [[1, 2, 3]]}, "2 numbers", 400),
-        ({"inputs": [[1], [1, 2]]}, "2", 400), ({"inputs": [["a", 1]]}, "numbers only", 400),
-        ({"inputs": [[True, 1]]}, "numbers only", 400), ({"inputs": [[float("nan"), 1]]}, "NaN", 400),
-        ({"inputs": [[1e39, 1]]}, "float32", 400), ({"inputs": [1, 2]}, "list of", 400),
-        ({"inputs": [[[1], [2]]]}, "2 numbers", 400),
+        ({"inputs": [[1, 2]] * 5}, "at most 4", 413), ({"inputs": [[1, 2, 3]]}, f"{want}, got [1, 3]", 400),
+        ({"inputs": [[1, 2], [1]]}, "inputs[1] has 1 items, not 2", 400),
+        ({"inputs": [["a", 1]]}, "numbers only; inputs[0][0] is str", 400),
+        ({"inputs": [[True, 1]]}, "numbers only; inputs[0][0] is a boolean", 400),
+        ({"inputs": [[1, None]]}, "numbers only; inputs[0][1] is null", 400),
+        ({"inputs": [[float("nan"), 1]]}, "NaN", 400),
+        ({"inputs": [[1e39, 1]]}, "float32", 400), ({"inputs": [[10 ** 400, 1]]}, "float32", 400),
+        ({"inputs": [1, 2]}, f"{want}, got [2]", 400),
+        ({"inputs": [[[1], [2]]]}, f"{want}, got [1, 2, 1]", 400), ({"inputs": "rows"}, "list of rows", 400),
     ]
     for obj, msg, status in cases:
         with pytest.raises(BadRequest) as e:
-            parse_inputs(obj, input_dim=2, max_rows=4)
+            parse_inputs(obj, input_shape=(2,), max_rows=4)
         assert msg in str(e.value) and e.value.status == status, (obj, str(e.value))
+
+
+def _image(rows: int, value: float = 0.5) -> list:
+    return [[[[value] * 8 for _ in range(8)]] for _ in range(rows)]
+
+
+def test_parse_inputs_takes_nested_lists_of_the_input_shape():
+    """Images (1, 8, 8): rows are nested lists of that shape; anything else is a 400 that
+    names the expected and the received shape (and where a ragged list breaks)."""
+    x = parse_inputs({"inputs": _image(3)}, (1, 8, 8), 4)
+    assert x.dtype == np.float32 and x.shape == (3, 1, 8, 8) and (x == 0.5).all()
+    want = "inputs: expected shape [N, 1, 8, 8] (rows of shape [1, 8, 8])"
+    ragged = _image(2)
+    ragged[1][0][5] = [0.0] * 7
+    boolean = _image(2)
+    boolean[1][0][7][3] = True
+    cases = [
+        ({"inputs": [[0.0] * 64] * 3}, f"{want}, got [3, 64]"),  # flat rows for an image model
+        ({"inputs": [[[0.0] * 64]] * 3}, f"{want}, got [3, 1, 64]"),
+        ({"inputs": [[[[0.0] * 8] * 8] * 2]}, f"{want}, got [1, 2, 8, 8]"),
+        ({"inputs": [[[[[0.0]] * 8] * 8]]}, f"{want}, got [1, 1, 8, 8, 1]"),
+        ({"inputs": ragged}, f"{want}, got lists of unequal lengths: inputs[1][0][5] has 7 items, not 8"),
+        ({"inputs": boolean}, "inputs: rows must hold numbers only; inputs[1][0][7][3] is a boolean"),
+        ({"inputs": [[[[float("inf")] * 8] * 8]]}, "NaN or infinite"),
+    ]
+    for obj, msg in cases:
+        with pytest.raises(BadRequest) as e:
+            parse_inputs(obj, (1, 8, 8), 4)
+        assert msg in str(e.value) and e.value.status == 400, (msg, str(e.value))
+    with pytest.raises(BadRequest) as e:
+        parse_inputs({"inputs": _image(5)}, (1, 8, 8), 4)
+    assert e.value.status == 413
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=a.dtype.hasobject)
+    return buf.getvalue()
+
+
+def test_parse_npy_takes_any_float_or_integer_array_of_the_input_shape():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((3, 1, 8, 8))
+    for arr in (a.astype(np.float32), a, a.astype(">f8"), np.asfortranarray(a.astype(np.float16)),
+                (a * 10).astype(np.int16), np.abs(a * 10).astype(np.uint8)):
+        x = parse_npy(_npy(arr), (1, 8, 8), 4)
+        assert x.dtype == np.float32 and x.shape == (3, 1, 8, 8) and x.flags.c_contiguous
+        np.testing.assert_allclose(x, arr.astype(np.float32))
+    assert parse_npy(_npy(np.ones((2, 40), np.float32)), 40, 4).shape == (2, 40)  # flat rows too
+    # Format 2.0 (headers over 64 KiB) reads too.
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_2_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (2, 3)})
+    assert parse_npy(buf.getvalue() + bytes(24), (3,), 4).shape == (2, 3)
+
+
+def test_parse_npy_refuses_wrong_shapes_dtypes_values_and_malformed_bodies():
+    """Every refusal is a BadRequest (400, or 413 for too many rows) naming the problem;
+    none reads data a header only claims (a header asking for terabytes costs nothing)."""
+    want = "inputs: expected shape [N, 1, 8, 8] (rows of shape [1, 8, 8])"
+    good = _npy(np.zeros((2, 1, 8, 8), np.float32))
+    huge, empty = io.BytesIO(), io.BytesIO()
+    np.lib.format.write_array_header_1_0(huge, {"descr": "<f4", "fortran_order": False, "shape": (2, 1, 8, 8 * 10 ** 11)})
+    np.lib.format.write_array_header_1_0(empty, {"descr": "<f4", "fortran_order": False, "shape": (2, 1, 8, 8)})
+    v3 = bytearray(good)
+    v3[6] = 3
+    cases = [
+        (_npy(np.zeros((3, 64), np.float32)), f"{want}, got [3, 64]", 400),
+        (_npy(np.zeros((1, 8, 8), np.float32)), f"{want}, got [1, 8, 8]", 400),
+        (_npy(np.zeros((2, 1, 8, 8, 1), np.float32)), f"{want}, got [2, 1, 8, 8, 1]", 400),
+        (_npy(np.float32(1.0)), f"{want}, got []", 400),
+        (_npy(np.zeros((0, 1, 8, 8), np.float32)), "no rows", 400),
+        (_npy(np.zeros((5, 1, 8, 8), np.float32)), "5 rows, at most 4", 413),
+        (_npy(np.full((1, 1, 8, 8), "a")), "npy dtype '<U1' is not a number type", 400),
+        (_npy(np.zeros((1, 1, 8, 8), bool)), "npy dtype '|b1' is not a number type", 400),
+        (_npy(np.zeros((1, 1, 8, 8), complex)), "is not a number type", 400),
+        (_npy(np.zeros((1, 1, 8, 8), [("a", "f4")])), "is not a number type", 400),
+        (_npy(np.full((1, 1, 8, 8), None, dtype=object)), "npy dtype '|O' is not a number type", 400),
+        (_npy(np.full((1, 1, 8, 8), np.nan, np.float32)), "NaN or infinite", 400),
+        (_npy(np.full((1, 1, 8, 8), 1e300)), "beyond float32", 400),
+        (good[:-1], "malformed, 511 bytes of data where its header (shape [2, 1, 8, 8], dtype '<f4') needs 512", 400),
+        (good + b"\0", "malformed, 513 bytes", 400),
+        (good[:30], "npy body: malformed header", 400),
+        (good[:8] + b"\xff" * 120, "npy body: malformed header", 400),
+        (huge.getvalue(), f"{want}, got [2, 1, 8, 800000000000]", 400),
+        (empty.getvalue(), "malformed, 0 bytes of data where its header", 400),
+        (bytes(v3), "format version 3.0 is not supported", 400),
+        (b"", "body is not an .npy array", 400),
+        (b'{"inputs": [[1]]}', "body is not an .npy array", 400),
+        (b"PK\x03\x04" + bytes(40), "body is not an .npy array", 400),  # an .npz is refused unread
+    ]
+    for body, msg, status in cases:
+        with pytest.raises(BadRequest) as e:
+            parse_npy(body, (1, 8, 8), 4)
+        assert msg in str(e.value) and e.value.status == status, (msg, str(e.value))
+
+
+def test_npy_content_type_is_recognised_with_parameters():
+    assert is_npy(NPY_CONTENT_TYPE) and is_npy("Application/X-NPY; charset=binary")
+    assert not is_npy(None) and not is_npy("application/json") and not is_npy("application/x-npz")
 
 
 def test_parse_json_object_and_feedback():
@@ -179,11 +287,19 @@ def test_fuse_is_a_weighted_mix():
 
 def test_model_ref_rejects_bad_names_and_hashes():
     ok = ModelRef("g1", "/x/model.pt", "a" * 64)
-    assert ok.app_name == "graceful-gen-g1"
+    assert ok.app_name == "graceful-gen-g1" and ok.factory is None
     with pytest.raises(ValueError):
         ModelRef("../g1", "/x", "a" * 64)
     with pytest.raises(ValueError):
         ModelRef("g1", "/x", "abc")
+
+
+def test_model_ref_carries_the_expected_factory_and_pickles():
+    import pickle
+
+    ref = ModelRef("g1", "/x/model.pt", "a" * 64, "mypkg.models:build")
+    assert pickle.loads(pickle.dumps(ref)) == ref and ref.factory == "mypkg.models:build"
+    assert ModelRef("g1", "/x/model.pt", "a" * 64, factory=None) == ModelRef("g1", "/x/model.pt", "a" * 64)
 
 
 def test_metric_names_are_prefixed_and_documented():

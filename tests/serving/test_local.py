@@ -12,7 +12,7 @@ import torch
 
 from serving.local import LocalGeneration
 from serving.refs import ModelRef
-from workers.checkpoint import CheckpointError, load_model, save_model
+from workers.checkpoint import BUILTIN, CheckpointError, load_model, save_model
 from workers.lqf import LinearizedNet, fold, save_lqf
 from workers.models import build_model
 from workers.specs import ArchSpec
@@ -50,7 +50,7 @@ def test_an_lqf_generation_served_in_the_router_predicts_what_the_model_does(tmp
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     # It really serves the linearisation (the JVP survives inference mode), not the folded net.
     assert np.abs(probs - folded).max() > 1e-4
-    assert local.describe() == {"name": "g1", "sha256": sha, "input_dim": 16, "num_classes": 3}
+    assert local.describe() == {"name": "g1", "sha256": sha, "input_shape": [16], "input_dim": 16, "num_classes": 3}
 
 
 def test_a_changed_lqf_checkpoint_is_not_served(tmp_path):
@@ -68,7 +68,7 @@ def test_the_serve_replica_loads_and_describes_an_lqf_generation(tmp_path):
     sha = save_lqf(lin, tmp_path / "g1")
     server = ModelServer(ModelRef("g1", str(tmp_path / "g1"), sha), max_batch_size=8, batch_wait_timeout_s=0.001)
     assert isinstance(server.model, LinearizedNet) and server.meta["recipe"] == "lqf"
-    assert server.info() == {"name": "g1", "sha256": sha, "input_dim": 16, "num_classes": 3}
+    assert server.info() == {"name": "g1", "sha256": sha, "input_shape": [16], "input_dim": 16, "num_classes": 3}
     x = _x(5)
     parts = server._run([x[:2], x[2:]], probabilities(server.model))  # what a batched predict runs
     with torch.no_grad():
@@ -90,3 +90,73 @@ def test_plain_generations_are_served_as_before(tmp_path):
 
 async def _await(fn, x):
     return await fn(x)
+
+
+def test_image_generations_warm_up_and_serve_rows_of_their_shape(tmp_path):
+    """A cnn2d on (1, 8, 8): warmed up on a zero image, it answers (N, 1, 8, 8) rows, in
+    the router and in a Serve replica, and both describe its input shape."""
+    from serving.deploy import ModelServer
+    from serving.local import probabilities
+
+    torch.manual_seed(2)
+    net = build_model(ArchSpec(type="cnn2d", width=4, depth=1, embed_dim=8), (1, 8, 8), 3).eval()
+    sha = save_model(net, tmp_path / "img")
+    ref = ModelRef("img", str(tmp_path / "img"), sha, BUILTIN)
+    local = LocalGeneration(ref)
+    server = ModelServer(ref, max_batch_size=8, batch_wait_timeout_s=0.001)
+    x = np.random.default_rng(3).standard_normal((5, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        want = torch.softmax(net(torch.from_numpy(x)), -1).numpy()
+    np.testing.assert_allclose(asyncio.run(_await(local.predict.remote, x)), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(server._run([x[:2], x[2:]], probabilities(server.model))), want,
+                               rtol=1e-5, atol=1e-6)
+    assert local.describe() == server.info() == {"name": "img", "sha256": sha, "input_shape": [1, 8, 8],
+                                                 "input_dim": 64, "num_classes": 3}
+
+
+def test_a_ref_naming_another_factory_is_never_served(tmp_path):
+    """The ref says what the config expects; a checkpoint built by another factory is
+    refused in the router and in the replica, before anything is imported."""
+    from serving.deploy import ModelServer
+
+    net = build_model(ArchSpec(type="mlp", width=8, depth=1, embed_dim=4), 16, 3)
+    sha = save_model(net, tmp_path / "g0")
+    ref = ModelRef("g0", str(tmp_path / "g0"), sha, "mypkg.models:build")
+    with pytest.raises(CheckpointError, match="factory"):
+        LocalGeneration(ref)
+    with pytest.raises(CheckpointError, match="factory"):
+        ModelServer(ref, max_batch_size=8, batch_wait_timeout_s=0.001)
+    assert LocalGeneration(ModelRef("g0", str(tmp_path / "g0"), sha, BUILTIN)).model.input_shape == (16,)
+
+
+def test_generation_refs_carry_the_configs_factory_to_every_loader(tmp_path, cache_dir):
+    """`orchestrator.apps.generation_ref` names the factory the config expects: a custom
+    generation loads with it; after the config's factory changes, the same checkpoint is
+    refused by the router's loader and by the gallery builder."""
+    import yaml
+
+    from orchestrator.apps import build_gallery, generation_ref
+    from orchestrator.config import load_config
+    from orchestrator.registry import Registry, registry_path
+    from tests.helpers import write_untrained_run
+
+    arch = {"type": "custom", "factory": "tests.factories:own_heads", "kwargs": {"dim": 8}, "embed_dim": 8}
+    path = write_untrained_run(tmp_path, {"source": "digits", "test_fraction": 0.3, "val_fraction": 0.1},
+                               arch, ("g0",))
+    cfg = load_config(path)
+    with Registry(registry_path(cfg)) as reg:
+        ref = generation_ref(cfg, reg, "g0")
+        assert ref.factory == "tests.factories:own_heads"
+        assert LocalGeneration(ref).model.input_shape == (64,)
+        assert build_gallery(cfg, reg).embeddings.shape[1] == 8
+    raw = yaml.safe_load(path.read_text())
+    raw["generations"][0]["arch"]["factory"] = "tests.factories:backbone"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    with Registry(registry_path(cfg)) as reg:
+        ref = generation_ref(cfg, reg, "g0")
+        assert ref.factory == "tests.factories:backbone"
+        with pytest.raises(CheckpointError, match="tests.factories:own_heads"):
+            LocalGeneration(ref)
+        with pytest.raises(CheckpointError, match="factory"):
+            build_gallery(cfg, reg)
