@@ -120,3 +120,210 @@ def test_cli_bad_usage_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["no-such-command"])
     assert e.value.code == 2
+
+
+# --- factories, kwargs and ray.runtime_env ---------------------------------------------------
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+from orchestrator.config import RuntimeEnvSpec, init_ray, parse_config  # noqa: E402
+
+NO_PKG = "nonexistent_pkg_xyz.m:f"
+
+
+def _parse_problems(raw: dict, **kw) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw, name="c.yaml", **kw)
+    return e.value.problems
+
+
+@pytest.fixture
+def clean_imports(monkeypatch):
+    """sys.path as it was, and the test's own user modules (prefix `graceful_cfg_`) forgotten."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield
+    for name in [m for m in sys.modules if m.startswith("graceful_cfg_")]:
+        del sys.modules[name]
+
+
+@pytest.mark.parametrize("arch,expected", [
+    ({"type": "custom"}, "c.yaml: generations[0].arch: type 'custom' needs `factory: package.module:callable`"),
+    ({"type": "cnn2d", "factory": "a.b:c"}, "c.yaml: generations[0].arch: `factory` and `kwargs` are for type custom, not 'cnn2d'"),
+    ({"kwargs": {"w": 1}}, "c.yaml: generations[0].arch: `factory` and `kwargs` are for type custom, not 'cnn1d'"),
+    ({"type": "custom", "factory": "mypkg/models.py"}, "c.yaml: generations[0].arch.factory: must match "),
+])
+def test_arch_factory_problems_are_one_line_with_key_paths(arch, expected):
+    problems = _parse_problems({"generations": [{"name": "g0", "arch": arch}]})
+    assert len(problems) == 1 and problems[0].startswith(expected) and "\n" not in problems[0], problems
+
+
+def test_data_and_train_data_factory_problems_have_key_paths():
+    problems = _parse_problems({"data": {"source": "custom"},
+                                "generations": [{"name": "g0"}, {"name": "g1", "train_data": {"source": "ray"}}]})
+    assert problems == ["c.yaml: data: source 'custom' needs `factory: package.module:callable`",
+                        "c.yaml: generations[1].train_data: source 'ray' needs `factory: package.module:callable`"]
+
+
+def test_factories_that_do_not_import_are_reported_together_at_load(tmp_path):
+    p = _write(tmp_path, f"""
+data: {{source: custom, factory: "nonexistent_pkg_xyz.d:load"}}
+generations:
+  - {{name: g0, arch: {{type: custom, factory: "{NO_PKG}"}}}}
+  - {{name: g1, arch: {{type: custom, factory: "tests.factories:no_such_builder"}},
+      train_data: {{source: custom, factory: "tests.factories:digits_images"}}}}
+""")
+    problems = _problems(p)
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("c.yaml: data.factory: factory 'nonexistent_pkg_xyz.d:load': cannot import "
+                                  "'nonexistent_pkg_xyz.d' (ModuleNotFoundError")
+    assert problems[1].startswith(f"c.yaml: generations[0].arch.factory: factory '{NO_PKG}': cannot import")
+    assert "ray.runtime_env" in problems[1]  # says how to ship the code
+    assert problems[2] == ("c.yaml: generations[1].arch.factory: factory 'tests.factories:no_such_builder': "
+                           "module 'tests.factories' has no attribute 'no_such_builder'")
+
+
+def test_a_factory_module_whose_code_fails_is_a_cannot_import_problem(tmp_path, clean_imports):
+    (tmp_path / "graceful_cfg_broken.py").write_text("raise RuntimeError('boom at import')\n")
+    p = _write(tmp_path, "ray: {runtime_env: {working_dir: .}}\n"
+                         "generations: [{name: g0, arch: {type: custom, factory: 'graceful_cfg_broken:build'}}]\n")
+    assert _problems(p) == [f"c.yaml: generations[0].arch.factory: factory 'graceful_cfg_broken:build': cannot import "
+                            f"'graceful_cfg_broken' (RuntimeError: boom at import); install it, put it on PYTHONPATH, "
+                            f"or ship it with ray.runtime_env (py_modules / working_dir)"]
+
+
+@pytest.mark.xfail(strict=True, reason="parse_config checks factories only when there is no other problem "
+                                       "(orchestrator/config.py, parse_config: `if cfg is not None and not lines`), "
+                                       "so a duplicate name hides a factory that does not import")
+def test_a_factory_that_does_not_import_is_reported_with_the_semantic_problems():
+    problems = _parse_problems({"generations": [{"name": "g0", "arch": {"type": "custom", "factory": NO_PKG}},
+                                                {"name": "g0"}]})
+    assert any(line.startswith("c.yaml: generations[1].name: duplicate name") for line in problems)
+    assert any(line.startswith("c.yaml: generations[0].arch.factory: ") for line in problems), problems
+
+
+@pytest.mark.parametrize("kwargs,why", [({"f": object()}, "not JSON serializable"),
+                                        ({"x": float("nan")}, "Out of range float"),
+                                        ({"s": {1, 2}}, "set is not JSON serializable")])
+def test_factory_kwargs_must_be_plain_json(kwargs, why):
+    problems = _parse_problems({"generations": [{"name": "g0", "arch": {
+        "type": "custom", "factory": "tests.factories:backbone", "kwargs": kwargs}}]})
+    assert len(problems) == 1
+    assert problems[0].startswith("c.yaml: generations[0].arch.kwargs: kwargs must be plain JSON values") and why in problems[0]
+    data = _parse_problems({"data": {"source": "custom", "factory": "tests.factories:digits_images", "kwargs": kwargs},
+                            "generations": [{"name": "g0"}]})
+    assert data[0].startswith("c.yaml: data.kwargs: kwargs must be plain JSON values")
+
+
+def test_yaml_nan_in_kwargs_is_refused(tmp_path):
+    p = _write(tmp_path, "generations: [{name: g0, arch: {type: custom, factory: 'tests.factories:backbone', "
+                         "kwargs: {width: .nan}}}]\n")
+    assert _problems(p)[0].startswith("c.yaml: generations[0].arch.kwargs: kwargs must be plain JSON values")
+
+
+def test_a_custom_config_loads_and_keeps_its_kwargs(tmp_path):
+    p = _write(tmp_path, """
+data: {source: custom, factory: "tests.factories:first_classes", kwargs: {classes: 4}, num_classes: 6}
+generations:
+  - {name: g0, arch: {type: custom, factory: "tests.factories:backbone", kwargs: {width: 3}, embed_dim: 8}}
+  - {name: g1, arch: {type: cnn2d, width: 4}, train_data: {source: custom, factory: "tests.factories:digits_images"}}
+""")
+    cfg = load_config(p)
+    assert cfg.data.kwargs == {"classes": 4} and cfg.data.num_classes == 6
+    assert cfg.generations[0].arch.factory == "tests.factories:backbone" and cfg.generations[0].arch.kwargs == {"width": 3}
+    assert cfg.generations[1].train_data.factory == "tests.factories:digits_images"
+    changed = load_config(_write(tmp_path, p.read_text().replace("width: 3", "width: 5"), "d.yaml"))
+    assert changed.config_hash() != cfg.config_hash()  # kwargs are part of the recorded config
+
+
+def test_working_dir_is_made_absolute_relative_to_the_config_file(tmp_path, clean_imports):
+    (tmp_path / "code").mkdir()
+    sub = tmp_path / "conf"
+    sub.mkdir()
+    cfg = load_config(_write(sub, "ray: {runtime_env: {working_dir: ../code}}\ngenerations: [{name: g0}]\n"))
+    env = cfg.ray.runtime_env
+    assert env.working_dir == tmp_path / "code" and env.working_dir.is_absolute()
+    assert env.as_ray() == {"working_dir": str(tmp_path / "code")}
+    assert str(tmp_path / "code") in sys.path  # the driver imports from it too
+    problems = _problems(_write(sub, "ray: {runtime_env: {working_dir: nowhere, py_modules: [gone]}}\n"
+                                     "generations: [{name: g0}]\n"))
+    assert problems == [f"c.yaml: ray.runtime_env.working_dir: not found: {sub / 'nowhere'}",
+                        f"c.yaml: ray.runtime_env.py_modules: not found: {sub / 'gone'}"]
+
+
+@pytest.mark.xfail(strict=True, reason="RuntimeEnvSpec._modules_exist raises on the first missing entry "
+                                       "(orchestrator/config.py): the problem has no [index] and later missing "
+                                       "entries are not reported in the same pass")
+def test_every_missing_py_module_is_reported_with_its_index(tmp_path):
+    (tmp_path / "here").mkdir()
+    problems = _problems(_write(tmp_path, "ray: {runtime_env: {py_modules: [here, gone1, gone2]}}\n"
+                                          "generations: [{name: g0}]\n"))
+    assert problems == [f"c.yaml: ray.runtime_env.py_modules[1]: not found: {tmp_path / 'gone1'}",
+                        f"c.yaml: ray.runtime_env.py_modules[2]: not found: {tmp_path / 'gone2'}"]
+
+
+def _user_package(root: Path, name: str) -> Path:
+    pkg = root / name
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text("from tests.factories import backbone as build\n")
+    return pkg
+
+
+def test_py_modules_go_on_sys_path_so_their_factories_import(tmp_path, clean_imports):
+    _user_package(tmp_path / "shipped", "graceful_cfg_pkg")
+    text = "generations: [{name: g0, arch: {type: custom, factory: 'graceful_cfg_pkg.models:build'}}]\n"
+    problems = _problems(_write(tmp_path, text))  # not importable without the runtime_env
+    assert len(problems) == 1 and "cannot import 'graceful_cfg_pkg.models'" in problems[0]
+    cfg = load_config(_write(tmp_path, "ray: {runtime_env: {py_modules: [shipped/graceful_cfg_pkg]}}\n" + text, "d.yaml"))
+    assert cfg.ray.runtime_env.py_modules == [tmp_path / "shipped" / "graceful_cfg_pkg"]
+    assert cfg.ray.runtime_env.import_paths() == [tmp_path / "shipped"]
+    assert str(tmp_path / "shipped") in sys.path
+    from workers.models import GracefulNet, build_model
+
+    assert type(build_model(cfg.generations[0].arch, (1, 8, 8), 3)) is GracefulNet
+
+
+def test_runtime_env_as_ray(tmp_path):
+    assert RuntimeEnvSpec().as_ray() is None and RuntimeEnvSpec().import_paths() == []
+    (tmp_path / "wd").mkdir()
+    _user_package(tmp_path / "mods", "graceful_cfg_unused")
+    env = RuntimeEnvSpec.model_validate({"working_dir": "wd", "py_modules": ["mods/graceful_cfg_unused"],
+                                         "pip": ["einops==0.8.0"], "env_vars": {"OMP_NUM_THREADS": "1"}},
+                                        context={"base_dir": tmp_path})
+    ray_env = env.as_ray()
+    assert ray_env == {"working_dir": str(tmp_path / "wd"), "py_modules": [str(tmp_path / "mods" / "graceful_cfg_unused")],
+                       "pip": ["einops==0.8.0"], "env_vars": {"OMP_NUM_THREADS": "1"}}
+    json.dumps(ray_env)  # plain values, as ray.init takes them
+    assert env.import_paths() == [tmp_path / "wd", tmp_path / "mods"]
+    assert RuntimeEnvSpec(pip=["x"]).as_ray() == {"pip": ["x"]}
+
+
+def test_init_ray_passes_the_runtime_env(tmp_path, monkeypatch, clean_imports):
+    """ray.init replaced by a recorder: nothing starts."""
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    (tmp_path / "wd").mkdir()
+    cfg = load_config(_write(tmp_path, "ray: {runtime_env: {working_dir: wd, env_vars: {A: b}}}\n"
+                                       "generations: [{name: g0}]\n"))
+    init_ray(cfg, address="auto", log_to_driver=True)
+    assert calls == [{"address": "auto", "include_dashboard": False, "log_to_driver": True, "configure_logging": False,
+                      "runtime_env": {"working_dir": str(tmp_path / "wd"), "env_vars": {"A": "b"}}}]
+    init_ray(load_config(_write(tmp_path, "generations: [{name: g0}]\n", "d.yaml")))
+    assert "runtime_env" not in calls[1] and calls[1]["address"] is None
+
+
+def test_cli_validate_exits_2_for_a_factory_that_does_not_import(tmp_path, capsys):
+    bad = _write(tmp_path, f"generations: [{{name: g0, arch: {{type: custom, factory: '{NO_PKG}'}}}}]\n")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"c.yaml: generations[0].arch.factory: factory '{NO_PKG}': cannot import")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["validate", "--json", str(bad)]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False and out["problems"][0].startswith("c.yaml: generations[0].arch.factory: ")
+    good = _write(tmp_path, "generations: [{name: g0, arch: {type: custom, factory: 'tests.factories:own_heads'}}]\n",
+                  "good.yaml")
+    assert main(["validate", str(good)]) == 0
