@@ -149,11 +149,18 @@ def check_arrays(x: object, y: object, where: str, num_classes: Optional[int] = 
     return Split(np.ascontiguousarray(xf), ya.astype(np.int64, copy=False))
 
 
-def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _npz(path: Path) -> "tuple[np.ndarray, np.ndarray] | dict[str, Split]":
+    """Arrays `x`, `y` (split by seed), or `x_train`, `y_train`, `x_test`, `y_test` and
+    optionally `x_val`, `y_val` (used as they are)."""
     try:
         with np.load(path, allow_pickle=False) as f:
+            names = set(f.files)
+            if {"x_train", "y_train", "x_test", "y_test"} <= names:
+                return {k: check_arrays(f[f"x_{k}"], f[f"y_{k}"], f"{path}: {k}")
+                        for k in SPLITS if f"x_{k}" in names and f"y_{k}" in names}
             if "x" not in f or "y" not in f:
-                raise DataError(f"{path}: needs arrays 'x' and 'y', found {sorted(f.files)}")
+                raise DataError(f"{path}: needs arrays 'x' and 'y' (or x_train, y_train, x_test, y_test), "
+                                f"found {sorted(f.files)}")
             x, y = np.asarray(f["x"]), np.asarray(f["y"])
     except (OSError, ValueError) as e:
         if isinstance(e, DataError):
@@ -234,7 +241,7 @@ def load_dataset(spec: DataSpec) -> Dataset:
     if isinstance(got, dict):
         shapes = {k: s.x.shape[1:] for k, s in got.items()}
         if len(set(shapes.values())) > 1:
-            raise DataError(f"data.factory {spec.factory}: the splits' rows differ in shape: {shapes}")
+            raise DataError(f"data ({spec.source}): the splits' rows differ in shape: {shapes}")
         empty = Split(got["train"].x[:0], got["train"].y[:0])
         train, val, test = got["train"], got.get("val", empty), got["test"]
     else:

@@ -31,16 +31,6 @@ def router_url(cfg: RunConfig, override: Optional[str]) -> str:
     return (override or f"http://{cfg.serving.host}:{cfg.serving.port}").rstrip("/")
 
 
-def build_source(cfg: RunConfig, client: Any):
-    """The metric source `rollout.metric_source` names."""
-    from orchestrator.rollout.sources import PrometheusSource, RouterSource
-
-    if cfg.rollout.metric_source == "prometheus":
-        return PrometheusSource(cfg.rollout.prometheus_url, cfg.rollout.prometheus_query_timeout_s,
-                                cfg.rollout.prometheus_latency_window)
-    return RouterSource(client)
-
-
 def _open_registry(cfg: RunConfig, must_exist: bool = True) -> Registry:
     path = registry_path(cfg)
     if must_exist and not path.is_file():
@@ -80,7 +70,9 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
 
     url = router_url(cfg, args.router)
     client = RouterClient(url, cfg.serving.resolved_admin_token())
-    source = build_source(cfg, client)
+    from orchestrator.rollout.sources import source_for
+
+    source = source_for(cfg, client)
     reg = _open_registry(cfg, must_exist=False)
     actor = _actor(args)
     attach = attach_on_cluster(cfg, reg)

@@ -244,3 +244,12 @@ class PrometheusSource:
             else:
                 values[key] = int(round(v))
         return Counts(**values)
+
+
+def source_for(cfg: Any, client: Any) -> MetricSource:
+    """The metric source `rollout.metric_source` of run config `cfg` names (`client`: the
+    router's `serving.client.RouterClient`, read by the router source)."""
+    if cfg.rollout.metric_source == "prometheus":
+        return PrometheusSource(cfg.rollout.prometheus_url, cfg.rollout.prometheus_query_timeout_s,
+                                cfg.rollout.prometheus_latency_window)
+    return RouterSource(client)

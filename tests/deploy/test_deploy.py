@@ -263,8 +263,12 @@ def test_amtool_accepts_the_alertmanager_config_and_routes():
 
 # --- YAML files, KubeRay ----------------------------------------------------------------
 
-@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_run_config_loads(path):
+RUN_CONFIGS = sorted((ROOT / "config").glob("*.yaml")) + sorted((ROOT / "examples").glob("*/config.yaml"))
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_run_config_loads(path, monkeypatch):
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))  # an example's runtime_env joins it
     cfg = load_config(path)
     assert cfg.generations
 
