@@ -212,3 +212,16 @@ def test_a_generation_of_another_input_shape_is_refused_when_attached(router, ge
     assert "g1copy" in plan["shadows"]
     with pytest.raises(CheckpointError, match="factory"):
         router.attach_local(ModelRef("g1other", g1.uri, g1.sha256, "mypkg.models:build"))
+
+
+def test_a_router_is_not_built_over_a_candidate_of_another_input_shape(gens):
+    """`serving.deploy.router_application` (what start_serving and the RayService builder
+    deploy) refuses, before anything starts, a candidate whose checkpoint records another
+    input shape; one of another architecture and the same shape binds, with the shape."""
+    from serving.deploy import router_application
+
+    (g0, _), (g1, _), (flat, _) = gens["g0"], gens["g1"], gens["flat"]
+    with pytest.raises(CheckpointError, match=r"flat: takes inputs of shape \[64\], production g0 \[1, 8, 8\]"):
+        router_application(ServingSpec(), g0, [flat])
+    args = router_application(ServingSpec(), g0, [g1])._bound_deployment.init_args
+    assert args[1] == SHAPE and args[3]["g1"]["factory"] == BUILTIN
