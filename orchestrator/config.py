@@ -11,10 +11,10 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from serving.specs import ServingSpec
 from workers.specs import DataSpec, GenerationSpec, ScalingSpec, StrictModel
@@ -103,22 +103,19 @@ def _config_relative(v: Optional[Path], info: ValidationInfo) -> Optional[Path]:
     return p
 
 
+# A path relative to the config file that must exist (each list item checked on its own).
+ConfigPath = Annotated[Path, AfterValidator(_config_relative)]
+
+
 class RuntimeEnvSpec(StrictModel):
     """How user code (model and data factories) reaches Ray workers on a cluster: Ray's
     `runtime_env`, passed to `ray.init` as it is. Local paths are relative to the config
     file; the driver imports from them too (`import_paths`)."""
 
-    working_dir: Optional[Path] = Field(None, description="a directory shipped to every worker as its cwd")
-    py_modules: list[Path] = Field(default_factory=list, description="package directories shipped to every worker")
+    working_dir: Optional[ConfigPath] = Field(None, description="a directory shipped to every worker as its cwd")
+    py_modules: list[ConfigPath] = Field(default_factory=list, description="package directories shipped to every worker")
     pip: list[str] = Field(default_factory=list, description="packages every worker installs")
     env_vars: dict[str, str] = Field(default_factory=dict)
-
-    _working_dir = field_validator("working_dir")(classmethod(lambda cls, v, info: _config_relative(v, info)))
-
-    @field_validator("py_modules")
-    @classmethod
-    def _modules_exist(cls, v: list[Path], info: ValidationInfo) -> list[Path]:
-        return [_config_relative(p, info) for p in v]  # type: ignore[misc]
 
     def as_ray(self) -> Optional[dict[str, Any]]:
         """The `runtime_env` mapping for `ray.init`; None when nothing is set."""
@@ -346,7 +343,7 @@ def parse_config(raw: dict, name: str = "<config>", base_dir: Optional[Path] = N
     except ValidationError as e:
         lines = [f"{name}: {_format_loc(err['loc'])}: {_message(err, RunConfig)}" for err in e.errors()]
     lines += [f"{name}: {loc}: {msg}" for loc, msg in _semantic_problems(raw)]
-    if cfg is not None and not lines:
+    if cfg is not None:
         lines += [f"{name}: {loc}: {msg}" for loc, msg in _factory_problems(cfg)]
     if lines or cfg is None:
         raise ConfigError(lines)

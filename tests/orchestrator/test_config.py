@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config import (
+    ConfigError,
+    RuntimeEnvSpec,
+    init_ray,
+    load_config,
+    parse_config,
+)
 from tests.conftest import ROOT
 
 SHIPPED = sorted((ROOT / "config").glob("*.yaml"))
@@ -124,10 +132,6 @@ def test_cli_bad_usage_exits_2(capsys):
 
 # --- factories, kwargs and ray.runtime_env ---------------------------------------------------
 
-import json  # noqa: E402
-import sys  # noqa: E402
-
-from orchestrator.config import RuntimeEnvSpec, init_ray, parse_config  # noqa: E402
 
 NO_PKG = "nonexistent_pkg_xyz.m:f"
 
@@ -187,14 +191,11 @@ def test_a_factory_module_whose_code_fails_is_a_cannot_import_problem(tmp_path, 
     (tmp_path / "graceful_cfg_broken.py").write_text("raise RuntimeError('boom at import')\n")
     p = _write(tmp_path, "ray: {runtime_env: {working_dir: .}}\n"
                          "generations: [{name: g0, arch: {type: custom, factory: 'graceful_cfg_broken:build'}}]\n")
-    assert _problems(p) == [f"c.yaml: generations[0].arch.factory: factory 'graceful_cfg_broken:build': cannot import "
-                            f"'graceful_cfg_broken' (RuntimeError: boom at import); install it, put it on PYTHONPATH, "
-                            f"or ship it with ray.runtime_env (py_modules / working_dir)"]
+    assert _problems(p) == [("c.yaml: generations[0].arch.factory: factory 'graceful_cfg_broken:build': cannot import "
+                             "'graceful_cfg_broken' (RuntimeError: boom at import); install it, put it on PYTHONPATH, "
+                             "or ship it with ray.runtime_env (py_modules / working_dir)")]
 
 
-@pytest.mark.xfail(strict=True, reason="parse_config checks factories only when there is no other problem "
-                                       "(orchestrator/config.py, parse_config: `if cfg is not None and not lines`), "
-                                       "so a duplicate name hides a factory that does not import")
 def test_a_factory_that_does_not_import_is_reported_with_the_semantic_problems():
     problems = _parse_problems({"generations": [{"name": "g0", "arch": {"type": "custom", "factory": NO_PKG}},
                                                 {"name": "g0"}]})
@@ -248,12 +249,9 @@ def test_working_dir_is_made_absolute_relative_to_the_config_file(tmp_path, clea
     problems = _problems(_write(sub, "ray: {runtime_env: {working_dir: nowhere, py_modules: [gone]}}\n"
                                      "generations: [{name: g0}]\n"))
     assert problems == [f"c.yaml: ray.runtime_env.working_dir: not found: {sub / 'nowhere'}",
-                        f"c.yaml: ray.runtime_env.py_modules: not found: {sub / 'gone'}"]
+                        f"c.yaml: ray.runtime_env.py_modules[0]: not found: {sub / 'gone'}"]
 
 
-@pytest.mark.xfail(strict=True, reason="RuntimeEnvSpec._modules_exist raises on the first missing entry "
-                                       "(orchestrator/config.py): the problem has no [index] and later missing "
-                                       "entries are not reported in the same pass")
 def test_every_missing_py_module_is_reported_with_its_index(tmp_path):
     (tmp_path / "here").mkdir()
     problems = _problems(_write(tmp_path, "ray: {runtime_env: {py_modules: [here, gone1, gone2]}}\n"
