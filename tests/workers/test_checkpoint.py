@@ -9,16 +9,28 @@ from __future__ import annotations
 import builtins
 import io
 import os
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from workers.checkpoint import CheckpointError, load_model, save_model, sha256_file
-from workers.lqf import LinearizedNet, save_lqf
 from tests.helpers import moved_lqf
-from workers.models import GracefulNet, build_model
-from workers.specs import ArchSpec
+from workers.checkpoint import (
+    BUILTIN,
+    CheckpointError,
+    expected_factory,
+    factory_of,
+    input_shape_of,
+    load_model,
+    save_model,
+    sha256_file,
+)
+from workers.data import Split
+from workers.lqf import LinearizedNet, fit_lqf, save_lqf
+from workers.models import GracefulNet, UserNet, build_model
+from workers.specs import ArchSpec, GenerationSpec, TrainSpec
 
 
 def _net(seed: int):
@@ -143,15 +155,6 @@ def test_an_lqf_checkpoint_that_does_not_match_its_arch_is_refused(tmp_path):
 
 # --- custom models: the file records the factory and the input shape ------------------------
 
-import sys  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from workers.checkpoint import BUILTIN, expected_factory, factory_of, input_shape_of  # noqa: E402
-from workers.data import Split  # noqa: E402
-from workers.lqf import fit_lqf  # noqa: E402
-from workers.models import UserNet  # noqa: E402
-from workers.specs import GenerationSpec, TrainSpec  # noqa: E402
 
 IMAGE = (1, 6, 6)
 

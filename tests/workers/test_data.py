@@ -5,8 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.data import DataError, fingerprint, generation_train_split, load_dataset
-from workers.specs import DataSpec
+from tests.factories import digits_images
+from workers.data import (
+    DataError,
+    check_arrays,
+    fingerprint,
+    generation_data,
+    generation_train_split,
+    load_dataset,
+    load_pool,
+)
+from workers.factory import FactoryError
+from workers.specs import DataSpec, GenerationSpec
 
 
 def test_digits_splits_are_disjoint_and_deterministic():
@@ -87,11 +97,6 @@ def test_npz_that_is_not_npz(tmp_path):
 
 # --- custom data factories ------------------------------------------------------------------
 
-from tests.factories import digits_images  # noqa: E402
-from workers.data import check_arrays, generation_data, load_pool  # noqa: E402
-from workers.factory import FactoryError  # noqa: E402
-from workers.specs import GenerationSpec  # noqa: E402
-
 
 def _custom(name: str, **kw) -> DataSpec:
     return DataSpec(source="custom", factory=f"tests.factories:{name}", **kw)
@@ -131,8 +136,8 @@ def test_num_classes_from_the_labels_or_from_the_config():
 @pytest.mark.parametrize("name,kw,match", [
     ("with_nan", {}, r"data\.factory tests\.factories:with_nan: x contains NaN or Inf \(1 of 1797 rows\)"),
     ("float_labels", {}, r"tests\.factories:float_labels: y must hold integer class ids, got dtype float64"),
-    ("short_labels", {}, r"tests\.factories:short_labels: y must be \(N,\) with one label per row of x, "
-                         r"got x \(1797, 1, 8, 8\) and y \(1796,\)"),
+    ("short_labels", {}, (r"tests\.factories:short_labels: y must be \(N,\) with one label per row of x, "
+                          r"got x \(1797, 1, 8, 8\) and y \(1796,\)")),
     ("strings", {}, r"tests\.factories:strings: x must hold numbers, got dtype <U1"),
     ("negative_labels", {}, r"tests\.factories:negative_labels: y must hold class ids >= 0, found -1"),
     ("digits_images", {"num_classes": 5}, r"holds class 9, outside \[0, 5\) \(data\.num_classes\)"),

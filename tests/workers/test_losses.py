@@ -7,10 +7,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
-from workers.losses import (FrozenHead, ancestor_importances, bct_influence_loss,
-                            ensemble_distillation_loss, focal_distillation_loss, frozen_head)
-from workers.models import build_model
+from workers.losses import (
+    FrozenHead,
+    ancestor_importances,
+    bct_influence_loss,
+    ensemble_distillation_loss,
+    focal_distillation_loss,
+    frozen_head,
+)
+from workers.models import LinearizedNet, UserNet, build_model
 from workers.specs import ArchSpec
 
 EYE_HEAD = FrozenHead("g0", np.eye(2, dtype=np.float32), None, 2.0)
@@ -106,10 +113,6 @@ def test_ancestor_importances():
 
 
 # --- custom heads: a module FrozenHead ------------------------------------------------------
-
-from torch.nn import functional as F  # noqa: E402
-
-from workers.models import LinearizedNet, UserNet  # noqa: E402
 
 
 def _user(name: str, input_shape=(4,), classes: int = 3, **kwargs) -> UserNet:

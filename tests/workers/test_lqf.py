@@ -5,11 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from workers.checkpoint import CheckpointError, load_model, save_model
 from workers.data import Split
-from workers.lqf import (KFAC, LinearizedNet, conv1d_factors, damped_inverses, fit_lqf, fold, linear_factors,
-                         make_lqf, save_lqf, square_loss)
+from workers.lqf import (
+    KFAC,
+    LinearizedNet,
+    _kfac_covers,
+    conv1d_factors,
+    conv2d_factors,
+    damped_inverses,
+    fit_lqf,
+    fold,
+    linear_factors,
+    make_lqf,
+    save_lqf,
+    square_loss,
+)
 from workers.models import build_model
 from workers.specs import ArchSpec, GenerationSpec, LQFSpec, TrainSpec
 
@@ -214,10 +227,6 @@ def test_exact_step_lands_on_the_batch_minimum_along_the_direction():
 
 # --- Conv2d, custom models ----------------------------------------------------------------
 
-from torch import nn  # noqa: E402
-
-from workers.lqf import _kfac_covers, conv2d_factors  # noqa: E402
-
 
 def test_conv2d_factors_hand_case_1x1_kernel():
     """C_in = C_out = 1, a 2x2 image [[1, 2], [3, 4]], 1x1 kernel: the 4 patches are the
@@ -248,7 +257,7 @@ def test_conv2d_factors_hand_case_2x2_kernel_is_one_linear_layer():
 
 def _brute_conv2d_factors(a, g, k, s, p, d, bias):
     """The patches by explicit loops over (b, i, j), in the order of weight.reshape(C_out, -1)."""
-    B, C, H, W = a.shape
+    B = a.shape[0]
     ap = torch.nn.functional.pad(a, (p[1], p[1], p[0], p[0]))
     Ho, Wo = g.shape[2:]
     patches, grads = [], []

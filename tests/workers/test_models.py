@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+from tests import factories
 from workers.checkpoint import CheckpointError, load_model, save_model, sha256_file
-from workers.models import build_model
+from workers.factory import FactoryError, load_callable
+from workers.models import (
+    CosineHead,
+    GracefulNet,
+    ResidualBlock,
+    UserNet,
+    build_model,
+    leaky_relus,
+)
 from workers.specs import ArchSpec
 
 
@@ -87,12 +97,6 @@ def test_pickled_objects_are_not_executed(tmp_path):
 
 
 # --- any input shape, cnn2d, custom factories ---------------------------------------------
-
-from torch import nn  # noqa: E402
-
-from tests import factories  # noqa: E402
-from workers.factory import FactoryError, load_callable  # noqa: E402
-from workers.models import CosineHead, GracefulNet, ResidualBlock, UserNet, leaky_relus  # noqa: E402
 
 
 def _custom(name: str, **kw) -> ArchSpec:
