@@ -129,10 +129,13 @@ def embed_dim_problems(cfg: RunConfig, reg: Registry, name: str,
     out = []
     for other in (bct if bct is not None else [n for n, _ in constraint_names(cfg, reg, name)]):
         try:
-            dim = cfg.generation(other).arch.embed_dim
+            arch = cfg.generation(other).arch
         except KeyError:
             continue  # a registered generation this config no longer lists: its checkpoint says
-        if dim != gen.arch.embed_dim:
+        if "custom" in (arch.type, gen.arch.type):
+            continue  # a factory's embedding size is known once it is built: build_targets checks it
+        if arch.embed_dim != gen.arch.embed_dim:
+            dim = arch.embed_dim
             out.append(f"generations[{names.index(name)}].arch.embed_dim: {gen.arch.embed_dim}, but BCT against "
                        f"{other!r} needs {dim} (its arch.embed_dim); make them equal or drop compat.bct")
     return out

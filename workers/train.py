@@ -225,6 +225,15 @@ def _train_reference(gen: GenerationSpec, data: DataSpec, seed: int) -> np.ndarr
     return predict(model, split.x)[1]
 
 
+def embedding_size(gen: GenerationSpec, data: DataSpec) -> int:
+    """The size of the embeddings `gen` produces: `arch.embed_dim`, except for a custom
+    model with its own `embed`, whose size is known once its factory has built it."""
+    if gen.arch.type != "custom":
+        return gen.arch.embed_dim
+    ds = load_dataset(data)
+    return int(build_model(gen.arch, ds.input_shape, generation_data(ds, gen)[1]).embed_dim)
+
+
 def build_targets(job: TrainJob, split: Split, log: Callable[[str], None] = print) -> CompatTargets:
     """Compute the cached outputs the configured constraints need, as Ray tasks."""
     import ray
@@ -232,11 +241,12 @@ def build_targets(job: TrainJob, split: Split, log: Callable[[str], None] = prin
     gen, compat = job.generation, job.generation.compat
     targets = CompatTargets()
     if compat.bct is not None:
+        new_dim = embedding_size(gen, job.data)
         for c in job.bct:
             head = constraint_head(c)  # verified by sha256 on every call: nothing cached on disk
-            if head.embed_dim != gen.arch.embed_dim:  # fail here, not in every restarted worker
+            if head.embed_dim != new_dim:  # fail here, not in every restarted worker
                 raise ValueError(f"BCT against {c.name}: its head scores embeddings of size {head.embed_dim}, "
-                                 f"{gen.name} produces {gen.arch.embed_dim}")
+                                 f"{gen.name} produces {new_dim}")
             targets.heads.append(head)
     if compat.focal_distillation is not None:
         if job.production is None:
