@@ -61,7 +61,7 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture
 def router(gens):
-    g0, m0 = gens["g0"]
+    _, m0 = gens["g0"]
     x = _images(6, seed=9)
     with torch.no_grad():
         gallery = Gallery("g0", m0.embed(torch.from_numpy(x)).numpy(), np.arange(6) % 3)
