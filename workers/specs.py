@@ -48,6 +48,10 @@ class DataSpec(StrictModel):
     seed: int = Field(0, ge=0)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     val_fraction: float = Field(0.1, ge=0, lt=1)
+    # ray only: the validation and the test split are read into memory (evaluation, the
+    # offline gate, the retrieval gallery need them), each capped at this many rows; the
+    # training rows stream (docs/training.md, Streaming data).
+    eval_rows: int = Field(10000, gt=0, description="ray only: rows of the val and of the test split held in memory")
     # Cache for generated datasets; default ~/.cache/graceful (or $GRACEFUL_CACHE).
     cache_dir: Optional[Path] = None
 
