@@ -9,15 +9,18 @@ from torch.nn import functional as F
 
 
 class Block(nn.Module):
-    def __init__(self, channels: int):
+    """relu(skip(x) + conv(relu(conv(x)))); `stride` 2 halves the resolution."""
+
+    def __init__(self, channels: int, stride: int = 1):
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, 3, stride=stride, padding=1)
         self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.skip = nn.Identity() if stride == 1 else nn.Conv2d(channels, channels, 1, stride=stride)
         self.relu2 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu2(x + self.conv2(self.relu1(self.conv1(x))))
+        return self.relu2(self.skip(x) + self.conv2(self.relu1(self.conv1(x))))
 
 
 class ResNet(nn.Module):
@@ -28,7 +31,7 @@ class ResNet(nn.Module):
     def __init__(self, channels: int, num_classes: int, width: int, blocks: int, embed_dim: int, scale: float):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.ReLU())
-        self.blocks = nn.Sequential(*[Block(width) for _ in range(blocks)])
+        self.blocks = nn.Sequential(*[Block(width, stride=1 if i == 0 else 2) for i in range(blocks)])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.project = nn.Linear(width, embed_dim)
         self.classes = nn.Parameter(torch.randn(num_classes, embed_dim) * embed_dim ** -0.5)
