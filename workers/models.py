@@ -144,14 +144,15 @@ class GracefulNet(nn.Module):
         self.input_shape = tuple(int(d) for d in input_shape)
         self.num_classes = num_classes
         self.trunk = trunk if trunk is not None else _TRUNKS[spec.type](spec, self.input_shape)
+        what = f"arch.factory {spec.factory}: the backbone" if spec.factory else f"the {spec.type} network"
         try:
             out = _dry_run(self.trunk, self.trunk, self.input_shape)
         except Exception as e:
-            raise ValueError(f"the {spec.type} network fails on inputs of shape {self.input_shape}: "
+            raise ValueError(f"{what} fails on inputs of shape {self.input_shape}: "
                              f"{type(e).__name__}: {e}") from None
         if not isinstance(out, torch.Tensor) or out.ndim != 2:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"the {spec.type} network must map (N, *input_shape) to features (N, F), "
+            raise ValueError(f"{what} must map (N, *input_shape) to features (N, F), "
                              f"got {got} (or give the module embed(x) and head(z))")
         self.project = nn.Linear(int(out.shape[1]), spec.embed_dim)
         if spec.head == "cosine":

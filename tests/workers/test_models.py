@@ -215,8 +215,6 @@ def test_a_backbone_with_the_wrong_output_rank_is_refused():
         build_model(_custom("wrong_input_channels"), (1, 8, 8), 3)
 
 
-@pytest.mark.xfail(strict=True, reason="GracefulNet's errors for a custom backbone say 'the custom network', "
-                                       "not which factory (workers/models.py, GracefulNet.__init__)")
 @pytest.mark.parametrize("name,shape", [("sequence_output", (2, 8)), ("wrong_input_channels", (1, 8, 8))])
 def test_a_backbone_that_is_refused_is_named_in_the_error(name, shape):
     with pytest.raises(ValueError, match=f"tests.factories:{name}"):
