@@ -216,8 +216,9 @@ def _arrays(spec: DataSpec) -> "tuple[np.ndarray, np.ndarray] | dict[str, Split]
         return _npz(Path(spec.path))
     if spec.source == "custom":
         return _custom(spec)
-    raise DataError(f"data source {spec.source!r} is streamed to the workers (workers.streaming), "
-                    f"not loaded into memory")
+    raise DataError(f"data source {spec.source!r} streams its training rows to the Ray Train workers "
+                    f"(workers.streaming.train_stream); they are never loaded into memory (load_dataset gives "
+                    f"its val and test splits, a train_data with source ray is streamed by `graceful train`)")
 
 
 def _classes(spec: DataSpec, splits: dict[str, Split]) -> int:
@@ -236,7 +237,14 @@ def _classes(spec: DataSpec, splits: dict[str, Split]) -> int:
 
 def load_dataset(spec: DataSpec) -> Dataset:
     """Build (or read from cache) the dataset and split it deterministically by `spec.seed`
-    (a custom factory's own splits are used as they are). DataError naming the problem."""
+    (a custom factory's own splits are used as they are). DataError naming the problem.
+
+    `source: ray`: the val and test splits only, each capped at `spec.eval_rows` rows, and
+    an empty train split (the training rows stream: `workers.streaming.load_eval_dataset`)."""
+    if spec.source == "ray":
+        from workers.streaming import load_eval_dataset
+
+        return load_eval_dataset(spec)
     got = _arrays(spec)
     if isinstance(got, dict):
         shapes = {k: s.x.shape[1:] for k, s in got.items()}

@@ -8,6 +8,12 @@ DDP over their shard of each global batch and look the cached outputs up by row 
 no old model runs inside the training step. Each evaluation reports metrics and a
 checkpoint; a restarted worker group, or a rerun of the same command, resumes from the
 latest one.
+
+A streamed generation (`data.source: ray`, `workers.streaming`) trains on its rows as Ray
+Train dataset shards instead: each worker reads `get_dataset_shard("train")`, and the
+production model's logits arrive as a column of the batch, added by a Ray Data actor
+(`workers.streaming.with_old_logits`); the step loop, recipes, DDP, reports and
+checkpoints are the same.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import signal
 import tempfile
 import threading
@@ -33,7 +40,9 @@ from workers.losses import (FrozenHead, bct_influence_loss, ensemble_distillatio
                             focal_distillation_loss, frozen_head)
 from workers.models import build_model
 from workers.specs import CompatSpec, DataSpec, GenerationSpec, ScalingSpec
-from workers.training import ExtraLoss, Recipe, StandardRecipe, accuracy, fit, predict, run_steps
+from workers.streaming import (OLD_LOGITS, cpu_shortfall, stream_batches, stream_problems, streams, train_stream,
+                               with_old_logits)
+from workers.training import ExtraLoss, Recipe, StandardRecipe, accuracy, fit, predict, run_batches, run_steps
 
 STATE_FILE = "state.pt"
 
@@ -82,6 +91,9 @@ class CompatTargets:
     heads: list[FrozenHead] = field(default_factory=list)
     old_logits: Optional[np.ndarray] = None
     ensemble_logits: Optional[np.ndarray] = None
+    # A streamed generation: the batch column holding the old model's logits (instead of
+    # `old_logits` indexed by row).
+    old_logits_column: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -94,31 +106,46 @@ class TrainResult:
 
 def make_extra_loss(compat: CompatSpec, targets: CompatTargets,
                     device: torch.device = torch.device("cpu")) -> Optional[ExtraLoss]:
-    """The sum of the configured compatibility terms, as an `ExtraLoss` for the loop."""
+    """The sum of the configured compatibility terms, as an `ExtraLoss` for the loop.
+
+    Cached outputs are looked up by the batch's rows (`idx`); a streamed batch brings the
+    old model's logits as its column `targets.old_logits_column` instead."""
     terms: list[Callable[..., torch.Tensor]] = []
     if compat.bct is not None and compat.bct.weight > 0 and targets.heads:
         w, heads = compat.bct.weight, targets.heads
-        terms.append(lambda model, y, idx, z, logits: w * bct_influence_loss(z, y, heads, _unit_embeddings(model)))
+        terms.append(lambda model, y, idx, z, logits, ex: w * bct_influence_loss(z, y, heads, _unit_embeddings(model)))
     fd = compat.focal_distillation
-    if fd is not None and fd.weight > 0 and targets.old_logits is not None:
-        old = torch.as_tensor(targets.old_logits, device=device)
-        terms.append(lambda model, y, idx, z, logits: fd.weight * focal_distillation_loss(
-            logits, old[idx], y, fd.form, fd.alpha, fd.beta, fd.temperature))
+    if fd is not None and fd.weight > 0 and (targets.old_logits is not None or targets.old_logits_column):
+        if targets.old_logits is not None:
+            old = torch.as_tensor(targets.old_logits, device=device)
+            old_of = lambda idx, ex: old[idx]  # noqa: E731
+        else:
+            column = targets.old_logits_column
+            old_of = lambda idx, ex: _column(ex, column)  # noqa: E731
+        terms.append(lambda model, y, idx, z, logits, ex: fd.weight * focal_distillation_loss(
+            logits, old_of(idx, ex), y, fd.form, fd.alpha, fd.beta, fd.temperature))
     ens = compat.ensemble
     if ens is not None and ens.weight > 0 and targets.ensemble_logits is not None:
         ref = torch.as_tensor(targets.ensemble_logits, device=device)
-        terms.append(lambda model, y, idx, z, logits: ens.weight * ensemble_distillation_loss(
+        terms.append(lambda model, y, idx, z, logits, ex: ens.weight * ensemble_distillation_loss(
             logits, ref[idx], ens.top_k, ens.margin))
     if not terms:
         return None
 
-    def extra(model, x, y, idx, z, logits):
-        loss = terms[0](model, y, idx, z, logits)
+    def extra(model, x, y, idx, z, logits, **extras):
+        loss = terms[0](model, y, idx, z, logits, extras)
         for t in terms[1:]:
-            loss = loss + t(model, y, idx, z, logits)
+            loss = loss + t(model, y, idx, z, logits, extras)
         return loss
 
     return extra
+
+
+def _column(extras: dict, name: str) -> torch.Tensor:
+    if name not in extras:
+        raise KeyError(f"the batch has no column {name!r} (it has {sorted(extras)}): a streamed generation's "
+                       f"old logits come with its batches (workers.streaming.with_old_logits)")
+    return extras[name]
 
 
 def _unit_embeddings(model: Optional[nn.Module]) -> bool:
@@ -225,23 +252,34 @@ def _train_reference(gen: GenerationSpec, data: DataSpec, seed: int) -> np.ndarr
     return predict(model, split.x)[1]
 
 
-def embedding_size(gen: GenerationSpec, data: DataSpec) -> int:
+def embedding_size(gen: GenerationSpec, data: DataSpec,
+                   shape: Optional[tuple[tuple[int, ...], int]] = None) -> int:
     """The size of the embeddings `gen` produces: `arch.embed_dim`, except for a custom
-    model with its own `embed`, whose size is known once its factory has built it."""
+    model with its own `embed`, whose size is known once its factory has built it (for
+    `shape` = (input shape, classes) when given, else those of the data)."""
     if gen.arch.type != "custom":
         return gen.arch.embed_dim
-    ds = load_dataset(data)
-    return int(build_model(gen.arch, ds.input_shape, generation_data(ds, gen)[1]).embed_dim)
+    if shape is None:
+        ds = load_dataset(data)
+        shape = (ds.input_shape, generation_data(ds, gen)[1])
+    return int(build_model(gen.arch, shape[0], shape[1]).embed_dim)
 
 
-def build_targets(job: TrainJob, split: Split, log: Callable[[str], None] = print) -> CompatTargets:
-    """Compute the cached outputs the configured constraints need, as Ray tasks."""
+def build_targets(job: TrainJob, split: Optional[Split], log: Callable[[str], None] = print,
+                  shape: Optional[tuple[tuple[int, ...], int]] = None) -> CompatTargets:
+    """Compute the cached outputs the configured constraints need, as Ray tasks.
+
+    `split` None: the generation streams (`workers.streaming`); Focal Distillation's old
+    logits then come with each batch (column `old_logits`) and ensemble distillation is
+    refused. `shape`: (input shape, classes) of the generation, when the caller knows them."""
     import ray
 
     gen, compat = job.generation, job.generation.compat
     targets = CompatTargets()
+    if split is None and stream_problems(gen):
+        raise ValueError("; ".join(stream_problems(gen)))
     if compat.bct is not None:
-        new_dim = embedding_size(gen, job.data)
+        new_dim = embedding_size(gen, job.data, shape)
         for c in job.bct:
             head = constraint_head(c)  # verified by sha256 on every call: nothing cached on disk
             if head.embed_dim != new_dim:  # fail here, not in every restarted worker
@@ -251,9 +289,12 @@ def build_targets(job: TrainJob, split: Split, log: Callable[[str], None] = prin
     if compat.focal_distillation is not None:
         if job.production is None:
             raise ValueError("focal_distillation needs a production model")
-        task = ray.remote(num_cpus=1)(_logits_of)
-        targets.old_logits = ray.get(task.remote(job.production, split.x))
-    if compat.ensemble is not None:
+        if split is None:
+            targets.old_logits_column = OLD_LOGITS
+        else:
+            task = ray.remote(num_cpus=1)(_logits_of)
+            targets.old_logits = ray.get(task.remote(job.production, split.x))
+    if compat.ensemble is not None and split is not None:
         cache = ensemble_cache_path(job, split)
         cached = _read_cached_logits(cache, len(split))
         if cached is not None:
@@ -297,8 +338,13 @@ def _train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
 
-    ds = load_dataset(job.data)
-    split, classes = generation_data(ds, gen)
+    stream = config.get("stream")  # a streamed generation: its val split, input shape, classes
+    if stream is None:
+        ds = load_dataset(job.data)
+        split, classes = generation_data(ds, gen)
+        val, input_shape = ds.val, ds.input_shape
+    else:
+        split, val, input_shape, classes = None, stream["val"], stream["input_shape"], stream["classes"]
     torch.manual_seed(spec.seed)  # identical initial weights on every worker
     recipe: Recipe
     if gen.recipe == "lqf":
@@ -307,7 +353,7 @@ def _train_loop_per_worker(config: dict) -> None:
         parent, _ = job.production.load()
         recipe = make_lqf(parent, gen)
     else:
-        recipe = StandardRecipe(build_model(gen.arch, ds.input_shape, classes), spec)
+        recipe = StandardRecipe(build_model(gen.arch, input_shape, classes), spec)
     model, opt, sched = recipe.model, recipe.opt, recipe.sched
     model.to(device)
     ddp = ray.train.torch.prepare_model(_EmbedAndLogits(model))
@@ -338,8 +384,10 @@ def _train_loop_per_worker(config: dict) -> None:
         # Every rank reports (Ray Train expects it); rank 0 alone evaluates and checkpoints.
         row = {"step": step, "loss": loss, "seconds": round(time.time() - t0, 2),
                "resumed_from_step": resumed_from}
+        peaks = _peak_rss_mb_of_workers(world, device)  # a collective: every rank calls it here
         if rank == 0:
-            row["val_accuracy"] = accuracy(model, ds.val) if len(ds.val) else float("nan")
+            row["worker_peak_rss_mb"] = peaks
+            row["val_accuracy"] = accuracy(model, val) if len(val) else float("nan")
             history.append(row)
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -356,36 +404,90 @@ def _train_loop_per_worker(config: dict) -> None:
     t0 = time.time()
     # DDP (`ddp`) all-reduces the gradients in backward; each worker trains on its slice
     # of every global batch; a resumed run continues from the checkpoint's step.
-    run_steps(recipe, split, spec, extra_loss=extra, forward=ddp, rank=rank, world=world, start=start,
-              device=device, after_step=inject_fault, on_eval=report)
+    if split is not None:
+        run_steps(recipe, split, spec, extra_loss=extra, forward=ddp, rank=rank, world=world, start=start,
+                  device=device, after_step=inject_fault, on_eval=report)
+    else:
+        # Each worker's shard of the stream (Ray Train splits it into equal shards, so every
+        # worker gets as many batches: DDP needs it); a resumed run restarts the stream.
+        batches = stream_batches(ray.train.get_dataset_shard("train"), spec.batch_size // world, device=device,
+                                 seed=spec.seed)
+        run_batches(recipe, batches, spec, extra_loss=extra, forward=ddp, start=start, after_step=inject_fault,
+                    on_eval=report)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (getrusage; Linux counts KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _peak_rss_mb_of_workers(world: int, device: torch.device) -> list[float]:
+    """Every training worker's `peak_rss_mb`, by rank (an all-gather: all ranks must call it)."""
+    mine = peak_rss_mb()
+    if world <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    t = torch.tensor([mine], dtype=torch.float64, device=device)
+    out = [torch.zeros_like(t) for _ in range(world)]
+    torch.distributed.all_gather(out, t)
+    return [round(float(o.item()), 1) for o in out]
 
 
 # --- the driver ----------------------------------------------------------------------------
 
 def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResult:
     """Train `job.generation` on Ray Train (ray must be initialised) and write
-    `out_dir/model.pt` and `out_dir/metrics.json`. Resumes an interrupted run."""
+    `out_dir/model.pt` and `out_dir/metrics.json`. Resumes an interrupted run.
+
+    A streamed generation (`workers.streaming.streams`) gives Ray Train its rows as the
+    dataset "train" (with the old model's logits as a column for Focal Distillation)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     gen = job.generation
     t_start = time.time()
-    ds = load_dataset(job.data)
-    split, classes = generation_data(ds, gen)
+    ds = load_dataset(job.data)  # source ray: the val and test splits only
     if gen.recipe == "lqf" and job.production is None:
         raise ValueError(f"{gen.name}: recipe lqf needs a parent (production) model")
-    targets = build_targets(job, split, log)
+    config: dict[str, Any] = {"job": job}
+    datasets = None
+    if streams(job.data, gen):
+        if gen.train.batch_size < job.scaling.num_workers:
+            raise ValueError(f"{gen.name}: train.batch_size {gen.train.batch_size} is smaller than "
+                             f"scaling.num_workers {job.scaling.num_workers}: a streamed batch is split evenly")
+        stream = train_stream(job.data, gen, ds.input_shape, ds.num_classes)
+        split, classes = None, stream.num_classes
+        targets = build_targets(job, None, log, shape=(ds.input_shape, classes))
+        rows = stream.dataset
+        if targets.old_logits_column is not None:
+            rows = with_old_logits(rows, job.production)
+        datasets = {"train": rows}
+        config["stream"] = {"val": ds.val, "input_shape": ds.input_shape, "classes": classes}
+        per_worker = gen.train.batch_size // job.scaling.num_workers
+        train_samples = gen.train.steps * per_worker * job.scaling.num_workers  # rows the steps consume
+        data_fingerprint = stream.fingerprint
+        what = "a stream (Ray Data)"
+        short = cpu_shortfall(float(ray.cluster_resources().get("CPU", 0)), job.scaling,
+                              targets.old_logits_column is not None)
+        if short:
+            log(f"[{gen.name}] warning: {short}")
+    else:
+        split, classes = generation_data(ds, gen)
+        targets = build_targets(job, split, log)
+        train_samples, data_fingerprint, what = len(split), fingerprint(split), f"{len(split)} samples"
+    config["targets"] = targets
     log(f"[{gen.name}] training on Ray Train: {job.scaling.num_workers} worker(s), "
-        f"{'GPU' if job.scaling.use_gpu else 'CPU'}, {len(split)} samples, {gen.train.steps} steps")
+        f"{'GPU' if job.scaling.use_gpu else 'CPU'}, {what}, {gen.train.steps} steps")
     resources = {"CPU": job.scaling.cpus_per_worker}
     if job.scaling.use_gpu:
         resources["GPU"] = 1
     from ray.util.queue import Queue
 
     progress = Queue() if job.verbose else None
+    config["progress"] = progress
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"job": job, "targets": targets, "progress": progress},
+        train_loop_config=config,
+        datasets=datasets,
         scaling_config=ray.train.ScalingConfig(num_workers=job.scaling.num_workers,
                                                use_gpu=job.scaling.use_gpu,
                                                resources_per_worker=resources),
@@ -419,7 +521,8 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
         "train_seconds": round(time.time() - t_start, 2), "val_accuracy": last.get("val_accuracy"),
         "test_accuracy": accuracy(model, ds.test), "history": history,
         "resumed_from_step": next((h["resumed_from_step"] for h in history if h.get("resumed_from_step")), None),
-        "data_fingerprint": fingerprint(split), "train_samples": len(split),
+        "data_fingerprint": data_fingerprint, "train_samples": train_samples, "streamed": split is None,
+        "worker_peak_rss_mb": last.get("worker_peak_rss_mb"),
         "input_shape": list(ds.input_shape), "num_classes": classes,
         "factory": gen.arch.factory,
         "constraints": constraint_records(job),
