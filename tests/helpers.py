@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,14 @@ def moved_lqf(parent, scale: float = 0.2):
         for d in lin.delta:
             d.copy_(scale * torch.randn_like(d))
     return lin.eval()
+
+
+def wait_for(cond, timeout_s: float = 10.0):
+    """The first truthy value of `cond()`, polled every 0.1 s; AssertionError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")

@@ -8,7 +8,6 @@ checkpoints, so every live counter is checked against an independent computation
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from workers.data import load_dataset
 from workers.models import build_model
 from workers.specs import ArchSpec, DataSpec, TrainSpec
 from workers.training import fit, predict
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_for
 
 TOKEN = "test-admin-token-123"
 
@@ -59,16 +58,6 @@ def _offline_preds(ref: ModelRef, x: np.ndarray) -> np.ndarray:
     return predict(model, x)[1].argmax(1)
 
 
-def _wait_for(cond, timeout_s: float = 10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
-
-
 def _counters(client, gen):
     return client.status()["generations"][gen]["counters"]
 
@@ -86,7 +75,7 @@ def test_shadow_comparison_and_live_flips_match_offline(served):
         assert r["generation"] == "g0" and len(r["predictions"]) == 4
         assert np.allclose(np.sum(r["probabilities"], axis=1), 1.0, atol=1e-4)
         rids.append(r["request_id"])
-    _wait_for(lambda: _counters(client, "g1")["compared"] - before["compared"] >= 160)
+    wait_for(lambda: _counters(client, "g1")["compared"] - before["compared"] >= 160)
     for i, rid in enumerate(rids):
         client.feedback(rid, y[4 * i:4 * i + 4].tolist())
     after = _counters(client, "g1")
@@ -234,7 +223,7 @@ def test_faulty_shadow_never_touches_the_primary(served, fault, counter):
                 client.set_traffic({"g0": 1.0}, shadows=[name])
                 _predict_n(s, served["url"], x, 12)
         # With at most 8 shadows in flight, copies beyond that are dropped (and counted).
-        c = _wait_for(lambda: (lambda c: c if c[counter] >= c["requests_shadow"] else None)(
+        c = wait_for(lambda: (lambda c: c if c[counter] >= c["requests_shadow"] else None)(
             _counters(client, name)), 15)
         assert c["requests_shadow"] + c["shadow_dropped"] == 60 and c["requests_shadow"] >= 8
         assert c["compared"] == 0 and c["requests_primary"] == 0 and c["shadow_errors" if counter == "shadow_timeouts" else "shadow_timeouts"] == 0
@@ -264,7 +253,7 @@ def test_in_router_models_answer_like_the_deployments(served):
         x = ds.query.x[:8].tolist()
         local, remote = RouterClient(url, TOKEN), served["client"]
         assert local.predict(x)["predictions"] == remote.predict(x)["predictions"]
-        assert _wait_for(lambda: local.status()["generations"]["g1"]["counters"]["compared"] == 8)
+        assert wait_for(lambda: local.status()["generations"]["g1"]["counters"]["compared"] == 8)
     finally:
         from ray import serve
 
@@ -356,7 +345,7 @@ def test_router_metrics_on_rays_prometheus_endpoint(served, ray_session):
         return found if set(EXPORTED) <= found else None
 
     try:
-        _wait_for(names, 40)
+        wait_for(names, 40)
     except AssertionError:
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         have = sorted({l.split("{")[0] for l in text.splitlines() if "graceful" in l and l[0] != "#"})

@@ -9,7 +9,6 @@ answer is checked against the same checkpoint's offline output.
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from serving.specs import ServingSpec
 from workers.checkpoint import BUILTIN, save_model
 from workers.models import build_model
 from workers.specs import ArchSpec
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_for
 
 TOKEN = "shapes-admin-token-1"
 SHAPE = (1, 8, 8)
@@ -67,16 +66,6 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _wait_for(cond, timeout_s: float = 15.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
-
-
 def test_image_requests_as_nested_lists_and_npy_are_served_and_shadowed(served):
     """5 images sent as JSON nested lists, as an npy body (the client's ndarray path) and
     as a raw npy POST with the user id header: production g0 answers each with its offline
@@ -94,8 +83,8 @@ def test_image_requests_as_nested_lists_and_npy_are_served_and_shadowed(served):
     for r in (as_json, as_npy, raw.json()):
         assert r["generation"] == "g0" and r["predictions"] == want.argmax(1).tolist()
         np.testing.assert_allclose(r["probabilities"], want, atol=1e-5)
-    st = _wait_for(lambda: (lambda s: s if s["generations"]["g1"]["counters"]["compared"] - before >= 15 else None)(
-        client.status()))
+    st = wait_for(lambda: (lambda s: s if s["generations"]["g1"]["counters"]["compared"] - before >= 15 else None)(
+        client.status()), 15.0)
     assert st["input_shape"] == [1, 8, 8]
     assert st["generations"]["g1"]["counters"]["shadow_errors"] == 0
 
