@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 import numpy as np
@@ -117,7 +119,7 @@ def batch_arrays(batch: dict, where: str, input_shape: Optional[tuple[int, ...]]
     s = check_arrays(x, y, where, num_classes)
     if input_shape is not None and tuple(s.x.shape[1:]) != tuple(input_shape):
         raise DataError(f"{where}: rows of shape {tuple(s.x.shape[1:])}, expected {tuple(input_shape)} "
-                        f"(the shape of the test split's rows)")
+                        f"(the run's input shape: every generation takes the same)")
     return s
 
 
@@ -241,17 +243,58 @@ def is_ray_dataset(obj: object) -> bool:
 @contextmanager
 def ray_running():
     """A Ray connection for the duration of the block: the running one, or a local Ray
-    started here and shut down afterwards (so a caller that starts Ray later can)."""
+    started here and shut down afterwards (so a caller that starts Ray later can); Ray
+    Data's progress lines for the driver's reads are kept out of the caller's output."""
     import ray
 
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    with quiet_ray_data():
+        try:
+            yield
+        finally:
+            if started:
+                ray.shutdown()
+
+
+@contextmanager
+def quiet_ray_data():
+    """Ray Data's INFO lines (one block per dataset executed) off for the block."""
+    import ray.data  # noqa: F401  its import configures its loggers: before the level is set
+
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        if started:
-            ray.shutdown()
+        logger.setLevel(level)
+
+
+_DATA_ERROR = re.compile(r"workers\.data\.DataError: (.*)")
+
+
+def data_error_in(e: BaseException) -> Optional[DataError]:
+    """The DataError a Ray Data task raised, from the error Ray hands back (it carries the
+    task's traceback as text), or None."""
+    found = _DATA_ERROR.findall(str(e))
+    return DataError(found[-1]) if found else None
+
+
+@contextmanager
+def data_errors():
+    """Re-raise a DataError raised inside a Ray Data task as itself (not buried in Ray's
+    wrapping of the task's traceback)."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:
+        err = data_error_in(e)
+        if err is None:
+            raise
+        raise err from None
 
 
 def _in_order(ds: Any) -> Any:
@@ -274,7 +317,7 @@ def load_eval_dataset(spec: DataSpec) -> Dataset:
                         "scanned up front")
     cap = spec.eval_rows
     got: dict[int, Split] = {}
-    with ray_running():
+    with ray_running(), data_errors():
         out = call_data_factory(spec)
         if is_ray_dataset(out):
             wanted = (VAL, TEST) if spec.val_fraction > 0 else (TEST,)
@@ -358,8 +401,23 @@ def train_stream(data: DataSpec, gen: "GenerationSpec", input_shape: tuple[int, 
     plan = StreamPlan(where=where, input_shape=tuple(int(d) for d in input_shape), num_classes=classes,
                       seed=pool.seed, test_fraction=held[0], val_fraction=held[1],
                       train_fraction=gen.train_fraction, label_noise=gen.label_noise, noise_seed=gen.train.seed)
+    with quiet_ray_data(), data_errors():  # the first rows, checked here: a bad stream fails before training
+        first = ds.take(READ_BATCH)
+    if not first:
+        raise DataError(f"{where}: the dataset has no rows")
+    train_rows({k: _column_of(first, k, where) for k in ("x", "y")},
+               replace(plan, test_fraction=0.0, val_fraction=0.0, train_fraction=1.0, label_noise=0.0))
     rows = ds.map_batches(train_rows, fn_kwargs={"plan": plan}, batch_format="numpy")
     return TrainStream(rows, classes, stream_fingerprint(pool, gen))
+
+
+def _column_of(rows: list[dict], name: str, where: str) -> np.ndarray:
+    if any(name not in r for r in rows):
+        raise DataError(f"{where}: rows need columns 'x' and 'y', got {sorted(rows[0])}")
+    values = [np.asarray(r[name]) for r in rows]
+    if len({v.shape for v in values}) > 1:
+        raise DataError(f"{where}: column {name} holds arrays of different shapes")
+    return np.stack(values)
 
 
 class OldLogits:
@@ -409,9 +467,10 @@ def stream_batches(shard: Any, batch_size: int, *, device: Any = None, seed: int
             kwargs["device"] = device
         if shuffle_batches > 0:
             kwargs.update(local_shuffle_buffer_size=shuffle_batches * batch_size, local_shuffle_seed=seed + epoch)
-        for b in shard.iter_torch_batches(**kwargs):
-            got += 1
-            yield Batch(b["x"], b["y"], None, {k: b[k] for k in EXTRA_COLUMNS if k in b})
+        with data_errors():
+            for b in shard.iter_torch_batches(**kwargs):
+                got += 1
+                yield Batch(b["x"], b["y"], None, {k: b[k] for k in EXTRA_COLUMNS if k in b})
         if got == 0:
             raise DataError(f"the training stream gave this worker no batch of {batch_size} rows in a whole epoch: "
                             f"fewer training rows than train.batch_size")

@@ -258,3 +258,19 @@ def test_eval_rows_is_a_positive_data_setting():
     assert DataSpec().eval_rows == 10000
     with pytest.raises(ValueError):
         DataSpec(eval_rows=0)
+
+
+def test_a_data_error_raised_in_a_ray_data_task_comes_back_as_itself():
+    from workers.streaming import data_error_in, data_errors
+
+    wrapped = RuntimeError('ray::MapBatches(train_rows)\n  File "workers/data.py", line 134\n'
+                           'workers.data.DataError: data.factory m:f: y must hold integer class ids\n\n'
+                           'ray.exceptions.UserCodeException: UDF failed to process a data block.')
+    assert str(data_error_in(wrapped)) == "data.factory m:f: y must hold integer class ids"
+    assert data_error_in(RuntimeError("something else")) is None
+    with pytest.raises(DataError, match="^data.factory m:f: y must hold"):
+        with data_errors():
+            raise wrapped
+    with pytest.raises(RuntimeError, match="something else"):
+        with data_errors():
+            raise RuntimeError("something else")
