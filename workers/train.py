@@ -451,6 +451,8 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
     config: dict[str, Any] = {"job": job}
     datasets = None
     if streams(job.data, gen):
+        if stream_problems(gen):  # before anything is read
+            raise ValueError("; ".join(stream_problems(gen)))
         if gen.train.batch_size < job.scaling.num_workers:
             raise ValueError(f"{gen.name}: train.batch_size {gen.train.batch_size} is smaller than "
                              f"scaling.num_workers {job.scaling.num_workers}: a streamed batch is split evenly")
