@@ -146,9 +146,10 @@ def training_hash(cfg: RunConfig, name: str, constraints: Constraints) -> str:
     generation, `name`'s spec and the exact models it is constrained against (names,
     sha256s, importances). Serving, rollout, gates, scaling and run_dir are left out, so
     changing them never retrains (DDP over any number of workers trains on the same
-    global batches)."""
+    global batches). Neither do the data keys that only say where generated samples are
+    cached or how many held-out rows a stream reads into memory."""
     p = constraints.production
-    blob = {"data": cfg.data.model_dump(mode="json"), "gallery": cfg.gallery,
+    blob = {"data": cfg.data.model_dump(mode="json", exclude={"cache_dir", "eval_rows"}), "gallery": cfg.gallery,
             "generation": cfg.generation(name).model_dump(mode="json"),
             "production": [p.name, p.sha256] if p is not None else None,
             "bct": [[c.name, c.sha256, round(c.importance, 12)] for c in constraints.bct]}

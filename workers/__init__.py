@@ -1,8 +1,10 @@
 """graceful's training data plane (never imports orchestrator or serving).
 
     specs       typed specs of data, models, training, compatibility, scaling
-    data        datasets and splits
-    models      architectures (L2-normalised embedding + cosine head)
+    factory     user code by import path (model and data factories)
+    data        datasets and splits (built-in sources, npz, custom factories, per-generation data)
+    streaming   `data.source: ray`: a Ray Dataset split, checked and streamed to the workers
+    models      architectures (mlp, cnn1d, cnn2d, custom modules; L2-normalised embedding + cosine head)
     checkpoint  the checkpoint format and its one loader (`load_model`, every kind)
     losses      compatibility terms (BCT, Focal Distillation, ensemble distillation)
     training    the step loop and in-process helpers
@@ -10,4 +12,4 @@
     lqf         linearised fine-tuning (`recipe: lqf`)
 """
 
-__all__ = ["specs", "data", "models", "checkpoint", "losses", "training", "train", "lqf"]
+__all__ = ["specs", "factory", "data", "streaming", "models", "checkpoint", "losses", "training", "train", "lqf"]
