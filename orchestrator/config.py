@@ -344,10 +344,22 @@ def parse_config(raw: dict, name: str = "<config>", base_dir: Optional[Path] = N
         lines = [f"{name}: {_format_loc(err['loc'])}: {_message(err, RunConfig)}" for err in e.errors()]
     lines += [f"{name}: {loc}: {msg}" for loc, msg in _semantic_problems(raw)]
     if cfg is not None:
-        lines += [f"{name}: {loc}: {msg}" for loc, msg in _factory_problems(cfg)]
+        lines += [f"{name}: {loc}: {msg}" for loc, msg in _stream_problems(cfg) + _factory_problems(cfg)]
     if lines or cfg is None:
         raise ConfigError(lines)
     return cfg
+
+
+def _stream_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """Settings a generation that trains on a stream (`data.source: ray`) cannot have,
+    found at load rather than when its training starts."""
+    from workers.streaming import stream_problems, streams
+
+    out = []
+    for i, g in enumerate(cfg.generations):
+        if streams(cfg.data, g):
+            out += [(f"generations[{i}].compat.ensemble", p.split(": ", 1)[1]) for p in stream_problems(g)]
+    return out
 
 
 def _factories(cfg: RunConfig) -> list[tuple[str, str]]:

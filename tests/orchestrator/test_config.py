@@ -325,3 +325,13 @@ def test_cli_validate_exits_2_for_a_factory_that_does_not_import(tmp_path, capsy
     good = _write(tmp_path, "generations: [{name: g0, arch: {type: custom, factory: 'tests.factories:own_heads'}}]\n",
                   "good.yaml")
     assert main(["validate", str(good)]) == 0
+
+
+def test_ensemble_distillation_on_a_stream_is_refused_at_load():
+    raw = {"data": {"source": "ray", "factory": "tests.factories:digits_images", "num_classes": 10},
+           "generations": [{"name": "g0"}, {"name": "g1", "compat": {"ensemble": {}}},
+                           {"name": "g2", "compat": {"ensemble": {}},
+                            "train_data": {"source": "custom", "factory": "tests.factories:digits_images"}}]}
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw, name="c.yaml")
+    assert [p.split(": ")[1] for p in e.value.problems] == ["generations[1].compat.ensemble"]
