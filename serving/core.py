@@ -310,8 +310,26 @@ def parse_feedback(obj: dict) -> tuple[str, np.ndarray]:
 
 
 def fuse(old_probs: np.ndarray, new_probs: np.ndarray, weight: float) -> np.ndarray:
-    """Serving-time fusion: (1 - w) * old + w * new probabilities."""
+    """Serving-time fusion: (1 - w) * old + w * new probabilities.
+
+    A generation may add classes, so the two matrices may differ in width (N, C_old) vs
+    (N, C_new): the narrower one is padded with zero columns up to the wider one's
+    classes (a model that does not know a class gives it probability 0), and the answer
+    has max(C_old, C_new) columns, still summing to 1 per row. By hand, w = 0.5:
+
+        old [[0.6, 0.4]]        -> padded [[0.6, 0.4, 0.0]]
+        new [[0.2, 0.2, 0.6]]
+        fused  [[0.4, 0.3, 0.3]]
+    """
+    width = max(old_probs.shape[1], new_probs.shape[1])
+    old_probs, new_probs = _pad_columns(old_probs, width), _pad_columns(new_probs, width)
     return (1.0 - weight) * old_probs + weight * new_probs
+
+
+def _pad_columns(probs: np.ndarray, width: int) -> np.ndarray:
+    """`probs` (N, C) with zero columns appended up to (N, width)."""
+    missing = width - probs.shape[1]
+    return probs if missing <= 0 else np.pad(probs, ((0, 0), (0, missing)))
 
 
 # --- feedback join -----------------------------------------------------------------------

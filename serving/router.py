@@ -401,6 +401,16 @@ class Router:
             return self._error(e, rid, "embed")
         return _json({"request_id": rid, "generation": gen, "embeddings": np.round(emb, 6).tolist()})
 
+    def _check_gallery_dim(self, gen: str, emb: np.ndarray) -> None:
+        """The gallery was embedded once by its own generation: a generation whose
+        embeddings have another size (a custom model with its own embed) cannot query it
+        (faiss would fail on the size), a 409 naming both sizes."""
+        got = emb.shape[1] if getattr(emb, "ndim", 0) == 2 else None
+        if got != self.index.d:
+            what = f"{got} dimensions" if got is not None else f"an array of shape {list(np.shape(emb))}"
+            raise BadRequest(f"search: {gen} embeds into {what}, the gallery ({self.gallery.generation}) holds "
+                             f"{self.index.d}; it cannot search this gallery", status=409)
+
     @app.post("/v1/search")
     async def search(self, request: Request) -> Response:
         rid = _request_id()
@@ -411,6 +421,7 @@ class Router:
             k = obj.get("k", self.spec["search_top_k"])
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 100:
                 raise BadRequest("k: must be an integer from 1 to 100")
+            self._check_gallery_dim(gen, emb)
         except BadRequest as e:
             return self._error(e, rid, "search")
         q = np.array(emb, dtype=np.float32, copy=True)  # arrays from Ray are read-only

@@ -285,6 +285,18 @@ def test_fuse_is_a_weighted_mix():
     assert np.allclose(fuse(old, new, 0.25), [[0.65, 0.35]])
 
 
+def test_fuse_pads_the_narrower_probabilities_with_zero_columns():
+    """A candidate that adds a class: production gives it probability 0 (and the other
+    way round); the fused rows keep summing to 1."""
+    old, new = np.array([[0.6, 0.4]]), np.array([[0.2, 0.2, 0.6]])
+    want = [[0.4, 0.3, 0.3]]
+    assert np.allclose(fuse(old, new, 0.5), want)
+    assert np.allclose(fuse(new, old, 0.5), want)
+    wide = fuse(np.full((4, 10), 0.1), np.full((4, 12), 1 / 12), 0.25)
+    assert wide.shape == (4, 12) and np.allclose(wide.sum(1), 1.0)
+    assert np.allclose(wide[:, 10:], 0.25 / 12)
+
+
 def test_model_ref_rejects_bad_names_and_hashes():
     ok = ModelRef("g1", "/x/model.pt", "a" * 64)
     assert ok.app_name == "graceful-gen-g1" and ok.factory is None

@@ -225,3 +225,73 @@ def test_a_router_is_not_built_over_a_candidate_of_another_input_shape(gens):
         router_application(ServingSpec(), g0, [flat])
     args = router_application(ServingSpec(), g0, [g1])._bound_deployment.init_args
     assert args[1] == SHAPE and args[3]["g1"]["factory"] == BUILTIN
+
+
+def _router_of(tmp_path, prod: tuple[ArchSpec, int], cand: tuple[ArchSpec, int], weights: dict, shadows: list,
+               **spec_kw):
+    """A router over production g0 and candidate g1 built here (arch, classes), and a
+    gallery of 6 images embedded by g0."""
+    models = {}
+    for seed, (name, (arch, classes)) in enumerate((("g0", prod), ("g1", cand))):
+        torch.manual_seed(seed)
+        m = build_model(arch, SHAPE, classes).eval()
+        models[name] = (ModelRef(name, str(tmp_path / name), save_model(m, tmp_path / name), BUILTIN), m)
+    x = _images(6, seed=9)
+    with torch.no_grad():
+        gallery = Gallery("g0", models["g0"][1].embed(torch.from_numpy(x)).numpy(), np.arange(6) % 3)
+    spec = ServingSpec(in_router_models=True, max_rows=8, **spec_kw).model_dump(mode="json")
+    infos = {n: {"app": None, "sha256": r.sha256, "uri": r.uri, "factory": r.factory} for n, (r, _) in models.items()}
+    r = _router_class()(spec, SHAPE, "g0", infos, weights, shadows, gallery, TOKEN)
+    r.gallery_x = x
+    return r, models
+
+
+def test_fusion_with_a_candidate_of_more_classes_pads_production(tmp_path):
+    """Fusion on, production of 10 classes, a canary of 12: the canary answers 200 with 12
+    fused columns (production's 0 on the two classes it does not know); as a shadow the
+    same candidate is compared without errors."""
+    mlp = ArchSpec(type="mlp", width=16, depth=1, embed_dim=8)
+    r, models = _router_of(tmp_path, (mlp, 10), (mlp, 12), {"g0": 0.0, "g1": 1.0}, [], fusion_weight=0.5)
+    x = _images(3)
+    with torch.no_grad():
+        p0, p1 = (torch.softmax(models[g][1](torch.from_numpy(x)), -1).numpy() for g in ("g0", "g1"))
+    want = 0.5 * np.pad(p0, ((0, 0), (0, 2))) + 0.5 * p1
+
+    async def run():
+        canary = await _post(r.predict, "/v1/predict", _json(x))
+        await asyncio.sleep(0.2)
+        r.set_traffic({"g0": 1.0, "g1": 0.0}, shadows=["g1"])
+        shadowed = await _post(r.predict, "/v1/predict", _json(x))
+        await asyncio.sleep(0.2)  # the shadow copy is coalesced for 5 ms, then fused and compared
+        return canary, shadowed
+
+    (s1, canary), (s2, shadowed) = asyncio.run(run())
+    assert s1 == 200 and canary["generation"] == "g1", canary
+    np.testing.assert_allclose(canary["probabilities"], want, atol=1e-5)
+    assert canary["predictions"] == want.argmax(1).tolist()
+    assert s2 == 200 and shadowed["generation"] == "g0" and len(shadowed["probabilities"][0]) == 10
+    c = r.status()["generations"]["g1"]["counters"]
+    assert c["compared"] == 6 and c["shadow_errors"] == 0 and c["errors"] == 0
+
+
+def test_search_by_a_generation_of_another_embedding_size_is_a_409(tmp_path):
+    """The gallery holds g0's 8-dimensional embeddings; g1 embeds into 12. A search g1
+    answers is a 409 naming both sizes (never faiss's AssertionError, a 500); g1 still
+    embeds, and g0 still searches."""
+    r, _ = _router_of(tmp_path, (ArchSpec(type="cnn2d", width=4, depth=1, embed_dim=8), 3),
+                      (ArchSpec(type="mlp", width=16, depth=1, embed_dim=12), 3), {"g0": 0.0, "g1": 1.0}, [])
+    x = r.gallery_x[:2]
+
+    async def run():
+        bad = await _post(r.search, "/v1/search", _json(x))
+        bad_npy = await _post(r.search, "/v1/search", _npy(x), ctype=NPY_CONTENT_TYPE, query="k=2")
+        emb = await _post(r.embed, "/v1/embed", _json(x))
+        r.set_traffic({"g0": 1.0, "g1": 0.0})
+        ok = await _post(r.search, "/v1/search", _json(x))
+        return bad, bad_npy, emb, ok
+
+    (s1, bad), (s2, bad_npy), (s3, emb), (s4, ok) = asyncio.run(run())
+    msg = "g1 embeds into 12 dimensions, the gallery (g0) holds 8; it cannot search this gallery"
+    assert s1 == s2 == 409 and msg in bad["error"] and msg in bad_npy["error"] and bad["request_id"]
+    assert s3 == 200 and emb["generation"] == "g1" and len(emb["embeddings"][0]) == 12
+    assert s4 == 200 and ok["generation"] == "g0" and [ids[0] for ids in ok["ids"]] == [0, 1]
