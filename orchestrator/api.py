@@ -4,9 +4,11 @@ A `Run` is a run directory whose config is built from Python arguments. It is th
 run the CLI drives: the config is validated by the loader (`orchestrator.config`) and
 written to `run_dir/graceful.yaml` after every change, the registry under `run_dir` is
 the single source of truth, and each method calls the library function the matching CLI
-command calls, so the same safety checks apply and the same typed errors come back
-(ConfigError, DataError, FactoryError, ChainError, EvaluationError, RolloutRefused,
-CheckpointError, RegistryError).
+command calls, so the same safety checks apply and the errors the CLI reports come back
+as exceptions (ConfigError, DataError, FactoryError, ChainError, EvaluationError,
+RolloutRefused, CheckpointError, RegistryError; a failure inside the Ray Train workers
+comes back as Ray Train's error). Relative paths in the arguments are relative to the
+working directory.
 
     run = Run("runs/nb", data="mypkg.data:load")
     g0 = run.train("g0", "mypkg.models:build", kwargs={"width": 64})
@@ -92,7 +94,10 @@ def data_spec(data: DataLike, run_dir: Path) -> dict[str, Any]:
     if isinstance(data, DataSpec):
         return data.model_dump(mode="json", exclude_defaults=True)
     if isinstance(data, Mapping) and "source" in data:
-        return dict(data)
+        out = dict(data)
+        if out.get("path") is not None:  # relative to the caller's working directory
+            out["path"] = str(Path(out["path"]).expanduser().resolve())
+        return out
     if isinstance(data, str) or callable(data):
         return {"source": "custom", "factory": factory_path(data, "data factory")}
     if isinstance(data, Mapping) or (isinstance(data, (tuple, list)) and len(data) == 2):
@@ -110,12 +115,14 @@ class Generation:
     status: str
     metrics: dict[str, Any] = field(repr=False)
     run_dir: str = ""
+    factory: Optional[str] = None  # what the run's config expects its checkpoint to record
 
     def load(self):
-        """The model, verified by sha256 (`workers.checkpoint.load_model`)."""
+        """The model, verified by sha256 and by the factory the run's config names for it
+        (`workers.checkpoint.load_model`)."""
         from workers.checkpoint import load_model
 
-        return load_model(self.checkpoint, self.sha256)[0]
+        return load_model(self.checkpoint, self.sha256, factory=self.factory)[0]
 
 
 class Served:
@@ -161,11 +168,23 @@ class Run:
             raise ConfigError([f"{self.path}: no run here yet; give `data` to start one"])
         raw["run_dir"] = str(self.run_dir)
         if data is not None:
-            raw["data"] = data_spec(data, self.run_dir)
+            spec = data_spec(data, self.run_dir)
+            if raw.get("generations") and raw.get("data") not in (None, spec):
+                raise ConfigError([f"{self.path}: data: this run's data is {raw['data']}, not {spec}; every "
+                                   f"generation is evaluated on the run's data, so new data for one generation "
+                                   f"goes to Run.train(..., train_data=...)"])
+            raw["data"] = spec
         unknown = sorted(set(sections) - set(RunConfig.model_fields))
         if unknown:
             raise ConfigError([f"Run: unknown section(s) {unknown}; known: {sorted(RunConfig.model_fields)}"])
         raw.update({k: dict(v) for k, v in sections.items()})
+        env = (raw.get("ray") or {}).get("runtime_env") if isinstance(raw.get("ray"), dict) else None
+        if isinstance(env, dict):  # local paths: relative to the caller's working directory
+            if isinstance(env.get("working_dir"), str):
+                env["working_dir"] = str(Path(env["working_dir"]).expanduser().resolve())
+            if isinstance(env.get("py_modules"), list):
+                env["py_modules"] = [str(Path(p).expanduser().resolve()) if isinstance(p, str) else p
+                                     for p in env["py_modules"]]
         raw.setdefault("generations", [])
         self._raw = raw
         if raw["generations"]:
@@ -197,6 +216,7 @@ class Run:
 
     def generation(self, name: str) -> Generation:
         """Generation `name` as the registry records it (RegistryError if it is not there)."""
+        from orchestrator.chain import expected_factory_of
         from orchestrator.registry import RegistryError
         from orchestrator.rundir import read_metrics
 
@@ -206,7 +226,7 @@ class Run:
             if rec is None:
                 raise RegistryError(f"generation {name!r} is not registered in {self.run_dir}")
             return Generation(name, rec.checkpoint_uri, rec.sha256, str(rec.status),
-                              read_metrics(cfg, name) or {}, str(self.run_dir))
+                              read_metrics(cfg, name) or {}, str(self.run_dir), expected_factory_of(cfg, name))
 
     # --- the lifecycle --------------------------------------------------------------------------
 
@@ -342,20 +362,29 @@ def train_compatible(model: ModelLike, data: DataLike, *, name: str, run_dir: st
     return run.train(name, model, compat=compat, **options)
 
 
-def evaluate(old: Any, new: Any, test_data: Any, gates: Optional[Mapping[str, Any]] = None):
+def evaluate(old: Any, new: Any, test_data: Any, gates: Optional[Mapping[str, Any]] = None,
+             factories: Sequence[str] = ()):
     """The offline gate of `new` against `old` on `test_data`, recorded nowhere: an
     `orchestrator.evaluation.Evaluation` with the gate's checks (error change, NFR, NFI,
     worst per-class NFR, BCT retrieval). `old`, `new`: `Generation`s, models, or checkpoint
-    paths; `test_data`: (x, y) or a `workers.data.Split`; `gates`: the `gates:` keys."""
+    paths; `test_data`: (x, y) or a `workers.data.Split`; `gates`: the `gates:` keys.
+
+    A checkpoint path is loaded only if it is of a built-in architecture or was built by
+    one of `factories` (import paths you trust): loading a custom checkpoint imports and
+    calls its factory, so a file from elsewhere never chooses the code that runs."""
     from orchestrator.config import GatesSpec
     from orchestrator.evaluation.evaluate import compare_models
-    from workers.checkpoint import load_model
+    from workers.checkpoint import BUILTIN, CheckpointError, factory_of, load_model, read_checkpoint
 
     def model_of(m: Any):
         if isinstance(m, Generation):
             return m.load()
         if isinstance(m, (str, Path)):
-            return load_model(m)[0]
+            recorded = factory_of(read_checkpoint(m)[1])
+            if recorded != BUILTIN and recorded not in factories:
+                raise CheckpointError(f"checkpoint {m} was built by factory {recorded}; pass "
+                                      f"factories=[{recorded!r}] if you trust it")
+            return load_model(m, factory=recorded)[0]
         return m
 
     split = test_data if isinstance(test_data, Split) else check_arrays(test_data[0], test_data[1], "test_data")

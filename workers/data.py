@@ -113,9 +113,10 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 def _to_numpy(v: object, name: str) -> np.ndarray:
     """An array-like (numpy, a torch tensor, nested lists) as a numpy array, or DataError."""
-    if hasattr(v, "detach") and hasattr(v, "cpu"):  # a torch tensor
-        v = v.detach().cpu().numpy()
     try:
+        if hasattr(v, "detach") and hasattr(v, "cpu"):  # a torch tensor (bfloat16 has no numpy dtype)
+            v = v.detach().cpu()
+            v = (v.float() if v.is_floating_point() and v.dtype != v.double().dtype else v).numpy()
         return np.asarray(v)
     except Exception as e:
         raise DataError(f"{name}: not an array ({type(e).__name__}: {e})") from None

@@ -134,10 +134,12 @@ def focal_distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, 
 
     kl: d_i = T^2 * KL(softmax(old/T) || softmax(new/T)) (T^2 keeps gradients comparable
     across temperatures); lm: d_i = 1/2 * ||new_i - old_i||^2 (logit matching).
-    Old logits may have fewer classes than new ones (new classes): only shared ones count.
+    The two may differ in classes (a generation that adds classes, or one trained on fewer
+    than its parent knew): only the shared ones count.
     """
-    c = old_logits.shape[1]
+    c = min(old_logits.shape[1], new_logits.shape[1])
     new = new_logits if new_logits.shape[1] == c else new_logits[:, :c]
+    old_logits = old_logits if old_logits.shape[1] == c else old_logits[:, :c]
     w = focal_weights(old_logits, y, alpha, beta)
     if form == "kl":
         t = temperature

@@ -434,6 +434,21 @@ def _peak_rss_mb_of_workers(world: int, device: torch.device) -> list[float]:
 
 # --- the driver ----------------------------------------------------------------------------
 
+def check_buildable(job: TrainJob, input_shape: tuple[int, ...], classes: int) -> None:
+    """Build the generation's network once on the driver, so that a factory that fails, or
+    an LQF generation with more classes than its parent, is reported here as itself (a
+    FactoryError or ValueError naming it) rather than inside every Ray Train worker."""
+    gen = job.generation
+    if gen.recipe == "lqf":
+        parent, _ = job.production.load()  # type: ignore[union-attr]
+        if classes > parent.num_classes:
+            raise ValueError(f"{gen.name}: recipe lqf linearises its parent {job.production.name!r}, which has "  # type: ignore[union-attr]
+                             f"{parent.num_classes} classes; its data has {classes}; a linearised network cannot "
+                             f"add classes: train it with recipe standard")
+        return
+    build_model(gen.arch, input_shape, classes)
+
+
 def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResult:
     """Train `job.generation` on Ray Train (ray must be initialised) and write
     `out_dir/model.pt` and `out_dir/metrics.json`. Resumes an interrupted run.
@@ -477,6 +492,7 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
         targets = build_targets(job, split, log)
         train_samples, data_fingerprint, what = len(split), fingerprint(split), f"{len(split)} samples"
     config["targets"] = targets
+    check_buildable(job, ds.input_shape, classes)
     log(f"[{gen.name}] training on Ray Train: {job.scaling.num_workers} worker(s), "
         f"{'GPU' if job.scaling.use_gpu else 'CPU'}, {what}, {gen.train.steps} steps")
     resources = {"CPU": job.scaling.cpus_per_worker}

@@ -138,7 +138,7 @@ def test_bring_your_model_doc_code_runs_the_custom_backbone_lifecycle(own_ray, t
     monkeypatch.setattr(sys, "path", list(sys.path))  # the code puts the example on sys.path
     namespace: dict = {"__name__": "doc_example"}
     exec(compile(code, "docs/bring-your-model.md", "exec"), namespace)
-    assert namespace["final"].state == "promoted"
+    assert namespace["final"].state == "promoted" and namespace["refused"] == 400
     g1 = namespace["g1"]
     assert g1.metrics["parent"] == "g0" and g1.metrics["input_shape"] == [1, 12, 12]
     assert g1.metrics["factory"] == "tinynet.backbone:build"

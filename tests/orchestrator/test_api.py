@@ -99,3 +99,38 @@ def test_evaluate_two_models_on_arrays_gives_the_gates_checks():
     ev = graceful.evaluate(old, old, (x[:200], y[:200]), gates={"max_nfr": 0.0})
     assert ev.metrics["nfr"] == 0.0 and ev.metrics["error_change"] == 0.0
     assert {c.key for c in ev.checks} >= {"max_nfr", "max_error_increase"} and ev.evaluation_id is None
+
+
+def test_a_run_keeps_its_data_new_data_goes_to_a_generation(tmp_path):
+    run = Run(tmp_path / "r", data="tests.factories:digits_images")
+    run._raw["generations"].append({"name": "g0", "arch": {"type": "mlp"}})
+    run._save(run._validate(run._raw))
+    Run(tmp_path / "r", data="tests.factories:digits_images")  # the same data: fine
+    with pytest.raises(graceful.ConfigError, match="train_data"):
+        Run(tmp_path / "r", data="tests.factories:digits_splits")
+
+
+def test_relative_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
+    x, y = factories.digits_images()
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    (tmp_path / "code").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    run = Run("runs/r", data={"source": "npz", "path": "d.npz"}, ray={"runtime_env": {"working_dir": "code"}})
+    assert run._raw["data"]["path"] == str(tmp_path / "d.npz")
+    assert run._raw["ray"]["runtime_env"]["working_dir"] == str(tmp_path / "code")
+
+
+def test_evaluate_loads_a_custom_checkpoint_only_with_a_trusted_factory(tmp_path):
+    from workers.checkpoint import save_model
+    from workers.models import build_model
+    from workers.specs import ArchSpec
+
+    x, y = factories.digits_images()
+    torch.manual_seed(0)
+    m = build_model(ArchSpec(type="custom", factory="tests.factories:backbone"), (1, 8, 8), 10)
+    save_model(m, tmp_path / "g")
+    with pytest.raises(graceful.CheckpointError, match="tests.factories:backbone"):
+        graceful.evaluate(tmp_path / "g", m, (x[:50], y[:50]))
+    ev = graceful.evaluate(tmp_path / "g", m, (x[:50], y[:50]), factories=["tests.factories:backbone"])
+    assert ev.metrics["nfr"] == 0.0

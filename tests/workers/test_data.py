@@ -213,3 +213,10 @@ def test_custom_data_needs_a_factory_and_json_kwargs():
         DataSpec(source="digits", factory="a.b:c")
     with pytest.raises(ValueError, match="kwargs must be plain JSON values"):
         _custom("digits_images", kwargs={"x": float("nan")})
+
+
+def test_bfloat16_tensors_are_numbers():
+    import torch
+
+    s = check_arrays(torch.ones(4, 2, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.long), "w")
+    assert s.x.dtype == np.float32 and s.x.shape == (4, 2)

@@ -184,3 +184,10 @@ def test_frozen_head_of_a_head_submodule_and_of_an_lqf_user_net():
     z = torch.randn(4, 6)
     with torch.no_grad():
         torch.testing.assert_close(fl.logits(z), lin.head(z))
+
+
+def test_focal_distillation_with_fewer_new_classes_than_old_uses_the_shared_ones():
+    """A generation trained on fewer classes than its parent knew: the parent's extra
+    logits are left out, so the loss equals the one on the shared classes."""
+    new, old, y = torch.randn(4, 3), torch.randn(4, 5), torch.tensor([0, 1, 2, 0])
+    assert torch.allclose(focal_distillation_loss(new, old, y), focal_distillation_loss(new, old[:, :3], y))

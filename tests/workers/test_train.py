@@ -217,3 +217,36 @@ def test_cached_ensemble_logits_are_read_back_under_their_key_and_cleared(tmp_pa
     assert sorted(clear_caches(tmp_path / "g1")) == sorted([cache, old_style])
     assert not cache.exists() and not old_style.exists() and (tmp_path / "g1" / "model.pt").exists()
     assert clear_caches(tmp_path / "missing") == []
+
+
+def _job(tmp_path, gen, production=None):
+    from workers.specs import DataSpec, ScalingSpec
+    from workers.train import TrainJob
+
+    return TrainJob(gen, DataSpec(source="digits"), ScalingSpec(), str(tmp_path / "out"), str(tmp_path / "ray"),
+                    "run", production=production)
+
+
+def test_a_factory_that_fails_is_reported_on_the_driver_as_itself(tmp_path):
+    from workers.factory import FactoryError
+    from workers.specs import ArchSpec, GenerationSpec
+    from workers.train import check_buildable
+
+    gen = GenerationSpec(name="g0", arch=ArchSpec(type="custom", factory="tests.factories:failing"))
+    with pytest.raises(FactoryError, match="tests.factories:failing"):
+        check_buildable(_job(tmp_path, gen), (64,), 10)
+
+
+def test_an_lqf_generation_cannot_add_classes_to_its_parent(tmp_path):
+    from workers.checkpoint import save_model
+    from workers.models import build_model
+    from workers.specs import ArchSpec, GenerationSpec
+    from workers.train import ConstraintModel, check_buildable
+
+    arch = ArchSpec(type="mlp", width=8, depth=1, embed_dim=8)
+    sha = save_model(build_model(arch, (64,), 5), tmp_path / "g0")
+    parent = ConstraintModel("g0", str(tmp_path / "g0"), sha)
+    gen = GenerationSpec(name="g1", arch=arch, recipe="lqf")
+    check_buildable(_job(tmp_path, gen, parent), (64,), 5)  # the parent's classes: fine
+    with pytest.raises(ValueError, match="cannot add classes"):
+        check_buildable(_job(tmp_path, gen, parent), (64,), 7)
