@@ -39,24 +39,14 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import RESULTS, write_json
+from tests.fixtures_streaming import splitmix_uniform  # the same row hash as the tests' streamed data
 
 PATH = RESULTS / "streaming_memory.json"
 CLASSES = 10
 BLOCK_ROWS = 10_000
-_M = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 # --- the data: a pure function of the row id ------------------------------------------------
-
-def _uniform(k: np.ndarray) -> np.ndarray:
-    """splitmix64 of uint64 counters -> floats in [0, 1)."""
-    with np.errstate(over="ignore"):
-        z = (k.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)) & _M
-        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M
-        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
-
 
 def make_rows(ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows `ids`: class id % 10, x a class prototype plus uniform noise (float32, (N, dim))."""
@@ -64,7 +54,7 @@ def make_rows(ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
     y = ids % CLASSES
     protos = np.random.default_rng(7).standard_normal((CLASSES, dim))
     k = ids[:, None].astype(np.uint64) * np.uint64(dim) + np.arange(dim, dtype=np.uint64)[None, :]
-    x = protos[y] + 1.5 * (2.0 * _uniform(k) - 1.0)
+    x = protos[y] + 1.5 * (2.0 * splitmix_uniform(k) - 1.0)
     return x.astype(np.float32), y
 
 

@@ -13,7 +13,7 @@ import numpy as np
 _M = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def _uniform(k: np.ndarray) -> np.ndarray:
+def splitmix_uniform(k: np.ndarray) -> np.ndarray:
     """splitmix64 of uint64 counters -> floats in [0, 1)."""
     with np.errstate(over="ignore"):
         z = (k.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)) & _M
@@ -29,7 +29,7 @@ def rows(ids: np.ndarray, dim: int = 16, classes: int = 4, noise: float = 0.8) -
     y = ids % classes
     protos = np.random.default_rng(1234).standard_normal((classes, dim))
     k = ids[:, None].astype(np.uint64) * np.uint64(dim) + np.arange(dim, dtype=np.uint64)[None, :]
-    x = protos[y] + noise * (2.0 * _uniform(k) - 1.0) * np.sqrt(3.0)
+    x = protos[y] + noise * (2.0 * splitmix_uniform(k) - 1.0) * np.sqrt(3.0)
     return x.astype(np.float32), y
 
 
