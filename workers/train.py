@@ -473,6 +473,7 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
                              f"scaling.num_workers {job.scaling.num_workers}: a streamed batch is split evenly")
         stream = train_stream(job.data, gen, ds.input_shape, ds.num_classes)
         split, classes = None, stream.num_classes
+        check_buildable(job, ds.input_shape, classes)  # before the Ray tasks of the targets
         targets = build_targets(job, None, log, shape=(ds.input_shape, classes))
         rows = stream.dataset
         if targets.old_logits_column is not None:
@@ -489,10 +490,11 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
             log(f"[{gen.name}] warning: {short}")
     else:
         split, classes = generation_data(ds, gen)
-        targets = build_targets(job, split, log)
+        check_buildable(job, ds.input_shape, classes)  # before the Ray tasks of the targets
+        # the shape known here: the data (and its factory) are not loaded again for it
+        targets = build_targets(job, split, log, shape=(ds.input_shape, classes))
         train_samples, data_fingerprint, what = len(split), fingerprint(split), f"{len(split)} samples"
     config["targets"] = targets
-    check_buildable(job, ds.input_shape, classes)
     log(f"[{gen.name}] training on Ray Train: {job.scaling.num_workers} worker(s), "
         f"{'GPU' if job.scaling.use_gpu else 'CPU'}, {what}, {gen.train.steps} steps")
     resources = {"CPU": job.scaling.cpus_per_worker}
