@@ -164,6 +164,16 @@ class RunConfig(StrictModel):
         # workers, tasks and Serve replicas that get paths under it run elsewhere.
         return Path(v).expanduser().resolve()
 
+    @model_validator(mode="after")
+    def _log_under_run_dir(self) -> "RunConfig":
+        # The sqlite prediction log lives with the run unless the config puts it elsewhere
+        # (a relative path is taken relative to run_dir); absolute, like run_dir.
+        p = self.serving.prediction_log_path
+        path = self.run_dir / "predictions.sqlite" if p is None else (self.run_dir / Path(p).expanduser())
+        if str(path) != p:
+            self.serving.prediction_log_path = str(path.resolve())
+        return self
+
     def generation(self, name: str) -> GenerationSpec:
         """The generation called `name` (KeyError naming the known ones otherwise)."""
         for g in self.generations:

@@ -28,11 +28,14 @@ class RouterError(RuntimeError):
 
 
 class RouterClient:
-    """`RouterClient("http://127.0.0.1:8000", token)`; admin calls need the token."""
+    """`RouterClient("http://127.0.0.1:8000", token, feedback_token=...)`; admin calls
+    need the admin token, feedback calls the feedback token."""
 
-    def __init__(self, base_url: str, admin_token: Optional[str] = None, timeout_s: float = 10.0):
+    def __init__(self, base_url: str, admin_token: Optional[str] = None, timeout_s: float = 10.0,
+                 feedback_token: Optional[str] = None):
         self.base_url = base_url.rstrip("/")
         self.admin_token = admin_token
+        self.feedback_token = feedback_token
         self.timeout_s = timeout_s
         self._session = requests.Session()
 
@@ -40,10 +43,12 @@ class RouterClient:
         self._session.close()
 
     def _call(self, method: str, path: str, body: Optional[dict] = None, admin: bool = False,
-              npy: Optional[np.ndarray] = None, headers: Optional[dict] = None, params: Optional[dict] = None) -> dict:
+              npy: Optional[np.ndarray] = None, headers: Optional[dict] = None, params: Optional[dict] = None,
+              token: Optional[str] = None) -> dict:
         headers = dict(headers or {})
-        if admin and self.admin_token:
-            headers["Authorization"] = f"Bearer {self.admin_token}"
+        token = self.admin_token if admin else token
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         data = None
         if npy is not None:
             buf = io.BytesIO()
@@ -104,7 +109,15 @@ class RouterClient:
         return self._data("/v1/predict", inputs, user_id)
 
     def feedback(self, request_id: str, labels: list[int]) -> dict:
-        return self._call("POST", "/v1/feedback", {"request_id": request_id, "labels": labels})
+        """Labels of one answered request (its `request_id` from the predict answer)."""
+        return self._call("POST", "/v1/feedback", {"request_id": request_id, "labels": labels},
+                          token=self.feedback_token)
+
+    def feedback_batch(self, items: Sequence[tuple[str, list[int]]]) -> dict:
+        """Labels of many requests: `[(request_id, labels), ...]` -> outcomes and counts."""
+        return self._call("POST", "/v1/feedback/batch",
+                          {"items": [{"request_id": r, "labels": list(map(int, y))} for r, y in items]},
+                          token=self.feedback_token)
 
     def embed(self, inputs, user_id: Optional[str] = None) -> dict:
         return self._data("/v1/embed", inputs, user_id)

@@ -1,4 +1,4 @@
-"""Pure logic of the router: traffic plan, input checks, feedback join, live counters.
+"""Pure logic of the router: traffic plan, input checks, flip counts, latency windows.
 
 Nothing here touches Ray, Serve or the network, so every rule is unit-tested directly;
 `serving.router` wires these pieces to HTTP and deployment handles.
@@ -13,9 +13,8 @@ import hashlib
 import io
 import json
 import math
-import time
-from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
@@ -298,15 +297,34 @@ def parse_user_id(obj: dict) -> Optional[str]:
     return str(uid)
 
 
-def parse_feedback(obj: dict) -> tuple[str, np.ndarray]:
+# A class id must fit the log's int32 predictions.
+MAX_CLASS_ID = 2 ** 31 - 1
+
+
+def parse_feedback(obj: Any, where: str = "") -> tuple[str, list[int]]:
+    """(request id, labels) of `{"request_id": str, "labels": [class id per row]}`;
+    BadRequest naming the key (prefixed by `where`, e.g. `items[3].`) otherwise."""
+    if not isinstance(obj, dict):
+        raise BadRequest(f"{where.rstrip('.') or 'body'}: must be an object with request_id and labels")
     rid = obj.get("request_id")
     if not isinstance(rid, str) or not rid or len(rid) > 256:
-        raise BadRequest("request_id: must be a non-empty string")
+        raise BadRequest(f"{where}request_id: must be a non-empty string of at most 256 characters")
     labels = obj.get("labels")
     if not isinstance(labels, list) or not labels or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in labels):
-        raise BadRequest("labels: must be a non-empty list of class ids (integers >= 0)")
-    return rid, np.asarray(labels, dtype=np.int64)
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_CLASS_ID for v in labels):
+        raise BadRequest(f"{where}labels: must be a non-empty list of class ids (integers from 0 to {MAX_CLASS_ID})")
+    return rid, [int(v) for v in labels]
+
+
+def parse_feedback_batch(obj: dict, max_items: int) -> list[tuple[str, list[int]]]:
+    """The items of `{"items": [{"request_id", "labels"}, ...]}`, every one checked before
+    any joins (a malformed item refuses the batch, naming it)."""
+    items = obj.get("items")
+    if not isinstance(items, list) or not items:
+        raise BadRequest("items: must be a non-empty list of {request_id, labels}")
+    if len(items) > max_items:
+        raise BadRequest(f"items: {len(items)} items, at most {max_items} per request", status=413)
+    return [parse_feedback(item, f"items[{i}].") for i, item in enumerate(items)]
 
 
 def fuse(old_probs: np.ndarray, new_probs: np.ndarray, weight: float) -> np.ndarray:
@@ -330,61 +348,6 @@ def _pad_columns(probs: np.ndarray, width: int) -> np.ndarray:
     """`probs` (N, C) with zero columns appended up to (N, width)."""
     missing = width - probs.shape[1]
     return probs if missing <= 0 else np.pad(probs, ((0, 0), (0, missing)))
-
-
-# --- feedback join -----------------------------------------------------------------------
-
-class FeedbackStore:
-    """Predictions waiting for their labels, by request id, with a TTL and a size cap.
-
-    Entries go in in time order with one TTL, so the oldest is always first: expiry and
-    the cap both pop from the front, O(1) amortised, and memory stays bounded by `max_entries`.
-    """
-
-    def __init__(self, ttl_s: float, max_entries: int, clock=time.monotonic):
-        self.ttl_s = ttl_s
-        self.max_entries = max_entries
-        self._clock = clock
-        # rid -> (time stored, production at that time, predictions by generation)
-        self._entries: "OrderedDict[str, tuple[float, str, dict[str, np.ndarray]]]" = OrderedDict()
-        self.evicted = 0
-        self.expired = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def _expire(self, now: float) -> None:
-        while self._entries:
-            t = next(iter(self._entries.values()))[0]
-            if now - t <= self.ttl_s:
-                break
-            self._entries.popitem(last=False)
-            self.expired += 1
-
-    def put(self, rid: str, production: str, preds: dict[str, np.ndarray]) -> None:
-        """Store the predictions of a request; `production` is its flip reference."""
-        now = self._clock()
-        self._expire(now)
-        self._entries.pop(rid, None)
-        self._entries[rid] = (now, production, dict(preds))
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-            self.evicted += 1
-
-    def add(self, rid: str, generation: str, preds: np.ndarray) -> bool:
-        """Attach a late (shadow) prediction to a stored request; False if it is gone."""
-        entry = self._entries.get(rid)
-        if entry is None or self._clock() - entry[0] > self.ttl_s:
-            return False
-        entry[2][generation] = preds
-        return True
-
-    def pop(self, rid: str) -> Optional[tuple[str, dict[str, np.ndarray]]]:
-        """(production, predictions) stored for `rid`, removed (a request is labelled
-        once); None when unknown or expired."""
-        self._expire(self._clock())
-        entry = self._entries.pop(rid, None)
-        return None if entry is None else (entry[1], entry[2])
 
 
 # --- counters ----------------------------------------------------------------------------
@@ -454,73 +417,38 @@ class LatencyWindow:
                 "p99_ms": round(float(p99), 3)}
 
 
-class LiveStats:
-    """Counters and latency windows of every generation the router has seen."""
+class Latencies:
+    """Latency windows of one router replica, by (generation, role)."""
 
     def __init__(self, window: int = 2048):
         self._window = window
-        self.counters: dict[str, GenerationCounters] = {}
-        self._latency: dict[tuple[str, str], LatencyWindow] = {}
-        self.feedback = {"joined": 0, "unknown": 0, "partial": 0, "mismatched": 0}
+        self._w: dict[tuple[str, str], LatencyWindow] = {}
 
-    def of(self, generation: str) -> GenerationCounters:
-        c = self.counters.get(generation)
-        if c is None:
-            c = self.counters[generation] = GenerationCounters()
-        return c
-
-    def latency(self, generation: str, role: str, ms: float) -> None:
-        w = self._latency.get((generation, role))
+    def add(self, generation: str, role: str, ms: float) -> None:
+        w = self._w.get((generation, role))
         if w is None:
-            w = self._latency[(generation, role)] = LatencyWindow(self._window)
+            w = self._w[(generation, role)] = LatencyWindow(self._window)
         w.add(ms)
 
-    def record_comparison(self, candidate: str, production_pred: np.ndarray, candidate_pred: np.ndarray) -> int:
-        """Count a shadow comparison; returns the number of disagreeing samples."""
-        c = self.of(candidate)
-        n_dis = int(np.sum(production_pred != candidate_pred))
-        c.compared += int(len(production_pred))
-        c.disagreements += n_dis
-        return n_dis
-
-    def record_labels(self, candidate: str, flips: FlipCounts) -> None:
-        c = self.of(candidate)
-        c.labelled_requests += 1
-        for k, v in asdict(flips).items():
-            setattr(c, k, getattr(c, k) + v)
-
-    def generation_snapshot(self, generation: str) -> dict[str, Any]:
-        return {
-            "counters": asdict(self.of(generation)),
-            "latency": {role: self._latency[(generation, role)].summary()
-                        if (generation, role) in self._latency else LatencyWindow(1).summary()
-                        for role in ("primary", "shadow")},
-        }
+    def snapshot(self) -> dict[str, dict[str, dict]]:
+        """{generation: {role: summary}} of every window with calls."""
+        out: dict[str, dict[str, dict]] = {}
+        for (g, role), w in list(self._w.items()):
+            out.setdefault(g, {})[role] = w.summary()
+        return out
 
 
-def join_feedback(stats: LiveStats, stored: Optional[tuple[str, dict[str, np.ndarray]]],
-                  labels: np.ndarray) -> dict[str, FlipCounts]:
-    """Count the flips of every candidate that predicted this request against the
-    production of that moment; returns the counts added, by candidate.
+def merge_latency(summaries: Iterable[Optional[dict]]) -> dict[str, Optional[float]]:
+    """One summary of several replicas' windows: calls summed, each quantile the worst
+    replica's (an upper bound of the pooled quantile, never an underestimate).
 
-    Raises BadRequest for an unknown (or expired, or already labelled) request id, or
-    labels that do not match its rows. Without production's prediction (its shadow
-    failed) nothing can be compared: the feedback counts as partial.
+    By hand: {n 10, p99 8 ms} and {n 30, p99 12 ms} -> {n 40, p99 12 ms}.
     """
-    if stored is None:
-        stats.feedback["unknown"] += 1
-        raise BadRequest("request_id: unknown, expired or already labelled", status=404)
-    production, preds = stored
-    n = len(next(iter(preds.values())))
-    if len(labels) != n:
-        stats.feedback["mismatched"] += 1
-        raise BadRequest(f"labels: {len(labels)} labels for a request of {n} rows", status=422)
-    ref = preds.get(production)
-    added: dict[str, FlipCounts] = {}
-    if ref is not None:
-        for gen, p in preds.items():
-            if gen != production:
-                added[gen] = count_flips(labels, ref, p)
-                stats.record_labels(gen, added[gen])
-    stats.feedback["joined" if added else "partial"] += 1
-    return added
+    got = [s for s in summaries if s and s.get("n")]
+    if not got:
+        return LatencyWindow(1).summary()
+    out: dict[str, Optional[float]] = {"n": int(sum(s["n"] for s in got))}
+    for q in ("p50_ms", "p90_ms", "p99_ms"):
+        vals = [s[q] for s in got if s.get(q) is not None]
+        out[q] = max(vals) if vals else None
+    return out

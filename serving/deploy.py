@@ -93,14 +93,15 @@ def generation_application(ref: ModelRef, spec: ServingSpec, inject_fault: Optio
     verify(ref)
     dep = serve.deployment(ModelServer).options(
         name="model", num_replicas=spec.replicas, max_ongoing_requests=spec.max_ongoing_requests,
-        ray_actor_options={"num_cpus": spec.cpus_per_replica})
+        ray_actor_options={"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica})
     return dep.bind(ref, spec.max_batch_size, spec.batch_wait_timeout_s, inject_fault)
 
 
 def router_application(spec: ServingSpec, production: ModelRef, candidates: Sequence[ModelRef] = (),
                        gallery: Optional[Gallery] = None, weights: Optional[dict[str, float]] = None,
                        shadows: Optional[Sequence[str]] = None, admin_token: Optional[str] = None,
-                       router_cls: type = None, plan_source: Optional[PlanSource] = None, **router_kwargs):
+                       router_cls: type = None, plan_source: Optional[PlanSource] = None,
+                       feedback_token: Optional[str] = None, **router_kwargs):
     """The router ingress application (not started) over `production` and `candidates`.
 
     Defaults: production takes all traffic, every candidate shadows. `plan_source`, when
@@ -124,14 +125,17 @@ def router_application(spec: ServingSpec, production: ModelRef, candidates: Sequ
             raise CheckpointError(f"{ref.name}: takes inputs of shape {list(shape)}, production {production.name} "
                                   f"{list(model.input_shape)}; a candidate must take production's input shape")
     router = serve.deployment(router_cls or Router).options(
-        name="router", num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": spec.router_cpus})
+        name="router", num_replicas=spec.router_replicas, max_ongoing_requests=1024,
+        ray_actor_options={"num_cpus": spec.router_cpus})
     return router.bind(
         spec.model_dump(mode="json"), tuple(model.input_shape), production.name,
         {r.name: {"app": None if spec.in_router_models else r.app_name, "sha256": r.sha256, "uri": r.uri,
                   "factory": r.factory} for r in refs},
         weights or {production.name: 1.0},
         list(shadows) if shadows is not None else [c.name for c in candidates],
-        gallery, admin_token, plan_source=plan_source, **router_kwargs)
+        gallery, admin_token, plan_source=plan_source,
+        feedback_token=feedback_token if feedback_token is not None else spec.resolved_feedback_token(),
+        **router_kwargs)
 
 
 def deploy_generation(ref: ModelRef, spec: ServingSpec, inject_fault: Optional[dict] = None) -> str:
@@ -144,11 +148,12 @@ def start_serving(spec: ServingSpec, production: ModelRef, candidates: Sequence[
                   gallery: Optional[Gallery] = None, weights: Optional[dict[str, float]] = None,
                   shadows: Optional[Sequence[str]] = None, admin_token: Optional[str] = None,
                   app_name: str = ROUTER_APP, route_prefix: str = "/",
-                  plan_source: Optional[PlanSource] = None) -> str:
+                  plan_source: Optional[PlanSource] = None, feedback_token: Optional[str] = None) -> str:
     """Start Serve on spec.host:spec.port, deploy every generation and the router.
 
     Defaults: production takes all traffic, every candidate shadows. With
     `spec.in_router_models` the generations load inside the router (no model apps).
+    The feedback token defaults to the spec's (`resolved_feedback_token`).
     Returns the base URL of the router.
     """
     serve.start(http_options={"host": spec.host, "port": spec.port})
@@ -156,7 +161,7 @@ def start_serving(spec: ServingSpec, production: ModelRef, candidates: Sequence[
         for ref in (production, *candidates):
             deploy_generation(ref, spec)
     serve.run(router_application(spec, production, candidates, gallery, weights, shadows, admin_token,
-                                 plan_source=plan_source),
+                                 plan_source=plan_source, feedback_token=feedback_token),
               name=app_name, route_prefix=route_prefix)
     return base_url(spec) + route_prefix.rstrip("/")
 

@@ -27,11 +27,21 @@ DEFINED: dict[str, tuple[str, tuple[str, ...], str]] = {
     "graceful_negative_flips": ("counter", ("generation",), "labelled samples production got right and this candidate wrong"),
     "graceful_positive_flips": ("counter", ("generation",), "labelled samples production got wrong and this candidate right"),
     "graceful_bad_requests": ("counter", ("route", "status"), "requests refused with a 4xx"),
-    "graceful_feedback": ("counter", ("outcome",), "feedback posts by outcome: joined, partial, unknown, mismatched"),
+    "graceful_feedback": ("counter", ("outcome",),
+                          "labelled requests by outcome: joined, partial, duplicate, unknown, mismatched"),
     "graceful_latency_ms": ("histogram", ("generation", "role"), "model call latency seen by the router, ms"),
     "graceful_traffic_weight": ("gauge", ("generation",), "current share of traffic served by a generation"),
     "graceful_shadow_enabled": ("gauge", ("generation",), "1 when a generation receives shadow copies"),
+    "graceful_log_counts": ("gauge", ("generation", "counter"),
+                            "the prediction log's shared cumulative counters (every replica exports the same "
+                            "values: take max across replicas); includes labels imported by the CLI"),
+    "graceful_prediction_log": ("gauge", ("field",),
+                                "the prediction log: requests and bytes kept, writes pending, dropped, write errors"),
 }
+
+# The counters of the log exported by `graceful_log_counts`.
+LOG_GAUGE_COUNTERS = ("compared", "disagreements", "labelled", "negative_flips", "positive_flips",
+                      "requests_primary", "requests_shadow")
 
 EXPORTED: list[str] = sorted(
     PREFIX + name + suffix

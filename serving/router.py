@@ -1,10 +1,14 @@
-"""The router ingress: split, shadow, feedback join, live counters, retrieval, admin.
+"""The router ingress: split, shadow, prediction log, feedback join, retrieval, admin.
 
-One replica by design: the feedback join store and the live counters live in its
-process (see docs/serving.md, "Limits"). Model generations are separate Serve
-applications reached through deployment handles; the router attaches and detaches them
-at run time. The traffic plan is an immutable value swapped in one assignment, so a
-change never drops or splits a request in flight.
+Every answered request's predictions go to the prediction log (`serving.predlog`), with
+a request id the router mints; labels join there, and the live counters behind
+`/v1/status` are kept there too. With a shared log (sqlite on one node, redis across
+nodes) several router replicas answer, join and count as one: their traffic plan and
+attached generations are a state document in the log, which every replica follows
+(`_sync_state`). Model generations are separate Serve applications reached through
+deployment handles; the router attaches and detaches them at run time. The traffic plan
+is an immutable value swapped in one assignment, so a change never drops or splits a
+request in flight.
 """
 
 
@@ -25,11 +29,14 @@ from ray import serve
 from ray.serve import metrics as serve_metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.core import (USER_HEADER, BadRequest, FeedbackStore, LiveStats, TrafficPlan, as_shape, fuse, is_npy,
-                          join_feedback, parse_feedback, parse_inputs, parse_json_object, parse_npy, parse_user_id)
-from serving.metric_names import DEFINED, LATENCY_BUCKETS_MS
+from serving.core import (USER_HEADER, BadRequest, GenerationCounters, Latencies, TrafficPlan, as_shape, fuse, is_npy, merge_latency,
+                          parse_feedback, parse_feedback_batch, parse_inputs, parse_json_object, parse_npy,
+                          parse_user_id)
 from serving.local import LocalGeneration
+from serving.metric_names import DEFINED, LATENCY_BUCKETS_MS, LOG_GAUGE_COUNTERS
+from serving.predlog import JoinOutcome, open_log
 from serving.refs import Gallery, ModelRef
+from serving.specs import ServingSpec
 
 log = logging.getLogger("graceful.router")
 
@@ -38,6 +45,13 @@ log = logging.getLogger("graceful.router")
 app = FastAPI(title="graceful router", docs_url=None, redoc_url=None, openapi_url=None)
 
 _TIMEOUT, _ERROR = "timeout", "error"
+# Background work of a replica, in seconds: follow the shared state, report itself (its
+# latency windows) to the log, re-set the Prometheus gauges.
+STATE_POLL_S, HEARTBEAT_S, GAUGES_S = 1.0, 2.0, 5.0
+# A replica silent for longer is left out of /v1/status.
+REPLICA_STALE_S = 15.0
+# An answer waits this long at most for its log row's commit (prediction_log_sync).
+LOG_WAIT_S = 5.0
 
 
 def _request_id() -> str:
@@ -73,6 +87,12 @@ def _make_metrics() -> dict[str, Any]:
     return out
 
 
+def counters_of(raw: dict[str, int]) -> dict[str, int]:
+    """Every `GenerationCounters` field of a generation, 0 where the log has none yet."""
+    return {**asdict(GenerationCounters()), **{k: v for k, v in raw.items() if k in GenerationCounters.__annotations__}}
+
+
+# Defined above the class: `serve.ingress` copies the class with the globals it has then.
 @serve.ingress(app)
 class Router:
     """Ingress of the serving plane. Construct through `serving.deploy.start_serving`."""
@@ -80,27 +100,41 @@ class Router:
     def __init__(self, spec: dict, input_shape: "tuple[int, ...] | list[int] | int", production: str,
                  generations: dict[str, dict],
                  weights: dict[str, float], shadows: list[str], gallery: Optional[Gallery],
-                 admin_token: Optional[str], plan_source: Optional[Callable[[list], dict]] = None):
+                 admin_token: Optional[str], plan_source: Optional[Callable[[list], dict]] = None,
+                 feedback_token: Optional[str] = None):
         self.spec = spec
         # Production's `model.input_shape`: every request's rows, and every attached generation.
         self.input_shape = as_shape(input_shape)
         self.input_dim = math.prod(self.input_shape)  # legacy: values per row
         self.admin_token = admin_token
+        self.feedback_token = feedback_token
         self.fusion_weight = spec.get("fusion_weight")
         self.shadow_timeout_s = spec["shadow_timeout_s"]
         self.started = time.time()
-        self.stats = LiveStats(spec["latency_window"])
-        self.store = FeedbackStore(spec["feedback_ttl_s"], spec["feedback_max_entries"])
+        self.replica = f"{uuid.uuid4().hex[:12]}"
+        self.latency = Latencies(spec["latency_window"])
+        self.log = open_log(ServingSpec.model_validate(spec))
         self.m = _make_metrics()
-        self.gens: dict[str, dict] = {}  # name -> {"app", "sha256", "handle"}
+        self.health = {"loop_errors": 0, "state_errors": 0, "log_waits_timed_out": 0, "log_rows_lost": 0}
+        self.state_error: Optional[str] = None
+        self.gens: dict[str, dict] = {}  # name -> {"app", "sha256", "uri", "factory", "handle"}
         for name, info in generations.items():
-            self.gens[name] = {**info, "handle": serve.get_app_handle(info["app"]) if info["app"] else
-                               LocalGeneration(ModelRef(name, info["uri"], info["sha256"], info.get("factory")))}
-        # The control plane's plan wins over the deploy-time arguments: a replica that
-        # restarts (crash, upgrade) comes back to production and the rollout's position as
-        # they are now, not as they were when the application was deployed.
+            self.gens[name] = self._entry(name, info)
+        # Generations other replicas attached at run time (the shared log's state) join
+        # the deployed ones, so this replica can take the plan that names them.
+        version, shared = self.log.read_state()
+        for name, info in ((shared or {}).get("generations") or {}).items():
+            if name not in self.gens:
+                try:
+                    self.gens[name] = self._entry(name, info)
+                except Exception as e:  # gone meanwhile: the plan below decides without it
+                    log.warning("router: generation %s of the shared state cannot be attached (%s)", name, e)
+        # The control plane's plan wins over the shared state and the deploy-time
+        # arguments: a replica that restarts (crash, upgrade) comes back to production and
+        # the rollout's position as they are now, not as they were when it was deployed.
         self.plan_source = "arguments"
         self.plan_error: Optional[str] = None
+        self.plan = None
         if plan_source is not None:
             try:
                 p = plan_source(list(self.gens))
@@ -109,10 +143,18 @@ class Router:
             except Exception as e:  # unreadable, or it names a generation this router does not hold
                 self.plan_error = f"{type(e).__name__}: {e}"
                 log.error("router: plan source failed (%s); starting with the deployed plan", self.plan_error)
-        if self.plan_source == "arguments":
+        if self.plan is None and shared is not None:
+            try:
+                self.plan = TrafficPlan.build(shared["production"], shared["weights"], shared["shadows"], self.gens)
+                self.plan_source = "shared"
+            except Exception as e:
+                log.warning("router: shared plan unusable (%s); starting with the deployed plan", e)
+        if self.plan is None:
             self.plan = TrafficPlan.build(production, weights, shadows, self.gens)
+        self._state_version = version
+        self._publish_state()
         self._publish_plan()
-        self._refresher: Optional[asyncio.Task] = None
+        self._loop_task: Optional[asyncio.Task] = None
         self._background: set[asyncio.Task] = set()
         self._pending: dict[str, list] = {}  # generation -> [queued shadow copies, rows]
         self._shadow_backlog = 0  # copies admitted and not finished
@@ -125,6 +167,59 @@ class Router:
             faiss.normalize_L2(emb)
             self.index = faiss.IndexFlatIP(emb.shape[1])
             self.index.add(emb)
+        try:
+            self._ensure_loop()
+        except RuntimeError:  # no event loop while constructing: the first request starts it
+            pass
+
+    def __del__(self):
+        # Serve calls this when it stops the replica: what is queued reaches the log.
+        log_ = getattr(self, "log", None)
+        if log_ is not None:
+            log_.close()
+
+    # --- generations and the shared state ----------------------------------------------
+
+    @staticmethod
+    def _entry(name: str, info: dict) -> dict:
+        """A generation as this replica calls it: its app's handle, or the model loaded here."""
+        entry = {k: info.get(k) for k in ("app", "sha256", "uri", "factory")}
+        entry["handle"] = (serve.get_app_handle(info["app"]) if info.get("app") else
+                           LocalGeneration(ModelRef(name, info["uri"], info["sha256"], info.get("factory"))))
+        return entry
+
+    def _state(self) -> dict:
+        return {**self.plan.as_dict(), "generations": {g: {k: e.get(k) for k in ("app", "sha256", "uri", "factory")}
+                                                       for g, e in self.gens.items()}}
+
+    def _publish_state(self) -> None:
+        """Store this replica's plan and generations as the new shared state."""
+        self._state_version = self.log.write_state(self._state())
+
+    async def _sync_state(self) -> None:
+        """Adopt a newer shared state (another replica's traffic change, attach or detach)."""
+        version, doc = await asyncio.to_thread(self.log.read_state)
+        if version <= self._state_version or doc is None:
+            return
+        gens = dict(self.gens)
+        for name in [g for g in gens if g not in doc["generations"]]:
+            del gens[name]
+        for name, info in doc["generations"].items():
+            if name not in gens or gens[name]["sha256"] != info.get("sha256"):
+                gens[name] = await asyncio.to_thread(self._entry, name, info)
+        plan = TrafficPlan.build(doc["production"], doc["weights"], doc["shadows"], gens)
+        self.gens, self.plan, self._state_version = gens, plan, version
+        self._publish_plan()
+
+    async def _tick_state(self) -> None:
+        try:
+            await self._sync_state()
+            self.state_error = None
+        except Exception as e:  # counted and retried next tick; the current plan keeps serving
+            self.health["state_errors"] += 1
+            if self.state_error is None:
+                log.error("router: cannot follow the shared state: %s: %s", type(e).__name__, e)
+            self.state_error = f"{type(e).__name__}: {e}"
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -167,39 +262,69 @@ class Router:
             fields["k"] = int(k) if k.isascii() and k.isdigit() and len(k) < 4 else k
         return x, parse_user_id(fields), fields
 
-    def _check_admin(self, request: Request) -> None:
+    @staticmethod
+    def _check_token(request: Request, token: Optional[str], what: str) -> None:
+        """401 without a bearer token, 403 with a wrong one, or when `token` is None (off)."""
         auth = request.headers.get("authorization", "")
         if not auth.startswith("Bearer ") or not auth[7:].strip():
-            raise BadRequest("admin route: missing bearer token (Authorization: Bearer ...)", status=401)
-        if not self.admin_token or not hmac.compare_digest(auth[7:].strip().encode(), self.admin_token.encode()):
-            raise BadRequest("admin route: token refused", status=403)
+            raise BadRequest(f"{what} route: missing bearer token (Authorization: Bearer ...)", status=401)
+        if not token or not hmac.compare_digest(auth[7:].strip().encode(), token.encode()):
+            raise BadRequest(f"{what} route: token refused", status=403)
 
     def _publish_plan(self) -> None:
         for g in self.gens:
             self.m["graceful_traffic_weight"].set(self.plan.weights.get(g, 0.0), tags={"generation": g})
             self.m["graceful_shadow_enabled"].set(1.0 if g in self.plan.shadows else 0.0, tags={"generation": g})
 
-    async def _refresh_gauges(self) -> None:
-        # Gauges set once in the constructor never reached Ray's exporter (checked on
-        # Ray 2.60); re-setting them periodically keeps the weights visible and current.
-        while True:
-            self._publish_plan()
-            await asyncio.sleep(5.0)
+    def _publish_log_gauges(self) -> None:
+        """The log's shared counters as gauges: every replica exports the same numbers
+        (Prometheus takes `max` across replicas), including labels imported by the CLI."""
+        gens, feedback = self.log.counters()
+        for g, c in gens.items():
+            for name in LOG_GAUGE_COUNTERS:
+                self.m["graceful_log_counts"].set(float(c.get(name, 0)), tags={"generation": g, "counter": name})
+        info = self.log.describe()
+        for key in ("requests", "bytes", "pending", "dropped", "write_errors"):
+            if isinstance(info.get(key), (int, float)):
+                self.m["graceful_prediction_log"].set(float(info[key]), tags={"field": key})
 
-    def _ensure_refresher(self) -> None:
-        if self._refresher is None:
-            self._refresher = asyncio.get_running_loop().create_task(self._refresh_gauges())
+    def _report(self) -> dict[str, Any]:
+        """This replica's own part of the status (taken on the event loop, which mutates it)."""
+        return {"started_at": self.started, "latency": self.latency.snapshot(),
+                "shadows_in_flight": self._shadow_backlog, "health": dict(self.health)}
+
+    async def _loop(self) -> None:
+        """Follow the shared state, report to the log, refresh gauges. Survives a bad tick
+        (counted in `loop_errors`, exported in /v1/status); never ends while serving."""
+        next_beat = next_gauges = 0.0
+        while True:
+            await self._tick_state()
+            now = time.monotonic()
+            try:
+                if now >= next_beat:
+                    next_beat = now + HEARTBEAT_S
+                    await asyncio.to_thread(self.log.heartbeat, self.replica, self._report())
+                if now >= next_gauges:
+                    # Gauges set once in the constructor never reached Ray's exporter
+                    # (checked on Ray 2.60); re-setting them keeps them visible and current.
+                    next_gauges = now + GAUGES_S
+                    self._publish_plan()
+                    await asyncio.to_thread(self._publish_log_gauges)
+            except Exception as e:
+                self.health["loop_errors"] += 1
+                log.warning("router: background tick failed: %s: %s", type(e).__name__, e)
+            await asyncio.sleep(STATE_POLL_S)
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
 
     def _observe(self, gen: str, role: str, ms: float) -> None:
-        self.stats.latency(gen, role, ms)
+        self.latency.add(gen, role, ms)
         self.m["graceful_latency_ms"].observe(ms, tags={"generation": gen, "role": role})
 
     def _count_request(self, gen: str, role: str) -> None:
-        c = self.stats.of(gen)
-        if role == "primary":
-            c.requests_primary += 1
-        else:
-            c.requests_shadow += 1
+        self.log.count(gen, **{"requests_primary" if role == "primary" else "requests_shadow": 1})
         self.m["graceful_requests"].inc(tags={"generation": gen, "role": role})
 
     async def _call_shadow(self, gen: str, x: np.ndarray):
@@ -221,17 +346,17 @@ class Router:
 
     def _count_failure(self, gen: str, outcome: str, n: int) -> None:
         if outcome == _TIMEOUT:
-            self.stats.of(gen).shadow_timeouts += n
+            self.log.count(gen, shadow_timeouts=n)
             self.m["graceful_shadow_timeouts"].inc(n, tags={"generation": gen})
         else:
-            self.stats.of(gen).shadow_errors += n
+            self.log.count(gen, shadow_errors=n)
             self.m["graceful_errors"].inc(n, tags={"generation": gen, "role": "shadow"})
 
     def _admit_shadow(self, gen: str) -> bool:
         """Memory and CPU stay bounded when shadows fall behind: beyond the backlog cap a
         copy is skipped, and counted."""
         if self._shadow_backlog >= self.spec["shadow_max_inflight"]:
-            self.stats.of(gen).shadow_dropped += 1
+            self.log.count(gen, shadow_dropped=1)
             self.m["graceful_shadow_dropped"].inc(tags={"generation": gen})
             return False
         self._shadow_backlog += 1
@@ -273,8 +398,13 @@ class Router:
         if queue:
             self._spawn(self._run_shadows(gen, queue[0]))
 
+    def _log_prediction(self, rid: str, gen: str, pred: np.ndarray) -> None:
+        entry = self.gens.get(gen)
+        if entry is not None:
+            self.log.add_prediction(rid, gen, entry["sha256"], pred)
+
     async def _run_shadows(self, gen: str, items: list) -> None:
-        """Send coalesced copies, then compare each with production (off the response path)."""
+        """Send coalesced copies, then log and compare each with production (off the response path)."""
         x = items[0][1] if len(items) == 1 else np.concatenate([item[1] for item in items])
         out = await self._call_shadow(gen, x)
         self._shadow_backlog -= len(items)
@@ -289,7 +419,7 @@ class Router:
                 ref = await ref
             if isinstance(ref, np.ndarray):
                 pred = self._candidate_view(ref, probs).argmax(1)
-                self.store.add(rid, gen, pred)
+                self._log_prediction(rid, gen, pred)
                 self._compare(gen, ref.argmax(1), pred)
 
     async def _finish_canary(self, rid: str, prod: str, primary: str, served_pred: np.ndarray,
@@ -297,21 +427,37 @@ class Router:
         ref = await early
         if isinstance(ref, np.ndarray):
             prod_pred = ref.argmax(1)
-            self.store.add(rid, prod, prod_pred)
+            self._log_prediction(rid, prod, prod_pred)
             self._compare(primary, prod_pred, served_pred)
 
     def _compare(self, gen: str, prod_pred: np.ndarray, pred: np.ndarray) -> None:
-        n_dis = self.stats.record_comparison(gen, prod_pred, pred)
+        n_dis = int(np.sum(prod_pred != pred))
+        self.log.count(gen, compared=len(pred), disagreements=n_dis)
         self.m["graceful_compared_samples"].inc(len(pred), tags={"generation": gen})
         if n_dis:
             self.m["graceful_disagreements"].inc(n_dis, tags={"generation": gen})
+
+    async def _logged(self, fut) -> None:
+        """Wait for a request's log row to be committed (prediction_log_sync), bounded."""
+        if fut.done():
+            ok = fut.result()
+        else:
+            try:
+                ok = await asyncio.wait_for(asyncio.wrap_future(fut), LOG_WAIT_S)
+            except asyncio.TimeoutError:
+                self.health["log_waits_timed_out"] += 1
+                return
+        if not ok:
+            self.health["log_rows_lost"] += 1
 
     # --- data routes -----------------------------------------------------------------
 
     @app.post("/v1/predict")
     async def predict(self, request: Request) -> Response:
-        rid = _request_id()
-        self._ensure_refresher()
+        # Minted here, never taken from the client: labels join by this id only, so a
+        # client cannot aim its labels at (or overwrite) another request's predictions.
+        rid = uuid.uuid4().hex
+        self._ensure_loop()
         try:
             x, user, _ = await self._inputs(request)
         except BadRequest as e:
@@ -334,12 +480,12 @@ class Router:
             probs = await self.gens[primary]["handle"].predict.remote(x)
             self._observe(primary, "primary", (time.perf_counter() - t0) * 1000)
         except Exception as e:
-            self.stats.of(primary).errors += 1
+            self.log.count(primary, errors=1)
             self.m["graceful_errors"].inc(tags={"generation": primary, "role": "primary"})
             fallback = await early if early is not None else None
             if not isinstance(fallback, np.ndarray):
                 return _json({"error": f"generation {primary} failed: {type(e).__name__}", "request_id": rid}, 503)
-            self.stats.of(primary).fallbacks += 1
+            self.log.count(primary, fallbacks=1)
             answer, served = fallback, prod
         else:
             answer = probs
@@ -347,39 +493,72 @@ class Router:
                 prod_probs = await early
                 if isinstance(prod_probs, np.ndarray):
                     answer = self._candidate_view(prod_probs, probs)
-        self.stats.of(served).samples_primary += len(x)
+        self.log.count(served, samples_primary=len(x))
         pred = answer.argmax(1)
-        self.store.put(rid, prod, {served: pred})
+        entry = self.gens.get(served)
+        logged = self.log.record(rid, prod, {served: (entry["sha256"] if entry else "", pred)})
         if early is not None and served == primary:
             self._spawn(self._finish_canary(rid, prod, primary, pred, early))
         ref = probs if primary == prod else early
         for g in mirrors:
             if g != prod and self._admit_shadow(g):
                 self._enqueue_shadow(g, rid, x, ref)
+        if self.spec["prediction_log_sync"]:
+            await self._logged(logged)
         return _json({"request_id": rid, "generation": served, "predictions": pred.tolist(),
                       "probabilities": np.round(answer, 6).tolist()})
 
+    def _count_joins(self, results) -> None:
+        for res in results:
+            self.m["graceful_feedback"].inc(tags={"outcome": res.outcome.value})
+            for gen, f in res.candidates.items():
+                tags = {"generation": gen}
+                self.m["graceful_labelled_samples"].inc(f.labelled, tags=tags)
+                if f.negative_flips:
+                    self.m["graceful_negative_flips"].inc(f.negative_flips, tags=tags)
+                if f.positive_flips:
+                    self.m["graceful_positive_flips"].inc(f.positive_flips, tags=tags)
+
     @app.post("/v1/feedback")
     async def feedback(self, request: Request) -> Response:
+        """Labels of one answered request: 404 when its id was never served (or is past the
+        retention), 422 when not one label per row, 200 with `"outcome": "duplicate"`
+        (ignored) for a request labelled before."""
         rid = _request_id()
         try:
+            self._check_token(request, self.feedback_token, "feedback")
             target, labels = parse_feedback(await self._json_body(request))
-            added = join_feedback(self.stats, self.store.pop(target), labels)
+            [res] = await asyncio.to_thread(self.log.join, [(target, labels)])
+            self._count_joins([res])
+            if res.outcome is JoinOutcome.UNKNOWN:
+                raise BadRequest(f"{res.detail} ({target!r})", status=404)
+            if res.outcome is JoinOutcome.MISMATCHED:
+                raise BadRequest(res.detail, status=422)
         except BadRequest as e:
-            outcome = {404: "unknown", 422: "mismatched"}.get(e.status)
-            if outcome:
-                self.m["graceful_feedback"].inc(tags={"outcome": outcome})
             return self._error(e, rid, "feedback")
-        self.m["graceful_feedback"].inc(tags={"outcome": "joined" if added else "partial"})
-        for gen, f in added.items():
-            tags = {"generation": gen}
-            self.m["graceful_labelled_samples"].inc(f.labelled, tags=tags)
-            if f.negative_flips:
-                self.m["graceful_negative_flips"].inc(f.negative_flips, tags=tags)
-            if f.positive_flips:
-                self.m["graceful_positive_flips"].inc(f.positive_flips, tags=tags)
-        return _json({"request_id": rid, "joined": target,
-                      "candidates": {g: asdict(f) for g, f in added.items()}})
+        return _json({"request_id": rid, "outcome": res.outcome.value,
+                      "joined": None if res.outcome is JoinOutcome.DUPLICATE else target,
+                      "candidates": res.as_dict()["candidates"], **({"detail": res.detail} if res.detail else {})})
+
+    @app.post("/v1/feedback/batch")
+    async def feedback_batch(self, request: Request) -> Response:
+        """Labels of many requests at once: `{"items": [{"request_id", "labels"}, ...]}`.
+        A malformed item refuses the whole batch (400 naming it, nothing joined); otherwise
+        200 with each item's outcome and the count of each outcome."""
+        rid = _request_id()
+        try:
+            self._check_token(request, self.feedback_token, "feedback")
+            items = parse_feedback_batch(await self._json_body(request), self.spec["feedback_max_items"])
+            results = await asyncio.to_thread(self.log.join, items)
+        except BadRequest as e:
+            return self._error(e, rid, "feedback")
+        self._count_joins(results)
+        counts = {o.value: 0 for o in JoinOutcome}
+        for res in results:
+            counts[res.outcome.value] += 1
+        return _json({"request_id": rid, "outcomes": counts,
+                      "results": [{"request_id": r.request_id, "outcome": r.outcome.value,
+                                   **({"detail": r.detail} if r.detail else {})} for r in results]})
 
     async def _embed(self, request: Request, rid: str) -> tuple[str, np.ndarray, dict]:
         x, user, obj = await self._inputs(request)
@@ -387,7 +566,7 @@ class Router:
         try:
             emb = await self.gens[gen]["handle"].embed.remote(x)
         except Exception as e:
-            self.stats.of(gen).errors += 1
+            self.log.count(gen, errors=1)
             self.m["graceful_errors"].inc(tags={"generation": gen, "role": "primary"})
             raise BadRequest(f"generation {gen} failed: {type(e).__name__}", status=503) from None
         return gen, emb, obj
@@ -433,33 +612,49 @@ class Router:
 
     @app.get("/healthz")
     async def healthz(self) -> Response:
-        self._ensure_refresher()
+        self._ensure_loop()
         return _json({"ok": True, "request_id": _request_id(), "production": self.plan.production})
 
-    def status(self) -> dict[str, Any]:
-        """Plan, generations and cumulative counters (the rollout controller's input)."""
+    def status(self, own: Optional[dict] = None) -> dict[str, Any]:
+        """Plan, generations and cumulative counters of every replica (the rollout
+        controller's input): counters from the shared log, latency merged over the
+        replicas heard from lately (request counts summed, quantiles the worst)."""
         plan = self.plan
+        counters, feedback = self.log.counters()
+        reports = self.log.replicas(REPLICA_STALE_S)
+        reports[self.replica] = own if own is not None else self._report()
         gens = {}
-        for name in sorted(set(self.gens) | set(self.stats.counters)):
+        for name in sorted(set(self.gens) | set(counters)):
             attached = name in self.gens
             role = ("production" if name == plan.production else
                     "shadow" if name in plan.shadows else "candidate" if attached else "detached")
             gens[name] = {"role": role, "weight": plan.weights.get(name, 0.0), "attached": attached,
                           "sha256": self.gens[name]["sha256"] if attached else None,
-                          **self.stats.generation_snapshot(name)}
+                          "counters": counters_of(counters.get(name, {})),
+                          "latency": {r: merge_latency([(d.get("latency") or {}).get(name, {}).get(r)
+                                                        for d in reports.values()])
+                                      for r in ("primary", "shadow")}}
         return {"production": plan.production, "candidates": plan.candidates, "shadows": list(plan.shadows),
                 "input_shape": list(self.input_shape),
                 "weights": dict(plan.weights), "fusion_weight": self.fusion_weight,
                 "started_at": self.started, "uptime_s": round(time.time() - self.started, 3),
-                "plan_source": self.plan_source, "plan_error": self.plan_error,
-                "feedback": {**self.stats.feedback, "stored": len(self.store),
-                             "expired": self.store.expired, "evicted": self.store.evicted},
-                "shadows_in_flight": self._shadow_backlog, "generations": gens}
+                # The counters' epoch: it changes only when the counters start over (a new
+                # log), not when a router restarts with a durable one.
+                "counters_epoch": self.log.epoch,
+                "plan_source": self.plan_source, "plan_error": self.plan_error, "state_error": self.state_error,
+                "state_version": self._state_version,
+                "feedback": feedback, "prediction_log": self.log.describe(),
+                "replica": self.replica,
+                "replicas": {r: {"started_at": d.get("started_at"), "shadows_in_flight": d.get("shadows_in_flight"),
+                                 "health": d.get("health")} for r, d in sorted(reports.items())},
+                "shadows_in_flight": sum(int(d.get("shadows_in_flight") or 0) for d in reports.values()),
+                "generations": gens}
 
     @app.get("/v1/status")
     async def http_status(self) -> Response:
-        self._ensure_refresher()
-        return _json({"request_id": _request_id(), **self.status()})
+        self._ensure_loop()
+        await self._tick_state()
+        return _json({"request_id": _request_id(), **(await asyncio.to_thread(self.status, self._report()))})
 
     # --- admin -----------------------------------------------------------------------
 
@@ -469,12 +664,14 @@ class Router:
         plan = self.plan
         self.plan = TrafficPlan.build(production or plan.production, weights,
                                       plan.shadows if shadows is None else shadows, self.gens)
+        self._publish_state()
         self._publish_plan()
         return self.plan.as_dict()
 
     async def attach(self, name: str, app_name: str, sha256: str, shadow: bool = True) -> dict[str, Any]:
         """Attach a deployed generation app (weight 0, shadow if asked) after checking that
         it serves the checkpoint `sha256`."""
+        await self._tick_state()
         if name in self.gens:
             raise BadRequest(f"generation {name!r} is already attached", status=409)
         try:
@@ -486,13 +683,16 @@ class Router:
             raise BadRequest(f"app {app_name!r} serves sha256 {str(info.get('sha256'))[:12]}..., "
                              f"not {sha256[:12]}...", status=409)
         self._check_shape(name, info.get("input_shape"))
-        return self._add(name, {"app": app_name, "sha256": sha256, "handle": handle}, shadow)
+        return self._add(name, {"app": app_name, "sha256": sha256, "uri": None, "factory": None, "handle": handle},
+                         shadow)
 
-    def attach_local(self, ref: ModelRef, shadow: bool = True) -> dict[str, Any]:
+    async def attach_local(self, ref: ModelRef, shadow: bool = True) -> dict[str, Any]:
         """Load a generation inside the router (in_router_models) and attach it."""
+        await self._tick_state()
         if ref.name in self.gens:
             raise BadRequest(f"generation {ref.name!r} is already attached", status=409)
-        local = LocalGeneration(ref)  # verifies the sha256 (and the factory, when the ref names one)
+        # verifies the sha256 (and the factory, when the ref names one)
+        local = await asyncio.to_thread(LocalGeneration, ref)
         self._check_shape(ref.name, local.model.input_shape)
         return self._add(ref.name, {"app": None, "sha256": ref.sha256, "uri": ref.uri, "factory": ref.factory,
                                     "handle": local}, shadow)
@@ -507,14 +707,17 @@ class Router:
 
     def _add(self, name: str, entry: dict, shadow: bool) -> dict[str, Any]:
         plan = self.plan
-        self.gens[name] = entry
+        gens = {**self.gens, name: entry}
         self.plan = TrafficPlan.build(plan.production, plan.weights,
-                                      list(plan.shadows) + ([name] if shadow else []), self.gens)
+                                      list(plan.shadows) + ([name] if shadow else []), gens)
+        self.gens = gens
+        self._publish_state()
         self._publish_plan()
         return self.plan.as_dict()
 
-    def detach(self, name: str) -> dict[str, Any]:
+    async def detach(self, name: str) -> dict[str, Any]:
         """Stop routing to a generation (it must serve no traffic and not be production)."""
+        await self._tick_state()
         plan = self.plan
         if name not in self.gens:
             raise BadRequest(f"generation {name!r} is not attached", status=404)
@@ -524,7 +727,8 @@ class Router:
         new = TrafficPlan.build(plan.production, {g: w for g, w in plan.weights.items() if g != name},
                                 [g for g in plan.shadows if g != name], known)
         self.plan = new
-        del self.gens[name]
+        self.gens = {g: e for g, e in self.gens.items() if g != name}
+        self._publish_state()
         self.m["graceful_traffic_weight"].set(0.0, tags={"generation": name})
         self.m["graceful_shadow_enabled"].set(0.0, tags={"generation": name})
         return new.as_dict()
@@ -532,7 +736,8 @@ class Router:
     async def _admin(self, request: Request, route: str, action) -> Response:
         rid = _request_id()
         try:
-            self._check_admin(request)
+            self._check_token(request, self.admin_token, "admin")
+            await self._tick_state()
             result = await action()
         except BadRequest as e:
             return self._error(e, rid, route)
@@ -565,5 +770,5 @@ class Router:
     @app.delete("/v1/admin/generations/{name}")
     async def http_detach(self, name: str, request: Request) -> Response:
         async def act():
-            return self.detach(name)
+            return await self.detach(name)
         return await self._admin(request, "admin_generations", act)

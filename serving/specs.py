@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from workers.specs import StrictModel
 
@@ -26,20 +26,66 @@ class ServingSpec(StrictModel):
     max_rows: int = Field(256, ge=1, description="rows per request")
     max_body_bytes: int = Field(1_000_000, ge=1024)
     shadow_timeout_s: float = Field(1.0, gt=0)
-    feedback_ttl_s: float = Field(3600.0, gt=0, description="how long predictions wait for labels")
-    feedback_max_entries: int = Field(100_000, ge=1, description="cap of the feedback join store")
+    # The prediction log (serving/predlog): where answered requests' predictions wait for
+    # their labels and where the live counters are kept.
+    prediction_log: Literal["memory", "sqlite", "redis"] = "sqlite"
+    # The sqlite file; a run config sets it to <run_dir>/predictions.sqlite when unset.
+    prediction_log_path: Optional[str] = None
+    redis_url: Optional[str] = Field(None, description="redis://host:port/db of the redis log")
+    redis_url_env: str = "GRACEFUL_REDIS_URL"
+    redis_prefix: str = Field("graceful", pattern=r"^[A-Za-z0-9_.:-]+$", description="key prefix in Redis")
+    prediction_retention_s: float = Field(7 * 86400.0, gt=0, description="how long predictions wait for labels")
+    prediction_log_max_bytes: int = Field(1 << 30, ge=1 << 16, description="bytes the memory or sqlite log keeps")
+    # Answers wait for their log row's commit (a group commit shared by concurrent
+    # requests): an answered request is never missing from the log after a crash.
+    prediction_log_sync: bool = True
+    # Bearer token of /v1/feedback*: like the admin token, from `feedback_token` or the
+    # environment variable `feedback_token_env`; feedback is refused when neither is set.
+    feedback_token: Optional[str] = Field(None, min_length=8)
+    feedback_token_env: str = "GRACEFUL_FEEDBACK_TOKEN"
+    feedback_max_items: int = Field(10_000, ge=1, description="labelled requests per /v1/feedback/batch call")
     # Fusion: answer with (1-w)*old + w*new probabilities; None disables it.
     fusion_weight: Optional[float] = Field(None, ge=0, le=1)
     search_top_k: int = Field(5, ge=1, le=100)
     shadow_batch_wait_s: float = Field(0.005, ge=0, le=1, description="window that coalesces shadow copies into one call")
     shadow_max_inflight: int = Field(256, ge=1, description="mirrored requests in flight before shadows are dropped")
     latency_window: int = Field(2048, ge=16, description="recent calls per generation behind the status quantiles")
-    router_cpus: float = Field(0.5, gt=0, description="CPUs reserved for the router replica")
+    router_cpus: float = Field(0.5, gt=0, description="CPUs reserved for each router replica")
+    router_replicas: int = Field(1, ge=1, description="router replicas (sqlite or redis log when more than 1)")
+    gpus_per_replica: float = Field(0, ge=0, description="GPUs per model replica (Ray num_gpus)")
     # Host the models inside the router replica (no handle hop): small models only, as
     # inference then runs on the router's event loop. Off: one Serve app per generation.
     in_router_models: bool = False
     max_ongoing_requests: int = Field(64, ge=1, description="per model replica; lets @serve.batch fill")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            gone = {"feedback_ttl_s": "prediction_retention_s", "feedback_max_entries": "prediction_log_max_bytes"}
+            for old, new in gone.items():
+                if old in data:
+                    raise ValueError(f"{old}: replaced by serving.{new} (the prediction log keeps labels "
+                                     f"joinable by age and bytes)")
+        return data
+
+    @model_validator(mode="after")
+    def _replicas_share_a_log(self) -> "ServingSpec":
+        if self.router_replicas > 1 and self.prediction_log == "memory":
+            raise ValueError("router_replicas: more than one router replica needs a shared prediction log "
+                             "(prediction_log: sqlite on one node, or redis)")
+        if self.prediction_log == "redis" and not self.resolved_redis_url():
+            raise ValueError(f"redis_url: the redis prediction log needs redis_url (or the environment "
+                             f"variable {self.redis_url_env})")
+        return self
+
     def resolved_admin_token(self) -> Optional[str]:
         """The admin bearer token: `admin_token`, else the `admin_token_env` variable, else None (admin off)."""
         return self.admin_token or os.environ.get(self.admin_token_env) or None
+
+    def resolved_feedback_token(self) -> Optional[str]:
+        """The feedback bearer token: `feedback_token`, else the `feedback_token_env` variable, else None (feedback off)."""
+        return self.feedback_token or os.environ.get(self.feedback_token_env) or None
+
+    def resolved_redis_url(self) -> Optional[str]:
+        return self.redis_url or os.environ.get(self.redis_url_env) or None

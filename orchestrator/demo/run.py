@@ -146,10 +146,11 @@ class LiveTraffic:
     posted `label_delay_s` later by request id (orchestrator.demo.traffic), until stopped."""
 
     def __init__(self, url: str, x: np.ndarray, y: np.ndarray, rate_per_s: float, max_seconds: float,
-                 max_requests: int = 100_000, seed: int = 0):
+                 max_requests: int = 100_000, seed: int = 0, feedback_token: Optional[str] = None):
         from orchestrator.demo.traffic import TrafficGenerator
 
-        self.gen = TrafficGenerator(url, x, y, rows_per_request=8, concurrency=2, label_delay_s=0.5, seed=seed)
+        self.gen = TrafficGenerator(url, x, y, rows_per_request=8, concurrency=2, label_delay_s=0.5, seed=seed,
+                                    feedback_token=feedback_token)
         self.stop = threading.Event()
         self._args = (max_requests, max_seconds, self.stop, rate_per_s)
         self.thread = threading.Thread(target=self.gen.run, args=self._args, name="demo-traffic", daemon=True)
@@ -274,8 +275,11 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
                            f"free it or pass --port")
     # One token for the router and the controller: the operator's (serving.admin_token or
     # its environment variable), else one for this run only, never printed or stored.
+    # The same for the feedback token of the simulated users' labels.
     token = cfg.serving.resolved_admin_token() or secrets.token_urlsafe(24)
-    cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"admin_token": token})})
+    feedback_token = cfg.serving.resolved_feedback_token() or secrets.token_urlsafe(24)
+    cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(
+        update={"admin_token": token, "feedback_token": feedback_token})})
 
     _stage(log, f"data: {cfg.data.source}")
     t0 = time.perf_counter()
@@ -313,7 +317,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
         top1, by = live_retrieval_top1(client, q.x, q.y)
         log(f"/v1/search: top-1 {100 * top1:.1f}% with queries embedded by {by} in {cfg.gallery}'s gallery")
         budget = rollout_seconds * max(1, len(cfg.generations) - 1) + 60
-        with LiveTraffic(url, ds.test.x, ds.test.y, traffic_rps, budget) as traffic:
+        with LiveTraffic(url, ds.test.x, ds.test.y, traffic_rps, budget, feedback_token=feedback_token) as traffic:
             log(f"simulated users: {traffic_rps:.0f} requests/s of 8 rows, labels arrive 0.5s later")
             for gen in cfg.generations:
                 if gen.name == production or any(r.name == gen.name for r in rows):

@@ -40,7 +40,7 @@ class TrafficGenerator:
 
     def __init__(self, base_url: str, x: np.ndarray, y: np.ndarray, rows_per_request: int = 8,
                  concurrency: int = 4, label_delay_s: float = 0.5, label_fraction: float = 1.0,
-                 users: int = 1000, seed: int = 0, timeout_s: float = 10.0):
+                 users: int = 1000, seed: int = 0, timeout_s: float = 10.0, feedback_token: Optional[str] = None):
         if len(x) != len(y) or len(x) == 0:
             raise ValueError("x and y must be non-empty and of equal length")
         self.base_url = base_url.rstrip("/")
@@ -51,6 +51,7 @@ class TrafficGenerator:
         self.label_fraction = label_fraction
         self.users = users
         self.timeout_s = timeout_s
+        self._feedback_headers = {"Authorization": f"Bearer {feedback_token}"} if feedback_token else {}
         self._rng = np.random.default_rng(seed)
         self._rng_lock = threading.Lock()
         self._pending: list[tuple[float, int, str, list[int]]] = []  # heap of due feedback
@@ -100,7 +101,7 @@ class TrafficGenerator:
                 _, _, rid, labels = heapq.heappop(self._pending)
             try:
                 r = session.post(f"{self.base_url}/v1/feedback", json={"request_id": rid, "labels": labels},
-                                 timeout=self.timeout_s)
+                                 headers=self._feedback_headers, timeout=self.timeout_s)
                 ok = r.status_code == 200
             except requests.RequestException:
                 ok = False

@@ -8,8 +8,9 @@ reset (a router restart), never as negative evidence.
 
 - `RouterSource`: `GET /v1/status` of the router (the embedded default: nothing else
   needs to run).
-- `PrometheusSource`: PromQL instant queries over Prometheus's HTTP API, `sum(...)` of the
-  router's `ray_graceful_*` counters for `generation=<candidate>` across replicas/nodes.
+- `PrometheusSource`: PromQL instant queries over Prometheus's HTTP API: the router
+  replicas' `ray_graceful_*` counters summed, and the prediction log's shared counts
+  (`ray_graceful_log_counts`), for `generation=<candidate>`.
 """
 
 from __future__ import annotations
@@ -59,30 +60,43 @@ def add(a: Counts, b: Counts, latency_p99_ms: Optional[float] = None) -> Counts:
     return Counts(**{k: getattr(a, k) + getattr(b, k) for k in COUNTER_FIELDS}, latency_p99_ms=latency_p99_ms)
 
 
+# Counters that start over together. The router keeps all of them in its prediction log
+# (one set, one epoch); a Prometheus source reads requests and errors from each replica's
+# own counters (they reset when a replica restarts) and the comparison and label counts
+# from the log's shared gauges (they do not).
+COUNTER_GROUPS: tuple[tuple[str, ...], ...] = (("requests", "errors"),
+                                               ("compared", "disagreements", "labelled", "negative_flips"))
+
+
 def advance(last_raw: Optional[Counts], raw: Counts) -> Counts:
     """What happened between two raw cumulative snapshots, with resets handled.
 
-    A router restart zeroes every counter at once. It is a reset when both snapshots carry
-    an `epoch` (the router's `started_at`) and the epochs differ, or when ANY counter went
-    down. The epoch catches a restart the controller did not see (a pause, a controller
-    restart) after which every new counter already exceeds the old snapshot: without it,
-    raw - last_raw would mix two counter sets (old 0 flips / 1000 labels, new 6 / 1200
-    -> "6 / 200", a false regression). On a reset the increase is `raw` itself (counted since the
-    restart; what happened between `last_raw` and the restart is lost, which only asks
-    for more evidence, never gives wrong evidence). Without a previous snapshot nothing
-    is known to have happened yet: zero.
+    Counters of one group (`COUNTER_GROUPS`) start over together. A group was reset when
+    ANY of its counters went down, and every group was when both snapshots carry an
+    `epoch` (the counters' `counters_epoch`, else the router's `started_at`) and the
+    epochs differ. The epoch catches a reset the controller did not see (a pause, a
+    controller restart) after which every new counter already exceeds the old snapshot:
+    without it, raw - last_raw would mix two counter sets (old 0 flips / 1000 labels, new
+    6 / 1200 -> "6 / 200", a false regression). On a reset the increase of the group is
+    its `raw` values (counted since; what happened before is lost, which only asks for
+    more evidence, never gives wrong evidence). Without a previous snapshot nothing is
+    known to have happened yet: zero.
 
-    Example: last (requests 100, flips 3), raw (requests 130, flips 4) -> (30, 1);
-    last (100, 3), raw (20, 0) -> a reset -> (20, 0), never (-80, -3);
-    last (labels 1000, flips 0, epoch 1.0), raw (1200, 6, epoch 2.0) -> a reset -> (1200, 6).
+    Example: last (requests 100, labelled 80, flips 3), raw (130, 100, 4) -> (30, 20, 1);
+    last (100, 80, 3), raw (20, 10, 0) -> both groups reset -> (20, 10, 0), never (-80, ...);
+    last (100, 80, 3), raw (200, 90, 1) -> flips went down: the label group reset ->
+    (100, 90, 1); last (labels 1000, flips 0, epoch 1.0), raw (1200, 6, epoch 2.0) -> a
+    reset -> (1200, 6).
     """
     if last_raw is None:
         return Counts(latency_p99_ms=raw.latency_p99_ms)
     restarted = last_raw.epoch is not None and raw.epoch is not None and raw.epoch != last_raw.epoch
-    if restarted or any(getattr(raw, k) < getattr(last_raw, k) for k in COUNTER_FIELDS):
-        return replace(raw, epoch=None)
-    return Counts(**{k: getattr(raw, k) - getattr(last_raw, k) for k in COUNTER_FIELDS},
-                  latency_p99_ms=raw.latency_p99_ms)
+    out = {}
+    for group in COUNTER_GROUPS:
+        reset = restarted or any(getattr(raw, k) < getattr(last_raw, k) for k in group)
+        for k in group:
+            out[k] = getattr(raw, k) if reset else getattr(raw, k) - getattr(last_raw, k)
+    return Counts(**out, latency_p99_ms=raw.latency_p99_ms)
 
 
 # --- router --------------------------------------------------------------------------------
@@ -92,8 +106,9 @@ def counts_from_status(status: dict, candidate: str) -> Counts:
 
     requests = requests_primary + requests_shadow; errors = errors + shadow_errors +
     shadow_timeouts; latency: the primary p99 once the candidate serves users, else the
-    shadow p99 (None when neither has calls); epoch: the router's `started_at` (None when
-    absent), which changes when the router restarts.
+    shadow p99 (None when neither has calls); epoch: the counters' `counters_epoch` (the
+    prediction log's: it stays when a router restarts over a durable log), else the
+    router's `started_at` (None when both are absent).
     """
     gens = status.get("generations") if isinstance(status, dict) else None
     if not isinstance(gens, dict) or candidate not in gens:
@@ -109,7 +124,7 @@ def counts_from_status(status: dict, candidate: str) -> Counts:
             labelled=int(c.get("labelled", 0)),
             negative_flips=int(c.get("negative_flips", 0)),
             latency_p99_ms=_router_p99(g.get("latency") or {}),
-            epoch=_epoch(status.get("started_at")),
+            epoch=_epoch(status.get("counters_epoch", status.get("started_at"))),
         )
     except (TypeError, ValueError) as e:
         raise SourceError(f"router status of {candidate!r} has a malformed counter ({e})") from None
@@ -157,8 +172,11 @@ _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 def promql_queries(candidate: str, latency_window: str = "1m") -> dict[str, str]:
     """The PromQL instant queries behind each field of Counts for `candidate`.
 
-    Counters are summed across replicas, nodes and roles (`sum(...)`): a restarted router
-    makes the sum go down, which `advance` treats as a reset.
+    Requests and errors are the replicas' own counters summed across replicas, nodes and
+    roles (`sum(...)`): a restarted router makes the sum go down, which `advance` treats
+    as a reset. Comparisons, labels and flips are the prediction log's shared counters,
+    which every replica exports as the same gauge (`max(...)` across them); they include
+    labels imported with `graceful labels import`.
     """
     if not _LABEL_VALUE.match(candidate):
         raise SourceError(f"candidate name {candidate!r} cannot be used in a PromQL label matcher")
@@ -169,13 +187,16 @@ def promql_queries(candidate: str, latency_window: str = "1m") -> dict[str, str]
         # no requests series at all means Prometheus has no data for the candidate yet).
         return f"(sum({metric}{sel}) or vector(0))"
 
+    def shared(name: str) -> str:
+        return f'max(ray_graceful_log_counts{{generation="{candidate}",counter="{name}"}})'
+
     return {
         "requests": f"sum(ray_graceful_requests_total{sel})",
         "errors": f"{counter('ray_graceful_errors_total')} + {counter('ray_graceful_shadow_timeouts_total')}",
-        "compared": counter("ray_graceful_compared_samples_total"),
-        "disagreements": counter("ray_graceful_disagreements_total"),
-        "labelled": counter("ray_graceful_labelled_samples_total"),
-        "negative_flips": counter("ray_graceful_negative_flips_total"),
+        "compared": shared("compared"),
+        "disagreements": shared("disagreements"),
+        "labelled": shared("labelled"),
+        "negative_flips": shared("negative_flips"),
         "latency_p99_ms": f"histogram_quantile(0.99, sum by (le) "
                           f"(rate(ray_graceful_latency_ms_bucket{sel}[{latency_window}])))",
     }

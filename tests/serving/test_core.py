@@ -11,22 +11,14 @@ import json
 import numpy as np
 import pytest
 
-from serving.core import (NPY_CONTENT_TYPE, BadRequest, FeedbackStore, LiveStats, TrafficPlan, count_flips, fuse,
-                          is_npy, join_feedback, parse_feedback, parse_inputs, parse_json_object, parse_npy,
-                          sticky_unit)
+from serving.core import (NPY_CONTENT_TYPE, BadRequest, Latencies, TrafficPlan, count_flips, fuse, is_npy,
+                          merge_latency, parse_feedback, parse_feedback_batch, parse_inputs, parse_json_object,
+                          parse_npy, sticky_unit)
 from serving.metric_names import DEFINED, EXPORTED
 from serving.refs import ModelRef
 from serving.specs import ServingSpec
 
 GENS = ["g0", "g1", "g2"]
-
-
-class FakeClock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
 
 
 def test_sticky_unit_is_stable_and_uniform():
@@ -208,36 +200,11 @@ def test_parse_json_object_and_feedback():
         with pytest.raises(BadRequest):
             parse_json_object(body)
     rid, labels = parse_feedback({"request_id": "r1", "labels": [1, 0]})
-    assert rid == "r1" and labels.tolist() == [1, 0]
+    assert rid == "r1" and labels == [1, 0]
     for obj in ({"labels": [1]}, {"request_id": "r", "labels": [-1]}, {"request_id": "r", "labels": [True]},
-                {"request_id": "r", "labels": []}):
+                {"request_id": "r", "labels": []}, {"request_id": "r", "labels": [2 ** 31]}, "x"):
         with pytest.raises(BadRequest):
             parse_feedback(obj)
-
-
-def test_feedback_store_ttl_and_size_cap():
-    clock = FakeClock()
-    store = FeedbackStore(ttl_s=10, max_entries=3, clock=clock)
-    for i in range(5):
-        clock.t = i
-        store.put(f"r{i}", "g0", {"g0": np.array([i])})
-    assert len(store) == 3 and store.evicted == 2  # r0, r1 dropped by the cap
-    assert store.pop("r0") is None
-    assert store.add("r2", "g1", np.array([7]))
-    prod, preds = store.pop("r2")
-    assert prod == "g0" and preds["g1"].tolist() == [7]
-    assert store.pop("r2") is None  # labelled once
-    clock.t = 13.5  # r3 stored at 3: 10.5 s old, expired; r4 at 4: 9.5 s, alive
-    assert store.pop("r3") is None and store.expired == 1
-    assert not store.add("r3", "g1", np.array([1]))
-    assert store.pop("r4") is not None
-
-
-def test_feedback_store_memory_stays_flat_under_load():
-    store = FeedbackStore(ttl_s=3600, max_entries=1000)
-    for i in range(50_000):
-        store.put(f"r{i}", "g0", {"g0": np.zeros(4, dtype=np.int64)})
-    assert len(store) == 1000 and store.evicted == 49_000
 
 
 def test_count_flips_by_hand():
@@ -249,35 +216,38 @@ def test_count_flips_by_hand():
     assert (f.labelled, f.negative_flips, f.positive_flips, f.production_correct, f.candidate_correct) == (5, 2, 1, 3, 2)
 
 
-def test_join_feedback_counts_against_the_production_of_that_request():
-    """Stored: production g0 predicted [1, 2], candidate g1 [1, 0]; labels [1, 2]: g1 has
-    one negative flip (row 2), 2 labelled samples, production 2 right, candidate 1 right."""
-    stats = LiveStats()
-    added = join_feedback(stats, ("g0", {"g0": np.array([1, 2]), "g1": np.array([1, 0])}), np.array([1, 2]))
-    assert set(added) == {"g1"}
-    c = stats.of("g1")
-    assert (c.labelled, c.labelled_requests, c.negative_flips, c.positive_flips) == (2, 1, 1, 0)
-    assert (c.production_correct, c.candidate_correct) == (2, 1)
-    with pytest.raises(BadRequest) as e:
-        join_feedback(stats, None, np.array([1]))
-    assert e.value.status == 404
-    with pytest.raises(BadRequest) as e:
-        join_feedback(stats, ("g0", {"g0": np.array([1, 2])}), np.array([1]))
-    assert e.value.status == 422
-    assert join_feedback(stats, ("g0", {"g1": np.array([1])}), np.array([1])) == {}  # no reference
-    assert stats.feedback == {"joined": 1, "unknown": 1, "partial": 1, "mismatched": 1}
-
-
-def test_comparison_and_latency_window():
-    """Disagreement: [1,2,3] vs [1,0,3] differ on one sample of three."""
-    stats = LiveStats(window=16)
-    assert stats.record_comparison("g1", np.array([1, 2, 3]), np.array([1, 0, 3])) == 1
-    assert (stats.of("g1").compared, stats.of("g1").disagreements) == (3, 1)
+def test_latency_windows_keep_the_recent_calls_per_generation_and_role():
+    lat = Latencies(window=16)
     for ms in range(1, 101):  # the window keeps the last 16: 85..100
-        stats.latency("g1", "shadow", float(ms))
-    snap = stats.generation_snapshot("g1")
-    assert snap["latency"]["shadow"]["n"] == 16 and snap["latency"]["shadow"]["p50_ms"] == 92.5
-    assert snap["latency"]["primary"]["n"] == 0
+        lat.add("g1", "shadow", float(ms))
+    snap = lat.snapshot()
+    assert snap["g1"]["shadow"]["n"] == 16 and snap["g1"]["shadow"]["p50_ms"] == 92.5
+    assert "primary" not in snap["g1"]
+
+
+def test_merge_latency_sums_calls_and_takes_the_worst_quantile():
+    """{n 10, p99 8} and {n 30, p99 12} -> {n 40, p99 12}; a replica without calls adds nothing."""
+    a = {"n": 10, "p50_ms": 2.0, "p90_ms": 5.0, "p99_ms": 8.0}
+    b = {"n": 30, "p50_ms": 3.0, "p90_ms": 4.0, "p99_ms": 12.0}
+    assert merge_latency([a, b, None, {"n": 0, "p50_ms": None}]) == {"n": 40, "p50_ms": 3.0, "p90_ms": 5.0,
+                                                                      "p99_ms": 12.0}
+    assert merge_latency([None]) == {"n": 0, "p50_ms": None, "p90_ms": None, "p99_ms": None}
+
+
+def test_feedback_batch_is_checked_whole_and_names_the_bad_item():
+    items = parse_feedback_batch({"items": [{"request_id": "a", "labels": [1]},
+                                            {"request_id": "b", "labels": [0, 2]}]}, 10)
+    assert items == [("a", [1]), ("b", [0, 2])]
+    with pytest.raises(BadRequest, match=r"items\[1\]\.labels"):
+        parse_feedback_batch({"items": [{"request_id": "a", "labels": [1]}, {"request_id": "b", "labels": [-1]}]}, 10)
+    with pytest.raises(BadRequest, match=r"items\[0\]"):
+        parse_feedback_batch({"items": ["a"]}, 10)
+    with pytest.raises(BadRequest) as e:
+        parse_feedback_batch({"items": [{"request_id": "a", "labels": [1]}] * 3}, 2)
+    assert e.value.status == 413
+    for obj in ({}, {"items": []}, {"items": "x"}):
+        with pytest.raises(BadRequest, match="items"):
+            parse_feedback_batch(obj, 10)
 
 
 def test_fuse_is_a_weighted_mix():

@@ -65,7 +65,8 @@ def router(gens):
     x = _images(6, seed=9)
     with torch.no_grad():
         gallery = Gallery("g0", m0.embed(torch.from_numpy(x)).numpy(), np.arange(6) % 3)
-    spec = ServingSpec(in_router_models=True, max_rows=8, max_body_bytes=16 * 1024).model_dump(mode="json")
+    spec = ServingSpec(in_router_models=True, max_rows=8, max_body_bytes=16 * 1024,
+                       prediction_log="memory").model_dump(mode="json")
     infos = {n: {"app": None, "sha256": r.sha256, "uri": r.uri, "factory": r.factory}
              for n, (r, _) in gens.items() if n in ("g0", "g1")}
     r = _router_class()(spec, SHAPE, "g0", infos, {"g0": 1.0, "g1": 0.0}, ["g1"], gallery, TOKEN)
@@ -204,14 +205,14 @@ def test_a_generation_of_another_input_shape_is_refused_when_attached(router, ge
     naming both shapes; a ref naming another factory than its checkpoint's never loads."""
     flat, _ = gens["flat"]
     with pytest.raises(BadRequest) as e:
-        router.attach_local(flat)
+        asyncio.run(router.attach_local(flat))
     assert e.value.status == 409 and "takes inputs of shape [64], production (the router) [1, 8, 8]" in str(e.value)
     assert "flat" not in router.gens
     g1, _ = gens["g1"]
-    plan = router.attach_local(ModelRef("g1copy", g1.uri, g1.sha256, BUILTIN))
+    plan = asyncio.run(router.attach_local(ModelRef("g1copy", g1.uri, g1.sha256, BUILTIN)))
     assert "g1copy" in plan["shadows"]
     with pytest.raises(CheckpointError, match="factory"):
-        router.attach_local(ModelRef("g1other", g1.uri, g1.sha256, "mypkg.models:build"))
+        asyncio.run(router.attach_local(ModelRef("g1other", g1.uri, g1.sha256, "mypkg.models:build")))
 
 
 def test_a_router_is_not_built_over_a_candidate_of_another_input_shape(gens):
@@ -239,7 +240,7 @@ def _router_of(tmp_path, prod: tuple[ArchSpec, int], cand: tuple[ArchSpec, int],
     x = _images(6, seed=9)
     with torch.no_grad():
         gallery = Gallery("g0", models["g0"][1].embed(torch.from_numpy(x)).numpy(), np.arange(6) % 3)
-    spec = ServingSpec(in_router_models=True, max_rows=8, **spec_kw).model_dump(mode="json")
+    spec = ServingSpec(in_router_models=True, max_rows=8, prediction_log="memory", **spec_kw).model_dump(mode="json")
     infos = {n: {"app": None, "sha256": r.sha256, "uri": r.uri, "factory": r.factory} for n, (r, _) in models.items()}
     r = _router_class()(spec, SHAPE, "g0", infos, weights, shadows, gallery, TOKEN)
     r.gallery_x = x

@@ -23,9 +23,12 @@ def test_advance_takes_differences_and_treats_a_decrease_as_a_reset():
         Counts(requests=30, labelled=20, negative_flips=1, latency_p99_ms=7.0)
     # router restart: every counter from 0; 20 requests since -> (20, ...) never (-80, ...)
     assert advance(last, Counts(requests=20, labelled=10, negative_flips=0)) == Counts(requests=20, labelled=10)
-    # one counter down is enough to call it a reset (a restart zeroes them all at once)
+    # one counter down is enough to call its group reset (they start over together); the
+    # request group, which grew, is a difference
     assert advance(last, Counts(requests=200, labelled=90, negative_flips=1)) == \
-        Counts(requests=200, labelled=90, negative_flips=1)
+        Counts(requests=100, labelled=90, negative_flips=1)
+    assert advance(last, Counts(requests=50, labelled=100, negative_flips=4)) == \
+        Counts(requests=50, labelled=20, negative_flips=1)
     assert advance(None, Counts(requests=5, latency_p99_ms=3.0)) == Counts(latency_p99_ms=3.0)
 
 
@@ -112,7 +115,7 @@ def fake_prom():
 
 def test_prometheus_source_parses_answers_and_reports_gaps(fake_prom):
     _FakeProm.answers = {"requests_total": (200, _vec(47)), "negative_flips": (200, _vec(3)),
-                         "labelled_samples": (200, _vec(150)), "histogram_quantile": (200, _vec("NaN"))}
+                         'counter="labelled"': (200, _vec(150)), "histogram_quantile": (200, _vec("NaN"))}
     c = PrometheusSource(fake_prom).read("g1")
     assert (c.requests, c.labelled, c.negative_flips, c.latency_p99_ms) == (47, 150, 3, None)
     _FakeProm.answers = {"*": (200, {"status": "success", "data": {"resultType": "vector", "result": []}})}
@@ -145,6 +148,19 @@ def test_router_status_carries_the_router_start_time_as_epoch():
     assert counts_from_status({**STATUS, "started_at": "x"}, "g1").epoch is None
 
 
+def test_router_status_epoch_is_the_prediction_logs_when_it_has_one():
+    # A router restarted over a durable log continues its counters: same counters_epoch,
+    # another started_at; the epoch the controller compares is the log's.
+    status = {**STATUS, "started_at": 1700000999.0, "counters_epoch": 1700000000.25}
+    assert counts_from_status(status, "g1").epoch == 1700000000.25
+
+
+def test_promql_reads_comparisons_and_labels_from_the_logs_shared_gauge():
+    q = promql_queries("g1", "1m")
+    assert q["labelled"] == 'max(ray_graceful_log_counts{generation="g1",counter="labelled"})'
+    assert q["negative_flips"].startswith("max(") and q["requests"].startswith("sum(")
+
+
 def test_prometheus_read_evaluates_every_query_at_one_instant(fake_prom):
     _FakeProm.answers, _FakeProm.seen = {"requests_total": (200, _vec(47))}, []
     PrometheusSource(fake_prom, clock=lambda: 1700000000.5).read("g1")
@@ -159,6 +175,6 @@ def test_prometheus_read_evaluates_every_query_at_one_instant(fake_prom):
 def test_prometheus_nonsense_is_a_source_error(fake_prom, answer):
     # A ValueError/OverflowError/AttributeError would end the tick as "error", which never
     # counts toward max_source_errors; a SourceError is inconclusive and counted.
-    _FakeProm.answers = {"requests_total": (200, _vec(47)), "labelled_samples": answer}
+    _FakeProm.answers = {"requests_total": (200, _vec(47)), 'counter="labelled"': answer}
     with pytest.raises(SourceError):
         PrometheusSource(fake_prom).read("g1")

@@ -1,0 +1,193 @@
+"""The router's online path in-process, over a real SQLite prediction log: minted request
+ids, the feedback token, joins once, the batch route, two replicas sharing one log, and a
+restart that loses nothing. No Ray or Serve: generations are hosted in the router
+(`serving.in_router_models`), handlers get real Starlette requests. Over HTTP on real
+Serve with two router replicas: tests/integration/test_online_path.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from serving.refs import ModelRef
+from serving.specs import ServingSpec
+from tests.serving.test_router import _post, _router_class
+from workers.checkpoint import BUILTIN, save_model
+from workers.models import build_model
+from workers.specs import ArchSpec
+
+SHAPE = (6,)
+ADMIN, FEEDBACK = "admin-token-123", "feedback-token-456"
+AUTH = {"Authorization": f"Bearer {FEEDBACK}"}
+
+
+@pytest.fixture(scope="module")
+def infos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gens")
+    out = {}
+    for seed, name in enumerate(("g0", "g1")):
+        torch.manual_seed(seed)
+        m = build_model(ArchSpec(type="mlp", width=8, depth=1, embed_dim=4), SHAPE, 3).eval()
+        sha = save_model(m, root / name)
+        out[name] = {"app": None, "sha256": sha, "uri": str(root / name), "factory": BUILTIN}
+    return out
+
+
+def _router(infos, log_path, **kw):
+    spec = ServingSpec(in_router_models=True, prediction_log="sqlite", prediction_log_path=str(log_path),
+                       **kw).model_dump(mode="json")
+    return _router_class()(spec, SHAPE, "g0", infos, {"g0": 1.0, "g1": 0.0}, ["g1"], None, ADMIN,
+                           feedback_token=FEEDBACK)
+
+
+def _x(n: int, seed: int = 0) -> bytes:
+    x = np.random.default_rng(seed).standard_normal((n, *SHAPE)).round(3)
+    return json.dumps({"inputs": x.tolist()}).encode()
+
+
+def _fb(rid: str, labels: list[int]) -> bytes:
+    return json.dumps({"request_id": rid, "labels": labels}).encode()
+
+
+async def _answered(r, n_requests: int, rows: int = 2, headers: dict | None = None) -> list[dict]:
+    out = []
+    for i in range(n_requests):
+        status, body = await _post(r.predict, "/v1/predict", _x(rows, i), headers=headers)
+        assert status == 200, body
+        out.append(body)
+    await asyncio.sleep(0.2)  # shadow copies: coalesced for 5 ms, then logged
+    assert r.log.flush()
+    return out
+
+
+def test_feedback_needs_its_own_token_and_joins_each_request_once(infos, tmp_path):
+    """401 without a bearer token, 403 with the admin token (it is not the feedback
+    token), 200 joined with the right one; the same labels again are a duplicate (200,
+    ignored: the counters do not move); an id never served is a 404, counted."""
+    r = _router(infos, tmp_path / "log.sqlite")
+
+    async def run():
+        [ans] = await _answered(r, 1)
+        rid, pred = ans["request_id"], ans["predictions"]
+        no_token = await _post(r.feedback, "/v1/feedback", _fb(rid, pred))
+        wrong = await _post(r.feedback, "/v1/feedback", _fb(rid, pred), headers={"Authorization": f"Bearer {ADMIN}"})
+        first = await _post(r.feedback, "/v1/feedback", _fb(rid, pred), headers=AUTH)
+        again = await _post(r.feedback, "/v1/feedback", _fb(rid, pred), headers=AUTH)
+        unknown = await _post(r.feedback, "/v1/feedback", _fb("never-served", [0]), headers=AUTH)
+        return no_token, wrong, first, again, unknown
+
+    (s1, b1), (s2, b2), (s3, b3), (s4, b4), (s5, b5) = asyncio.run(run())
+    assert (s1, s2) == (401, 403) and "feedback route" in b1["error"] and "token refused" in b2["error"]
+    assert s3 == 200 and b3["outcome"] == "joined" and b3["candidates"]["g1"]["labelled"] == 2
+    # labels equal to production's predictions: production is right on both rows
+    assert b3["candidates"]["g1"]["production_correct"] == 2
+    assert s4 == 200 and b4["outcome"] == "duplicate" and b4["joined"] is None and not b4["candidates"]
+    assert s5 == 404 and "never served" in b5["error"]
+    st = r.status()
+    assert st["feedback"]["joined"] == 1 and st["feedback"]["duplicate"] == 1 and st["feedback"]["unknown"] == 1
+    assert st["generations"]["g1"]["counters"]["labelled"] == 2  # the duplicate added nothing
+    r.log.close()
+
+
+def test_a_client_chosen_request_id_is_never_the_one_labels_join_by(infos, tmp_path):
+    """A client sends X-Request-ID: chosen-by-client; the answer's request_id is the
+    router's own, labels for the client's id are a 404, and two requests sending the same
+    id get two ids, two log rows (neither overwrites the other)."""
+    r = _router(infos, tmp_path / "log.sqlite")
+
+    async def run():
+        answers = await _answered(r, 2, headers={"X-Request-ID": "chosen-by-client"})
+        steer = await _post(r.feedback, "/v1/feedback", _fb("chosen-by-client", [0, 0]), headers=AUTH)
+        return answers, steer
+
+    answers, (status, _) = asyncio.run(run())
+    ids = {a["request_id"] for a in answers}
+    assert "chosen-by-client" not in ids and len(ids) == 2 and status == 404
+    assert r.log.describe()["requests"] == 2
+    r.log.close()
+
+
+def test_the_batch_route_checks_every_item_then_reports_each_outcome(infos, tmp_path):
+    """Three answered requests: a batch with two of them, one twice, an unknown id and a
+    wrong label count -> joined 2, duplicate 1, unknown 1, mismatched 1. A malformed item
+    refuses the whole batch (400 naming it) and joins nothing."""
+    r = _router(infos, tmp_path / "log.sqlite")
+
+    async def run():
+        a = await _answered(r, 3)
+        bad = await _post(r.feedback_batch, "/v1/feedback/batch", json.dumps(
+            {"items": [{"request_id": a[2]["request_id"], "labels": [0, 0]},
+                       {"request_id": a[0]["request_id"], "labels": "x"}]}).encode(), headers=AUTH)
+        items = [{"request_id": a[0]["request_id"], "labels": [0, 1]},
+                 {"request_id": a[1]["request_id"], "labels": [2, 2]},
+                 {"request_id": a[0]["request_id"], "labels": [0, 1]},
+                 {"request_id": "nope", "labels": [1]},
+                 {"request_id": a[2]["request_id"], "labels": [1]}]
+        ok = await _post(r.feedback_batch, "/v1/feedback/batch", json.dumps({"items": items}).encode(), headers=AUTH)
+        return bad, ok
+
+    (s1, bad), (s2, ok) = asyncio.run(run())
+    assert s1 == 400 and "items[1].labels" in bad["error"]
+    assert s2 == 200 and ok["outcomes"] == {"joined": 2, "partial": 0, "duplicate": 1, "unknown": 1, "mismatched": 1}
+    assert [x["outcome"] for x in ok["results"]] == ["joined", "joined", "duplicate", "unknown", "mismatched"]
+    assert r.status()["generations"]["g1"]["counters"]["labelled"] == 4
+    r.log.close()
+
+
+def test_two_replicas_over_one_log_answer_join_and_count_as_one(infos, tmp_path):
+    """Replica A answers; replica B joins A's labels; both report the same counters. A
+    traffic change made on A reaches B at B's next state tick; one attached on B (a copy
+    of g1) reaches A."""
+    path = tmp_path / "log.sqlite"
+    a, b = _router(infos, path), _router(infos, path)
+
+    async def run():
+        answers = await _answered(a, 4)
+        joined = [await _post(b.feedback, "/v1/feedback", _fb(x["request_id"], x["predictions"]), headers=AUTH)
+                  for x in answers]
+        a.set_traffic({"g0": 0.5, "g1": 0.5}, shadows=[])
+        await b._tick_state()
+        g1 = infos["g1"]
+        await b.attach_local(ModelRef("g1copy", g1["uri"], g1["sha256"], BUILTIN))
+        await a._tick_state()
+        return joined
+
+    joined = asyncio.run(run())
+    assert all(s == 200 and j["outcome"] == "joined" for s, j in joined)
+    sa, sb = a.status(), b.status()
+    assert sa["generations"]["g1"]["counters"] == sb["generations"]["g1"]["counters"]
+    assert sa["generations"]["g1"]["counters"]["labelled"] == 8 and sa["feedback"]["joined"] == 4
+    assert sb["weights"]["g1"] == 0.5 and sb["shadows"] == sa["shadows"] == ["g1copy"]
+    assert "g1copy" in sa["weights"] and "g1copy" in a.gens and sa["state_version"] == sb["state_version"]
+    for r in (a, b):
+        r.log.close()
+
+
+def test_a_restarted_router_continues_its_counters_and_joins_earlier_answers(infos, tmp_path):
+    """Answer 3 requests, stop the router (its log closed as Serve would on shutdown), start
+    another over the same file: labels for the earlier answers join, the counters go on from
+    where they were (same counters_epoch), nothing is counted twice."""
+    path = tmp_path / "log.sqlite"
+    first = _router(infos, path)
+    answers = asyncio.run(_answered(first, 3))
+    before = first.status()
+    first.log.close()
+    second = _router(infos, path)
+
+    async def run():
+        return [await _post(second.feedback, "/v1/feedback", _fb(x["request_id"], x["predictions"]), headers=AUTH)
+                for x in answers]
+
+    joined = asyncio.run(run())
+    after = second.status()
+    assert all(s == 200 and j["outcome"] == "joined" for s, j in joined)
+    assert after["counters_epoch"] == before["counters_epoch"] and after["started_at"] > before["started_at"]
+    c0, c1 = before["generations"]["g1"]["counters"], after["generations"]["g1"]["counters"]
+    assert c1["requests_shadow"] == c0["requests_shadow"] == 3 and c1["compared"] == c0["compared"] == 6
+    assert c0["labelled"] == 0 and c1["labelled"] == 6
+    second.log.close()
