@@ -1,0 +1,111 @@
+"""A real redis-server for tests: its own port on 127.0.0.1 and its own directory.
+
+The Redis prediction log is tested against the server it will run on, not a fake: its
+Lua scripts, expiry and persistence are the server's. `persistence=True` turns on the
+append-only file with an fsync per write, so a stop, a kill or a restart keeps every
+acknowledged write, as a production server configured for it would.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import redis
+
+from tests.helpers import free_port, require_tool
+
+START_TIMEOUT_S = 10.0
+
+
+class RedisServer:
+    def __init__(self, persistence: bool = False, directory: Optional[Path] = None):
+        self.binary = require_tool("redis-server", install_hint="apt-get install redis-server")
+        self.persistence = persistence
+        self.port = free_port()
+        self._own_dir = directory is None
+        self.dir = Path(tempfile.mkdtemp(prefix="graceful-redis-")) if directory is None else Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _args(self) -> list[str]:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--daemonize", "no",
+                "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")]
+        if self.persistence:
+            args += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            args += ["--save", "", "--appendonly", "no"]
+        return args
+
+    def _log_tail(self) -> str:
+        try:
+            return (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+        except OSError:
+            return "(no log)"
+
+    def start(self) -> "RedisServer":
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        self.proc = subprocess.Popen(self._args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server on port {self.port} exited ({self.proc.returncode}):\n"
+                                       f"{self._log_tail()}")
+                try:
+                    # PONG only once the data (the AOF with persistence) is loaded
+                    if client.ping():
+                        return self
+                except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+                    pass
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(f"redis-server on port {self.port} did not answer PING in "
+                                       f"{START_TIMEOUT_S:.0f} s:\n{self._log_tail()}")
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """SIGTERM and wait: Redis flushes its append-only file and exits."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: what is not on disk is lost."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def restart(self) -> "RedisServer":
+        """Stop, then start on the same port and directory."""
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
