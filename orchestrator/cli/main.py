@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "orchestrator.cli.serve",
     "orchestrator.cli.registry",
     "orchestrator.cli.rollout",
+    "orchestrator.cli.labels",
     "orchestrator.cli.demo",
 ]
 
