@@ -9,12 +9,17 @@ given as a numpy array of shape (N, *input_shape) are sent as an npy body
 from __future__ import annotations
 
 import io
+import os
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import requests
 
 from serving.core import NPY_CONTENT_TYPE, USER_HEADER
+
+
+# serving.feedback_token_env's default: the variable a client reads its feedback token from.
+FEEDBACK_TOKEN_ENV = "GRACEFUL_FEEDBACK_TOKEN"
 
 
 class RouterError(RuntimeError):
@@ -29,13 +34,14 @@ class RouterError(RuntimeError):
 
 class RouterClient:
     """`RouterClient("http://127.0.0.1:8000", token, feedback_token=...)`; admin calls
-    need the admin token, feedback calls the feedback token."""
+    need the admin token, feedback calls the feedback token (by default the
+    `GRACEFUL_FEEDBACK_TOKEN` environment variable)."""
 
     def __init__(self, base_url: str, admin_token: Optional[str] = None, timeout_s: float = 10.0,
                  feedback_token: Optional[str] = None):
         self.base_url = base_url.rstrip("/")
         self.admin_token = admin_token
-        self.feedback_token = feedback_token
+        self.feedback_token = feedback_token or os.environ.get(FEEDBACK_TOKEN_ENV) or None
         self.timeout_s = timeout_s
         self._session = requests.Session()
 

@@ -7,6 +7,8 @@ Needs a connected Ray cluster (`ray.init`) in the calling process.
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -18,6 +20,9 @@ from serving.specs import ServingSpec
 from workers.checkpoint import CheckpointError, input_shape_of, load_model, model_file, read_checkpoint, sha256_file
 
 ROUTER_APP = "graceful"
+# Where a spec without `prediction_log_path` keeps its sqlite log (a run config sets it to
+# <run_dir>/predictions.sqlite; this is the default run_dir's).
+DEFAULT_LOG_PATH = "runs/default/predictions.sqlite"
 
 # Called by each router replica as it starts, with the attached generation names; returns
 # {"production": name, "weights": {name: share}, "shadows": [names]}. Serving defines the
@@ -124,6 +129,10 @@ def router_application(spec: ServingSpec, production: ModelRef, candidates: Sequ
         if shape != tuple(model.input_shape):
             raise CheckpointError(f"{ref.name}: takes inputs of shape {list(shape)}, production {production.name} "
                                   f"{list(model.input_shape)}; a candidate must take production's input shape")
+    if spec.prediction_log == "sqlite" and not spec.prediction_log_path:
+        # A bare spec (no run config to put it under run_dir): the run config's default
+        # run_dir, resolved here, in the caller's working directory, not in a replica's.
+        spec = spec.model_copy(update={"prediction_log_path": str(Path(DEFAULT_LOG_PATH).resolve())})
     router = serve.deployment(router_cls or Router).options(
         name="router", num_replicas=spec.router_replicas, max_ongoing_requests=1024,
         ray_actor_options={"num_cpus": spec.router_cpus})
@@ -135,7 +144,7 @@ def router_application(spec: ServingSpec, production: ModelRef, candidates: Sequ
         list(shadows) if shadows is not None else [c.name for c in candidates],
         gallery, admin_token, plan_source=plan_source,
         feedback_token=feedback_token if feedback_token is not None else spec.resolved_feedback_token(),
-        **router_kwargs)
+        deployment_id=uuid.uuid4().hex, **router_kwargs)
 
 
 def deploy_generation(ref: ModelRef, spec: ServingSpec, inject_fault: Optional[dict] = None) -> str:

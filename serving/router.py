@@ -101,7 +101,7 @@ class Router:
                  generations: dict[str, dict],
                  weights: dict[str, float], shadows: list[str], gallery: Optional[Gallery],
                  admin_token: Optional[str], plan_source: Optional[Callable[[list], dict]] = None,
-                 feedback_token: Optional[str] = None):
+                 feedback_token: Optional[str] = None, deployment_id: Optional[str] = None):
         self.spec = spec
         # Production's `model.input_shape`: every request's rows, and every attached generation.
         self.input_shape = as_shape(input_shape)
@@ -112,6 +112,10 @@ class Router:
         self.shadow_timeout_s = spec["shadow_timeout_s"]
         self.started = time.time()
         self.replica = f"{uuid.uuid4().hex[:12]}"
+        # Minted when the application is built (serving.deploy.router_application): every
+        # replica of one deployment, restarted or not, shares it. A log's state left by an
+        # earlier deployment (a previous `graceful serve` over the same run dir) is not ours.
+        self.deployment_id = deployment_id or uuid.uuid4().hex
         self.latency = Latencies(spec["latency_window"])
         self.log = open_log(ServingSpec.model_validate(spec))
         self.m = _make_metrics()
@@ -123,6 +127,8 @@ class Router:
         # Generations other replicas attached at run time (the shared log's state) join
         # the deployed ones, so this replica can take the plan that names them.
         version, shared = self.log.read_state()
+        if shared is not None and shared.get("deployment") != self.deployment_id:
+            shared = None
         for name, info in ((shared or {}).get("generations") or {}).items():
             if name not in self.gens:
                 try:
@@ -189,7 +195,7 @@ class Router:
         return entry
 
     def _state(self) -> dict:
-        return {**self.plan.as_dict(), "generations": {g: {k: e.get(k) for k in ("app", "sha256", "uri", "factory")}
+        return {**self.plan.as_dict(), "deployment": self.deployment_id, "generations": {g: {k: e.get(k) for k in ("app", "sha256", "uri", "factory")}
                                                        for g, e in self.gens.items()}}
 
     def _publish_state(self) -> None:
@@ -199,7 +205,7 @@ class Router:
     async def _sync_state(self) -> None:
         """Adopt a newer shared state (another replica's traffic change, attach or detach)."""
         version, doc = await asyncio.to_thread(self.log.read_state)
-        if version <= self._state_version or doc is None:
+        if version <= self._state_version or doc is None or doc.get("deployment") != self.deployment_id:
             return
         gens = dict(self.gens)
         for name in [g for g in gens if g not in doc["generations"]]:
@@ -456,12 +462,12 @@ class Router:
     async def predict(self, request: Request) -> Response:
         # Minted here, never taken from the client: labels join by this id only, so a
         # client cannot aim its labels at (or overwrite) another request's predictions.
-        rid = uuid.uuid4().hex
         self._ensure_loop()
         try:
             x, user, _ = await self._inputs(request)
         except BadRequest as e:
-            return self._error(e, rid, "predict")
+            return self._error(e, _request_id(), "predict")
+        rid = uuid.uuid4().hex
         plan = self.plan
         primary = plan.choose(user if user is not None else rid)
         mirrors = plan.mirrors(primary)

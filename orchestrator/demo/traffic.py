@@ -9,6 +9,7 @@ Request counts and time are bounded; only the given base URL is contacted.
 from __future__ import annotations
 
 import heapq
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import Optional
 
 import numpy as np
 import requests
+
+from serving.client import FEEDBACK_TOKEN_ENV
 
 
 @dataclass
@@ -51,6 +54,8 @@ class TrafficGenerator:
         self.label_fraction = label_fraction
         self.users = users
         self.timeout_s = timeout_s
+        # The router's feedback token: given, else the client's default variable.
+        feedback_token = feedback_token or os.environ.get(FEEDBACK_TOKEN_ENV)
         self._feedback_headers = {"Authorization": f"Bearer {feedback_token}"} if feedback_token else {}
         self._rng = np.random.default_rng(seed)
         self._rng_lock = threading.Lock()

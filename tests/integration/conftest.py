@@ -33,3 +33,13 @@ def local_ray(**system_config):
 def ray_session():
     """A local Ray cluster for the whole test module (start-up costs seconds on 2 cores)."""
     yield from local_ray()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def feedback_token():
+    """Routers started by these tests take their feedback token from the environment
+    (serving.feedback_token_env), and so do RouterClient and the traffic generator."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GRACEFUL_FEEDBACK_TOKEN", "integration-feedback-token")
+    yield "integration-feedback-token"
+    mp.undo()

@@ -59,7 +59,8 @@ def stack(ray_fast_metrics, tmp_path_factory):
                "metrics_port": 0,
                "steps": [{"weight": w, "bake_seconds": 1, "min_requests": 20, "min_labels": 40} for w in (0.3, 0.7)]}
     path, refs, ds = _write_run(tmp, rollout, shuffled=False)
-    spec = ServingSpec(port=free_port(), shadow_timeout_s=2.0, max_rows=64)
+    spec = ServingSpec(port=free_port(), shadow_timeout_s=2.0, max_rows=64,
+                       prediction_log_path=str(tmp / "predictions.sqlite"))
     url = deploy.start_serving(spec, refs["g0"], [refs["g1"]], admin_token=TOKEN)
 
     node = next(n for n in ray_fast_metrics.nodes() if n["Alive"])

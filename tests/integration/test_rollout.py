@@ -82,7 +82,8 @@ def served(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rollout")
     port = free_port()
     path, refs, ds = _write_run(tmp, {**ROLLOUT, "metrics_port": port})
-    spec = ServingSpec(port=free_port(), shadow_timeout_s=2.0, max_rows=64)
+    spec = ServingSpec(port=free_port(), shadow_timeout_s=2.0, max_rows=64,
+                       prediction_log_path=str(tmp / "predictions.sqlite"))
     url = deploy.start_serving(spec, refs["g0"], [refs["g1"], refs["g2"]], admin_token=TOKEN)
     yield {"url": url, "config": path, "ds": ds, "refs": refs, "metrics_port": port,
            "registry": tmp / "run" / "registry.sqlite"}

@@ -44,7 +44,7 @@ def served(ray_session, tmp_path_factory):
     g1 = _train(ds, 32, 1, 1.0, root / "g1")
     m0, _ = load_model(g0.uri, g0.sha256)
     emb, _ = predict(m0, ds.gallery.x)
-    spec = ServingSpec(port=free_port(), shadow_timeout_s=0.3, feedback_max_entries=5000,
+    spec = ServingSpec(port=free_port(), shadow_timeout_s=0.3, prediction_log_path=str(root / "predictions.sqlite"),
                        max_rows=64, max_body_bytes=64 * 1024, shadow_max_inflight=8)
     url = deploy.start_serving(spec, g0, [g1], gallery=Gallery("g0", emb, ds.gallery.y), admin_token=TOKEN)
     client = RouterClient(url, TOKEN)
@@ -90,9 +90,12 @@ def test_shadow_comparison_and_live_flips_match_offline(served):
     assert delta["production_correct"] == int(np.sum(p0 == y))
     assert delta["candidate_correct"] == int(np.sum(p1 == y))
     assert delta["negative_flips"] + delta["positive_flips"] > 0  # the models do differ
-    # A request is labelled once; a second label is an unknown id.
+    # A request is labelled once: a second label is a duplicate, ignored; an id never
+    # served is a 404.
+    again = client.feedback(rids[0], y[:4].tolist())
+    assert again["outcome"] == "duplicate" and _counters(client, "g1")["labelled"] == after["labelled"]
     with pytest.raises(RouterError) as e:
-        client.feedback(rids[0], y[:4].tolist())
+        client.feedback("never-served-id", y[:4].tolist())
     assert e.value.status == 404 and e.value.body["request_id"]
 
 
@@ -177,7 +180,11 @@ def test_fuzz_malformed_requests_get_4xx_json_and_server_keeps_serving(served):
         assert r.status_code == 404 and r.json()["request_id"]
     assert sent >= 200
     ok = requests.post(url + "/v1/predict", json={"inputs": ds.query.x[:2].tolist()}, timeout=10)
-    assert ok.status_code == 200 and ok.json()["request_id"] == ok.headers["x-request-id"]
+    # an answer's id is the router's own (labels join by it), never one the client chose
+    ok = requests.post(url + "/v1/predict", json={"inputs": ds.query.x[:2].tolist()},
+                       headers={"X-Request-ID": "chosen-by-client"}, timeout=10)
+    assert ok.status_code == 200 and len(ok.json()["request_id"]) == 32
+    assert ok.json()["request_id"] != "chosen-by-client"
 
 
 def test_search_finds_gallery_items_with_the_production_model(served):
@@ -247,7 +254,10 @@ def test_in_router_models_answer_like_the_deployments(served):
     from serving import deploy
 
     spec, ds = served["spec"], served["ds"]
-    url = deploy.start_serving(spec.model_copy(update={"in_router_models": True}), served["g0"], [served["g1"]],
+    # its own prediction log: routers sharing one would share their counters
+    local_spec = spec.model_copy(update={"in_router_models": True,
+                                         "prediction_log_path": str(served["root"] / "local.sqlite")})
+    url = deploy.start_serving(local_spec, served["g0"], [served["g1"]],
                                admin_token=TOKEN, app_name="local-router", route_prefix="/local")
     try:
         x = ds.query.x[:8].tolist()

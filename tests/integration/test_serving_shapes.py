@@ -52,7 +52,8 @@ def served(ray_session, tmp_path_factory):
     gx = _images(6, seed=9)
     with torch.no_grad():
         gallery = Gallery("g0", m0.embed(torch.from_numpy(gx)).numpy(), np.arange(6) % 3)
-    spec = ServingSpec(port=free_port(), max_rows=16, max_body_bytes=64 * 1024, shadow_timeout_s=2.0)
+    spec = ServingSpec(port=free_port(), max_rows=16, max_body_bytes=64 * 1024, shadow_timeout_s=2.0,
+                       prediction_log_path=str(root / "predictions.sqlite"))
     url = deploy.start_serving(spec, g0, [g1], gallery=gallery, admin_token=TOKEN)
     client = RouterClient(url, TOKEN)
     yield {"url": url, "client": client, "spec": spec, "g0": g0, "m0": m0, "m1": m1, "flat": flat, "gx": gx}

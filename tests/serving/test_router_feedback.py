@@ -38,11 +38,13 @@ def infos(tmp_path_factory):
     return out
 
 
-def _router(infos, log_path, **kw):
+def _router(infos, log_path, deployment_id="deployment-1", **kw):
+    """One replica of the router application `deployment_id` (replicas of one application
+    share the id serving.deploy.router_application mints)."""
     spec = ServingSpec(in_router_models=True, prediction_log="sqlite", prediction_log_path=str(log_path),
                        **kw).model_dump(mode="json")
     return _router_class()(spec, SHAPE, "g0", infos, {"g0": 1.0, "g1": 0.0}, ["g1"], None, ADMIN,
-                           feedback_token=FEEDBACK)
+                           feedback_token=FEEDBACK, deployment_id=deployment_id)
 
 
 def _x(n: int, seed: int = 0) -> bytes:
@@ -191,3 +193,18 @@ def test_a_restarted_router_continues_its_counters_and_joins_earlier_answers(inf
     assert c1["requests_shadow"] == c0["requests_shadow"] == 3 and c1["compared"] == c0["compared"] == 6
     assert c0["labelled"] == 0 and c1["labelled"] == 6
     second.log.close()
+
+
+def test_a_new_deployment_over_an_old_log_starts_from_its_own_plan(infos, tmp_path):
+    """The log keeps the traffic state of an earlier deployment (g1 at half the traffic);
+    a router of a new deployment over the same file starts with the plan it was deployed
+    with, and does not follow the old one's changes."""
+    path = tmp_path / "log.sqlite"
+    old = _router(infos, path, deployment_id="old")
+    old.set_traffic({"g0": 0.5, "g1": 0.5}, shadows=[])
+    new = _router(infos, path, deployment_id="new")
+    old.set_traffic({"g0": 0.2, "g1": 0.8}, shadows=[])
+    asyncio.run(new._tick_state())
+    assert new.plan.weights == {"g0": 1.0, "g1": 0.0} and new.plan.shadows == ("g1",)
+    for r in (old, new):
+        r.log.close()
