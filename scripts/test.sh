@@ -4,7 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh || exit 1
-bash scripts/install-system.sh || exit 1   # fails only under CI=true, when prometheus/promtool/amtool are missing
+bash scripts/install-system.sh || exit 1   # fails only under CI=true, when prometheus/promtool/amtool/redis-server are missing
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
