@@ -70,7 +70,13 @@ def ensure_registered(cfg: Any, reg: Registry, name: str, actor: str) -> Generat
     trained but never registered. A registered generation is never re-read from the run
     dir: its recorded sha256 is what every later load is checked against."""
     rec = reg.generation(name)
-    return rec if rec is not None else register_trained(cfg, name, actor=actor, registry=reg)
+    if rec is not None:
+        return rec
+    if name != cfg.generations[0].name:
+        # The chain's first generation bootstraps production, whichever generation is asked
+        # for first (the RayService builders of g0 and g1 run at the same time).
+        production_of(cfg, reg)
+    return register_trained(cfg, name, actor=actor, registry=reg)
 
 
 def production_of(cfg: Any, reg: Registry) -> Optional[GenerationRecord]:

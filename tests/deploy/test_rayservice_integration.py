@@ -83,7 +83,7 @@ def test_rayservice_serve_config_deploys_and_serves(tmp_path, ray_with_token):
     assert st["production"] == "g0" and st["candidates"] == ["g1"] and st["shadows"] == ["g1"]
     x = load_dataset(DataSpec(**DATA)).test.x[:3].tolist()
     r = router.predict(x)
-    assert r["generation"] == "g0" and len(r["predictions"]) == 3
+    assert r["generation"] == "g0" and len(r["predictions"]) == 3, (r, router.status())
     assert router.search(x[:1], k=2)["gallery_generation"] == "g0"
     # The admin token reached the router from the environment; the candidate app answers.
     router.set_traffic({"g0": 0.0, "g1": 1.0}, shadows=[])
