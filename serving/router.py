@@ -29,9 +29,9 @@ from ray import serve
 from ray.serve import metrics as serve_metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.core import (USER_HEADER, BadRequest, GenerationCounters, Latencies, TrafficPlan, as_shape, fuse, is_npy, merge_latency,
-                          parse_feedback, parse_feedback_batch, parse_inputs, parse_json_object, parse_npy,
-                          parse_user_id)
+from serving.core import (USER_HEADER, BadRequest, GenerationCounters, Latencies, TrafficPlan, as_shape, fuse, is_npy,
+                          merge_latency, parse_feedback, parse_feedback_batch, parse_inputs, parse_json_object,
+                          parse_npy, parse_user_id)
 from serving.local import LocalGeneration
 from serving.metric_names import DEFINED, LATENCY_BUCKETS_MS, LOG_GAUGE_COUNTERS
 from serving.predlog import JoinOutcome, open_log
@@ -52,6 +52,9 @@ STATE_POLL_S, HEARTBEAT_S, GAUGES_S = 1.0, 2.0, 5.0
 REPLICA_STALE_S = 15.0
 # An answer waits this long at most for its log row's commit (prediction_log_sync).
 LOG_WAIT_S = 5.0
+# What the shared state records of each generation: enough for another replica to reach
+# it (its app) or load it (its checkpoint).
+_GEN_FIELDS = ("app", "sha256", "uri", "factory")
 
 
 def _request_id() -> str:
@@ -111,7 +114,7 @@ class Router:
         self.fusion_weight = spec.get("fusion_weight")
         self.shadow_timeout_s = spec["shadow_timeout_s"]
         self.started = time.time()
-        self.replica = f"{uuid.uuid4().hex[:12]}"
+        self.replica = uuid.uuid4().hex[:12]
         # Minted when the application is built (serving.deploy.router_application): every
         # replica of one deployment, restarted or not, shares it. A log's state left by an
         # earlier deployment (a previous `graceful serve` over the same run dir) is not ours.
@@ -189,14 +192,14 @@ class Router:
     @staticmethod
     def _entry(name: str, info: dict) -> dict:
         """A generation as this replica calls it: its app's handle, or the model loaded here."""
-        entry = {k: info.get(k) for k in ("app", "sha256", "uri", "factory")}
+        entry = {k: info.get(k) for k in _GEN_FIELDS}
         entry["handle"] = (serve.get_app_handle(info["app"]) if info.get("app") else
                            LocalGeneration(ModelRef(name, info["uri"], info["sha256"], info.get("factory"))))
         return entry
 
     def _state(self) -> dict:
-        return {**self.plan.as_dict(), "deployment": self.deployment_id, "generations": {g: {k: e.get(k) for k in ("app", "sha256", "uri", "factory")}
-                                                       for g, e in self.gens.items()}}
+        return {**self.plan.as_dict(), "deployment": self.deployment_id,
+                "generations": {g: {k: e.get(k) for k in _GEN_FIELDS} for g, e in self.gens.items()}}
 
     def _publish_state(self) -> None:
         """Store this replica's plan and generations as the new shared state."""
@@ -460,13 +463,13 @@ class Router:
 
     @app.post("/v1/predict")
     async def predict(self, request: Request) -> Response:
-        # Minted here, never taken from the client: labels join by this id only, so a
-        # client cannot aim its labels at (or overwrite) another request's predictions.
         self._ensure_loop()
         try:
             x, user, _ = await self._inputs(request)
         except BadRequest as e:
             return self._error(e, _request_id(), "predict")
+        # Minted here, never taken from the client: labels join by this id only, so a
+        # client cannot aim its labels at (or overwrite) another request's predictions.
         rid = uuid.uuid4().hex
         plan = self.plan
         primary = plan.choose(user if user is not None else rid)
@@ -743,7 +746,6 @@ class Router:
         rid = _request_id()
         try:
             self._check_token(request, self.admin_token, "admin")
-            await self._tick_state()
             result = await action()
         except BadRequest as e:
             return self._error(e, rid, route)
@@ -760,6 +762,7 @@ class Router:
                 raise BadRequest("shadows: must be a list of generation names")
             if production is not None and not isinstance(production, str):
                 raise BadRequest("production: must be a generation name")
+            await self._tick_state()  # change the newest plan, not this replica's older copy
             return self.set_traffic(weights, shadows, production)
         return await self._admin(request, "admin_traffic", act)
 

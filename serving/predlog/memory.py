@@ -17,9 +17,10 @@ from typing import Any, Optional
 from serving.predlog.base import (JoinResult, PredictionLog, Stored, Tally, decode_pred, encode_pred, join_increments,
                                   judge, split_counters)
 
-# What one logged request costs besides its prediction bytes and id: the entry's list, its
-# dict, the dict's keys and the OrderedDict's node (measured with tracemalloc on CPython
-# 3.11: about 600 bytes for a request with two generations).
+# What one logged request is counted to cost besides its prediction bytes and id: the
+# entry's list, its dict, the dict's keys and the OrderedDict's node. An overestimate, so
+# the cap binds before the real bytes reach it: tracemalloc on CPython 3.11 measured 618
+# bytes for a request with two 4-row predictions, which these constants count as 904.
 ENTRY_OVERHEAD = 600
 PRED_OVERHEAD = 120
 

@@ -114,6 +114,13 @@ class SqliteLog(BatchedLog):
         pages = c.execute("PRAGMA page_count").fetchone()[0] - c.execute("PRAGMA freelist_count").fetchone()[0]
         return pages * c.execute("PRAGMA page_size").fetchone()[0]
 
+    @staticmethod
+    def _span(c: sqlite3.Connection) -> tuple[Optional[int], int]:
+        """(first id, number of requests) without a scan: ids are given in insertion order
+        and only ever deleted from the front (retention), so the kept ones are contiguous."""
+        lo, hi = c.execute("SELECT min(id), max(id) FROM requests").fetchone()
+        return lo, 0 if lo is None else hi - lo + 1
+
     def _delete_upto(self, c: sqlite3.Connection, last_id: int) -> int:
         c.execute("DELETE FROM preds WHERE req <= ?", (last_id,))
         return c.execute("DELETE FROM requests WHERE id <= ?", (last_id,)).rowcount
@@ -131,13 +138,11 @@ class SqliteLog(BatchedLog):
             if self._used_bytes(c) <= self.max_bytes:
                 break
             with _Tx(c):
-                n = c.execute("SELECT count(*) FROM requests").fetchone()[0]
+                lo, n = self._span(c)
                 if n == 0:
                     break
                 # a tenth of the requests per step: a few steps reach the cap from any size
-                row = c.execute("SELECT id FROM requests ORDER BY id LIMIT 1 OFFSET ?",
-                                (max(1, n // 10) - 1,)).fetchone()
-                out["bytes"] += self._delete_upto(c, row[0])
+                out["bytes"] += self._delete_upto(c, lo + max(1, n // 10) - 1)
         return out
 
     # --- joins -------------------------------------------------------------------------
@@ -180,7 +185,7 @@ class SqliteLog(BatchedLog):
 
     def describe(self) -> dict[str, Any]:
         with self._rlock:
-            n = self._r.execute("SELECT count(*) FROM requests").fetchone()[0]
+            _, n = self._span(self._r)
             used = self._used_bytes(self._r)
         try:
             on_disk = sum(os.path.getsize(self.path + s) for s in ("", "-wal") if os.path.exists(self.path + s))
