@@ -122,7 +122,8 @@ class Router:
         self.latency = Latencies(spec["latency_window"])
         self.log = open_log(ServingSpec.model_validate(spec))
         self.m = _make_metrics()
-        self.health = {"loop_errors": 0, "state_errors": 0, "log_waits_timed_out": 0, "log_rows_lost": 0}
+        self.health = {"loop_errors": 0, "state_errors": 0, "log_errors": 0, "log_waits_timed_out": 0,
+                       "log_rows_lost": 0}
         self.state_error: Optional[str] = None
         self.gens: dict[str, dict] = {}  # name -> {"app", "sha256", "uri", "factory", "handle"}
         for name, info in generations.items():
@@ -452,7 +453,9 @@ class Router:
             ok = fut.result()
         else:
             try:
-                ok = await asyncio.wait_for(asyncio.wrap_future(fut), LOG_WAIT_S)
+                # shielded: a timeout must not cancel the batch's future, which every
+                # request of the batch shares and the writer thread resolves
+                ok = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), LOG_WAIT_S)
             except asyncio.TimeoutError:
                 self.health["log_waits_timed_out"] += 1
                 return
@@ -528,6 +531,16 @@ class Router:
                 if f.positive_flips:
                     self.m["graceful_positive_flips"].inc(f.positive_flips, tags=tags)
 
+    async def _join(self, items):
+        try:
+            return await asyncio.to_thread(self.log.join, items)
+        except Exception as e:
+            # The store is down (a restart, a failover): nothing was joined, so the
+            # sender can send the same labels again.
+            self.health["log_errors"] += 1
+            raise BadRequest(f"prediction log unavailable, nothing joined; retry: {type(e).__name__}: {e}",
+                             status=503) from None
+
     @app.post("/v1/feedback")
     async def feedback(self, request: Request) -> Response:
         """Labels of one answered request: 404 when its id was never served (or is past the
@@ -537,7 +550,7 @@ class Router:
         try:
             self._check_token(request, self.feedback_token, "feedback")
             target, labels = parse_feedback(await self._json_body(request))
-            [res] = await asyncio.to_thread(self.log.join, [(target, labels)])
+            [res] = await self._join([(target, labels)])
             self._count_joins([res])
             if res.outcome is JoinOutcome.UNKNOWN:
                 raise BadRequest(f"{res.detail} ({target!r})", status=404)
@@ -558,7 +571,7 @@ class Router:
         try:
             self._check_token(request, self.feedback_token, "feedback")
             items = parse_feedback_batch(await self._json_body(request), self.spec["feedback_max_items"])
-            results = await asyncio.to_thread(self.log.join, items)
+            results = await self._join(items)
         except BadRequest as e:
             return self._error(e, rid, "feedback")
         self._count_joins(results)
@@ -663,7 +676,13 @@ class Router:
     async def http_status(self) -> Response:
         self._ensure_loop()
         await self._tick_state()
-        return _json({"request_id": _request_id(), **(await asyncio.to_thread(self.status, self._report()))})
+        try:
+            doc = await asyncio.to_thread(self.status, self._report())
+        except Exception as e:  # the log is down: no counters to report, and no guess
+            self.health["log_errors"] += 1
+            return _json({"error": f"prediction log unavailable: {type(e).__name__}: {e}",
+                          "request_id": _request_id()}, 503)
+        return _json({"request_id": _request_id(), **doc})
 
     # --- admin -----------------------------------------------------------------------
 

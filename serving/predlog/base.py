@@ -21,6 +21,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -36,6 +37,11 @@ log = logging.getLogger("graceful.predlog")
 FEEDBACK_SCOPE = "~feedback"
 # Predictions are stored as little-endian int32 class ids, one per row.
 PRED_DTYPE = np.dtype("<i4")
+
+
+# A join waits this long for the replica's own queued rows (a store that is down does
+# not hold a label sender for longer; the join then fails or finds them missing).
+JOIN_FLUSH_S = 5.0
 
 
 class JoinOutcome(str, Enum):
@@ -244,9 +250,21 @@ class _Batch:
     late: list = field(default_factory=list)       # (rid, gen, sha, blob)
     tally: Tally = field(default_factory=Tally)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    # Names the batch to the store, so that a retry after an ambiguous failure (the
+    # connection lost after the commit was sent) can tell whether it already landed.
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    attempts: int = 0
 
     def __len__(self) -> int:
         return len(self.requests) + len(self.late)
+
+
+def _resolve(fut: concurrent.futures.Future, ok: bool) -> None:
+    """Resolve a batch's future unless a waiter cancelled it: the writer thread goes on."""
+    try:
+        fut.set_result(ok)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 class BatchedLog(PredictionLog):
@@ -255,17 +273,20 @@ class BatchedLog(PredictionLog):
     The writer takes everything queued while its last commit ran and writes it in one
     transaction (`_write`); every `record` of that batch shares its future. Beyond
     `max_pending` queued rows new ones are dropped and counted: a store that stalls
-    costs logged rows, never the router's memory. A failed commit is retried
-    `retries` times, then its rows are dropped and counted (`write_errors`); the writer
-    keeps going. Retention runs in the same thread every `prune_interval_s`.
+    costs logged rows, never the router's memory. A failed commit is retried with
+    backoff for up to `retry_s` (a store restarting, a failover): rows queued meanwhile
+    wait behind it. Past that its rows are dropped and counted (`write_errors`), and
+    the writer goes on with the next batch. Retention runs in the same thread every
+    `prune_interval_s`.
     """
 
     def __init__(self, retention_s: float, max_bytes: int, max_pending: int = 100_000,
-                 prune_interval_s: float = 5.0, retries: int = 2):
+                 prune_interval_s: float = 5.0, retry_s: float = 30.0):
         super().__init__(retention_s, max_bytes)
         self.max_pending = max_pending
         self.prune_interval_s = prune_interval_s
-        self.retries = retries
+        self.retry_s = retry_s
+        self.retried = 0
         self._cond = threading.Condition()
         self._batch = _Batch()
         self._inflight: Optional[_Batch] = None
@@ -364,26 +385,35 @@ class BatchedLog(PredictionLog):
                     log.warning("prediction log (%s): %s", self.kind, self.last_error)
 
     def _commit(self, batch: _Batch) -> None:
-        for attempt in range(self.retries + 1):
+        deadline = time.monotonic() + self.retry_s
+        delay = 0.05
+        while True:
+            batch.attempts += 1
             try:
                 self._write(batch)
             except Exception as e:
                 self.last_error = f"{type(e).__name__}: {e}"
-                if attempt < self.retries:
-                    time.sleep(0.05 * (attempt + 1))
+                # A closed log stops retrying: close() must not hang on a dead store.
+                if time.monotonic() + delay <= deadline and not self._closed:
+                    if batch.attempts == 1:
+                        log.warning("prediction log (%s): write failed, retrying for up to %.0f s: %s",
+                                    self.kind, self.retry_s, self.last_error)
+                    self.retried += 1
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
                     continue
                 self.write_errors += 1
                 self.dropped += len(batch.requests)
-                log.error("prediction log (%s): a batch of %d requests was lost: %s", self.kind,
-                          len(batch.requests), self.last_error)
-                batch.future.set_result(False)
+                log.error("prediction log (%s): a batch of %d requests was lost after %d attempts: %s",
+                          self.kind, len(batch.requests), batch.attempts, self.last_error)
+                _resolve(batch.future, False)
                 return
             self.batches += 1
-            batch.future.set_result(True)
+            _resolve(batch.future, True)
             return
 
     def _health(self) -> dict[str, Any]:
         with self._cond:
             pending = len(self._batch)
         return {"pending": pending, "dropped": self.dropped, "write_errors": self.write_errors,
-                "batches": self.batches, "pruned": dict(self.pruned), "last_error": self.last_error}
+                "retried": self.retried, "batches": self.batches, "pruned": dict(self.pruned), "last_error": self.last_error}

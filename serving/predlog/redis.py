@@ -12,6 +12,7 @@ Keys (`P` is the prefix):
     P:scopes       set   the scopes written, so reads never need KEYS or SCAN
     P:meta         hash  epoch, logged, state (JSON), state_version
     P:replicas     hash  replica id -> JSON {"t": time, "doc": report}
+    P:batch:{id}   string  a writer batch that committed (expires after BATCH_MARK_S)
 
 Retention is Redis's own: by age, every request key expires `retention_s` after it was
 written (rounded up to whole seconds; `judge` still calls older requests unknown); by
@@ -22,8 +23,9 @@ the shared state; an `allkeys-*` policy could evict those and is warned about. N
 is pruned here, so `pruned` stays 0.
 
 Writes that must not overwrite, and the mark of a join, are Lua scripts (atomic on the
-server); a batch of the writer thread is one MULTI/EXEC round trip, so a failed batch
-is retried whole without adding its counters twice.
+server); a batch of the writer thread is one MULTI/EXEC round trip that also sets a
+marker key `P:batch:{id}` (kept an hour), so a batch retried after its connection broke
+mid-commit is skipped if it had landed, and never adds its counters twice.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from serving.predlog.base import (BatchedLog, JoinOutcome, JoinResult, Stored, Tally, _Batch, decode_pred,
-                                  join_increments, judge, split_counters)
+from serving.predlog.base import (JOIN_FLUSH_S, BatchedLog, JoinOutcome, JoinResult, Stored, Tally, _Batch,
+                                  decode_pred, join_increments, judge, split_counters)
 
 log = logging.getLogger("graceful.predlog")
 
@@ -89,6 +91,8 @@ return redis.call('HINCRBY', KEYS[1], 'state_version', 1)
 """
 
 _MARKED = (JoinOutcome.JOINED, JoinOutcome.PARTIAL)
+# How long a committed batch's marker is kept: far longer than any retry window.
+BATCH_MARK_S = 3600
 
 
 class LogStoreError(RuntimeError):
@@ -190,7 +194,14 @@ class RedisLog(BatchedLog):
 
     # --- writer thread -----------------------------------------------------------------
     def _write(self, batch: _Batch) -> None:
-        cmds: list[tuple] = []
+        mark = f"{self.prefix}:batch:{batch.id}"
+        if batch.attempts > 1:
+            # Retrying: the last try may have committed before its connection broke, and
+            # a restarted server has no scripts loaded.
+            if self._r.exists(mark):
+                return
+            self._load_scripts()
+        cmds: list[tuple] = [("SET", mark, 1, "EX", BATCH_MARK_S)]
         for rid, t, prod, rows, preds in batch.requests:
             fields: list[Any] = []
             for g, sha, blob in preds:
@@ -224,7 +235,8 @@ class RedisLog(BatchedLog):
         return Stored(float(f[b"t"]), f[b"prod"].decode(), int(f[b"rows"]), f.get(b"lab") == b"1", preds)
 
     def join(self, items):
-        self.flush()  # this replica's queued rows first: a label may follow its answer at once
+        # this replica's queued rows first: a label may follow its answer at once
+        self.flush(JOIN_FLUSH_S)
         now = time.time()
         # One script per item, in order: a request id repeated in `items` finds the mark
         # of its first place and is a duplicate.

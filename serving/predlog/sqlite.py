@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from serving.predlog.base import BatchedLog, JoinResult, Stored, Tally, decode_pred, join_increments, judge, split_counters
+from serving.predlog.base import (JOIN_FLUSH_S, BatchedLog, JoinResult, Stored, Tally, decode_pred, join_increments,
+                                  judge, split_counters)
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -161,7 +162,8 @@ class SqliteLog(BatchedLog):
         return out
 
     def join(self, items):
-        self.flush()  # this replica's queued rows first: a label may follow its answer at once
+        # this replica's queued rows first: a label may follow its answer at once
+        self.flush(JOIN_FLUSH_S)
         now = time.time()
         results, marked, tally = [], [], Tally()
         with self._rlock, _Tx(self._r):

@@ -16,6 +16,7 @@ import torch
 
 from serving.refs import ModelRef
 from serving.specs import ServingSpec
+from tests.redis_server import RedisServer
 from tests.serving.test_router import _post, _router_class
 from workers.checkpoint import BUILTIN, save_model
 from workers.models import build_model
@@ -41,8 +42,8 @@ def infos(tmp_path_factory):
 def _router(infos, log_path, deployment_id="deployment-1", **kw):
     """One replica of the router application `deployment_id` (replicas of one application
     share the id serving.deploy.router_application mints)."""
-    spec = ServingSpec(in_router_models=True, prediction_log="sqlite", prediction_log_path=str(log_path),
-                       **kw).model_dump(mode="json")
+    kw = {"prediction_log": "sqlite", "prediction_log_path": str(log_path), **kw}
+    spec = ServingSpec(in_router_models=True, **kw).model_dump(mode="json")
     return _router_class()(spec, SHAPE, "g0", infos, {"g0": 1.0, "g1": 0.0}, ["g1"], None, ADMIN,
                            feedback_token=FEEDBACK, deployment_id=deployment_id)
 
@@ -208,3 +209,36 @@ def test_a_new_deployment_over_an_old_log_starts_from_its_own_plan(infos, tmp_pa
     assert new.plan.weights == {"g0": 1.0, "g1": 0.0} and new.plan.shadows == ("g1",)
     for r in (old, new):
         r.log.close()
+
+
+def test_through_a_redis_restart_answers_go_on_and_their_labels_join_after_it(infos, tmp_path):
+    """Redis (persistence on) stops under the router: a prediction is still answered (its
+    row waits in the writer's retries; the answer after LOG_WAIT_S), labels and status are
+    503s naming the log and join nothing; once Redis is back that row lands and its labels
+    join, with the counters of before the stop."""
+    with RedisServer(persistence=True, directory=tmp_path / "redis") as server:
+        r = _router(infos, None, prediction_log="redis", redis_url=server.url)
+
+        async def run():
+            [before] = await _answered(r, 1)
+            server.stop()
+            during = await _post(r.predict, "/v1/predict", _x(2, 7))
+            label = await _post(r.feedback, "/v1/feedback", _fb(during[1]["request_id"], [0, 0]), headers=AUTH)
+            status = await r.http_status()
+            server.start()
+            assert r.log.flush(30)
+            after = [await _post(r.feedback, "/v1/feedback", _fb(x["request_id"], x["predictions"]), headers=AUTH)
+                     for x in (before, during[1])]
+            return during, label, status, after
+
+        try:
+            (s_during, _), (s_label, b_label), status, after = asyncio.run(run())
+            assert s_during == 200 and r.health["log_waits_timed_out"] == 1
+            assert s_label == 503 and "prediction log unavailable" in b_label["error"]
+            assert status.status_code == 503 and "prediction log unavailable" in json.loads(status.body)["error"]
+            assert [(s, b["outcome"]) for s, b in after] == [(200, "joined"), (200, "joined")]
+            c = r.status()["generations"]["g1"]["counters"]
+            assert c["requests_shadow"] == 2 and c["labelled"] == 4
+            assert r.log.write_errors == 0 and r.log.dropped == 0
+        finally:
+            r.log.close()

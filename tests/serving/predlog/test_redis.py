@@ -230,6 +230,56 @@ def test_with_persistence_an_acknowledged_record_survives_a_server_kill(tmp_path
             lg.close()
 
 
+def test_records_written_while_the_server_is_down_land_once_it_is_back(tmp_path):
+    with RedisServer(persistence=True, directory=tmp_path / "redis") as server:
+        lg = RedisLog(server.url, DAY, 64 * MB, retry_s=30.0)
+        try:
+            lg.record("r1", "g0", preds()).result(10)
+            server.stop()
+            # Queued and retried by the writer thread while nothing answers.
+            pending = [lg.record(f"down{i}", "g0", preds()) for i in range(5)]
+            lg.count("g1", requests_shadow=5)
+            wait_for(lambda: lg.retried > 0, timeout_s=10)
+            server.start()
+            assert all(f.result(30) is True for f in pending)
+            assert lg.write_errors == 0 and lg.dropped == 0
+            results = lg.join([(f"down{i}", [1, 2]) for i in range(5)])
+            assert {r.outcome for r in results} == {JoinOutcome.JOINED}
+            assert lg.counters()[0]["g1"]["requests_shadow"] == 5
+        finally:
+            lg.close()
+
+
+def test_a_batch_retried_after_its_commit_landed_is_not_written_twice(open_logs):
+    lg = open_logs()
+    send = lg._send
+    broken = {"once": True}
+
+    def commit_then_lose_the_reply(cmds, transaction):
+        replies = send(cmds, transaction)
+        if transaction and broken.pop("once", False):
+            raise redis.ConnectionError("connection lost after EXEC")  # as a dropped socket would
+        return replies
+
+    lg._send = commit_then_lose_the_reply
+    lg.count("g1", requests_shadow=3)
+    assert lg.record("r1", "g0", preds()).result(10) is True
+    assert lg.retried == 1 and lg.write_errors == 0
+    gens, _ = lg.counters()
+    assert gens["g1"]["requests_shadow"] == 3      # once, not 6
+    assert lg.describe()["requests"] == 1
+
+
+def test_a_store_down_for_longer_than_the_retry_window_drops_the_batch_and_counts_it(redis_server):
+    lg = RedisLog(redis_server.url, DAY, 64 * MB, retry_s=0.5)
+    try:
+        redis_server.kill()
+        assert lg.record("r1", "g0", preds()).result(30) is False
+        assert lg.write_errors == 1 and lg.dropped == 1 and "Connection" in lg.last_error
+    finally:
+        lg.close()
+
+
 def test_without_persistence_a_restart_loses_the_data_and_every_log_reads_a_new_epoch(redis_server):
     lg = RedisLog(redis_server.url, DAY, 64 * MB)
     try:

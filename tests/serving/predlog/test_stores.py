@@ -3,6 +3,7 @@ a real redis-server), and the pure join rule they share."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -12,6 +13,7 @@ from serving.core import FlipCounts
 from serving.predlog.base import JoinOutcome, Stored, join_increments, judge
 from serving.predlog.memory import MemoryLog
 from serving.predlog.sqlite import SqliteLog
+from tests.helpers import wait_for
 
 SHA0, SHA1 = "0" * 64, "1" * 64
 DAY = 86400.0
@@ -148,3 +150,22 @@ def test_the_byte_cap_drops_the_oldest_requests(open_store):
     assert d["bytes"] <= 1 << 16 and d["pruned"]["bytes"] > 0 and 0 < d["requests"] < 3000
     res = log.join([("r0", list(range(8))), ("r2999", list(range(8)))])
     assert [r.outcome.value for r in res] == ["unknown", "partial"]  # no candidate: partial
+
+
+def test_a_waiter_cancelling_its_batch_future_does_not_stop_the_writer(tmp_path):
+    """A request that stops waiting for its row (the router's bounded wait) may cancel the
+    future its whole batch shares; the writer thread must still commit it and the next."""
+    log = SqliteLog(tmp_path / "log.sqlite", DAY, 1 << 30)
+    release = threading.Event()
+    write = log._write
+    log._write = lambda batch: (release.wait(10), write(batch))
+    try:
+        first = log.record("r1", "g0", {"g0": (SHA0, np.array([1, 2]))})
+        wait_for(lambda: log._inflight is not None)  # the writer holds r1's batch
+        assert first.cancel()
+        release.set()
+        assert log.record("r2", "g0", {"g0": (SHA0, np.array([1, 2]))}).result(10) is True
+        # both logged (production only, so "partial": no candidate to compare)
+        assert [r.outcome for r in log.join([("r1", [1, 2]), ("r2", [1, 2])])] == [JoinOutcome.PARTIAL] * 2
+    finally:
+        log.close()
