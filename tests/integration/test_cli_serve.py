@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import requests
 import yaml
 
@@ -20,7 +21,7 @@ from workers.data import load_dataset
 from workers.models import build_model
 from workers.specs import ArchSpec, DataSpec, TrainSpec
 from workers.training import fit
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,25 +42,40 @@ def _write_run(tmp: Path) -> Path:
     return path
 
 
-def test_graceful_serve_runs_and_stops_cleanly(tmp_path):
-    cfg = _write_run(tmp_path)
-    port = free_port()
+def _serve(cfg: Path, port: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`graceful serve CONFIG` in its own local Ray, once its /healthz answers."""
     env = {**os.environ, "GRACEFUL_ADMIN_TOKEN": "cli-admin-token-1"}
     env.pop("RAY_ADDRESS", None)  # its own local Ray, not a cluster the test session may know
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(cfg), "--candidate", "g1",
-                             "--port", str(port), "--duration", "240", "--json"],
+                             "--port", str(port), "--duration", "240", *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/healthz", timeout=2).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"graceful serve exited early ({proc.returncode})")
+        time.sleep(1)
+    proc.kill()
+    raise AssertionError("graceful serve did not answer /healthz in 150 s")
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0
+    return out
+
+
+def test_graceful_serve_runs_and_stops_cleanly(tmp_path):
+    cfg = _write_run(tmp_path)
+    port = free_port()
+    proc, url = _serve(cfg, port, "--json")
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert proc.poll() is None, "graceful serve exited early"
-            time.sleep(1)
         client = RouterClient(url, "cli-admin-token-1")
         st = client.status()
         assert st["production"] == "g0" and st["shadows"] == ["g1"]
@@ -74,9 +90,45 @@ def test_graceful_serve_runs_and_stops_cleanly(tmp_path):
         except RouterError as e:
             assert e.status == 403
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=90)
-    assert proc.returncode == 0
+        out = _stop(proc)
     info = json.loads(out[out.index("{"):out.rindex("}") + 1])
     assert info["url"] == url and info["candidates"] == ["g1"] and info["admin"] is True
     assert "127.0.0.1" in info["url"]
+
+
+def test_labels_for_answers_before_a_serve_restart_join_after_it(tmp_path):
+    """The sqlite log under run_dir outlives `graceful serve`: 6 requests answered, the
+    server stopped and started again; 3 of them labelled over /v1/feedback, the other 3
+    (and an id never served) by `graceful labels import` while it runs; all 6 join, the
+    counters went on from the first run's, in the same epoch."""
+    cfg = _write_run(tmp_path)
+    x = np.random.default_rng(0).random((6, 2, 64)).round(3)
+    proc, url = _serve(cfg, free_port())
+    try:
+        client = RouterClient(url, "cli-admin-token-1")
+        answers = [client.predict(xi.tolist()) for xi in x]
+        # the shadow copies are compared after the answers: wait until all 6 are counted
+        before = wait_for(lambda: (st := client.status())["generations"]["g1"]["counters"]["compared"] == 12
+                          and st, timeout_s=30)
+    finally:
+        _stop(proc)
+    proc, url = _serve(cfg, free_port())
+    try:
+        client = RouterClient(url, "cli-admin-token-1")
+        joined = [client.feedback(a["request_id"], a["predictions"])["outcome"] for a in answers[:3]]
+        labels = tmp_path / "labels.jsonl"
+        labels.write_text("".join(json.dumps({"request_id": a["request_id"], "labels": a["predictions"]}) + "\n"
+                                  for a in answers[3:]) + json.dumps({"request_id": "never-served", "labels": [1]}) + "\n")
+        imp = subprocess.run([sys.executable, "-m", "orchestrator.cli", "labels", "import", str(cfg), str(labels),
+                              "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        after = client.status()
+    finally:
+        _stop(proc)
+    assert joined == ["joined"] * 3
+    assert imp.returncode == 0, imp.stderr
+    summary = json.loads(imp.stdout)
+    assert summary["joined"] == 3 and summary["outcomes"]["unknown"] == 1
+    assert after["counters_epoch"] == before["counters_epoch"]
+    c0, c1 = before["generations"]["g1"]["counters"], after["generations"]["g1"]["counters"]
+    assert c1["requests_shadow"] == c0["requests_shadow"] == 6
+    assert c0["labelled"] == 0 and c1["labelled"] == 12
