@@ -1,15 +1,21 @@
-"""What the router costs: the same HTTP load against four set-ups, side by side, in one run.
+"""What the router costs: the same HTTP load against nine set-ups, side by side, in one run.
 
 (a) plain: the model as one Ray Serve deployment over HTTP (batched like ours);
 (b) composition: an ingress forwarding to the model through a deployment handle, nothing
     else (Ray Serve's model-composition pattern);
-(c) router: our router, every feature on (split, feedback store, counters, Ray metrics,
-    latency windows), no shadow;
+(c) router: our router, every feature on (split, prediction log, counters, Ray metrics,
+    latency windows), no shadow, the `memory` prediction log;
 (d) router_shadow: the same with one shadow generation;
 (e) router_local: our router with the model inside the router replica
-    (serving.in_router_models: no handle hop), to compare with (a).
+    (serving.in_router_models: no handle hop), to compare with (a); memory log;
+(f) router_local_shadow: the same with the shadow inside the router replica too;
+(g) router_sqlite: (c) with the `sqlite` log (the default: a WAL file, each answer
+    waits for its row's group commit, serving.prediction_log_sync);
+(h) router_redis: (c) with the `redis` log on a local redis-server (no persistence);
+(i) router_2replicas: (g) with two router replicas sharing the file.
 Saturated (concurrency 8) and idle (concurrency 1); batch of 4 rows per request. The
 set-ups run in interleaved rounds so that drift on the shared machine hits all alike.
+The routers of (c), (g), (h), (i) call the same model replica through its handle.
 
 Then (faulty_shadow) what a broken shadow costs the primary: a router set up as in
 tests/integration/test_serving.py (shadow timeout 0.3 s, at most 8 shadows in flight), idle
@@ -39,7 +45,11 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SETUPS = ("plain", "composition", "router", "router_shadow", "router_local")
+SETUPS = ("plain", "composition", "router", "router_shadow", "router_local", "router_local_shadow",
+          "router_sqlite", "router_redis", "router_2replicas")
+# Set-ups served by one router with its shadow off or on: (router, shadowed set-up).
+TOGGLED = {"router": "main", "router_shadow": "main", "router_local": "local", "router_local_shadow": "local"}
+SHADOWED = {"router_shadow", "router_local_shadow"}
 MODES = {"saturated": 8, "idle": 1}
 FAULTS = {"error": {"error": True}, "timeout": {"delay_s": 0.6}}
 
@@ -146,7 +156,8 @@ def _faulty_shadow(ds, g0, g1, token: str, blocks: int, per_block: int) -> dict:
     from serving.refs import ModelRef
     from serving.specs import ServingSpec
 
-    spec = ServingSpec(port=_free_port(), router_cpus=0.25, shadow_timeout_s=0.3, shadow_max_inflight=8)
+    spec = ServingSpec(port=_free_port(), router_cpus=0.25, shadow_timeout_s=0.3, shadow_max_inflight=8,
+                       prediction_log="memory")
     base = deploy.start_serving(spec, g0, [], shadows=[], admin_token=token)
     url = base + "/v1/predict"
     client = RouterClient(base, token)
@@ -215,7 +226,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             ds, (g0, g1) = _train_models(Path(tmp))
             if args.only != "faulty_shadow":
-                _setups(args, results, ds, g0, g1, token)
+                _setups(args, results, ds, g0, g1, token, Path(tmp))
                 serve.shutdown()
             if args.only != "setups":
                 results["faulty_shadow"] = _faulty_shadow(ds, g0, g1, token, args.faulty_blocks,
@@ -229,22 +240,68 @@ def main(argv=None) -> int:
     return 0
 
 
-def _setups(args, results: dict, ds, g0, g1, token: str) -> None:
-    """The five set-ups (module docstring), saturated and idle, into `results`."""
+def _log_routers(spec, g0, token: str, tmp: Path, redis_url: str) -> dict[str, str]:
+    """The routers of (g), (h), (i): no candidate, each its own app and route prefix."""
+    from ray import serve
+
+    from serving.deploy import router_application
+
+    routes = {}
+    for setup, update in (("router_sqlite", {"prediction_log": "sqlite",
+                                             "prediction_log_path": str(tmp / "bench-sqlite.sqlite")}),
+                          ("router_redis", {"prediction_log": "redis", "redis_url": redis_url}),
+                          ("router_2replicas", {"prediction_log": "sqlite", "router_replicas": 2,
+                                                "prediction_log_path": str(tmp / "bench-2replicas.sqlite")})):
+        prefix = "/" + setup
+        serve.run(router_application(spec.model_copy(update=update), g0, [], shadows=[], admin_token=token),
+                  name=f"bench-{setup}", route_prefix=prefix)
+        routes[setup] = prefix + "/v1/predict"
+    return routes
+
+
+def _setups(args, results: dict, ds, g0, g1, token: str, tmp: Path) -> None:
+    """The set-ups (module docstring), saturated and idle, into `results`."""
     from serving import deploy
     from serving.client import RouterClient
     from serving.specs import ServingSpec
+    from tests.redis_server import RedisServer
 
-    # Seven replicas must fit Ray's 2 logical CPUs, or Serve waits for resources forever.
-    spec = ServingSpec(port=_free_port(), router_cpus=0.25)
-    base = deploy.start_serving(spec, g0, [g1], shadows=[], admin_token=token)
-    paths = _baselines(g0, spec)
-    local = deploy.start_serving(spec.model_copy(update={"in_router_models": True}), g0, shadows=[],
-                                 admin_token=token, app_name="bench-local", route_prefix="/local")
-    client = RouterClient(base, token)
-    urls = {"plain": base + paths["plain"], "composition": base + paths["composition"],
-            "router": base + "/v1/predict", "router_shadow": base + "/v1/predict",
-            "router_local": local + "/v1/predict"}
+    # Eleven replicas must fit Ray's 2 logical CPUs, or Serve waits for resources forever.
+    spec = ServingSpec(port=_free_port(), router_cpus=0.1, prediction_log="memory")
+    redis_server = RedisServer().start()
+    try:
+        base = deploy.start_serving(spec, g0, [g1], shadows=[], admin_token=token)
+        paths = _baselines(g0, spec)
+        local = deploy.start_serving(spec.model_copy(update={"in_router_models": True}), g0, [g1], shadows=[],
+                                     admin_token=token, app_name="bench-local", route_prefix="/local")
+        routes = _log_routers(spec, g0, token, tmp, redis_server.url)
+        clients = {"main": RouterClient(base, token), "local": RouterClient(local, token)}
+        urls = {"plain": base + paths["plain"], "composition": base + paths["composition"],
+                "router": base + "/v1/predict", "router_shadow": base + "/v1/predict",
+                "router_local": local + "/v1/predict", "router_local_shadow": local + "/v1/predict",
+                **{k: base + v for k, v in routes.items()}}
+        _measure(args, results, ds, urls, clients)
+        shadow = clients["main"].status()["generations"]["g1"]["counters"]
+        results["meta"] = {
+            "requests_per_setup": (args.requests // args.rounds) * args.rounds, "rows_per_request": 4,
+            "concurrency": MODES, "rounds": args.rounds, "model": "mlp width 64 depth 2, digits (64 inputs)",
+            "logs": {s: ("sqlite" if s in ("router_sqlite", "router_2replicas") else "redis (no persistence)"
+                         if s == "router_redis" else "memory") for s in SETUPS if s.startswith("router")},
+            "shadow_counters": {k: shadow[k] for k in ("requests_shadow", "shadow_errors",
+                                                       "shadow_timeouts", "shadow_dropped", "compared")},
+        }
+        for c in clients.values():
+            c.close()
+    finally:
+        redis_server.close()
+
+
+def _toggle(clients: dict, setup: str) -> None:
+    if setup in TOGGLED:
+        clients[TOGGLED[setup]].set_traffic({"g0": 1.0}, shadows=["g1"] if setup in SHADOWED else [])
+
+
+def _measure(args, results: dict, ds, urls: dict, clients: dict) -> None:
     rng = np.random.default_rng(0)
     bodies = [json.dumps({"inputs": ds.test.x[rng.integers(0, len(ds.test), 4)].tolist(),
                           "user_id": f"u{i}"}).encode() for i in range(args.requests)]
@@ -252,12 +309,12 @@ def _setups(args, results: dict, ds, g0, g1, token: str) -> None:
     for mode, conc in MODES.items():
         acc = {s: {"seconds": 0.0, "lat": [], "failed": 0, "n": 0} for s in SETUPS}
         for setup in SETUPS:  # warm-up
-            client.set_traffic({"g0": 1.0}, shadows=["g1"] if setup == "router_shadow" else [])
+            _toggle(clients, setup)
             _load(urls[setup], bodies[:50], conc)
         for rnd in range(args.rounds):
             order = SETUPS[rnd % len(SETUPS):] + SETUPS[:rnd % len(SETUPS)]
             for setup in order:
-                client.set_traffic({"g0": 1.0}, shadows=["g1"] if setup == "router_shadow" else [])
+                _toggle(clients, setup)
                 chunk = bodies[rnd * per_round:(rnd + 1) * per_round]
                 secs, lat, failed = _load(urls[setup], chunk, conc)
                 a = acc[setup]
@@ -265,19 +322,11 @@ def _setups(args, results: dict, ds, g0, g1, token: str) -> None:
                 a["lat"] += lat
                 a["failed"] += failed
                 a["n"] += len(chunk)
+            print(f"{mode}: round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         results[mode] = {s: {"rps": round(a["n"] / a["seconds"], 1),
                              "p50_ms": round(float(np.percentile(a["lat"], 50)), 2),
                              "p99_ms": round(float(np.percentile(a["lat"], 99)), 2),
                              "failed": a["failed"]} for s, a in acc.items()}
-    status = client.status()
-    shadow = status["generations"]["g1"]["counters"]
-    results["meta"] = {
-        "requests_per_setup": per_round * args.rounds, "rows_per_request": 4,
-        "concurrency": MODES, "rounds": args.rounds, "model": "mlp width 64 depth 2, digits (64 inputs)",
-        "shadow_counters": {k: shadow[k] for k in ("requests_shadow", "shadow_errors",
-                                                   "shadow_timeouts", "shadow_dropped", "compared")},
-    }
-    client.close()
 
 
 def render(results: dict) -> str:
@@ -309,11 +358,20 @@ def _render_faulty(res: dict) -> list[str]:
 def _render_setups(results: dict) -> list[str]:
     lines = ["| set-up | saturated rps | saturated p50 ms | saturated p99 ms | idle rps | idle p50 ms | idle p99 ms |",
              "|---|---|---|---|---|---|---|"]
-    for s in SETUPS:
+    for s in (s for s in SETUPS if s in results["saturated"]):
         sat, idle = results["saturated"][s], results["idle"][s]
         lines.append(f"| {s} | {sat['rps']} | {sat['p50_ms']} | {sat['p99_ms']} | "
                      f"{idle['rps']} | {idle['p50_ms']} | {idle['p99_ms']} |")
     sat, idle = results["saturated"], results["idle"]
+
+    def ratio(a: str, b: str, target: float, what: str = "p50_ms") -> str:
+        """a / b of `what` in both modes, judged against `target` in each."""
+        parts = []
+        for mode, r in (("saturated", sat), ("idle", idle)):
+            x = r[a][what] / r[b][what]
+            parts.append(f"{mode} {x:.2f}x ({'met' if x <= target else 'MISSED'})")
+        return f"{a} / {b}, p50: " + ", ".join(parts) + f" (target <= {target})"
+
     lines += ["", f"router / composition, saturated: throughput {sat['router']['rps'] / sat['composition']['rps']:.2f}x "
                   f"(target >= 0.85), p50 {sat['router']['p50_ms'] / sat['composition']['p50_ms']:.2f}x (target <= 1.15)",
               f"router / composition, idle: throughput {idle['router']['rps'] / idle['composition']['rps']:.2f}x, "
@@ -323,6 +381,14 @@ def _render_setups(results: dict) -> list[str]:
               f"router_local / plain, saturated: throughput {sat['router_local']['rps'] / sat['plain']['rps']:.2f}x, "
               f"p50 {sat['router_local']['p50_ms'] / sat['plain']['p50_ms']:.2f}x; idle p50 "
               f"{idle['router_local']['p50_ms'] / idle['plain']['p50_ms']:.2f}x"]
+    if "router_sqlite" in sat:  # results from before the prediction log set-ups lack them
+        x = sat["router_local_shadow"]["p50_ms"] / sat["plain"]["p50_ms"]
+        lines += [f"router_local_shadow / plain, saturated p50: {x:.2f}x ({'met' if x <= 1.2 else 'MISSED'}) "
+                  f"(target <= 1.2); throughput {sat['router_local_shadow']['rps'] / sat['plain']['rps']:.2f}x",
+                  ratio("router_sqlite", "router", 1.1), ratio("router_redis", "router", 1.2),
+                  f"router_2replicas / router_sqlite, saturated: throughput "
+                  f"{sat['router_2replicas']['rps'] / sat['router_sqlite']['rps']:.2f}x, p50 "
+                  f"{sat['router_2replicas']['p50_ms'] / sat['router_sqlite']['p50_ms']:.2f}x"]
     return lines
 
 

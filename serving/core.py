@@ -362,16 +362,16 @@ class FlipCounts:
 
 
 def count_flips(labels: np.ndarray, production: np.ndarray, candidate: np.ndarray) -> FlipCounts:
-    """Per-sample flips of `candidate` against `production` (PCT: negative = old right, new wrong)."""
+    """Per-sample flips of `candidate` against `production` (PCT: negative = old right, new wrong).
+
+    From three counts: negative = production right - both right, positive = candidate
+    right - both right (a join runs this per request: one numpy call each, not four).
+    """
     p_ok = production == labels
     c_ok = candidate == labels
-    return FlipCounts(
-        labelled=int(len(labels)),
-        negative_flips=int(np.sum(p_ok & ~c_ok)),
-        positive_flips=int(np.sum(~p_ok & c_ok)),
-        production_correct=int(np.sum(p_ok)),
-        candidate_correct=int(np.sum(c_ok)),
-    )
+    pc, cc, both = int(np.count_nonzero(p_ok)), int(np.count_nonzero(c_ok)), int(np.count_nonzero(p_ok & c_ok))
+    return FlipCounts(labelled=int(len(labels)), negative_flips=pc - both, positive_flips=cc - both,
+                      production_correct=pc, candidate_correct=cc)
 
 
 @dataclass
