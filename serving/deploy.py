@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from ray import serve
 
-from serving.local import describe, infer, probabilities, warm_up
+from serving.local import describe, infer, probabilities, serving_device, warm_up
 from serving.refs import Gallery, ModelRef, app_name_for
 from serving.specs import ServingSpec
 from workers.checkpoint import CheckpointError, input_shape_of, load_model, model_file, read_checkpoint, sha256_file
@@ -38,15 +38,17 @@ class ModelServer:
     """
 
     def __init__(self, ref: ModelRef, max_batch_size: int, batch_wait_timeout_s: float,
-                 inject_fault: Optional[dict] = None):
+                 inject_fault: Optional[dict] = None, gpus: float = 0):
         import torch
 
         # Replicas share two cores with everything else; intra-op threads only contend.
         torch.set_num_threads(1)
         self.ref = ref
+        self.device = serving_device(gpus)
         # Raises: never served unverified, nor built by a factory other than the config's.
         self.model, self.meta = load_model(ref.uri, ref.sha256, factory=ref.factory)
-        warm_up(self.model)  # ready only once the first (slow) call is behind it
+        self.model.to(self.device)
+        warm_up(self.model, self.device)  # ready only once the first (slow) call is behind it
         self.fault = dict(inject_fault or {})
         for method in (self.predict, self.embed):
             method.set_max_batch_size(max_batch_size)
@@ -54,7 +56,7 @@ class ModelServer:
 
     def _run(self, xs: list[np.ndarray], fn) -> list[np.ndarray]:
         sizes = [len(x) for x in xs]
-        return np.split(infer(fn, np.concatenate(xs)), np.cumsum(sizes)[:-1])
+        return np.split(infer(fn, np.concatenate(xs), self.device), np.cumsum(sizes)[:-1])
 
     async def _fault(self) -> None:
         if self.fault.get("delay_s"):
@@ -99,7 +101,7 @@ def generation_application(ref: ModelRef, spec: ServingSpec, inject_fault: Optio
     dep = serve.deployment(ModelServer).options(
         name="model", num_replicas=spec.replicas, max_ongoing_requests=spec.max_ongoing_requests,
         ray_actor_options={"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica})
-    return dep.bind(ref, spec.max_batch_size, spec.batch_wait_timeout_s, inject_fault)
+    return dep.bind(ref, spec.max_batch_size, spec.batch_wait_timeout_s, inject_fault, spec.gpus_per_replica)
 
 
 def router_application(spec: ServingSpec, production: ModelRef, candidates: Sequence[ModelRef] = (),

@@ -10,7 +10,8 @@ loop: only for models that answer in well under a millisecond.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+import os
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -19,10 +20,26 @@ from serving.refs import ModelRef
 from workers.checkpoint import load_model
 
 
-def infer(fn: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray) -> np.ndarray:
-    """Run `fn` without autograd on a (rows, *input_shape) float32 array."""
+def infer(fn: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray, device: Optional[torch.device] = None
+          ) -> np.ndarray:
+    """Run `fn` without autograd on a (rows, *input_shape) float32 array, on `device`
+    (the model's: CPU unless a GPU replica moved it); the answer comes back to the host."""
     with torch.inference_mode():
-        return fn(torch.from_numpy(x)).numpy()
+        t = torch.from_numpy(x)
+        return fn(t if device is None else t.to(device)).cpu().numpy()
+
+
+def serving_device(gpus: float) -> torch.device:
+    """Where a model replica given `gpus` GPUs (serving.gpus_per_replica) runs its model:
+    CUDA when it was given any, else the CPU. A GPU replica without a visible CUDA device
+    is a deployment error, said at start, not a silent fall back to the CPU."""
+    if gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"serving.gpus_per_replica is {gpus:g} but this replica sees no CUDA device "
+                           f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}); set it to 0 to serve on CPUs")
+    return torch.device("cuda")
 
 
 def probabilities(model) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -36,14 +53,14 @@ def describe(ref: ModelRef, model) -> dict[str, Any]:
             "input_dim": model.input_dim, "num_classes": model.num_classes}
 
 
-def warm_up(model) -> None:
+def warm_up(model, device: Optional[torch.device] = None) -> None:
     """Run predict and embed once on a zero row, of shape (1, *model.input_shape), before
     the first request: a model's first call can cost ~1 s (an LQF model's first jvp),
     which would otherwise land on live traffic as shadow timeouts and count against the
     candidate."""
     x = np.zeros((1, *model.input_shape), dtype=np.float32)
-    infer(probabilities(model), x)
-    infer(model.embed, x)
+    infer(probabilities(model), x, device)
+    infer(model.embed, x, device)
 
 
 class _Method:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.local import LocalGeneration
+from serving.local import LocalGeneration, serving_device
 from serving.refs import ModelRef
 from workers.checkpoint import BUILTIN, CheckpointError, load_model, save_model
 from workers.lqf import LinearizedNet, fold, save_lqf
@@ -160,3 +160,13 @@ def test_generation_refs_carry_the_configs_factory_to_every_loader(tmp_path, cac
             LocalGeneration(ref)
         with pytest.raises(CheckpointError, match="factory"):
             build_gallery(cfg, reg)
+
+
+def test_a_replica_without_gpus_serves_on_the_cpu():
+    assert serving_device(0).type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_gpu_replica_that_sees_no_cuda_device_says_so_at_start():
+    with pytest.raises(RuntimeError, match=r"serving.gpus_per_replica is 1 but this replica sees no CUDA device"):
+        serving_device(1)

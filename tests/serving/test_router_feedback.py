@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import numpy as np
 import pytest
@@ -242,3 +243,21 @@ def test_through_a_redis_restart_answers_go_on_and_their_labels_join_after_it(in
             assert r.log.write_errors == 0 and r.log.dropped == 0
         finally:
             r.log.close()
+
+
+def test_a_restarted_router_over_the_memory_log_starts_over_in_a_new_epoch(infos, tmp_path):
+    """The memory log lives in the replica: after a restart the earlier answers are
+    unknown (404) and the counters start from zero under a new counters_epoch, which the
+    controller takes as a reset (never as counters going down)."""
+    first = _router(infos, None, prediction_log="memory")
+    [ans] = asyncio.run(_answered(first, 1))
+    before = first.status()
+    time.sleep(0.01)  # epochs are creation times
+    second = _router(infos, None, prediction_log="memory")
+    status, body = asyncio.run(_post(second.feedback, "/v1/feedback", _fb(ans["request_id"], ans["predictions"]),
+                                     headers=AUTH))
+    after = second.status()
+    assert before["generations"]["g1"]["counters"]["requests_shadow"] == 1
+    assert status == 404 and body["error"]
+    assert after["counters_epoch"] != before["counters_epoch"]
+    assert after["generations"].get("g1", {}).get("counters", {}).get("requests_shadow", 0) == 0
