@@ -43,12 +43,9 @@ default run takes about 2 to 3 minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,6 +59,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.redis_server import RedisServer  # noqa: E402  (the tests' real redis-server starter)
 
 OUT = ROOT / "benchmarks/results/prediction_log.json"
 QUICK_OUT = Path("/tmp/prediction_log_quick.json")
@@ -82,71 +81,6 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024.0
     raise RuntimeError("VmRSS not in /proc/self/status")
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM to the child when this process dies (Linux prctl PR_SET_PDEATHSIG),
-    so that not even a killed benchmark leaves a redis-server behind."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
-
-
-class RedisServer:
-    """A throwaway redis-server on a free port of 127.0.0.1 (as tests/redis_server.py, without
-    pytest): no persistence, its own directory, stopped by `close`."""
-
-    def __init__(self, binary: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.dir = Path(tempfile.mkdtemp(prefix="graceful-bench-redis-"))
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--daemonize", "no", "--dir", str(self.dir),
-             "--logfile", str(self.dir / "redis.log"), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        import redis
-
-        self.client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, socket_connect_timeout=1)
-        deadline = time.monotonic() + 10.0
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited ({self.proc.returncode}): {self._log_tail()}")
-            try:
-                if self.client.ping():
-                    break
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
-                pass
-            if time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"redis-server did not answer PING in 10 s: {self._log_tail()}")
-            time.sleep(0.02)
-        self.version = self.client.info("server")["redis_version"]
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def _log_tail(self) -> str:
-        try:
-            return (self.dir / "redis.log").read_text(errors="replace")[-2000:]
-        except OSError:
-            return "(no log)"
-
-    def close(self) -> None:
-        try:
-            self.client.close()
-        except Exception:
-            pass
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _have_pyarrow() -> bool:
@@ -230,7 +164,10 @@ def _import_once(store: str, fmt: str, n: int, seed: int, tmp: Path, server: Opt
     if store == "sqlite":
         where: Any = tmp / f"predictions-{fmt}-{seed}.sqlite"
     else:
-        server.client.flushall()
+        import redis
+
+        with redis.Redis.from_url(server.url) as r:
+            r.flushall()
         where = server.url
     log = _open(store, where)
     try:
@@ -289,11 +226,14 @@ def run_imports(args) -> dict:
                                            "scripts/install-system.sh)"}
                 print(f"redis: {out['redis']['skipped']}", file=sys.stderr)
                 continue
-            server = RedisServer(binary)
+            server = RedisServer(binary=binary).start()
         try:
             res: dict[str, Any] = {}
             if server is not None:
-                res["server"] = f"redis-server {server.version}"
+                import redis
+
+                with redis.Redis.from_url(server.url) as r:
+                    res["server"] = f"redis-server {r.info('server')['redis_version']}"
             with tempfile.TemporaryDirectory(prefix="graceful-bench-predlog-") as tmp:
                 for fmt in fmts:
                     runs = []

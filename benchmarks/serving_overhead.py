@@ -268,7 +268,7 @@ def _setups(args, results: dict, ds, g0, g1, token: str, tmp: Path) -> None:
 
     # Eleven replicas must fit Ray's 2 logical CPUs, or Serve waits for resources forever.
     spec = ServingSpec(port=_free_port(), router_cpus=0.1, prediction_log="memory")
-    redis_server = RedisServer().start()
+    redis_server = RedisServer(binary="redis-server").start()  # FileNotFoundError when not installed
     try:
         base = deploy.start_serving(spec, g0, [g1], shadows=[], admin_token=token)
         paths = _baselines(g0, spec)

@@ -4,10 +4,13 @@ The Redis prediction log is tested against the server it will run on, not a fake
 Lua scripts, expiry and persistence are the server's. `persistence=True` turns on the
 append-only file with an fsync per write, so a stop, a kill or a restart keeps every
 acknowledged write, as a production server configured for it would.
+
+The benchmarks start theirs with this class too, passing `binary` (no pytest lookup).
 """
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import signal
 import subprocess
@@ -23,9 +26,18 @@ from tests.helpers import free_port, require_tool
 START_TIMEOUT_S = 10.0
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM to the server when the process that started it dies (Linux
+    PR_SET_PDEATHSIG), so not even a killed test run or benchmark leaves one behind."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 class RedisServer:
-    def __init__(self, persistence: bool = False, directory: Optional[Path] = None):
-        self.binary = require_tool("redis-server", install_hint="apt-get install redis-server")
+    def __init__(self, persistence: bool = False, directory: Optional[Path] = None, binary: Optional[str] = None):
+        self.binary = binary or require_tool("redis-server", install_hint="apt-get install redis-server")
         self.persistence = persistence
         self.port = free_port()
         self._own_dir = directory is None
@@ -55,7 +67,8 @@ class RedisServer:
     def start(self) -> "RedisServer":
         if self.proc is not None and self.proc.poll() is None:
             return self
-        self.proc = subprocess.Popen(self._args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self._args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent)
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1)
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
