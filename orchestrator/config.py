@@ -56,7 +56,13 @@ class RolloutSpec(StrictModel):
     false_promote_rate: float = Field(0.05, gt=0, lt=0.5)
     error_rate_limit: float = Field(0.01, ge=0, le=1, description="share of failed candidate requests")
     latency_p99_ms: float = Field(500.0, gt=0)
-    # Share of false_promote_rate spent on promoting from shadow disagreements before labels.
+    # Which NFR test decides: "labelled" (every labelled sample, an SPRT on flips / labels)
+    # or "disagreements" (labels needed only where candidate and production disagree:
+    # the disagreement rate from every compared sample, the flip share from labelled
+    # disagreements; docs/rollouts.md).
+    nfr_test: Literal["labelled", "disagreements"] = "labelled"
+    # Share of false_promote_rate spent on promoting from shadow disagreements before labels
+    # ("labelled"), or of both error rates on the disagreement rate's bounds ("disagreements").
     disagreement_share: float = Field(0.2, gt=0, lt=1)
     min_errors: int = Field(5, ge=1, description="errors in a step before the error-rate test may roll back")
     min_latency_requests: int = Field(100, ge=1, description="step requests before a p99 is trusted")

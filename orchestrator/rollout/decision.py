@@ -28,6 +28,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
+
 from orchestrator.config import RolloutSpec, RolloutStep
 
 PROMOTE = "promote"
@@ -47,6 +49,7 @@ class Counts:
     disagreements: int = 0       # compared samples whose predicted classes differ
     labelled: int = 0            # samples with a label joined to both predictions
     negative_flips: int = 0      # labelled samples production got right and candidate wrong
+    labelled_disagreements: int = 0   # labelled samples on which the two predictions differ
     latency_p99_ms: Optional[float] = None   # candidate's recent p99 (None = unknown)
     # Identity of the counter set a raw snapshot came from (the router's start time): a
     # different epoch means the counters restarted from zero. Not a count; None in deltas.
@@ -104,50 +107,112 @@ def sprt_bounds(false_high: float, false_low: float) -> tuple[float, float]:
     return math.log(false_low), math.log(1.0 / false_high)
 
 
-def _log_beta(a: float, b: float) -> float:
-    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
-
-
-def confidence_sequence(k: int, n: int, alpha: float, prior_mean: float,
-                        prior_strength: float = 1.0) -> tuple[float, float]:
+def confidence_sequence(k, n, alpha: float, prior_mean: float, prior_strength: float = 1.0):
     """(lower, upper): a Beta-mixture confidence sequence for a Bernoulli rate.
 
     log M(p) = logB(a+k, b+n-k) - logB(a, b) - k log p - (n-k) log(1-p) is, for the true
     p, the log of a mean-1 martingale, so {p : log M(p) < log(1/alpha)} covers the true
-    rate at every n simultaneously with chance >= 1 - alpha. The prior Beta(a, b) has mean
-    `prior_mean` and a + b = prior_strength / prior_mean (a = prior_strength). It is only
-    reported (stats nfr_lower / nfr_upper); the decision uses the SPRT, which is more
-    efficient at its two design rates.
+    rate at every n simultaneously with chance >= 1 - alpha (both ends at once). The
+    prior Beta(a, b) has mean `prior_mean` and a + b = prior_strength / prior_mean
+    (a = prior_strength); it shapes the width, never the coverage. `k`, `n` may be
+    numpy arrays (the benchmark's rollouts at once): the ends are found by 60 steps of
+    bisection from the maximum-likelihood rate, where log M <= 0 (the mixture is a mean
+    of likelihoods, at most the largest). n = 0 -> (0, 1).
     """
-    if n <= 0:
-        return 0.0, 1.0
+    from scipy.special import betaln
+
+    k = np.asarray(k, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
     a = prior_strength
     b = max(prior_strength / prior_mean - a, 1e-9)
-    const = _log_beta(a + k, b + n - k) - _log_beta(a, b)
+    const = betaln(a + k, b + n - k) - betaln(a, b)
     bound = math.log(1.0 / alpha)
 
-    def inside(p: float) -> bool:
-        return const - k * math.log(p) - (n - k) * math.log1p(-p) < bound
+    def inside(p):
+        return const - k * np.log(p) - (n - k) * np.log1p(-p) < bound
 
-    mle = min(max(k / n, 1e-12), 1 - 1e-12)
-    lower = 0.0 if inside(1e-12) else _edge(inside, mle, 0.0)
-    upper = 1.0 if inside(1 - 1e-12) else _edge(inside, mle, 1.0)
+    eps = 1e-12
+    mle = np.clip(k / np.maximum(n, 1.0), eps, 1 - eps)
+    ends = []
+    for out in (eps, 1 - eps):
+        p_in, p_out = mle, np.full_like(mle, out)
+        for _ in range(60):
+            mid = (p_in + p_out) / 2
+            ok = inside(mid)
+            p_in, p_out = np.where(ok, mid, p_in), np.where(ok, p_out, mid)
+        ends.append(np.where(inside(np.full_like(mle, out)), round(out), p_in))
+    lower, upper = (np.where(n <= 0, v, e) for v, e in ((0.0, ends[0]), (1.0, ends[1])))
+    if lower.ndim == 0:
+        return float(lower), float(upper)
     return lower, upper
 
 
-def _edge(inside, p_in: float, p_out: float, iterations: int = 60) -> float:
-    """The last point inside the set `inside` on the way from p_in (inside) to p_out, by bisection."""
-    for _ in range(iterations):
-        mid = (p_in + p_out) / 2
-        p_in, p_out = (mid, p_out) if inside(mid) else (p_in, mid)
-    return p_in
+def conditional_llr(flips, labelled, disagreement, limit: float):
+    """The NFR SPRT's log-likelihood ratio on labelled disagreements, given a
+    disagreement rate: NFR = disagreement * q, q = P(negative flip | disagreement).
+
+    NFR p0 vs p1 (design_rates(limit)) is q0 = p0/d vs q1 = p1/d (q1 capped as design_rates
+    caps it), the SPRT of q1 against q0 over `labelled` disagreements with `flips`
+    negative flips. The LLR does not increase with q0 (the q1/q0 term falls or stays, the
+    (1-q1)/(1-q0) term falls), so it grows with d: a lower bound of d gives the smaller LLR
+    (used to roll back: harder to reach) and an upper bound the larger (used to promote:
+    harder to fall to), each conservative for its side. Where d <= p0 (q0 >= 1) no NFR
+    above p0 is possible: -inf.
+
+    flips 1, labelled 10, d 0.05, limit 0.01: q0 = 0.1, q1 = 0.4:
+    1*log(4) + 9*log(0.6/0.9) = 1.3863 - 3.6492 = -2.2629.
+    """
+    p0, p1 = design_rates(limit)
+    d = np.asarray(disagreement, dtype=np.float64)
+    q0 = np.minimum(p0 / np.maximum(d, 1e-300), 1.0)
+    q1 = np.minimum(p1 / np.maximum(d, 1e-300), (1.0 + q0) / 2.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        llr = flips * np.log(q1 / q0) + (labelled - flips) * np.log((1.0 - q1) / (1.0 - q0))
+    llr = np.where(q0 >= 1.0, -np.inf, np.nan_to_num(llr, nan=0.0))
+    return float(llr) if llr.ndim == 0 else llr
+
+
+def disagreement_test(compared, disagreements, labelled, flips, limit: float, false_rollback: float,
+                      false_promote: float, share: float) -> dict:
+    """The NFR test that needs labels only where the models disagree (pure; arrays work).
+
+    A negative flip is a disagreement, so NFR = d * q: d, the disagreement rate, from
+    every compared sample without a label; q, the flip share, from labelled disagreements
+    only. d gets a confidence sequence at `share` of the smaller error rate; q the SPRT of
+    `conditional_llr` with the rest: roll back when the LLR at d's lower end reaches
+    log(1/(false_rollback * (1 - share))), promote when the LLR at d's upper end falls to
+    log(false_promote * (1 - share)), or, without labels, when d's upper end is below p1
+    (then NFR <= d < p1). On the event that d's sequence covers it (chance >= 1 - share
+    * rate) each LLR is on its conservative side of the true-d SPRT, whose Ville bound
+    holds at every look: P(false rollback) <= false_rollback, P(promote at p1) <=
+    false_promote. Returns the bounds, both LLRs and `rollback` / `promote` flags.
+
+    compared 2000, disagreements 100 (d about 0.05), labelled 100 disagreements, 2 flips,
+    limit 0.01: q0 about 0.1 and q1 about 0.4 at d near 0.05 -> LLR about 2 log 4 +
+    98 log(0.6/0.9) = 2.77 - 39.7 < log(0.04) = -3.2: promote.
+    """
+    p0, p1 = design_rates(limit)
+    alpha_d = min(false_rollback, false_promote) * share
+    d_lo, d_hi = confidence_sequence(disagreements, compared, alpha_d, prior_mean=p1)
+    llr_rollback = conditional_llr(flips, labelled, d_lo, limit)
+    llr_promote = conditional_llr(flips, labelled, d_hi, limit)
+    upper = math.log(1.0 / (false_rollback * (1.0 - share)))
+    lower = math.log(false_promote * (1.0 - share))
+    rollback = llr_rollback >= upper
+    promote = ~np.asarray(rollback) & ((np.asarray(llr_promote) <= lower) | (np.asarray(d_hi) < p1))
+    if np.ndim(promote) == 0:
+        promote = bool(promote)
+        rollback = bool(rollback)
+    return {"d_lower": d_lo, "d_upper": d_hi, "llr_rollback": llr_rollback, "llr_promote": llr_promote,
+            "rollback_at": upper, "promote_at": lower, "rollback": rollback, "promote": promote}
 
 
 # ---------------------------------------------------------------------------------------
 
-def _invalid(c: Counts) -> Optional[str]:
+def _invalid(c: Counts, by_disagreements: bool = False) -> Optional[str]:
     """Why counts cannot be used (a counter reset or a broken source), or None."""
-    for name in ("requests", "errors", "compared", "disagreements", "labelled", "negative_flips"):
+    for name in ("requests", "errors", "compared", "disagreements", "labelled", "negative_flips",
+                 "labelled_disagreements"):
         if getattr(c, name) < 0:
             return f"negative {name} ({getattr(c, name)})"
     if c.errors > c.requests:
@@ -156,6 +221,10 @@ def _invalid(c: Counts) -> Optional[str]:
         return f"disagreements {c.disagreements} > compared {c.compared}"
     if c.negative_flips > c.labelled:
         return f"negative_flips {c.negative_flips} > labelled {c.labelled}"
+    if by_disagreements and c.negative_flips > c.labelled_disagreements:
+        # a flip is a disagreement: a source without this counter cannot feed this test
+        return (f"negative_flips {c.negative_flips} > labelled_disagreements {c.labelled_disagreements} "
+                f"(does the metric source report labelled_disagreements?)")
     return None
 
 
@@ -186,8 +255,9 @@ def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: Roll
     latency_ticks = policy.latency_ticks if latency_ticks is None else latency_ticks
     if obs is None:
         return Decision(INCONCLUSIVE, "metric source down: no observation", {})
+    by_dis = policy.nfr_test == "disagreements"
     for where, c in (("total", obs.total), ("step", obs.step)):
-        why = _invalid(c)
+        why = _invalid(c, by_dis)
         if why:
             return Decision(INCONCLUSIVE, f"unusable {where} counts: {why}", {})
 
@@ -230,19 +300,17 @@ def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: Roll
     # JSON has no infinity: an error LLR of inf (limit 0) is stored as +-1e9.
     stats = {k: max(-1e9, min(1e9, v)) for k, v in stats.items()}
 
+    if by_dis:
+        return _decide_by_disagreements(obs, policy, gate, bake, stats, latency, latency_breach, min_errors,
+                                        latency_ticks)
+
     nfr_txt = f"NFR {t.negative_flips}/{t.labelled}"
     if llr_nfr >= upper:
         return Decision(ROLLBACK, f"{nfr_txt} shown above the limit {policy.nfr_limit:g}: "
                         f"LLR {llr_nfr:.2f} >= {upper:.2f} (SPRT {p0:g} vs {p1:g})", stats)
-    if s.errors >= min_errors and llr_err >= math.log(1.0 / policy.false_rollback_rate):
-        return Decision(ROLLBACK, f"error rate {s.errors}/{s.requests} = {error_rate:.4f} shown above "
-                        f"the limit {policy.error_rate_limit:g}: LLR {llr_err:.2f}", stats)
-    if latency_breach and obs.latency_breaches + 1 >= latency_ticks:
-        return Decision(ROLLBACK, f"p99 latency {latency:.1f} ms > {policy.latency_p99_ms:g} ms "
-                        f"on {obs.latency_breaches + 1} ticks in a row, {s.requests} step requests", stats)
-    if latency_breach:
-        return Decision(HOLD, f"p99 latency {latency:.1f} ms > {policy.latency_p99_ms:g} ms "
-                        f"({obs.latency_breaches + 1}/{latency_ticks} ticks in a row before a rollback)", stats)
+    other = _checks_before_nfr(obs, policy, stats, latency, latency_breach, min_errors, latency_ticks)
+    if other is not None:
+        return other
 
     waiting = []
     if obs.step_elapsed_s < bake:
@@ -264,6 +332,64 @@ def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: Roll
                         f"LLR {llr_nfr:.2f}", stats)
     return Decision(HOLD, f"not yet shown: {nfr_txt}, LLR {llr_nfr:.2f} in ({lower_nfr:.2f}, {upper:.2f}); "
                     f"disagreement {t.disagreements}/{t.compared}, LLR {llr_dis:.2f}", stats)
+
+
+def _checks_before_nfr(obs: Observation, policy: RolloutSpec, stats: dict, latency, latency_breach: bool,
+                       min_errors: int, latency_ticks: int) -> Optional[Decision]:
+    """The error-rate and latency rules, shared by both NFR tests: a rollback or a hold, or None."""
+    s = obs.step
+    if s.errors >= min_errors and stats["llr_error"] >= math.log(1.0 / policy.false_rollback_rate):
+        return Decision(ROLLBACK, f"error rate {s.errors}/{s.requests} = {stats['error_rate']:.4f} shown above "
+                        f"the limit {policy.error_rate_limit:g}: LLR {stats['llr_error']:.2f}", stats)
+    if latency_breach and obs.latency_breaches + 1 >= latency_ticks:
+        return Decision(ROLLBACK, f"p99 latency {latency:.1f} ms > {policy.latency_p99_ms:g} ms "
+                        f"on {obs.latency_breaches + 1} ticks in a row, {s.requests} step requests", stats)
+    if latency_breach:
+        return Decision(HOLD, f"p99 latency {latency:.1f} ms > {policy.latency_p99_ms:g} ms "
+                        f"({obs.latency_breaches + 1}/{latency_ticks} ticks in a row before a rollback)", stats)
+    return None
+
+
+def _decide_by_disagreements(obs: Observation, policy: RolloutSpec, gate: RolloutStep, bake: float, stats: dict,
+                             latency, latency_breach: bool, min_errors: int, latency_ticks: int) -> Decision:
+    """decide() with `rollout.nfr_test: disagreements`: disagreement_test on the totals;
+    the step's `min_labels` counts labelled disagreements (or, for a promotion on the
+    disagreement rate alone, compared samples)."""
+    t, s = obs.total, obs.step
+    dt = disagreement_test(t.compared, t.disagreements, t.labelled_disagreements, t.negative_flips,
+                           policy.nfr_limit, policy.false_rollback_rate, policy.false_promote_rate,
+                           policy.disagreement_share)
+    stats.update({"d_lower": dt["d_lower"], "d_upper": dt["d_upper"], "llr_nfr": dt["llr_rollback"],
+                  "llr_nfr_promote": dt["llr_promote"], "llr_rollback_at": dt["rollback_at"],
+                  "llr_promote_at": dt["promote_at"], "labelled_disagreements": float(t.labelled_disagreements),
+                  "flip_share": t.negative_flips / t.labelled_disagreements if t.labelled_disagreements else 0.0})
+    stats = {k: max(-1e9, min(1e9, v)) for k, v in stats.items()}
+    txt = (f"{t.negative_flips} flips in {t.labelled_disagreements} labelled disagreements, disagreement "
+           f"{t.disagreements}/{t.compared} in [{dt['d_lower']:.4f}, {dt['d_upper']:.4f}]")
+    if dt["rollback"]:
+        return Decision(ROLLBACK, f"NFR shown above the limit {policy.nfr_limit:g}: {txt}; LLR "
+                        f"{dt['llr_rollback']:.2f} >= {dt['rollback_at']:.2f}", stats)
+    other = _checks_before_nfr(obs, policy, stats, latency, latency_breach, min_errors, latency_ticks)
+    if other is not None:
+        return other
+    waiting = []
+    if obs.step_elapsed_s < bake:
+        waiting.append(f"bake {obs.step_elapsed_s:.0f}/{bake:g} s")
+    if s.requests < gate.min_requests:
+        waiting.append(f"requests {s.requests}/{gate.min_requests}")
+    if waiting:
+        return Decision(HOLD, "waiting: " + ", ".join(waiting) + f"; {txt}", stats)
+    if dt["promote"]:
+        by_rate = dt["d_upper"] < design_rates(policy.nfr_limit)[1]
+        have, need = (s.compared, "compared samples") if by_rate else (s.labelled_disagreements,
+                                                                        "labelled disagreements")
+        if have >= gate.min_labels:
+            why = ("the disagreement rate alone bounds it" if by_rate else
+                   f"LLR {dt['llr_promote']:.2f} <= {dt['promote_at']:.2f}")
+            return Decision(PROMOTE, f"NFR shown under the limit {policy.nfr_limit:g}: {txt}; {why}", stats)
+        return Decision(HOLD, f"waiting: {need} {have}/{gate.min_labels}; {txt}", stats)
+    return Decision(HOLD, f"not yet shown: {txt}; LLR in ({dt['promote_at']:.2f}, {dt['rollback_at']:.2f}) "
+                    f"at d's ends: {dt['llr_promote']:.2f}, {dt['llr_rollback']:.2f}", stats)
 
 
 def _error_llr(errors: int, requests: int, limit: float) -> float:

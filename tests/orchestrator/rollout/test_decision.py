@@ -20,8 +20,8 @@ import pytest
 from dataclasses import replace
 
 from orchestrator.config import RolloutSpec, RolloutStep
-from orchestrator.rollout.decision import (Counts, Decision, Observation, confidence_sequence, decide,
-                                   design_rates, sprt_bounds, sprt_llr)
+from orchestrator.rollout.decision import (Counts, Decision, Observation, conditional_llr, confidence_sequence,
+                                           decide, design_rates, disagreement_test, sprt_bounds, sprt_llr)
 
 STEP = RolloutStep(weight=0.05, bake_seconds=10, min_requests=100, min_labels=100)
 POLICY = RolloutSpec(steps=[STEP, RolloutStep(weight=0.5)], shadow_bake_seconds=30, nfr_limit=0.01,
@@ -243,3 +243,76 @@ def test_the_rule_reads_its_minimums_from_the_policy():
     assert decide(slow, STEP, POLICY.model_copy(update={"latency_ticks": 1})).kind == "rollback"
     assert decide(slow, STEP, POLICY.model_copy(update={"min_latency_requests": 101, "latency_ticks": 1})).kind == "hold"
     assert decide(slow, STEP, POLICY.model_copy(update={"latency_ticks": 1}), latency_ticks=3).kind == "hold"
+
+
+# --- rollout.nfr_test: disagreements ---------------------------------------------------------
+
+DIS = POLICY.model_copy(update={"nfr_test": "disagreements"})
+
+
+def dis_obs(compared, disagreements, labelled_dis, flips, elapsed=100.0, requests=1000) -> Observation:
+    c = Counts(requests=requests, compared=compared, disagreements=disagreements, labelled=labelled_dis,
+               labelled_disagreements=labelled_dis, negative_flips=flips)
+    return Observation(total=c, step=c, step_elapsed_s=elapsed)
+
+
+def test_conditional_llr_by_hand_and_conservative_in_the_disagreement_rate():
+    # d 0.05: q0 = 0.005/0.05 = 0.1, q1 = 0.02/0.05 = 0.4; 1 flip in 10:
+    # log(0.4/0.1) + 9 log(0.6/0.9) = 1.386294 + 9 * (-0.405465) = 1.386294 - 3.649186 = -2.262892
+    assert conditional_llr(1, 10, 0.05, 0.01) == pytest.approx(-2.262892, abs=1e-5)
+    # A smaller d means a larger flip share under both hypotheses, so the same 3 flips in
+    # 20 are less evidence against p0: the LLR grows with d.
+    llrs = [conditional_llr(3, 20, d, 0.01) for d in (0.03, 0.05, 0.1, 0.2)]
+    assert llrs == sorted(llrs) and llrs[0] < llrs[-1]
+    # d at or below p0 = 0.005: no NFR above p0 is possible.
+    assert conditional_llr(5, 5, 0.004, 0.01) == -math.inf
+
+
+def test_disagreement_test_promotes_on_few_flips_and_rolls_back_on_many():
+    # d about 0.05 from 2000 compared; 2 flips in 100 labelled disagreements (q about 0.02,
+    # far under q0 = 0.1): promote. 12 in 30 (q 0.4 = q1): roll back.
+    ok = disagreement_test(2000, 100, 100, 2, 0.01, 0.05, 0.05, 0.2)
+    bad = disagreement_test(2000, 100, 30, 12, 0.01, 0.05, 0.05, 0.2)
+    assert ok["promote"] and not ok["rollback"] and ok["d_lower"] < 0.05 < ok["d_upper"]
+    assert bad["rollback"] and not bad["promote"]
+    assert bad["llr_rollback"] <= bad["llr_promote"]  # each end on its conservative side
+    # No labels: undecided, unless the disagreement rate alone is shown under p1 = 0.02.
+    assert not disagreement_test(2000, 100, 0, 0, 0.01, 0.05, 0.05, 0.2)["promote"]
+    assert disagreement_test(2000, 10, 0, 0, 0.01, 0.05, 0.05, 0.2)["promote"]
+
+
+def test_decide_by_disagreements_needs_min_labelled_disagreements_and_rolls_back_any_time():
+    # 100 compared per labelled disagreement is not needed: 2000 compared, 100 disagreements.
+    assert decide(dis_obs(2000, 100, 100, 2), STEP, DIS).kind == "promote"
+    held = decide(dis_obs(2000, 100, 60, 0), STEP, DIS)
+    assert held.kind == "hold" and "labelled disagreements 60/100" in held.reason
+    rb = decide(dis_obs(2000, 100, 30, 12, elapsed=0.0), STEP, DIS)   # no bake needed
+    assert rb.kind == "rollback" and "12 flips in 30 labelled disagreements" in rb.reason
+    assert {"d_lower", "d_upper", "llr_nfr_promote", "flip_share"} <= set(rb.stats)
+
+
+def test_decide_by_disagreements_refuses_counts_without_labelled_disagreements():
+    """A source that does not report labelled_disagreements (0) with flips cannot feed the
+    test: inconclusive, never a decision."""
+    c = Counts(requests=500, compared=2000, disagreements=100, labelled=100, negative_flips=3)
+    d = decide(Observation(total=c, step=c, step_elapsed_s=100.0), STEP, DIS)
+    assert d.kind == "inconclusive" and "labelled_disagreements" in d.reason
+
+
+def test_disagreement_test_error_rates_hold_when_checked_every_tick():
+    """400 seeded rollouts per case, d 0.05 and 0.2, 200 compared samples a tick with
+    every disagreement labelled, checked each tick for 300 ticks: false rollback at 0.5x
+    and bad promotion at 2x stay under 5 % (about 1-2 % realised, binomial sd ~1 %)."""
+    rng = np.random.default_rng(11)
+    for d in (0.05, 0.2):
+        for ratio, wrong in ((0.5, "rollback"), (2.0, "promote")):
+            q = ratio * 0.01 / d
+            dis = rng.binomial(200, d, size=(400, 300)).cumsum(axis=1)
+            flips = rng.binomial(np.diff(dis, axis=1, prepend=0), q).cumsum(axis=1)
+            compared = 200 * np.arange(1, 301)
+            res = disagreement_test(compared, dis, dis, flips, 0.01, 0.05, 0.05, 0.2)
+            rb, pr = res["rollback"], res["promote"]
+            first = np.where((rb | pr).any(axis=1), (rb | pr).argmax(axis=1), -1)
+            kind = np.where(first < 0, "none", np.where(rb[np.arange(400), first], "rollback", "promote"))
+            assert np.mean(kind == wrong) <= 0.05, (d, ratio, np.mean(kind == wrong))
+            assert np.mean(kind != "none") >= 0.9, (d, ratio)
