@@ -359,6 +359,7 @@ class FlipCounts:
     positive_flips: int = 0
     production_correct: int = 0
     candidate_correct: int = 0
+    labelled_disagreements: int = 0   # labelled samples where the two predictions differ
 
 
 def count_flips(labels: np.ndarray, production: np.ndarray, candidate: np.ndarray) -> FlipCounts:
@@ -371,7 +372,8 @@ def count_flips(labels: np.ndarray, production: np.ndarray, candidate: np.ndarra
     c_ok = candidate == labels
     pc, cc, both = int(np.count_nonzero(p_ok)), int(np.count_nonzero(c_ok)), int(np.count_nonzero(p_ok & c_ok))
     return FlipCounts(labelled=int(len(labels)), negative_flips=pc - both, positive_flips=cc - both,
-                      production_correct=pc, candidate_correct=cc)
+                      production_correct=pc, candidate_correct=cc,
+                      labelled_disagreements=int(np.count_nonzero(production != candidate)))
 
 
 @dataclass
@@ -397,6 +399,7 @@ class GenerationCounters:
     positive_flips: int = 0
     production_correct: int = 0
     candidate_correct: int = 0
+    labelled_disagreements: int = 0
 
 
 class LatencyWindow:

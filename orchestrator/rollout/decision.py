@@ -49,11 +49,13 @@ class Counts:
     disagreements: int = 0       # compared samples whose predicted classes differ
     labelled: int = 0            # samples with a label joined to both predictions
     negative_flips: int = 0      # labelled samples production got right and candidate wrong
-    labelled_disagreements: int = 0   # labelled samples on which the two predictions differ
     latency_p99_ms: Optional[float] = None   # candidate's recent p99 (None = unknown)
     # Identity of the counter set a raw snapshot came from (the router's start time): a
     # different epoch means the counters restarted from zero. Not a count; None in deltas.
     epoch: Optional[float] = None
+    # Labelled samples on which the two predictions differ (rollout.nfr_test: disagreements).
+    # Last, so that counts built by position before it existed still mean what they did.
+    labelled_disagreements: int = 0
 
 
 @dataclass(frozen=True)

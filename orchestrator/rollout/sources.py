@@ -65,7 +65,8 @@ def add(a: Counts, b: Counts, latency_p99_ms: Optional[float] = None) -> Counts:
 # own counters (they reset when a replica restarts) and the comparison and label counts
 # from the log's shared gauges (they do not).
 COUNTER_GROUPS: tuple[tuple[str, ...], ...] = (("requests", "errors"),
-                                               ("compared", "disagreements", "labelled", "negative_flips"))
+                                               ("compared", "disagreements", "labelled", "negative_flips",
+                                                "labelled_disagreements"))
 
 
 def advance(last_raw: Optional[Counts], raw: Counts) -> Counts:
@@ -123,6 +124,7 @@ def counts_from_status(status: dict, candidate: str) -> Counts:
             disagreements=int(c.get("disagreements", 0)),
             labelled=int(c.get("labelled", 0)),
             negative_flips=int(c.get("negative_flips", 0)),
+            labelled_disagreements=int(c.get("labelled_disagreements", 0)),
             latency_p99_ms=_router_p99(g.get("latency") or {}),
             epoch=_epoch(status.get("counters_epoch", status.get("started_at"))),
         )
@@ -197,6 +199,8 @@ def promql_queries(candidate: str, latency_window: str = "1m") -> dict[str, str]
         "disagreements": shared("disagreements"),
         "labelled": shared("labelled"),
         "negative_flips": shared("negative_flips"),
+        # absent from routers older than the counter: 0 (the disagreements test then says so)
+        "labelled_disagreements": f'({shared("labelled_disagreements")} or vector(0))',
         "latency_p99_ms": f"histogram_quantile(0.99, sum by (le) "
                           f"(rate(ray_graceful_latency_ms_bucket{sel}[{latency_window}])))",
     }

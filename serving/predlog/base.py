@@ -129,7 +129,7 @@ def join_increments(outcome: JoinOutcome, added: Mapping[str, FlipCounts]) -> di
         # the fields by hand: dataclasses.asdict deep-copies, a quarter of a join's time
         out[g] = {"labelled_requests": 1, "labelled": f.labelled, "negative_flips": f.negative_flips,
                   "positive_flips": f.positive_flips, "production_correct": f.production_correct,
-                  "candidate_correct": f.candidate_correct}
+                  "candidate_correct": f.candidate_correct, "labelled_disagreements": f.labelled_disagreements}
     return out
 
 

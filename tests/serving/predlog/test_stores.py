@@ -21,13 +21,14 @@ DAY = 86400.0
 
 def test_judge_counts_flips_against_that_requests_production_by_hand():
     """production g0 [1, 2], candidate g1 [1, 0], labels [1, 2]: g1 has 2 labelled, 1
-    negative flip (row 2), 0 positive, production 2 right, candidate 1 right."""
+    negative flip (row 2), 0 positive, production 2 right, candidate 1 right, 1 labelled
+    disagreement (row 2: 2 vs 0)."""
     s = Stored(t=100.0, production="g0", rows=2, labelled=False,
                preds={"g0": np.array([1, 2]), "g1": np.array([1, 0])})
     outcome, added, _ = judge(s, [1, 2], now=101.0, retention_s=10.0)
     assert outcome is JoinOutcome.JOINED
     assert added == {"g1": FlipCounts(labelled=2, negative_flips=1, positive_flips=0, production_correct=2,
-                                      candidate_correct=1)}
+                                      candidate_correct=1, labelled_disagreements=1)}
     assert join_increments(outcome, added)["g1"]["labelled_requests"] == 1
 
 
