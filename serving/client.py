@@ -125,6 +125,14 @@ class RouterClient:
                           {"items": [{"request_id": r, "labels": list(map(int, y))} for r, y in items]},
                           token=self.feedback_token)
 
+    def labels_wanted(self, after: str = "", limit: int = 1000) -> dict:
+        """Requests on which a candidate disagreed with production, not labelled yet:
+        {"items": [{"request_id", "t", "rows"}], "next": cursor for the next page}."""
+        params: dict[str, Any] = {"limit": limit}
+        if after:
+            params["after"] = after
+        return self._call("GET", "/v1/labels/wanted", params=params, token=self.feedback_token)
+
     def embed(self, inputs, user_id: Optional[str] = None) -> dict:
         return self._data("/v1/embed", inputs, user_id)
 

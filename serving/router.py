@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from dataclasses import asdict
@@ -88,6 +89,10 @@ def _make_metrics() -> dict[str, Any]:
             out[name] = serve_metrics.Histogram(name, description=doc, boundaries=LATENCY_BUCKETS_MS,
                                                 tag_keys=tags)
     return out
+
+
+# A feed cursor: an integer (memory, sqlite) or a Redis stream id.
+_CURSOR = re.compile(r"^[0-9]{1,20}(-[0-9]{1,20})?$")
 
 
 def counters_of(raw: dict[str, int]) -> dict[str, int]:
@@ -430,7 +435,7 @@ class Router:
             if isinstance(ref, np.ndarray):
                 pred = self._candidate_view(ref, probs).argmax(1)
                 self._log_prediction(rid, gen, pred)
-                self._compare(gen, ref.argmax(1), pred)
+                self._compare(gen, ref.argmax(1), pred, rid)
 
     async def _finish_canary(self, rid: str, prod: str, primary: str, served_pred: np.ndarray,
                              early: asyncio.Future) -> None:
@@ -438,14 +443,15 @@ class Router:
         if isinstance(ref, np.ndarray):
             prod_pred = ref.argmax(1)
             self._log_prediction(rid, prod, prod_pred)
-            self._compare(primary, prod_pred, served_pred)
+            self._compare(primary, prod_pred, served_pred, rid)
 
-    def _compare(self, gen: str, prod_pred: np.ndarray, pred: np.ndarray) -> None:
+    def _compare(self, gen: str, prod_pred: np.ndarray, pred: np.ndarray, rid: str) -> None:
         n_dis = int(np.sum(prod_pred != pred))
         self.log.count(gen, compared=len(pred), disagreements=n_dis)
         self.m["graceful_compared_samples"].inc(len(pred), tags={"generation": gen})
         if n_dis:
             self.m["graceful_disagreements"].inc(n_dis, tags={"generation": gen})
+            self.log.mark_wanted(rid)  # only a disagreement can be a negative flip: label it
 
     async def _logged(self, fut) -> None:
         """Wait for a request's log row to be committed (prediction_log_sync), bounded."""
@@ -581,6 +587,30 @@ class Router:
         return _json({"request_id": rid, "outcomes": counts,
                       "results": [{"request_id": r.request_id, "outcome": r.outcome.value,
                                    **({"detail": r.detail} if r.detail else {})} for r in results]})
+
+    @app.get("/v1/labels/wanted")
+    async def labels_wanted(self, request: Request) -> Response:
+        """The requests worth labelling: those on which a candidate disagreed with
+        production, not labelled yet, oldest first, after the cursor `after` (the `next`
+        of the previous page; none: from the oldest kept), at most `limit` (1 to
+        feedback_max_items, default 1000). Feedback token."""
+        rid = _request_id()
+        try:
+            self._check_token(request, self.feedback_token, "feedback")
+            after = request.query_params.get("after", "")
+            if after and not _CURSOR.match(after):
+                raise BadRequest(f"after: not a cursor from this route ({after[:40]!r})")
+            raw = request.query_params.get("limit", "1000")
+            if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= self.spec["feedback_max_items"]):
+                raise BadRequest(f"limit: a whole number from 1 to {self.spec['feedback_max_items']}, got {raw[:20]!r}")
+            try:
+                items, cursor = await asyncio.to_thread(self.log.wanted, after, int(raw))
+            except Exception as e:
+                self.health["log_errors"] += 1
+                raise BadRequest(f"prediction log unavailable: {type(e).__name__}: {e}", status=503) from None
+        except BadRequest as e:
+            return self._error(e, rid, "labels_wanted")
+        return _json({"request_id": rid, "items": items, "next": cursor})
 
     async def _embed(self, request: Request, rid: str) -> tuple[str, np.ndarray, dict]:
         x, user, obj = await self._inputs(request)

@@ -39,6 +39,9 @@ FEEDBACK_SCOPE = "~feedback"
 PRED_DTYPE = np.dtype("<i4")
 
 
+# Flagged requests the memory and redis logs keep in their feed, newest kept (the sqlite
+# log keeps a flag on each request instead, so its feed is bounded by the retention).
+WANTED_MAX = 100_000
 # A join waits this long for the replica's own queued rows (a store that is down does
 # not hold a label sender for longer; the join then fails or finds them missing).
 JOIN_FLUSH_S = 5.0
@@ -206,6 +209,17 @@ class PredictionLog(abc.ABC):
     def count(self, generation: str, **inc: int) -> None:
         """Add to a generation's counters (`serving.core.GenerationCounters` names)."""
 
+    @abc.abstractmethod
+    def mark_wanted(self, rid: str) -> None:
+        """Flag a logged request as wanting labels: a candidate disagreed with production on
+        it (only there can a label show a negative flip)."""
+
+    @abc.abstractmethod
+    def wanted(self, after: str = "", limit: int = 1000) -> tuple[list[dict[str, Any]], str]:
+        """Flagged requests not labelled yet and still kept, oldest first, logged after the
+        cursor `after` ("" = the oldest kept): ([{"request_id", "t", "rows"}], the cursor
+        to pass next, `after` itself when there was nothing new). At most `limit`."""
+
     # --- joins -----------------------------------------------------------------------
     @abc.abstractmethod
     def join(self, items: Sequence[tuple[str, Sequence[int]]]) -> list[JoinResult]:
@@ -251,6 +265,7 @@ class PredictionLog(abc.ABC):
 class _Batch:
     requests: list = field(default_factory=list)   # (rid, t, production, rows, [(gen, sha, blob)])
     late: list = field(default_factory=list)       # (rid, gen, sha, blob)
+    wanted: list = field(default_factory=list)     # rids flagged for labels
     tally: Tally = field(default_factory=Tally)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     # Names the batch to the store, so that a retry after an ambiguous failure (the
@@ -259,7 +274,7 @@ class _Batch:
     attempts: int = 0
 
     def __len__(self) -> int:
-        return len(self.requests) + len(self.late)
+        return len(self.requests) + len(self.late) + len(self.wanted)
 
 
 def _resolve(fut: concurrent.futures.Future, ok: bool) -> None:
@@ -339,6 +354,12 @@ class BatchedLog(PredictionLog):
                 return
             self._batch.late.append((rid, generation, sha256, encode_pred(pred)))
             self._cond.notify()
+
+    def mark_wanted(self, rid):
+        with self._cond:
+            if not self._closed:
+                self._batch.wanted.append(rid)
+                self._cond.notify()
 
     def count(self, generation, **inc):
         # Counters alone wait up to tally_delay_s for rows to ride with: one commit per

@@ -11,11 +11,11 @@ import concurrent.futures
 import json
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, Optional
 
-from serving.predlog.base import (JoinResult, PredictionLog, Stored, Tally, decode_pred, encode_pred, join_increments,
-                                  judge, split_counters)
+from serving.predlog.base import (WANTED_MAX, JoinResult, PredictionLog, Stored, Tally, decode_pred, encode_pred,
+                                  join_increments, judge, split_counters)
 
 # What one logged request is counted to cost besides its prediction bytes and id: the
 # entry's list, its dict, the dict's keys and the OrderedDict's node. An overestimate, so
@@ -33,13 +33,15 @@ class MemoryLog(PredictionLog):
         self._clock = clock
         self.epoch = clock()
         self._lock = threading.Lock()
-        # rid -> [t, production, rows, labelled, {generation: (sha256, pred bytes)}, size]
+        # rid -> [t, production, rows, labelled, {generation: (sha256, pred bytes)}, size, wanted]
         self._entries: "OrderedDict[str, list]" = OrderedDict()
         self._bytes = 0
         self._tally = Tally()
         self.pruned = {"age": 0, "bytes": 0}
         self._state: tuple[int, Optional[str]] = (0, None)
         self._replicas: dict[str, tuple[float, dict]] = {}
+        self._wanted: "deque[tuple[int, str]]" = deque(maxlen=WANTED_MAX)   # (sequence number, rid)
+        self._wanted_seq = 0
 
     def _drop_front(self, reason: str) -> None:
         _, entry = self._entries.popitem(last=False)
@@ -58,7 +60,7 @@ class MemoryLog(PredictionLog):
         size = ENTRY_OVERHEAD + len(rid) + sum(PRED_OVERHEAD + len(b) for _, b in gens.values())
         with self._lock:
             if rid not in self._entries:
-                self._entries[rid] = [now, production, len(next(iter(preds.values()))[1]), False, gens, size]
+                self._entries[rid] = [now, production, len(next(iter(preds.values()))[1]), False, gens, size, False]
                 self._bytes += size
             self._prune(now)
         done: concurrent.futures.Future = concurrent.futures.Future()
@@ -79,6 +81,29 @@ class MemoryLog(PredictionLog):
     def count(self, generation, **inc):
         with self._lock:
             self._tally.add(generation, **inc)
+
+    def mark_wanted(self, rid):
+        with self._lock:
+            entry = self._entries.get(rid)
+            if entry is not None and not entry[6]:
+                entry[6] = True
+                self._wanted_seq += 1
+                self._wanted.append((self._wanted_seq, rid))
+
+    def wanted(self, after="", limit=1000):
+        start = int(after) if after else 0
+        items, cursor = [], after
+        with self._lock:
+            for seq, rid in self._wanted:
+                if seq <= start:
+                    continue
+                if len(items) >= limit:
+                    break
+                cursor = str(seq)
+                entry = self._entries.get(rid)
+                if entry is not None and not entry[3]:
+                    items.append({"request_id": rid, "t": entry[0], "rows": entry[2]})
+        return items, cursor
 
     def join(self, items):
         out = []

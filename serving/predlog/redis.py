@@ -13,6 +13,8 @@ Keys (`P` is the prefix):
     P:meta         hash  epoch, logged, state (JSON), state_version
     P:replicas     hash  replica id -> JSON {"t": time, "doc": report}
     P:batch:{id}   string  a writer batch that committed (expires after BATCH_MARK_S)
+    P:wanted       stream  requests flagged for labels (a candidate disagreed), `rid` each;
+                           at most about base.WANTED_MAX entries (XADD MAXLEN ~)
 
 Retention is Redis's own: by age, every request key expires `retention_s` after it was
 written (rounded up to whole seconds; `judge` still calls older requests unknown); by
@@ -40,7 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from serving.predlog.base import (JOIN_FLUSH_S, BatchedLog, JoinOutcome, JoinResult, Stored, Tally, _Batch,
+from serving.predlog.base import (JOIN_FLUSH_S, WANTED_MAX, BatchedLog, JoinOutcome, JoinResult, Stored, Tally, _Batch,
                                   decode_pred, join_increments, judge, split_counters)
 
 log = logging.getLogger("graceful.predlog")
@@ -82,6 +84,15 @@ if f['lab'] ~= '1' and tonumber(f['rows']) == tonumber(ARGV[1])
   return {1, h}
 end
 return {0, h}
+"""
+
+# KEYS: request, the wanted stream. ARGV: rid, max entries. Only a request still there is
+# flagged (and added to the feed), once.
+_WANT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HSETNX', KEYS[1], 'want', '1') == 0 then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'rid', ARGV[1])
+return 1
 """
 
 # KEYS: meta. ARGV: the state document (JSON). The document and its version change together.
@@ -126,13 +137,15 @@ class RedisLog(BatchedLog):
         self._meta = f"{prefix}:meta"
         self._scopes = f"{prefix}:scopes"
         self._replicas = f"{prefix}:replicas"
+        self._wanted = f"{prefix}:wanted"
         self._ttl = max(1, math.ceil(self.retention_s))
         try:
             self._r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         except ValueError as e:
             raise LogStoreError(f"redis log at {self.url}: not a Redis URL ({e})") from None
         self._scripts = {name: self._r.register_script(text)
-                         for name, text in (("record", _RECORD), ("late", _LATE), ("join", _JOIN), ("state", _STATE))}
+                         for name, text in (("record", _RECORD), ("late", _LATE), ("join", _JOIN), ("state", _STATE),
+                                            ("want", _WANT))}
         try:
             self._r.ping()
             self._load_scripts()
@@ -210,6 +223,8 @@ class RedisLog(BatchedLog):
                                    rows, *fields))
         for rid, g, sha, blob in batch.late:
             cmds.append(self._eval("late", (self._req(rid),), f"p:{g}", blob, f"s:{g}", sha))
+        for rid in batch.wanted:
+            cmds.append(self._eval("want", (self._req(rid), self._wanted), rid, WANTED_MAX))
         cmds += self._count_cmds(batch.tally)
         self._execute(cmds, transaction=True)
 
@@ -271,6 +286,29 @@ class RedisLog(BatchedLog):
             pipe.hgetall(self._counter(s))
         rows = [(s, k.decode(), int(v)) for s, h in zip(scopes, pipe.execute()) for k, v in h.items()]
         return split_counters(rows)
+
+    def wanted(self, after="", limit=1000):
+        self.flush(JOIN_FLUSH_S)
+        items, cursor = [], after
+        # Stream entries of requests labelled or expired since are skipped: a few reads
+        # of `limit` entries at most, so one call stays bounded.
+        for _ in range(5):
+            entries = self._r.xrange(self._wanted, min=f"({cursor}" if cursor else "-", count=limit)
+            if not entries:
+                break
+            rids = [fields[b"rid"].decode() for _, fields in entries]
+            pipe = self._r.pipeline(transaction=False)
+            for rid in rids:
+                pipe.hmget(self._req(rid), ["t", "rows", "lab"])
+            for (sid, _), rid, (t, rows, lab) in zip(entries, rids, pipe.execute()):
+                if len(items) >= limit:
+                    return items, cursor
+                cursor = sid.decode()
+                if t is not None and lab != b"1":
+                    items.append({"request_id": rid, "t": float(t), "rows": int(rows)})
+            if len(items) >= limit or len(entries) < limit:
+                break
+        return items, cursor
 
     def describe(self) -> dict[str, Any]:
         logged = self._r.hget(self._meta, "logged")

@@ -68,12 +68,23 @@ class SqliteLog(BatchedLog):
             self._w = _connect(self.path)       # the writer thread's
             self._r = _connect(self.path)       # joins, reads and state, under _rlock
             self._w.executescript(_SCHEMA)
+            self._add_wanted_column()
             self._init_meta()
         except sqlite3.DatabaseError as e:
             raise LogFileError(f"{self.path}: not a usable prediction log ({e})") from None
         self._rlock = threading.Lock()
         self._gen_ids: dict[tuple[str, str], int] = {}
         self._start()
+
+    def _add_wanted_column(self) -> None:
+        """The `wanted` flag (labels wanted: a candidate disagreed), added in place to logs
+        written before it; its partial index holds only the flagged, unlabelled requests."""
+        cols = {row[1] for row in self._w.execute("PRAGMA table_info(requests)")}
+        with _Tx(self._w):
+            if "wanted" not in cols:
+                self._w.execute("ALTER TABLE requests ADD COLUMN wanted INTEGER NOT NULL DEFAULT 0")
+            self._w.execute("CREATE INDEX IF NOT EXISTS requests_wanted ON requests (id) "
+                            "WHERE wanted = 1 AND labelled = 0")
 
     def _init_meta(self) -> None:
         with _Tx(self._w):
@@ -108,6 +119,8 @@ class SqliteLog(BatchedLog):
             if batch.late:
                 c.executemany("INSERT OR IGNORE INTO preds (req, gen, pred) SELECT id, ?, ? FROM requests WHERE rid = ?",
                               [(self._gen_id(g, sha), blob, rid) for rid, g, sha, blob in batch.late])
+            if batch.wanted:
+                c.executemany("UPDATE requests SET wanted = 1 WHERE rid = ?", [(rid,) for rid in batch.wanted])
             if batch.tally:
                 c.executemany(_ADD_COUNT, list(batch.tally.items()))
 
@@ -184,6 +197,14 @@ class SqliteLog(BatchedLog):
     def counters(self):
         with self._rlock:
             return split_counters(self._r.execute("SELECT scope, name, value FROM counters").fetchall())
+
+    def wanted(self, after="", limit=1000):
+        self.flush(JOIN_FLUSH_S)
+        with self._rlock:
+            rows = self._r.execute("SELECT id, rid, t, rows FROM requests WHERE wanted = 1 AND labelled = 0 AND id > ? "
+                                   "ORDER BY id LIMIT ?", (int(after) if after else 0, int(limit))).fetchall()
+        items = [{"request_id": rid, "t": t, "rows": n} for _, rid, t, n in rows]
+        return items, str(rows[-1][0]) if rows else after
 
     def describe(self) -> dict[str, Any]:
         with self._rlock:

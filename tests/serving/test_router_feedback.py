@@ -18,8 +18,8 @@ import torch
 from serving.refs import ModelRef
 from serving.specs import ServingSpec
 from tests.redis_server import RedisServer
-from tests.serving.test_router import _post, _router_class
-from workers.checkpoint import BUILTIN, save_model
+from tests.serving.test_router import _post, _request, _router_class
+from workers.checkpoint import BUILTIN, load_model, save_model
 from workers.models import build_model
 from workers.specs import ArchSpec
 
@@ -52,6 +52,13 @@ def _router(infos, log_path, deployment_id="deployment-1", **kw):
 def _x(n: int, seed: int = 0) -> bytes:
     x = np.random.default_rng(seed).standard_normal((n, *SHAPE)).round(3)
     return json.dumps({"inputs": x.tolist()}).encode()
+
+
+async def _get(handler, path: str, query: str, headers: dict | None = None) -> tuple[int, dict]:
+    req = _request(path, b"", headers=headers, query=query)
+    req.scope["method"] = "GET"
+    resp = await handler(req)
+    return resp.status_code, json.loads(resp.body)
 
 
 def _fb(rid: str, labels: list[int]) -> bytes:
@@ -261,3 +268,38 @@ def test_a_restarted_router_over_the_memory_log_starts_over_in_a_new_epoch(infos
     assert status == 404 and body["error"]
     assert after["counters_epoch"] != before["counters_epoch"]
     assert after["generations"].get("g1", {}).get("counters", {}).get("requests_shadow", 0) == 0
+
+
+def test_the_labels_wanted_route_lists_the_disagreements_until_they_are_labelled(infos, tmp_path):
+    """20 requests mirrored to g1: exactly the ones whose g1 prediction differs from the
+    answer on some row are in the feed (the feedback token guards it; a bad cursor or
+    limit is a 400), in order; a labelled one leaves it; replica B lists what A flagged."""
+    path = tmp_path / "log.sqlite"
+    a, b = _router(infos, path), _router(infos, path)
+
+    async def run():
+        answers = await _answered(a, 20, rows=3)
+        no_token = await _get(b.labels_wanted, "/v1/labels/wanted", "")
+        bad = [await _get(b.labels_wanted, "/v1/labels/wanted", q, headers=AUTH)
+               for q in ("after=1;drop", "limit=0", "limit=x")]
+        feed = await _get(b.labels_wanted, "/v1/labels/wanted", "limit=100", headers=AUTH)
+        first = feed[1]["items"][0]["request_id"] if feed[1]["items"] else None
+        if first:
+            x = next(ans for ans in answers if ans["request_id"] == first)
+            await _post(a.feedback, "/v1/feedback", _fb(first, x["predictions"]), headers=AUTH)
+        after = await _get(b.labels_wanted, "/v1/labels/wanted", "limit=100", headers=AUTH)
+        return answers, no_token, bad, feed, after
+
+    answers, no_token, bad, feed, after = asyncio.run(run())
+    g1, _ = load_model(infos["g1"]["uri"], infos["g1"]["sha256"])
+    want = []
+    for i, ans in enumerate(answers):
+        x = torch.tensor(json.loads(_x(3, i))["inputs"], dtype=torch.float32)
+        with torch.no_grad():
+            if (g1(x).argmax(1).numpy() != np.asarray(ans["predictions"])).any():
+                want.append(ans["request_id"])
+    assert no_token[0] == 401 and [s for s, _ in bad] == [400, 400, 400]
+    assert feed[0] == 200 and [i["request_id"] for i in feed[1]["items"]] == want and want
+    assert [i["request_id"] for i in after[1]["items"]] == want[1:]
+    for r in (a, b):
+        r.log.close()

@@ -214,21 +214,36 @@ def test_decision_is_a_frozen_dataclass_with_json_stats():
         d.kind = "promote"  # type: ignore[misc]
 
 
-def test_benchmark_vectorised_rule_is_decide():
-    """benchmarks/rollout_sim.py computes `ours` vectorised; replayed through decide() the
-    same draws must give the same decision at the same label count, rollout by rollout
-    (with and without the disagreement route)."""
+def test_benchmark_vectorised_rules_are_decide():
+    """benchmarks/rollout_sim.py computes `ours` and `ours_disagreements` vectorised;
+    replayed through decide() the same draws must give the same decision at the same label
+    count, rollout by rollout, with and without label delays."""
     from benchmarks import rollout_sim as sim
 
-    gate = RolloutSpec(nfr_limit=sim.LIMIT, shadow_bake_seconds=0,
-                       steps=[RolloutStep(weight=1.0, bake_seconds=0, min_requests=0, min_labels=0)])
     rng = np.random.default_rng(3)
-    for ratio, disagree in ((0.5, False), (1.0, True), (2.0, False), (0.5, True)):
-        flips, dis = sim.draw(rng, 40, ratio, disagree)
-        kind, labels = sim.ours_vectorised(flips, dis, gate)
-        k2, l2 = sim.ours_through_decide(flips, dis, gate, steps=False)
+    for ratio, delay in ((0.5, "none"), (2.0, "exponential")):
+        counts = sim.labelled_counts(rng, 8, ratio, delay)
+        kind, labels = sim.ours_labelled(counts, sim.gate_policy("labelled"))
+        k2, l2 = sim.through_decide(counts, sim.gate_policy("labelled"), 8)
         assert np.array_equal(kind, k2) and np.array_equal(labels, l2)
-        assert set(kind) <= {-1, 0, 1} and labels.min() >= sim.TICK_LABELS
+    for ratio, d, delay in ((0.5, 0.05, "none"), (2.0, 0.1, "heavy_tailed"), (1.0, 0.02, "correlated")):
+        counts = sim.disagreement_counts(rng, 8, ratio, d, delay)
+        kind, labels = sim.ours_disagreements(counts, sim.gate_policy("disagreements"))
+        k2, l2 = sim.through_decide(counts, sim.gate_policy("disagreements"), 8)
+        assert np.array_equal(kind, k2) and np.array_equal(labels, l2)
+        assert set(kind) <= {-1, 0, 1}
+
+
+def test_mann_whitney_z_of_the_kayenta_peer_by_hand_and_against_scipy():
+    from scipy.stats import mannwhitneyu
+
+    from benchmarks.rollout_sim import mann_whitney_z
+
+    assert mann_whitney_z(3, 1, 10) == pytest.approx(1.090, abs=1e-3)   # the docstring's arithmetic
+    canary, baseline = np.r_[np.ones(30), np.zeros(170)], np.r_[np.ones(18), np.zeros(182)]
+    p = mannwhitneyu(canary, baseline, alternative="greater", method="asymptotic", use_continuity=False).pvalue
+    z = mann_whitney_z(30, 18, 200)
+    assert 0.5 * math.erfc(z / math.sqrt(2)) == pytest.approx(p, rel=1e-9)
 
 
 def test_the_rule_reads_its_minimums_from_the_policy():

@@ -170,3 +170,24 @@ def test_a_waiter_cancelling_its_batch_future_does_not_stop_the_writer(tmp_path)
         assert [r.outcome for r in log.join([("r1", [1, 2]), ("r2", [1, 2])])] == [JoinOutcome.PARTIAL] * 2
     finally:
         log.close()
+
+
+def test_the_labels_wanted_feed_pages_flagged_unlabelled_requests_oldest_first(open_store):
+    """r1, r2, r3 flagged (r3 twice, and an id never logged), r4 not: the feed holds r1, r2,
+    r3 once each, in order; pages of one follow the cursor; r1 labelled leaves it; past the
+    end the cursor stays where it was."""
+    log = open_store()
+    for rid in ("r1", "r2", "r3", "r4"):
+        _served(log, rid)
+    for rid in ("r1", "r2", "r3", "r3", "never-logged"):
+        log.mark_wanted(rid)
+    assert log.flush()
+    items, cursor = log.wanted("", 10)
+    assert [i["request_id"] for i in items] == ["r1", "r2", "r3"] and all(i["rows"] == 2 for i in items)
+    first, c1 = log.wanted("", 1)
+    second, c2 = log.wanted(c1, 1)
+    assert [i["request_id"] for i in first + second] == ["r1", "r2"]
+    log.join([("r1", [1, 2])])
+    assert [i["request_id"] for i in log.wanted("", 10)[0]] == ["r2", "r3"]
+    rest, end = log.wanted(c2, 10)
+    assert [i["request_id"] for i in rest] == ["r3"] and log.wanted(end, 10) == ([], end)
