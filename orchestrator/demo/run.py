@@ -143,14 +143,16 @@ def reset_run_dir(cfg: RunConfig) -> None:
 
 class LiveTraffic:
     """Simulated users in a background thread: predict requests over HTTP with labels
-    posted `label_delay_s` later by request id (orchestrator.demo.traffic), until stopped."""
+    posted `label_delay_s` later by request id (orchestrator.demo.traffic), until stopped;
+    with `labels_wanted_only`, labels only for the requests the router lists as wanted."""
 
     def __init__(self, url: str, x: np.ndarray, y: np.ndarray, rate_per_s: float, max_seconds: float,
-                 max_requests: int = 100_000, seed: int = 0, feedback_token: Optional[str] = None):
+                 max_requests: int = 100_000, seed: int = 0, feedback_token: Optional[str] = None,
+                 labels_wanted_only: bool = False):
         from orchestrator.demo.traffic import TrafficGenerator
 
         self.gen = TrafficGenerator(url, x, y, rows_per_request=8, concurrency=2, label_delay_s=0.5, seed=seed,
-                                    feedback_token=feedback_token)
+                                    feedback_token=feedback_token, labels_wanted_only=labels_wanted_only)
         self.stop = threading.Event()
         self._args = (max_requests, max_seconds, self.stop, rate_per_s)
         self.thread = threading.Thread(target=self.gen.run, args=self._args, name="demo-traffic", daemon=True)
@@ -164,11 +166,17 @@ class LiveTraffic:
         self.thread.join(timeout=15)
 
 
-def _live_counts(client, candidate: str) -> tuple[Optional[float], int]:
-    """(live NFR or None before labels, labelled samples) of `candidate` from /v1/status."""
+def _live_counts(client, candidate: str, by_disagreements: bool = False) -> tuple[Optional[float], int]:
+    """(live NFR or None before labels, labelled samples) of `candidate` from /v1/status.
+    With labels only on flagged requests (`by_disagreements`) the NFR is the disagreement
+    rate times the flip share of the labelled disagreements."""
     from orchestrator.rollout.sources import counts_from_status
 
     c = counts_from_status(client.status(), candidate)
+    if by_disagreements:
+        if not (c.labelled_disagreements and c.compared):
+            return None, c.labelled
+        return c.disagreements / c.compared * c.negative_flips / c.labelled_disagreements, c.labelled
     return (c.negative_flips / c.labelled if c.labelled else None), c.labelled
 
 
@@ -200,7 +208,7 @@ def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, 
         now = time.monotonic()
         if res.transition or res.decision in ("rollback", "error") or now - last_print[0] >= 5:
             last_print[0] = now
-            nfr, labelled = _live_counts(client, candidate)
+            nfr, labelled = _live_counts(client, candidate, cfg.rollout.nfr_test == "disagreements")
             live = f"live NFR {100 * nfr:.2f}% of {labelled} labelled" if nfr is not None else "no labels yet"
             move = f"  [{res.transition}]" if res.transition else ""
             log(f"[{candidate}] {now - t0:5.1f}s {res.state} step {res.step} weight {res.weight or 0:.2f}: "
@@ -317,8 +325,12 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
         top1, by = live_retrieval_top1(client, q.x, q.y)
         log(f"/v1/search: top-1 {100 * top1:.1f}% with queries embedded by {by} in {cfg.gallery}'s gallery")
         budget = rollout_seconds * max(1, len(cfg.generations) - 1) + 60
-        with LiveTraffic(url, ds.test.x, ds.test.y, traffic_rps, budget, feedback_token=feedback_token) as traffic:
-            log(f"simulated users: {traffic_rps:.0f} requests/s of 8 rows, labels arrive 0.5s later")
+        wanted_only = cfg.rollout.nfr_test == "disagreements"
+        with LiveTraffic(url, ds.test.x, ds.test.y, traffic_rps, budget, feedback_token=feedback_token,
+                         labels_wanted_only=wanted_only) as traffic:
+            log(f"simulated users: {traffic_rps:.0f} requests/s of 8 rows, labels arrive 0.5s later"
+                + (" for the requests the router flags (a candidate disagreed): /v1/labels/wanted"
+                   if wanted_only else ""))
             for gen in cfg.generations:
                 if gen.name == production or any(r.name == gen.name for r in rows):
                     continue
@@ -333,7 +345,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
                 # The library's start adds the gate's verdict (and "advisory") to the reason.
                 state = roll_out(cfg, registry, client, gen.name, production, log, stop, rollout_seconds,
                                  "graceful demo")
-                row.live_nfr, row.live_labelled = _live_counts(client, gen.name)
+                row.live_nfr, row.live_labelled = _live_counts(client, gen.name, wanted_only)
                 row.outcome = state
                 log(f"[{gen.name}] {state.replace('_', ' ')}")
                 if state == "promoted":
@@ -342,8 +354,8 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
                 log(f"/v1/search: top-1 {100 * top1:.1f}% with queries embedded by {by} in "
                     f"{cfg.gallery}'s gallery (not re-indexed)")
             stats = traffic.gen.stats
-        log(f"traffic: {stats.ok}/{stats.sent} requests answered, {stats.labelled} labelled, "
-            f"p50 {stats.p50_ms():.1f} ms")
+        log(f"traffic: {stats.ok}/{stats.sent} requests answered, {stats.labelled} labelled"
+            + (" (only those flagged: labels wanted)" if wanted_only else "") + f", p50 {stats.p50_ms():.1f} ms")
     finally:
         if registry is not None:
             registry.close()

@@ -2,7 +2,10 @@
 
 Used by the demo and by integration tests to drive the router the way users would: each
 request carries a few rows of held-out data; the true labels are posted to
-`/v1/feedback` by request id after a delay, as they would arrive from downstream.
+`/v1/feedback` by request id after a delay, as they would arrive from downstream. With
+`labels_wanted_only` a labelling job is simulated instead: it reads the router's
+`/v1/labels/wanted` feed (the requests on which a candidate disagreed with production)
+every `label_delay_s` and labels only those, through `/v1/feedback/batch`.
 Request counts and time are bounded; only the given base URL is contacted.
 """
 
@@ -12,6 +15,7 @@ import heapq
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -28,6 +32,7 @@ class TrafficStats:
     errors: int = 0
     labelled: int = 0
     feedback_errors: int = 0
+    wanted_seen: int = 0        # feed items read (labels_wanted_only)
     latencies_ms: list[float] = field(default_factory=list)
     by_generation: dict[str, int] = field(default_factory=dict)
 
@@ -43,7 +48,8 @@ class TrafficGenerator:
 
     def __init__(self, base_url: str, x: np.ndarray, y: np.ndarray, rows_per_request: int = 8,
                  concurrency: int = 4, label_delay_s: float = 0.5, label_fraction: float = 1.0,
-                 users: int = 1000, seed: int = 0, timeout_s: float = 10.0, feedback_token: Optional[str] = None):
+                 users: int = 1000, seed: int = 0, timeout_s: float = 10.0, feedback_token: Optional[str] = None,
+                 labels_wanted_only: bool = False, remember: int = 200_000):
         if len(x) != len(y) or len(x) == 0:
             raise ValueError("x and y must be non-empty and of equal length")
         self.base_url = base_url.rstrip("/")
@@ -62,6 +68,13 @@ class TrafficGenerator:
         self._pending: list[tuple[float, int, str, list[int]]] = []  # heap of due feedback
         self._pending_lock = threading.Lock()
         self._seq = 0
+        self.labels_wanted_only = labels_wanted_only
+        # The true labels of answered requests, for the feed's items (the newest `remember`).
+        self._known: "OrderedDict[str, list[int]]" = OrderedDict()
+        self._remember = remember
+        self._cursor = ""
+        self._next_poll = 0.0
+        self._poll_lock = threading.Lock()
         self.stats = TrafficStats()
         self._stats_lock = threading.Lock()
 
@@ -92,13 +105,65 @@ class TrafficGenerator:
                 self.stats.by_generation[gen] = self.stats.by_generation.get(gen, 0) + 1
             else:
                 self.stats.errors += 1
-        if ok and labelled and body.get("request_id"):
+        if ok and labelled and body.get("request_id") and self.labels_wanted_only:
+            with self._pending_lock:
+                self._known[body["request_id"]] = labels
+                while len(self._known) > self._remember:
+                    self._known.popitem(last=False)
+        elif ok and labelled and body.get("request_id"):
             with self._pending_lock:
                 self._seq += 1
                 heapq.heappush(self._pending, (time.monotonic() + self.label_delay_s, self._seq,
                                                body["request_id"], labels))
 
+    def _label_wanted(self, session: requests.Session, flush: bool = False) -> None:
+        """One labelling round: read the feed from the last cursor, post the labels of the
+        requests it lists that this generator sent (one thread at a time, every label_delay_s)."""
+        if not self._poll_lock.acquire(blocking=flush):
+            return
+        try:
+            if not flush and time.monotonic() < self._next_poll:
+                return
+            self._next_poll = time.monotonic() + self.label_delay_s
+            for _ in range(20):  # pages; bounded
+                try:
+                    r = session.get(f"{self.base_url}/v1/labels/wanted", params={"after": self._cursor, "limit": 500},
+                                    headers=self._feedback_headers, timeout=self.timeout_s)
+                    page = r.json() if r.status_code == 200 else None
+                except (requests.RequestException, ValueError):
+                    page = None
+                if page is None:
+                    with self._stats_lock:
+                        self.stats.feedback_errors += 1
+                    return
+                self._cursor = page.get("next") or self._cursor
+                with self._pending_lock:
+                    items = [(i["request_id"], self._known.pop(i["request_id"])) for i in page.get("items", [])
+                             if i.get("request_id") in self._known]
+                with self._stats_lock:
+                    self.stats.wanted_seen += len(page.get("items", []))
+                if items:
+                    try:
+                        r = session.post(f"{self.base_url}/v1/feedback/batch",
+                                         json={"items": [{"request_id": rid, "labels": y} for rid, y in items]},
+                                         headers=self._feedback_headers, timeout=self.timeout_s)
+                        ok = r.status_code == 200
+                    except requests.RequestException:
+                        ok = False
+                    with self._stats_lock:
+                        if ok:
+                            self.stats.labelled += len(items)
+                        else:
+                            self.stats.feedback_errors += 1
+                if len(page.get("items", [])) < 500:
+                    return
+        finally:
+            self._poll_lock.release()
+
     def _send_due_feedback(self, session: requests.Session, flush: bool = False) -> None:
+        if self.labels_wanted_only:
+            self._label_wanted(session, flush)
+            return
         while True:
             with self._pending_lock:
                 if not self._pending or (not flush and self._pending[0][0] > time.monotonic()):
@@ -145,7 +210,7 @@ class TrafficGenerator:
         for t in threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()) + self.timeout_s + 1)
         # Labels arrive late by design; wait out the delay once so none is lost at the end.
-        if self._pending and not stop.is_set():
+        if (self._pending or self.labels_wanted_only) and not stop.is_set():
             time.sleep(min(self.label_delay_s, max(0.0, deadline - time.monotonic())))
         with requests.Session() as session:
             self._send_due_feedback(session, flush=True)

@@ -17,6 +17,7 @@ class _Server:
     def __init__(self, fail_every: int = 0):
         self.predictions: dict[str, list] = {}
         self.feedback: dict[str, list] = {}
+        self.order: list[str] = []
         self.calls = 0
         self.fail_every = fail_every
         outer = self
@@ -35,10 +36,27 @@ class _Server:
                         return
                     rid = uuid.uuid4().hex
                     outer.predictions[rid] = body["inputs"]
+                    outer.order.append(rid)
                     out = {"request_id": rid, "generation": "g0", "predictions": [0] * len(body["inputs"])}
+                elif self.path == "/v1/feedback/batch":
+                    for item in body["items"]:
+                        outer.feedback[item["request_id"]] = item["labels"]
+                    out = {"outcomes": {"joined": len(body["items"])}}
                 else:
                     outer.feedback[body["request_id"]] = body["labels"]
                     out = {"ok": True}
+                self._send(out)
+
+            def do_GET(self):
+                # /v1/labels/wanted: every even-numbered request is "wanted", after the cursor
+                query = dict(p.split("=", 1) for p in self.path.partition("?")[2].split("&") if "=" in p)
+                after = int(query.get("after") or 0)
+                wanted = [(i + 1, rid) for i, rid in enumerate(list(outer.order)) if i % 2 == 0 and i + 1 > after]
+                page = wanted[:int(query.get("limit", 1000))]
+                self._send({"items": [{"request_id": rid, "t": 0.0, "rows": 3} for _, rid in page],
+                            "next": str(page[-1][0]) if page else query.get("after", "")})
+
+            def _send(self, out):
                 data = json.dumps(out).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -90,3 +108,17 @@ def test_time_bound_stops_it(server):
     gen = TrafficGenerator(server.url, np.zeros((5, 2)), np.zeros(5, int), concurrency=1)
     stats = gen.run(max_requests=10**9, max_seconds=0.5)
     assert 0 < stats.sent < 10**9
+
+
+def test_labels_wanted_only_labels_exactly_the_requests_the_feed_lists(server):
+    """The feed lists every other request: those, and only those, get their labels, through
+    the batch route, each once (the cursor moves on)."""
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    gen = TrafficGenerator(server.url, x, np.arange(20), rows_per_request=3, concurrency=2, label_delay_s=0.05,
+                           labels_wanted_only=True)
+    stats = gen.run(max_requests=30, max_seconds=20)
+    assert stats.ok == 30
+    want = {rid for i, rid in enumerate(server.order) if i % 2 == 0}
+    assert set(server.feedback) == want and stats.labelled == len(want) == 15
+    for rid, labels in server.feedback.items():
+        assert labels == [int(r[0]) // 2 for r in server.predictions[rid]]
