@@ -91,8 +91,9 @@ def _make_metrics() -> dict[str, Any]:
     return out
 
 
-# A feed cursor: an integer (memory, sqlite) or a Redis stream id.
-_CURSOR = re.compile(r"^[0-9]{1,20}(-[0-9]{1,20})?$")
+# A feed cursor: the log's epoch (hex microseconds) "." the store's position: an integer
+# (memory, sqlite) or a Redis stream id; empty before the first flag.
+_CURSOR = re.compile(r"^(?P<tag>[0-9a-f]{1,16})\.(?P<pos>(?:[0-9]{1,18}(?:-[0-9]{1,18})?)?)$")
 
 
 def counters_of(raw: dict[str, int]) -> dict[str, int]:
@@ -541,11 +542,12 @@ class Router:
         try:
             return await asyncio.to_thread(self.log.join, items)
         except Exception as e:
-            # The store is down (a restart, a failover): nothing was joined, so the
-            # sender can send the same labels again.
+            # The store is down (a restart, a failover). Sending the same labels again is
+            # safe: what did join answers "duplicate" (with Redis, a request marked just as
+            # the store failed may have lost its flip counts).
             self.health["log_errors"] += 1
-            raise BadRequest(f"prediction log unavailable, nothing joined; retry: {type(e).__name__}: {e}",
-                             status=503) from None
+            raise BadRequest(f"prediction log unavailable, labels not (or not all) joined; send them again: "
+                             f"{type(e).__name__}: {e}", status=503) from None
 
     @app.post("/v1/feedback")
     async def feedback(self, request: Request) -> Response:
@@ -598,19 +600,24 @@ class Router:
         try:
             self._check_token(request, self.feedback_token, "feedback")
             after = request.query_params.get("after", "")
-            if after and not _CURSOR.match(after):
+            m = _CURSOR.match(after) if after else None
+            if after and (m is None or ("-" in m["pos"]) != (self.log.kind == "redis" and bool(m["pos"]))):
                 raise BadRequest(f"after: not a cursor from this route ({after[:40]!r})")
             raw = request.query_params.get("limit", "1000")
             if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= self.spec["feedback_max_items"]):
                 raise BadRequest(f"limit: a whole number from 1 to {self.spec['feedback_max_items']}, got {raw[:20]!r}")
+            # A cursor of another log (a memory log's router restarted, a new file, a Redis
+            # that lost its data) starts again from the oldest flag kept.
+            tag = f"{int(self.log.epoch * 1e6):x}"
+            pos = m["pos"] if m is not None and m["tag"] == tag else ""
             try:
-                items, cursor = await asyncio.to_thread(self.log.wanted, after, int(raw))
+                items, pos = await asyncio.to_thread(self.log.wanted, pos, int(raw))
             except Exception as e:
                 self.health["log_errors"] += 1
                 raise BadRequest(f"prediction log unavailable: {type(e).__name__}: {e}", status=503) from None
         except BadRequest as e:
             return self._error(e, rid, "labels_wanted")
-        return _json({"request_id": rid, "items": items, "next": cursor})
+        return _json({"request_id": rid, "items": items, "next": f"{tag}.{pos}"})
 
     async def _embed(self, request: Request, rid: str) -> tuple[str, np.ndarray, dict]:
         x, user, obj = await self._inputs(request)

@@ -136,12 +136,9 @@ class TrafficGenerator:
                     with self._stats_lock:
                         self.stats.feedback_errors += 1
                     return
-                self._cursor = page.get("next") or self._cursor
                 with self._pending_lock:
-                    items = [(i["request_id"], self._known.pop(i["request_id"])) for i in page.get("items", [])
+                    items = [(i["request_id"], self._known[i["request_id"]]) for i in page.get("items", [])
                              if i.get("request_id") in self._known]
-                with self._stats_lock:
-                    self.stats.wanted_seen += len(page.get("items", []))
                 if items:
                     try:
                         r = session.post(f"{self.base_url}/v1/feedback/batch",
@@ -150,11 +147,18 @@ class TrafficGenerator:
                         ok = r.status_code == 200
                     except requests.RequestException:
                         ok = False
-                    with self._stats_lock:
-                        if ok:
-                            self.stats.labelled += len(items)
-                        else:
+                    if not ok:  # the cursor stays: the same page is read again next round
+                        with self._stats_lock:
                             self.stats.feedback_errors += 1
+                        return
+                    with self._stats_lock:
+                        self.stats.labelled += len(items)
+                with self._pending_lock:
+                    for rid, _ in items:
+                        self._known.pop(rid, None)
+                with self._stats_lock:
+                    self.stats.wanted_seen += len(page.get("items", []))
+                self._cursor = page.get("next") or self._cursor
                 if len(page.get("items", [])) < 500:
                     return
         finally:

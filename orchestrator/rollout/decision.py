@@ -189,9 +189,10 @@ def disagreement_test(compared, disagreements, labelled, flips, limit: float, fa
     holds at every look: P(false rollback) <= false_rollback, P(promote at p1) <=
     false_promote. Returns the bounds, both LLRs and `rollback` / `promote` flags.
 
-    compared 2000, disagreements 100 (d about 0.05), labelled 100 disagreements, 2 flips,
-    limit 0.01: q0 about 0.1 and q1 about 0.4 at d near 0.05 -> LLR about 2 log 4 +
-    98 log(0.6/0.9) = 2.77 - 39.7 < log(0.04) = -3.2: promote.
+    compared 2000, disagreements 100, labelled 100 disagreements, 2 flips, limit 0.01:
+    d's upper end (share 0.2 of 0.05) is 0.0713, so q0 = 0.0701, q1 = 0.2806 and the LLR
+    at it is 2 log 4 + 98 log(0.7194/0.9299) = 2.77 - 25.15 = -22.4 <= log(0.04) = -3.2:
+    promote.
     """
     p0, p1 = design_rates(limit)
     alpha_d = min(false_rollback, false_promote) * share

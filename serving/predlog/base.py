@@ -277,6 +277,11 @@ class _Batch:
         return len(self.requests) + len(self.late) + len(self.wanted)
 
 
+class CommitLost(RuntimeError):
+    """Raised by a store's `_write` when its batch cannot be retried (part of it landed):
+    it is counted lost at once."""
+
+
 def _resolve(fut: concurrent.futures.Future, ok: bool) -> None:
     """Resolve a batch's future unless a waiter cancelled it: the writer thread goes on."""
     try:
@@ -294,7 +299,9 @@ class BatchedLog(PredictionLog):
     costs logged rows, never the router's memory. A failed commit is retried with
     backoff for up to `retry_s` (a store restarting, a failover): rows queued meanwhile
     wait behind it. Past that its rows are dropped and counted (`write_errors`), and
-    the writer goes on with the next batch. Counter increments ride with the next rows,
+    the writer goes on with the next batch (its counter increments and flags are lost with
+    it; a batch that partly landed raises `CommitLost` and is not retried). Counter
+    increments ride with the next rows,
     or are written alone `tally_delay_s` after the first of them (a status read may lag
     by that much). Retention runs in the same thread every `prune_interval_s`.
     """
@@ -366,7 +373,8 @@ class BatchedLog(PredictionLog):
         # answered request, not one for its counts and another for its row.
         with self._cond:
             self._batch.tally.add(generation, **inc)
-            if self._tally_due is None:
+            # (zeros add nothing: no due time for an empty tally, or the writer would spin)
+            if self._tally_due is None and self._batch.tally:
                 self._tally_due = time.monotonic() + self.tally_delay_s
                 self._cond.notify()
 
@@ -378,10 +386,11 @@ class BatchedLog(PredictionLog):
         if target is None:
             return True
         try:
-            target.future.result(timeout_s)
+            return bool(target.future.result(timeout_s))   # False: that batch was dropped
         except concurrent.futures.TimeoutError:
             return False
-        return True
+        except concurrent.futures.CancelledError:  # a waiter gave up on it; the writer still commits it
+            return True
 
     def close(self) -> None:
         self.flush()
@@ -431,6 +440,9 @@ class BatchedLog(PredictionLog):
             batch.attempts += 1
             try:
                 self._write(batch)
+            except CommitLost as e:
+                self._lose(batch, f"{type(e).__name__}: {e}")
+                return
             except Exception as e:
                 self.last_error = f"{type(e).__name__}: {e}"
                 # A closed log stops retrying: close() must not hang on a dead store.
@@ -442,15 +454,22 @@ class BatchedLog(PredictionLog):
                     time.sleep(delay)
                     delay = min(delay * 2, 1.0)
                     continue
-                self.write_errors += 1
-                self.dropped += len(batch.requests)
-                log.error("prediction log (%s): a batch of %d requests was lost after %d attempts: %s",
-                          self.kind, len(batch.requests), batch.attempts, self.last_error)
-                _resolve(batch.future, False)
+                self._lose(batch, self.last_error)
                 return
             self.batches += 1
             _resolve(batch.future, True)
             return
+
+    def _lose(self, batch: _Batch, why: Optional[str]) -> None:
+        """Give a batch up: its rows count as dropped, its counter increments and flags go
+        with them (counted in `write_errors`)."""
+        self.last_error = why
+        self.write_errors += 1
+        self.dropped += len(batch.requests)
+        log.error("prediction log (%s): a batch of %d requests (%d late predictions, %d counter increments, "
+                  "%d flags) was lost after %d attempts: %s", self.kind, len(batch.requests), len(batch.late),
+                  len(list(batch.tally.items())), len(batch.wanted), batch.attempts, why)
+        _resolve(batch.future, False)
 
     def _health(self) -> dict[str, Any]:
         with self._cond:

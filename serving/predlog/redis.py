@@ -25,9 +25,12 @@ the shared state; an `allkeys-*` policy could evict those and is warned about. N
 is pruned here, so `pruned` stays 0.
 
 Writes that must not overwrite, and the mark of a join, are Lua scripts (atomic on the
-server); a batch of the writer thread is one MULTI/EXEC round trip that also sets a
-marker key `P:batch:{id}` (kept an hour), so a batch retried after its connection broke
-mid-commit is skipped if it had landed, and never adds its counters twice.
+server); a batch of the writer thread is one MULTI/EXEC round trip (its scripts sent as
+EVAL with their text, so that no NOSCRIPT can fail part of it) that also sets a marker
+key `P:batch:{id}` (kept an hour), so a batch retried after its connection broke
+mid-commit is skipped if it had landed, and never adds its counters twice. A batch one
+of whose commands failed inside EXEC (the rest landed) is counted lost, not retried.
+The feed cursor's `(id` ranges need Redis 6.2 or later.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from serving.predlog.base import (JOIN_FLUSH_S, WANTED_MAX, BatchedLog, JoinOutcome, JoinResult, Stored, Tally, _Batch,
+from serving.predlog.base import (JOIN_FLUSH_S, WANTED_MAX, BatchedLog, CommitLost, JoinOutcome, JoinResult, Stored, Tally, _Batch,
                                   decode_pred, join_increments, judge, split_counters)
 
 log = logging.getLogger("graceful.predlog")
@@ -177,6 +180,12 @@ class RedisLog(BatchedLog):
         s = self._scripts[name]
         return ("EVALSHA", s.sha, len(keys), *keys, *args)
 
+    def _eval_text(self, name: str, keys: Sequence[str], *args: Any) -> tuple:
+        """EVAL with the script's text: in the writer's transactions, where a NOSCRIPT
+        (a flushed or failed-over script cache) would let the rest of the batch, its
+        marker included, land without the scripts' writes."""
+        return ("EVAL", self._scripts[name].script, len(keys), *keys, *args)
+
     def _execute(self, cmds: list[tuple], transaction: bool) -> list:
         """The replies of `cmds`, sent in one round trip (MULTI/EXEC when `transaction`).
 
@@ -208,25 +217,26 @@ class RedisLog(BatchedLog):
     # --- writer thread -----------------------------------------------------------------
     def _write(self, batch: _Batch) -> None:
         mark = f"{self.prefix}:batch:{batch.id}"
-        if batch.attempts > 1:
-            # Retrying: the last try may have committed before its connection broke, and
-            # a restarted server has no scripts loaded.
-            if self._r.exists(mark):
-                return
-            self._load_scripts()
+        if batch.attempts > 1 and self._r.exists(mark):
+            return  # the last try committed before its connection broke
         cmds: list[tuple] = [("SET", mark, 1, "EX", BATCH_MARK_S)]
         for rid, t, prod, rows, preds in batch.requests:
             fields: list[Any] = []
             for g, sha, blob in preds:
                 fields += [f"p:{g}", blob, f"s:{g}", sha]
-            cmds.append(self._eval("record", (self._req(rid), self._meta), self._ttl, repr(float(t)), prod,
+            cmds.append(self._eval_text("record", (self._req(rid), self._meta), self._ttl, repr(float(t)), prod,
                                    rows, *fields))
         for rid, g, sha, blob in batch.late:
-            cmds.append(self._eval("late", (self._req(rid),), f"p:{g}", blob, f"s:{g}", sha))
+            cmds.append(self._eval_text("late", (self._req(rid),), f"p:{g}", blob, f"s:{g}", sha))
         for rid in batch.wanted:
-            cmds.append(self._eval("want", (self._req(rid), self._wanted), rid, WANTED_MAX))
+            cmds.append(self._eval_text("want", (self._req(rid), self._wanted), rid, WANTED_MAX))
         cmds += self._count_cmds(batch.tally)
-        self._execute(cmds, transaction=True)
+        replies = self._send(cmds, transaction=True)
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if errors:
+            # EXEC ran the other commands (the marker too): a retry would skip the batch
+            raise CommitLost(f"{len(errors)} of {len(cmds)} commands of the batch failed, the rest landed: "
+                             f"{type(errors[0]).__name__}: {errors[0]}")
 
     def _count_cmds(self, tally: Tally) -> list[tuple]:
         cmds, scopes = [], set()

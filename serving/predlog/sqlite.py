@@ -77,14 +77,18 @@ class SqliteLog(BatchedLog):
         self._start()
 
     def _add_wanted_column(self) -> None:
-        """The `wanted` flag (labels wanted: a candidate disagreed), added in place to logs
-        written before it; its partial index holds only the flagged, unlabelled requests."""
-        cols = {row[1] for row in self._w.execute("PRAGMA table_info(requests)")}
+        """The `wanted` column (0, or the order in which the request was flagged for labels:
+        a candidate disagreed), added in place to logs written before it, inside the
+        write lock so that replicas opening one old file together add it once. Its partial
+        index holds only the flagged, unlabelled requests, in flag order (the feed's)."""
         with _Tx(self._w):
+            cols = {row[1] for row in self._w.execute("PRAGMA table_info(requests)")}
             if "wanted" not in cols:
                 self._w.execute("ALTER TABLE requests ADD COLUMN wanted INTEGER NOT NULL DEFAULT 0")
-            self._w.execute("CREATE INDEX IF NOT EXISTS requests_wanted ON requests (id) "
-                            "WHERE wanted = 1 AND labelled = 0")
+            self._w.execute("DROP INDEX IF EXISTS requests_wanted")
+            self._w.execute("CREATE INDEX IF NOT EXISTS requests_wanted_seq ON requests (wanted) "
+                            "WHERE wanted > 0 AND labelled = 0")
+            self._w.execute("INSERT OR IGNORE INTO meta VALUES ('wanted_seq', '0')")
 
     def _init_meta(self) -> None:
         with _Tx(self._w):
@@ -120,7 +124,14 @@ class SqliteLog(BatchedLog):
                 c.executemany("INSERT OR IGNORE INTO preds (req, gen, pred) SELECT id, ?, ? FROM requests WHERE rid = ?",
                               [(self._gen_id(g, sha), blob, rid) for rid, g, sha, blob in batch.late])
             if batch.wanted:
-                c.executemany("UPDATE requests SET wanted = 1 WHERE rid = ?", [(rid,) for rid in batch.wanted])
+                # Flags are numbered in the order they are made, across replicas (the
+                # write lock orders them): the feed pages by it, so a request flagged
+                # after a later one was read is still listed.
+                seq = int(c.execute("SELECT value FROM meta WHERE key = 'wanted_seq'").fetchone()[0])
+                for rid in batch.wanted:
+                    seq += c.execute("UPDATE requests SET wanted = ? WHERE rid = ? AND wanted = 0",
+                                     (seq + 1, rid)).rowcount
+                c.execute("UPDATE meta SET value = ? WHERE key = 'wanted_seq'", (str(seq),))
             if batch.tally:
                 c.executemany(_ADD_COUNT, list(batch.tally.items()))
 
@@ -201,8 +212,9 @@ class SqliteLog(BatchedLog):
     def wanted(self, after="", limit=1000):
         self.flush(JOIN_FLUSH_S)
         with self._rlock:
-            rows = self._r.execute("SELECT id, rid, t, rows FROM requests WHERE wanted = 1 AND labelled = 0 AND id > ? "
-                                   "ORDER BY id LIMIT ?", (int(after) if after else 0, int(limit))).fetchall()
+            rows = self._r.execute("SELECT wanted, rid, t, rows FROM requests WHERE wanted > 0 AND labelled = 0 "
+                                   "AND wanted > ? ORDER BY wanted LIMIT ?",
+                                   (int(after) if after else 0, int(limit))).fetchall()
         items = [{"request_id": rid, "t": t, "rows": n} for _, rid, t, n in rows]
         return items, str(rows[-1][0]) if rows else after
 

@@ -281,16 +281,19 @@ def test_the_labels_wanted_route_lists_the_disagreements_until_they_are_labelled
         answers = await _answered(a, 20, rows=3)
         no_token = await _get(b.labels_wanted, "/v1/labels/wanted", "")
         bad = [await _get(b.labels_wanted, "/v1/labels/wanted", q, headers=AUTH)
-               for q in ("after=1;drop", "limit=0", "limit=x")]
+               for q in ("after=1;drop", "after=1", "after=abc.1-0", "limit=0", "limit=x")]
         feed = await _get(b.labels_wanted, "/v1/labels/wanted", "limit=100", headers=AUTH)
         first = feed[1]["items"][0]["request_id"] if feed[1]["items"] else None
         if first:
             x = next(ans for ans in answers if ans["request_id"] == first)
             await _post(a.feedback, "/v1/feedback", _fb(first, x["predictions"]), headers=AUTH)
         after = await _get(b.labels_wanted, "/v1/labels/wanted", "limit=100", headers=AUTH)
-        return answers, no_token, bad, feed, after
+        # the cursor moves past what was read; one of another log starts from the oldest
+        past = await _get(b.labels_wanted, "/v1/labels/wanted", f"after={feed[1]['next']}", headers=AUTH)
+        other = await _get(b.labels_wanted, "/v1/labels/wanted", "after=abc.99999", headers=AUTH)
+        return answers, no_token, bad, feed, after, past, other
 
-    answers, no_token, bad, feed, after = asyncio.run(run())
+    answers, no_token, bad, feed, after, past, other = asyncio.run(run())
     g1, _ = load_model(infos["g1"]["uri"], infos["g1"]["sha256"])
     want = []
     for i, ans in enumerate(answers):
@@ -298,8 +301,10 @@ def test_the_labels_wanted_route_lists_the_disagreements_until_they_are_labelled
         with torch.no_grad():
             if (g1(x).argmax(1).numpy() != np.asarray(ans["predictions"])).any():
                 want.append(ans["request_id"])
-    assert no_token[0] == 401 and [s for s, _ in bad] == [400, 400, 400]
+    assert no_token[0] == 401 and [s for s, _ in bad] == [400] * 5
     assert feed[0] == 200 and [i["request_id"] for i in feed[1]["items"]] == want and want
     assert [i["request_id"] for i in after[1]["items"]] == want[1:]
+    assert past[1]["items"] == [] and past[1]["next"] == feed[1]["next"]
+    assert [i["request_id"] for i in other[1]["items"]] == want[1:]
     for r in (a, b):
         r.log.close()

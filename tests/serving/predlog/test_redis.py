@@ -270,6 +270,17 @@ def test_a_batch_retried_after_its_commit_landed_is_not_written_twice(open_logs)
     assert lg.describe()["requests"] == 1
 
 
+def test_a_batch_whose_command_fails_inside_exec_is_counted_lost_not_retried(open_logs, redis_url):
+    """A counter key of the wrong type makes its HINCRBY fail inside EXEC while the rest of
+    the transaction (the batch marker too) lands: a retry would find the marker and call
+    the batch written, so it is counted lost at once."""
+    lg = open_logs()
+    raw(redis_url).set("graceful:c:g1", "not a hash")
+    lg.count("g1", requests_shadow=1)
+    assert lg.record("r1", "g0", preds()).result(10) is False
+    assert lg.write_errors == 1 and lg.retried == 0 and "WRONGTYPE" in lg.last_error
+
+
 def test_a_store_down_for_longer_than_the_retry_window_drops_the_batch_and_counts_it(redis_server):
     lg = RedisLog(redis_server.url, DAY, 64 * MB, retry_s=0.5)
     try:

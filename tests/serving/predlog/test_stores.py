@@ -191,3 +191,25 @@ def test_the_labels_wanted_feed_pages_flagged_unlabelled_requests_oldest_first(o
     assert [i["request_id"] for i in log.wanted("", 10)[0]] == ["r2", "r3"]
     rest, end = log.wanted(c2, 10)
     assert [i["request_id"] for i in rest] == ["r3"] and log.wanted(end, 10) == ([], end)
+    # Flags come in any order (shadows of different requests finish when they finish):
+    # r5 logged before r6 but flagged after r6 was read is still listed after the cursor.
+    _served(log, "r5")
+    _served(log, "r6")
+    log.mark_wanted("r6")
+    assert log.flush()
+    got, cursor = log.wanted(end, 10)
+    log.mark_wanted("r5")
+    assert log.flush()
+    assert [i["request_id"] for i in got] == ["r6"]
+    assert [i["request_id"] for i in log.wanted(cursor, 10)[0]] == ["r5"]
+
+
+def test_counting_zero_sets_no_due_time_for_an_empty_tally(tmp_path):
+    """count(g, x=0) adds nothing; a due time for the empty tally would make the writer
+    thread wait for a moment that has passed, over and over (a busy loop)."""
+    log = SqliteLog(tmp_path / "log.sqlite", DAY, 1 << 30)
+    try:
+        log.count("g1", requests_shadow=0)
+        assert log._tally_due is None and not log._batch.tally
+    finally:
+        log.close()
