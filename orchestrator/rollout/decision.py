@@ -315,11 +315,7 @@ def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: Roll
     if other is not None:
         return other
 
-    waiting = []
-    if obs.step_elapsed_s < bake:
-        waiting.append(f"bake {obs.step_elapsed_s:.0f}/{bake:g} s")
-    if s.requests < gate.min_requests:
-        waiting.append(f"requests {s.requests}/{gate.min_requests}")
+    waiting = _waiting(obs, gate, bake)
     nfr_ok = llr_nfr <= lower_nfr
     dis_ok = llr_dis <= lower_dis
     if waiting:
@@ -335,6 +331,16 @@ def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: Roll
                         f"LLR {llr_nfr:.2f}", stats)
     return Decision(HOLD, f"not yet shown: {nfr_txt}, LLR {llr_nfr:.2f} in ({lower_nfr:.2f}, {upper:.2f}); "
                     f"disagreement {t.disagreements}/{t.compared}, LLR {llr_dis:.2f}", stats)
+
+
+def _waiting(obs: Observation, gate: RolloutStep, bake: float) -> list[str]:
+    """What a promotion still waits for besides the evidence: bake time, step requests."""
+    out = []
+    if obs.step_elapsed_s < bake:
+        out.append(f"bake {obs.step_elapsed_s:.0f}/{bake:g} s")
+    if obs.step.requests < gate.min_requests:
+        out.append(f"requests {obs.step.requests}/{gate.min_requests}")
+    return out
 
 
 def _checks_before_nfr(obs: Observation, policy: RolloutSpec, stats: dict, latency, latency_breach: bool,
@@ -375,11 +381,7 @@ def _decide_by_disagreements(obs: Observation, policy: RolloutSpec, gate: Rollou
     other = _checks_before_nfr(obs, policy, stats, latency, latency_breach, min_errors, latency_ticks)
     if other is not None:
         return other
-    waiting = []
-    if obs.step_elapsed_s < bake:
-        waiting.append(f"bake {obs.step_elapsed_s:.0f}/{bake:g} s")
-    if s.requests < gate.min_requests:
-        waiting.append(f"requests {s.requests}/{gate.min_requests}")
+    waiting = _waiting(obs, gate, bake)
     if waiting:
         return Decision(HOLD, "waiting: " + ", ".join(waiting) + f"; {txt}", stats)
     if dt["promote"]:
