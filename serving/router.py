@@ -538,16 +538,20 @@ class Router:
                 if f.positive_flips:
                     self.m["graceful_positive_flips"].inc(f.positive_flips, tags=tags)
 
-    async def _join(self, items):
+    async def _from_log(self, fn, *args, note: str = ""):
+        """`fn(*args)` on the prediction log, off the event loop; a store that is down (a
+        restart, a failover) is counted and becomes a 503 naming it, `note` saying what
+        the caller should know."""
         try:
-            return await asyncio.to_thread(self.log.join, items)
+            return await asyncio.to_thread(fn, *args)
         except Exception as e:
-            # The store is down (a restart, a failover). Sending the same labels again is
-            # safe: what did join answers "duplicate" (with Redis, a request marked just as
-            # the store failed may have lost its flip counts).
             self.health["log_errors"] += 1
-            raise BadRequest(f"prediction log unavailable, labels not (or not all) joined; send them again: "
-                             f"{type(e).__name__}: {e}", status=503) from None
+            raise BadRequest(f"prediction log unavailable{note}: {type(e).__name__}: {e}", status=503) from None
+
+    async def _join(self, items):
+        # Sending the same labels again is safe: what did join answers "duplicate" (with
+        # Redis, a request marked just as the store failed may have lost its flip counts).
+        return await self._from_log(self.log.join, items, note=", labels not (or not all) joined; send them again")
 
     @app.post("/v1/feedback")
     async def feedback(self, request: Request) -> Response:
@@ -610,11 +614,7 @@ class Router:
             # that lost its data) starts again from the oldest flag kept.
             tag = f"{int(self.log.epoch * 1e6):x}"
             pos = m["pos"] if m is not None and m["tag"] == tag else ""
-            try:
-                items, pos = await asyncio.to_thread(self.log.wanted, pos, int(raw))
-            except Exception as e:
-                self.health["log_errors"] += 1
-                raise BadRequest(f"prediction log unavailable: {type(e).__name__}: {e}", status=503) from None
+            items, pos = await self._from_log(self.log.wanted, pos, int(raw))
         except BadRequest as e:
             return self._error(e, rid, "labels_wanted")
         return _json({"request_id": rid, "items": items, "next": f"{tag}.{pos}"})
@@ -714,11 +714,9 @@ class Router:
         self._ensure_loop()
         await self._tick_state()
         try:
-            doc = await asyncio.to_thread(self.status, self._report())
-        except Exception as e:  # the log is down: no counters to report, and no guess
-            self.health["log_errors"] += 1
-            return _json({"error": f"prediction log unavailable: {type(e).__name__}: {e}",
-                          "request_id": _request_id()}, 503)
+            doc = await self._from_log(self.status, self._report())
+        except BadRequest as e:  # the log is down: no counters to report, and no guess
+            return _json({"error": str(e), "request_id": _request_id()}, e.status)
         return _json({"request_id": _request_id(), **doc})
 
     # --- admin -----------------------------------------------------------------------

@@ -14,8 +14,8 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, Optional
 
-from serving.predlog.base import (WANTED_MAX, JoinResult, PredictionLog, Stored, Tally, decode_pred, encode_pred,
-                                  join_increments, judge, split_counters)
+from serving.predlog.base import (MARKED, WANTED_MAX, JoinResult, PredictionLog, Stored, Tally, decode_pred,
+                                  encode_pred, join_increments, judge, split_counters)
 
 # What one logged request is counted to cost besides its prediction bytes and id: the
 # entry's list, its dict, the dict's keys and the OrderedDict's node. An overestimate, so
@@ -114,7 +114,7 @@ class MemoryLog(PredictionLog):
                 stored = None if entry is None else Stored(
                     entry[0], entry[1], entry[2], entry[3], {g: decode_pred(b) for g, (_, b) in entry[4].items()})
                 outcome, added, detail = judge(stored, labels, now, self.retention_s)
-                if outcome.value in ("joined", "partial"):
+                if outcome in MARKED:
                     entry[3] = True
                 self._tally.merge(join_increments(outcome, added))
                 out.append(JoinResult(rid, outcome, added, detail))

@@ -45,8 +45,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from serving.predlog.base import (JOIN_FLUSH_S, WANTED_MAX, BatchedLog, CommitLost, JoinOutcome, JoinResult, Stored, Tally, _Batch,
-                                  decode_pred, join_increments, judge, split_counters)
+from serving.predlog.base import (DUPLICATE_DETAIL, JOIN_FLUSH_S, MARKED, WANTED_MAX, BatchedLog, CommitLost,
+                                  JoinOutcome, JoinResult, Stored, Tally, _Batch, decode_pred, join_increments, judge,
+                                  split_counters)
 
 log = logging.getLogger("graceful.predlog")
 
@@ -104,7 +105,6 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1])
 return redis.call('HINCRBY', KEYS[1], 'state_version', 1)
 """
 
-_MARKED = (JoinOutcome.JOINED, JoinOutcome.PARTIAL)
 # How long a committed batch's marker is kept: far longer than any retry window.
 BATCH_MARK_S = 3600
 
@@ -270,10 +270,10 @@ class RedisLog(BatchedLog):
         results, tally = [], Tally()
         for (rid, labels), (marked, flat) in zip(items, replies):
             outcome, added, detail = judge(self._stored(flat), labels, now, self.retention_s)
-            if outcome in _MARKED and not marked:
+            if outcome in MARKED and not marked:
                 # The script's mark is the one atomic decision: never count a request twice.
                 outcome, added = JoinOutcome.DUPLICATE, {}
-                detail = "request_id: already labelled; these labels are ignored"
+                detail = DUPLICATE_DETAIL
             tally.merge(join_increments(outcome, added))
             results.append(JoinResult(rid, outcome, added, detail))
         # The marks are in: a crash between the two round trips loses these counts, never doubles them.

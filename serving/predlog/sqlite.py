@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from serving.predlog.base import (JOIN_FLUSH_S, BatchedLog, JoinResult, Stored, Tally, decode_pred, join_increments,
-                                  judge, split_counters)
+from serving.predlog.base import (JOIN_FLUSH_S, MARKED, BatchedLog, JoinResult, Stored, Tally, decode_pred,
+                                  join_increments, judge, split_counters)
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -195,7 +195,7 @@ class SqliteLog(BatchedLog):
             for rid, labels in items:
                 rowid, s = stored.get(rid, (None, None))
                 outcome, added, detail = judge(s, labels, now, self.retention_s)
-                if outcome.value in ("joined", "partial"):
+                if outcome in MARKED:
                     s.labelled = True  # a repeat later in `items` is a duplicate
                     marked.append((rowid,))
                 tally.merge(join_increments(outcome, added))
