@@ -368,10 +368,16 @@ def _decide_by_disagreements(obs: Observation, policy: RolloutSpec, gate: Rollou
     dt = disagreement_test(t.compared, t.disagreements, t.labelled_disagreements, t.negative_flips,
                            policy.nfr_limit, policy.false_rollback_rate, policy.false_promote_rate,
                            policy.disagreement_share)
+    share = t.negative_flips / t.labelled_disagreements if t.labelled_disagreements else 0.0
+    # The labelled test's NFR numbers would read flips among flagged requests only: here
+    # the NFR is d * q, and its reported bounds the product of d's and q's sequences.
+    q_lo, q_hi = confidence_sequence(t.negative_flips, t.labelled_disagreements,
+                                     min(policy.false_rollback_rate, policy.false_promote_rate), prior_mean=0.5)
     stats.update({"d_lower": dt["d_lower"], "d_upper": dt["d_upper"], "llr_nfr": dt["llr_rollback"],
                   "llr_nfr_promote": dt["llr_promote"], "llr_rollback_at": dt["rollback_at"],
                   "llr_promote_at": dt["promote_at"], "labelled_disagreements": float(t.labelled_disagreements),
-                  "flip_share": t.negative_flips / t.labelled_disagreements if t.labelled_disagreements else 0.0})
+                  "flip_share": share, "live_nfr": (t.disagreements / t.compared if t.compared else 0.0) * share,
+                  "nfr_lower": dt["d_lower"] * q_lo, "nfr_upper": dt["d_upper"] * q_hi})
     stats = {k: max(-1e9, min(1e9, v)) for k, v in stats.items()}
     txt = (f"{t.negative_flips} flips in {t.labelled_disagreements} labelled disagreements, disagreement "
            f"{t.disagreements}/{t.compared} in [{dt['d_lower']:.4f}, {dt['d_upper']:.4f}]")

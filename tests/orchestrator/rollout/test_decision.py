@@ -304,6 +304,9 @@ def test_decide_by_disagreements_needs_min_labelled_disagreements_and_rolls_back
     rb = decide(dis_obs(2000, 100, 30, 12, elapsed=0.0), STEP, DIS)   # no bake needed
     assert rb.kind == "rollback" and "12 flips in 30 labelled disagreements" in rb.reason
     assert {"d_lower", "d_upper", "llr_nfr_promote", "flip_share"} <= set(rb.stats)
+    # live NFR = d * q = 100/2000 * 12/30 = 0.05 * 0.4 = 0.02, not flips / labelled = 0.4
+    assert rb.stats["live_nfr"] == pytest.approx(0.02) and rb.stats["flip_share"] == pytest.approx(0.4)
+    assert rb.stats["nfr_lower"] <= 0.02 <= rb.stats["nfr_upper"] <= rb.stats["d_upper"]
 
 
 def test_decide_by_disagreements_refuses_counts_without_labelled_disagreements():
