@@ -29,6 +29,14 @@ class GatesSpec(StrictModel):
     max_class_nfr: float = Field(0.1, ge=0, le=1, description="worst per-class NFR")
     # Retrieval: candidate queries on the production gallery must beat production's own.
     require_bct: bool = True
+    # Chance that the gate's verdict is wrong: it fails a candidate within every limit, or
+    # passes one beyond a limit. Split over the checks (and over classes for max_class_nfr);
+    # a check whose confidence bounds straddle its limit is inconclusive, never a pass or a
+    # failure on noise (docs/evaluation.md).
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="error rate of the offline gate's verdict")
+    # An inconclusive offline gate (the test set too small to decide) blocks `graceful
+    # rollout` unless this is true: the live rollout's sequential tests then decide.
+    allow_inconclusive: bool = False
 
 
 class RolloutStep(StrictModel):
