@@ -5,8 +5,12 @@ the registry, `weights_only=True`), predicts the test split, and computes with
 `orchestrator.evaluation.metrics`: the error of both and its change, NFR, NFI, PFR, the worst
 per-class NFR, the flip matrix, and for embeddings M(candidate, production) -- candidate
 queries against the production model's gallery -- vs M(production, production). The pure
-`gate(metrics, gates)` turns these into a verdict with reasons. Every evaluation is
-recorded in the registry; a failed gate marks a 'trained' candidate 'rejected'.
+`decide(metrics, gates)` turns these into a three-way verdict with reasons: each check's
+exact confidence bounds (orchestrator.evaluation.bounds) against its limit, `gates.alpha`
+split over the checks, so the chance of a wrong pass or fail is at most alpha; bounds
+that straddle a limit make the verdict 'inconclusive'. Every evaluation is recorded in
+the registry with its verdict (in the record's metrics); a failed gate marks a 'trained'
+candidate 'rejected', an inconclusive one leaves its status as it is.
 """
 
 from __future__ import annotations
@@ -16,15 +20,13 @@ from typing import Any, Optional
 
 import numpy as np
 
+import orchestrator.evaluation.bounds as B
 import orchestrator.evaluation.metrics as M
 from orchestrator.config import GatesSpec, RunConfig
 from orchestrator.registry import GenerationStatus, Registry, RegistryError, registry_path
 from orchestrator.registry import ensure_registered as registered
 
-# Float tolerance of the thresholds: NFR 2/100 against max_nfr 0.02 is a pass, not a
-# rounding accident.
-EPS = 1e-12
-
+EPS = B.EPS
 
 class EvaluationError(RegistryError):
     """The evaluation cannot be run as asked (unknown or untrained generation, no baseline)."""
@@ -32,13 +34,19 @@ class EvaluationError(RegistryError):
 
 @dataclass(frozen=True)
 class Check:
-    """One gate key checked against its limit."""
+    """One gate key checked against its limit, three ways: 'pass' when the bound on the
+    limit's side shows the value within it, 'fail' when the other bound shows it beyond,
+    'inconclusive' when the bounds straddle the limit (the test set is too small to tell)."""
 
     key: str  # the GatesSpec key
-    value: Optional[float]
+    value: Optional[float]  # the point estimate
     limit: Optional[float]
-    ok: bool
-    reason: str  # why it failed, or what it checked when it passed
+    ok: bool  # verdict == "pass"
+    reason: str  # the verdict with the bounds that decided it
+    verdict: str = "pass"  # "pass" | "fail" | "inconclusive"
+    lower: Optional[float] = None  # one-sided confidence bounds of the value, each at level `alpha`
+    upper: Optional[float] = None
+    alpha: Optional[float] = None  # this check's share of gates.alpha
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -50,8 +58,8 @@ class Evaluation:
 
     candidate: str
     baseline: str
-    passed: bool
-    reasons: list[str]
+    passed: bool  # verdict == "pass"
+    reasons: list[str]  # why each check that did not pass failed or could not decide
     metrics: dict[str, Any]  # numbers; see `evaluation_metrics`
     checks: list[Check]
     per_class_nfr: list[float]
@@ -59,6 +67,13 @@ class Evaluation:
     evaluation_id: Optional[int] = None
     status: Optional[str] = None  # the candidate's registry status after the evaluation
     extra: dict[str, Any] = field(default_factory=dict)
+    verdict: str = ""  # "pass" | "fail" | "inconclusive"; "" -> from `passed`
+
+    def __post_init__(self) -> None:
+        if not self.verdict:
+            object.__setattr__(self, "verdict", "pass" if self.passed else "fail")
+        if self.passed != (self.verdict == "pass"):
+            raise ValueError(f"passed={self.passed} disagrees with verdict {self.verdict!r}")
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -70,65 +85,130 @@ class Evaluation:
 
 def evaluation_metrics(y: np.ndarray, old_pred: np.ndarray, new_pred: np.ndarray, num_classes: int,
                        m_cand_prod: Optional[float], m_prod_prod: Optional[float],
-                       n_boot: int = 1000) -> dict[str, Any]:
+                       n_boot: int = 1000,
+                       hits: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict[str, Any]:
     """The numbers the gate reads, from labels and both models' predictions.
 
-    Keys: n, error_baseline, error_candidate, error_change, nfr, nfi, pfr, disagreement,
-    nfr_ci_low, nfr_ci_high, worst_class, worst_class_nfr, m_candidate_production,
-    m_production_production (None when the embeddings are not comparable).
+    Point estimates: n, error_baseline, error_candidate, error_change, nfr, nfi, pfr,
+    disagreement, nfr_ci_low, nfr_ci_high (bootstrap 95%), worst_class, worst_class_nfr,
+    m_candidate_production, m_production_production (None when the embeddings are not
+    comparable). Counts the gate's bounds come from: negative_flips (b: production right,
+    candidate wrong), positive_flips (c: production wrong, candidate right),
+    errors_baseline, errors_candidate, class_samples and class_negative_flips (per true
+    class), and with `hits` = (per-query top-1 hits of candidate queries in the production
+    gallery, of production queries in it): bct_queries, bct_lost (production hit,
+    candidate missed), bct_gained (the reverse).
     """
     r = M.compare(y, old_pred, new_pred, num_classes, n_boot=n_boot)
-    return {
+    yy, old, new = (np.asarray(a).reshape(-1) for a in (y, old_pred, new_pred))
+    samples, class_flips = M.class_counts(yy, old, new, num_classes)
+    out = {
         "n": r.n, "error_baseline": r.error_old, "error_candidate": r.error_new, "error_change": r.error_change,
         "nfr": r.nfr, "nfi": r.nfi, "pfr": r.pfr, "disagreement": r.disagreement,
         "nfr_ci_low": r.nfr_ci_low, "nfr_ci_high": r.nfr_ci_high,
         "worst_class": r.worst_class, "worst_class_nfr": r.worst_class_nfr,
         "m_candidate_production": m_cand_prod, "m_production_production": m_prod_prod,
+        "negative_flips": int(M.negative_flips(yy, old, new).sum()),
+        "positive_flips": int(M.positive_flips(yy, old, new).sum()),
+        "errors_baseline": int((old != yy).sum()), "errors_candidate": int((new != yy).sum()),
+        "class_samples": samples.tolist(), "class_negative_flips": class_flips.tolist(),
     }
+    if hits is not None:
+        cp, pp = (np.asarray(h, dtype=bool).reshape(-1) for h in hits)
+        out.update(bct_queries=int(len(pp)), bct_lost=int((pp & ~cp).sum()), bct_gained=int((~pp & cp).sum()))
+    return out
 
 
 def gate_checks(metrics: dict[str, Any], gates: GatesSpec) -> list[Check]:
-    """Every gate key against its limit (a limit is exceeded when value > limit).
+    """Every gate key against its limit, each decided by exact one-sided confidence bounds
+    (orchestrator.evaluation.bounds); `gates.alpha` is split evenly over the checks that
+    run (Bonferroni), so the chance that any check passes or fails wrongly is <= alpha.
 
-    Example: error 0.10 -> 0.12 is error_change 0.02 > max_error_increase 0 -> fails;
-    NFR 0.02 <= max_nfr 0.02 -> passes; with require_bct, M(candidate, production) 0.80
-    must be > M(production, production) 0.85 -> fails.
+    - max_error_increase: candidate error - production error, bounded by the exact
+      McNemar test on the b (production right, candidate wrong) and c (the reverse)
+      discordant pairs (bounds conditional on b + c);
+    - max_nfr: NFR = b / n, Clopper-Pearson;
+    - max_nfi (when set): NFI = NFR / candidate error = b / e, the share of the candidate's
+      e errors that production got right: conditional on e, b ~ Binomial(e, NFI),
+      Clopper-Pearson;
+    - max_class_nfr: each class's flips / samples, Clopper-Pearson, Bonferroni over the
+      classes with samples; bounds of the worst class are the largest lower and upper;
+    - require_bct: M(candidate, production) - M(production, production), hit rates over
+      the same queries, by the exact McNemar test on per-query hits; it passes when the
+      lower bound is > 0 and fails when the upper bound is < 0.
+
+    Example (alpha 0.05, four checks: 0.0125 a side each): n = 171 with b = 1, c = 0
+    (candidate one extra error): the error change +0.0058 has bounds (-0.0058, +0.0058)
+    around max_error_increase 0: inconclusive, not a failure.
     """
-    out = []
+    run = 3 + (gates.max_nfi is not None) + bool(gates.require_bct)
+    a = gates.alpha / run
+    n = int(metrics["n"])
+    out: list[Check] = []
 
-    def limit(key: str, value: float, lim: Optional[float], what: str) -> None:
-        if lim is None:
-            return
-        ok = value <= lim + EPS
-        out.append(Check(key, value, lim, ok,
-                         f"{what} {value:.4f} {'<=' if ok else '>'} {key} {lim:.4f}"))
+    def add(key: str, value: Optional[float], lim: float, lo: float, hi: float, what: str,
+            signed: bool = False, above: bool = False) -> None:
+        f = (lambda x: f"{x:+.4f}") if signed else (lambda x: f"{x:.4f}")
+        v = B.three_way(lo, hi, lim, above)
+        name = "0" if above else f"{key} {lim:.4f}"
+        if v == "pass":
+            why = f"lower bound {f(lo)} > 0" if above else f"upper bound {f(hi)} <= {name}"
+        elif v == "fail":
+            why = f"upper bound {f(hi)} < 0" if above else f"lower bound {f(lo)} > {name}"
+        else:
+            why = f"the bounds straddle {name}: the test set is too small to decide"
+        shown = "" if value is None else f" {f(value)}"
+        out.append(Check(key, value, lim, v == "pass",
+                         f"{what}{shown}, bounds [{f(lo)}, {f(hi)}] (alpha {a:.4g} a side): {v.upper()}, {why}",
+                         v, lo, hi, a))
 
+    b, c = int(metrics["negative_flips"]), int(metrics["positive_flips"])
     e0, e1 = metrics["error_baseline"], metrics["error_candidate"]
-    limit("max_error_increase", metrics["error_change"], gates.max_error_increase,
-          f"error change ({e0:.4f} -> {e1:.4f})")
-    limit("max_nfr", metrics["nfr"], gates.max_nfr, "NFR")
-    limit("max_nfi", metrics["nfi"], gates.max_nfi, "NFI")
-    limit("max_class_nfr", metrics["worst_class_nfr"], gates.max_class_nfr,
-          f"worst per-class NFR (class {metrics['worst_class']})")
+    lo, hi = B.paired_change(b, c, n, a)
+    add("max_error_increase", metrics["error_change"], gates.max_error_increase, lo, hi,
+        f"error change ({e0:.4f} -> {e1:.4f}; b={b}, c={c} of {n})", signed=True)
+    lo, hi = B.clopper_pearson(b, n, a)
+    add("max_nfr", metrics["nfr"], gates.max_nfr, lo, hi, f"NFR ({b}/{n})")
+    if gates.max_nfi is not None:
+        e = int(metrics["errors_candidate"])
+        lo, hi = B.clopper_pearson(b, e, a)
+        add("max_nfi", metrics["nfi"], gates.max_nfi, lo, hi, f"NFI ({b} of the candidate's {e} errors)")
+    lows, highs = B.class_bounds(metrics["class_negative_flips"], metrics["class_samples"], a)
+    worst = int(metrics["worst_class"])
+    add("max_class_nfr", metrics["worst_class_nfr"], gates.max_class_nfr, max(lows), max(highs),
+        f"worst per-class NFR (class {worst}: {metrics['class_negative_flips'][worst]}/"
+        f"{metrics['class_samples'][worst]}; bounds over {sum(1 for s in metrics['class_samples'] if s)} classes)")
     if gates.require_bct:
         m_cp, m_pp = metrics.get("m_candidate_production"), metrics.get("m_production_production")
         if m_cp is None or m_pp is None:
             out.append(Check("require_bct", None, m_pp, False,
                              "embeddings not comparable with production's (different sizes): "
-                             "the candidate cannot search the production gallery"))
+                             "the candidate cannot search the production gallery", "fail", None, None, a))
+        elif "bct_queries" not in metrics:
+            out.append(Check("require_bct", m_cp - m_pp, 0.0, False,
+                             "no per-query retrieval hits to bound M(candidate, production) - "
+                             "M(production, production): inconclusive", "inconclusive", None, None, a))
         else:
-            ok = M.bct_criterion(m_cp, m_pp)
-            out.append(Check("require_bct", m_cp, m_pp, ok,
-                             f"M(candidate, production) {m_cp:.4f} {'>' if ok else '<='} "
-                             f"M(production, production) {m_pp:.4f}"))
+            lost, gained, q = int(metrics["bct_lost"]), int(metrics["bct_gained"]), int(metrics["bct_queries"])
+            lo, hi = B.paired_change(gained, lost, q, a)
+            add("require_bct", m_cp - m_pp, 0.0, lo, hi,
+                f"M(candidate, production) {m_cp:.4f} - M(production, production) {m_pp:.4f} "
+                f"(gained {gained}, lost {lost} of {q} queries)", signed=True, above=True)
     return out
 
 
+def decide(metrics: dict[str, Any], gates: GatesSpec) -> tuple[str, list[str], list[Check]]:
+    """(verdict, reasons, checks): 'fail' if any check of `gate_checks` fails, else 'pass'
+    if all pass, else 'inconclusive'; the reasons are those of the checks that did not
+    pass. Pure: numbers in, verdict out."""
+    checks = gate_checks(metrics, gates)
+    return B.overall([c.verdict for c in checks]), [c.reason for c in checks if c.verdict != "pass"], checks
+
+
 def gate(metrics: dict[str, Any], gates: GatesSpec) -> tuple[bool, list[str]]:
-    """(passed, reasons it failed): the candidate passes when every check of
-    `gate_checks` does. Pure: numbers in, verdict out."""
-    failed = [c.reason for c in gate_checks(metrics, gates) if not c.ok]
-    return not failed, failed
+    """(passed, reasons it did not pass) of `decide`."""
+    verdict, reasons, _ = decide(metrics, gates)
+    return verdict == "pass", reasons
 
 
 # --- side effects at the edges ------------------------------------------------------------
@@ -166,16 +246,19 @@ def compare_models(baseline, candidate, x: np.ndarray, y: np.ndarray, gates: Gat
     pred_b, pred_c = log_b.argmax(1), log_c.argmax(1)
     classes = max(int(y.max()) + 1, log_b.shape[1], log_c.shape[1])
     half = len(y) // 2  # query half / gallery half, as workers.data.Dataset splits them
-    m_cp = None  # stays None when the embedding sizes differ: not comparable
+    m_cp = hits_cp = None  # stay None when the embedding sizes differ: not comparable
+    hits_pp = M.retrieval_hits(emb_b[:half], y[:half], emb_b[half:], y[half:])
     if emb_b.shape[1] == emb_c.shape[1]:
-        m_cp = M.retrieval_top1(emb_c[:half], y[:half], emb_b[half:], y[half:])
-    m_pp = M.retrieval_top1(emb_b[:half], y[:half], emb_b[half:], y[half:])
-    mets = evaluation_metrics(y, pred_b, pred_c, classes, m_cp, m_pp, n_boot=n_boot)
-    checks = gate_checks(mets, gates)
-    passed, reasons = gate(mets, gates)
+        hits_cp = M.retrieval_hits(emb_c[:half], y[:half], emb_b[half:], y[half:])
+        m_cp = float(np.mean(hits_cp))
+    m_pp = float(np.mean(hits_pp))
+    mets = evaluation_metrics(y, pred_b, pred_c, classes, m_cp, m_pp, n_boot=n_boot,
+                              hits=None if hits_cp is None else (hits_cp, hits_pp))
+    verdict, reasons, checks = decide(mets, gates)
     per_class = M.per_class_nfr(y, pred_b, pred_c, classes).tolist()
     flips = M.flip_matrix(y, pred_b, pred_c, classes).tolist()
-    return Evaluation(names[1], names[0], passed, reasons, mets, checks, per_class, flips)
+    return Evaluation(names[1], names[0], verdict == "pass", reasons, mets, checks, per_class, flips,
+                      verdict=verdict)
 
 
 def ensure_registered(cfg: RunConfig, reg: Registry, name: str) -> None:
@@ -207,7 +290,7 @@ def evaluate(cfg: RunConfig, candidate: str, against: Optional[str] = None,
     """Evaluate `candidate` against `against` (default: production) on the test split,
     gate it with `cfg.gates`, and record the evaluation in the registry. A failed gate sets
     a 'trained' candidate's status to 'rejected'; a passing one returns a 'rejected'
-    candidate to 'trained'. Raises EvaluationError for requests that cannot be run and
+    candidate to 'trained'; an inconclusive one changes no status. Raises EvaluationError for requests that cannot be run and
     IntegrityError when a checkpoint does not match its record."""
     from workers.data import load_dataset
 
@@ -219,22 +302,27 @@ def evaluate(cfg: RunConfig, candidate: str, against: Optional[str] = None,
         ds = load_dataset(cfg.data)
         ev = compare_models(load_verified(reg, baseline, cfg), load_verified(reg, candidate, cfg),
                             ds.test.x, ds.test.y, cfg.gates, (baseline, candidate), n_boot)
-        mets, passed, reasons = ev.metrics, ev.passed, ev.reasons
+        mets, verdict, reasons = ev.metrics, ev.verdict, ev.reasons
         per_class, flips = ev.per_class_nfr, ev.flip_matrix
         eid, status = None, reg.generation(candidate).status
         if record:
+            # The registry row keeps `passed` and `reasons`; the three-way verdict and each
+            # check's bounds travel in its metrics (what `graceful rollout` reads).
             eid = reg.record_evaluation(candidate, baseline,
-                                        {**mets, "per_class_nfr": per_class, "flip_matrix": flips,
+                                        {**mets, "verdict": verdict, "checks": [c.as_dict() for c in ev.checks],
+                                         "per_class_nfr": per_class, "flip_matrix": flips,
                                          "gates": cfg.gates.model_dump(),
                                          # the bytes judged: a retrained generation needs a new gate
                                          "candidate_sha256": reg.generation(candidate).sha256,
-                                         "baseline_sha256": reg.generation(baseline).sha256}, passed, reasons)
-            if not passed and status == GenerationStatus.TRAINED:
+                                         "baseline_sha256": reg.generation(baseline).sha256},
+                                        verdict == "pass", reasons)
+            if verdict == "fail" and status == GenerationStatus.TRAINED:
                 status = reg.set_status(candidate, GenerationStatus.REJECTED, "evaluate",
                                         f"offline gate failed (evaluation {eid}): " + "; ".join(reasons)).status
-            elif passed and status == GenerationStatus.REJECTED:
+            elif verdict == "pass" and status == GenerationStatus.REJECTED:
                 status = reg.set_status(candidate, GenerationStatus.TRAINED, "evaluate",
                                         f"offline gate passed (evaluation {eid})").status
+            # inconclusive: the status stays as it is
         return replace(ev, evaluation_id=eid, status=status)
     finally:
         if registry is None:
@@ -242,14 +330,21 @@ def evaluate(cfg: RunConfig, candidate: str, against: Optional[str] = None,
 
 
 def render(ev: Evaluation) -> str:
-    """The verdict a person reads: one line per check, then the numbers."""
+    """The verdict a person reads: one line per check (its bounds and limit), then the
+    point estimates."""
     m = ev.metrics
-    head = (f"{ev.candidate} vs {ev.baseline}: {'PASS' if ev.passed else 'FAIL'}"
+    head = (f"{ev.candidate} vs {ev.baseline}: {ev.verdict.upper()}"
             + (f" (evaluation {ev.evaluation_id}, status {ev.status})" if ev.evaluation_id is not None else ""))
     lines = [head]
     for c in ev.checks:
-        lines.append(f"  [{'ok' if c.ok else 'FAIL'}] {c.reason}")
+        lines.append(f"  [{TAGS.get(c.verdict, c.verdict)}] {c.reason}")
     lines.append(f"  error {m['error_baseline']:.4f} -> {m['error_candidate']:.4f} ({m['error_change']:+.4f}); "
-                 f"NFR {m['nfr']:.4f} (95% CI {m['nfr_ci_low']:.4f}-{m['nfr_ci_high']:.4f}), "
-                 f"NFI {m['nfi']:.4f}, PFR {m['pfr']:.4f}; {m['n']} held-out samples")
+                 f"NFR {m['nfr']:.4f}, NFI {m['nfi']:.4f}, PFR {m['pfr']:.4f}; {m['n']} held-out samples")
+    if ev.verdict == "inconclusive":
+        lines.append(f"  inconclusive: {INCONCLUSIVE_HINT}")
     return "\n".join(lines)
+
+
+TAGS = {"pass": "ok", "fail": "FAIL", "inconclusive": "??"}
+INCONCLUSIVE_HINT = ("the test set is too small to decide at gates.alpha; evaluate on more data, or set "
+                     "gates.allow_inconclusive to let the live rollout decide")

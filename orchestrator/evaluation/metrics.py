@@ -75,6 +75,13 @@ def per_class_nfr(y: np.ndarray, old: np.ndarray, new: np.ndarray, num_classes: 
     return np.divide(flipped, counts, out=np.zeros(num_classes), where=counts > 0)
 
 
+def class_counts(y: np.ndarray, old: np.ndarray, new: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(samples, negative flips) per true class: the counts behind `per_class_nfr`."""
+    y, old, new = _check(y, old, new)
+    flips = negative_flips(y, old, new)
+    return np.bincount(y, minlength=num_classes), np.bincount(y[flips], minlength=num_classes)
+
+
 def flip_matrix(y: np.ndarray, old: np.ndarray, new: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts of negative flips by (old predicted class, new predicted class)."""
     y, old, new = _check(y, old, new)
@@ -158,11 +165,17 @@ def _ranking(query: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
     return idx
 
 
+def retrieval_hits(query_emb: np.ndarray, query_y: np.ndarray,
+                   gallery_emb: np.ndarray, gallery_y: np.ndarray) -> np.ndarray:
+    """Boolean per query: its nearest gallery item (cosine) has the query's label."""
+    idx = _ranking(query_emb, gallery_emb, 1)[:, 0]
+    return np.asarray(gallery_y)[idx] == np.asarray(query_y)
+
+
 def retrieval_top1(query_emb: np.ndarray, query_y: np.ndarray,
                    gallery_emb: np.ndarray, gallery_y: np.ndarray) -> float:
     """Share of queries whose nearest gallery item (cosine) has the query's label."""
-    idx = _ranking(query_emb, gallery_emb, 1)[:, 0]
-    return float(np.mean(np.asarray(gallery_y)[idx] == np.asarray(query_y)))
+    return float(np.mean(retrieval_hits(query_emb, query_y, gallery_emb, gallery_y)))
 
 
 def retrieval_map(query_emb: np.ndarray, query_y: np.ndarray,

@@ -16,7 +16,7 @@ import numpy as np
 
 import orchestrator.evaluation.metrics as M
 from orchestrator.config import RunConfig
-from orchestrator.evaluation.evaluate import Evaluation, outputs
+from orchestrator.evaluation.evaluate import INCONCLUSIVE_HINT, Evaluation, outputs
 from orchestrator.registry import Registry
 from orchestrator.rundir import reports_dir
 
@@ -199,19 +199,26 @@ def write_report(cfg: RunConfig, ev: Evaluation, reg: Registry, out_dir: Optiona
     lineage = " -> ".join(g.name for g in reg.lineage(c))
     gen = reg.generation(c)
     lines = [
-        f"# {c}: offline gate against {b} -- {'PASS' if ev.passed else 'FAIL'}",
+        f"# {c}: offline gate against {b} -- {ev.verdict.upper()}",
         "",
         f"Evaluated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} on {m['n']} held-out samples "
         f"(evaluation {ev.evaluation_id}); status now **{ev.status}**. Lineage: {lineage}. "
         f"Checkpoint sha256 `{gen.sha256[:16]}...` (verified before use).",
         "",
-        "| gate key | value | limit | verdict |",
-        "|---|---|---|---|",
+        f"Each check is decided by exact one-sided confidence bounds, each at the level in its "
+        f"row (gates.alpha {cfg.gates.alpha:g} split over the checks): pass when the bound on "
+        f"the limit's side is within the limit, fail when the other bound is beyond it, "
+        f"inconclusive when they straddle it (docs/evaluation.md, 'Offline gate').",
+        "",
+        "| gate key | value | lower bound | upper bound | limit | verdict |",
+        "|---|---|---|---|---|---|",
     ]
     for ch in ev.checks:
-        val = "n/a" if ch.value is None else f"{ch.value:.4f}"
-        lim = "n/a" if ch.limit is None else f"{ch.limit:.4f}"
-        lines.append(f"| `{ch.key}` | {val} | {lim} | {'pass' if ch.ok else '**FAIL**'}: {ch.reason} |")
+        val, lo, hi, lim = ("n/a" if v is None else f"{v:.4f}" for v in (ch.value, ch.lower, ch.upper, ch.limit))
+        tag = {"pass": "pass", "fail": "**FAIL**"}.get(ch.verdict, "*inconclusive*")
+        lines.append(f"| `{ch.key}` | {val} | {lo} | {hi} | {lim} | {tag}: {ch.reason} |")
+    if ev.verdict == "inconclusive":
+        lines += ["", f"Inconclusive: {INCONCLUSIVE_HINT}."]
     lines += [
         "",
         "| metric | value |",
@@ -219,7 +226,7 @@ def write_report(cfg: RunConfig, ev: Evaluation, reg: Registry, out_dir: Optiona
         f"| error {b} -> {c} | {_pct(m['error_baseline'])} -> {_pct(m['error_candidate'])} "
         f"({m['error_change'] * 100:+.2f} points) |",
         f"| NFR (negative flips: {b} right, {c} wrong) | {_pct(m['nfr'])} "
-        f"(95% CI {_pct(m['nfr_ci_low'])} - {_pct(m['nfr_ci_high'])}) |",
+        f"(bootstrap 95% interval {_pct(m['nfr_ci_low'])} - {_pct(m['nfr_ci_high'])}; the gate uses the bounds above) |",
         f"| NFI (NFR / candidate error) | {m['nfi']:.3f} |",
         f"| PFR (positive flips) | {_pct(m['pfr'])} |",
         f"| disagreement | {_pct(m['disagreement'])} |",

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from orchestrator.config import GatesSpec, load_config
-from orchestrator.evaluation.evaluate import EvaluationError, evaluate, evaluation_metrics, gate, gate_checks, load_verified
+from orchestrator.evaluation.evaluate import (EvaluationError, decide, evaluate, evaluation_metrics, gate, gate_checks,
+                                              load_verified)
 from orchestrator.registry import IntegrityError, Registry, register_trained, registry_path
 
 # g1 is a plain improvement; g2 learns from 60% random labels and must fail. Gates are
@@ -56,41 +57,114 @@ def chain(tmp_path_factory):
 
 # --- pure gate ------------------------------------------------------------------------------
 
-def _metrics(**kw):
-    base = {"n": 100, "error_baseline": 0.10, "error_candidate": 0.08, "error_change": -0.02, "nfr": 0.01,
-            "nfi": 0.125, "pfr": 0.03, "worst_class": 3, "worst_class_nfr": 0.05,
-            "m_candidate_production": 0.90, "m_production_production": 0.85}
-    return {**base, **kw}
+def _counts(n: int, errors: int, b: int, c: int, classes: int = 10, queries: int = 0, lost: int = 0,
+            gained: int = 0, hits: float = 0.8, **over):
+    """Metrics of a constructed test set: n rows over `classes` classes, production wrong
+    on the first `errors`; the candidate turns b of production's right rows wrong (spread
+    over classes) and c of its wrong rows right; with `queries`, per-query retrieval hits
+    where the candidate loses `lost` of production's hits and gains `gained` misses."""
+    y = np.arange(n) % classes
+    old = y.copy()
+    old[:errors] = (y[:errors] + 1) % classes
+    new = old.copy()
+    new[errors:errors + b] = (y[errors:errors + b] + 1) % classes
+    new[:c] = y[:c]
+    pair = None
+    if queries:
+        pp = np.arange(queries) < round(hits * queries)
+        cp = pp.copy()
+        cp[:lost] = False
+        cp[len(cp) - gained:] = True if gained else cp[len(cp) - gained:]
+        assert (pp & ~cp).sum() == lost and (~pp & cp).sum() == gained
+        pair = (cp, pp)
+    m = evaluation_metrics(y, old, new, classes, None if pair is None else float(pair[0].mean()),
+                           None if pair is None else float(pair[1].mean()), n_boot=20, hits=pair)
+    return {**m, **over}
 
 
-def test_gate_passes_a_good_candidate():
-    ok, reasons = gate(_metrics(), GatesSpec())
-    assert ok and reasons == []
-    assert [c.key for c in gate_checks(_metrics(), GatesSpec())] == [
-        "max_error_increase", "max_nfr", "max_class_nfr", "require_bct"]  # max_nfi unset: not checked
+def _by_key(checks):
+    return {c.key: c for c in checks}
 
 
-@pytest.mark.parametrize("kw, gates, fragment", [
-    ({"error_candidate": 0.12, "error_change": 0.02}, {}, "error change (0.1000 -> 0.1200) 0.0200 > max_error_increase 0.0000"),
-    ({"nfr": 0.03}, {}, "NFR 0.0300 > max_nfr 0.0200"),
-    ({"nfi": 0.5}, {"max_nfi": 0.4}, "NFI 0.5000 > max_nfi 0.4000"),
-    ({"worst_class_nfr": 0.2, "worst_class": 7}, {}, "worst per-class NFR (class 7) 0.2000 > max_class_nfr 0.1000"),
-    ({"m_candidate_production": 0.85}, {}, "M(candidate, production) 0.8500 <= M(production, production) 0.8500"),
-    ({"m_candidate_production": None}, {}, "not comparable"),
+def test_one_extra_error_in_171_rows_is_inconclusive_not_a_failure():
+    """The motivating case: 171 held-out rows, production wrong on 20, the candidate on
+    the same 20 and one more (b = 1, c = 0): error change +0.58 points, which the point
+    estimate gate rejected. Four checks at alpha 0.05: 0.0125 a side each; pi from 1 of
+    1 is in (0.0125, 1), so the change is in ((2 * 0.0125 - 1) / 171, 1 / 171) =
+    (-0.0057, +0.0058): it straddles max_error_increase 0 -> inconclusive."""
+    m = _counts(171, 20, b=1, c=0, queries=85, hits=0.9)
+    assert m["error_change"] == pytest.approx(1 / 171)
+    verdict, reasons, checks = decide(m, GatesSpec())
+    err = _by_key(checks)["max_error_increase"]
+    assert verdict == "inconclusive" and err.verdict == "inconclusive"
+    assert err.alpha == pytest.approx(0.0125)
+    assert (err.lower, err.upper) == pytest.approx(((2 * 0.0125 - 1) / 171, 1 / 171))
+    assert "too small to decide" in err.reason and not any(c.verdict == "fail" for c in checks)
+    assert gate(m, GatesSpec()) == (False, reasons)
+
+
+def test_a_clear_regression_fails():
+    """2000 rows, production 100 wrong; the candidate loses 150 rows and gains 10: error
+    +7 points, NFR 7.5%, both lower bounds beyond their limits."""
+    verdict, reasons, checks = decide(_counts(2000, 100, b=150, c=10), GatesSpec(require_bct=False))
+    by = _by_key(checks)
+    assert verdict == "fail"
+    assert by["max_error_increase"].verdict == "fail" and by["max_error_increase"].lower > 0.05
+    assert by["max_nfr"].verdict == "fail" and by["max_nfr"].lower > 0.02
+    assert any("FAIL, lower bound" in r for r in reasons)
+
+
+def test_a_clear_improvement_passes():
+    """5000 rows, production 500 wrong; the candidate fixes 300 and breaks 5, and in
+    retrieval gains 100 queries and loses 10 of 2500: every upper bound within its limit
+    and the retrieval difference's lower bound above 0."""
+    m = _counts(5000, 500, b=5, c=300, queries=2500, lost=10, gained=100)
+    verdict, reasons, checks = decide(m, GatesSpec())
+    assert verdict == "pass" and reasons == [], reasons
+    assert [c.key for c in checks] == ["max_error_increase", "max_nfr", "max_class_nfr", "require_bct"]
+    assert all(c.ok and c.lower <= c.value <= c.upper for c in checks)
+    assert _by_key(checks)["require_bct"].lower > 0
+    assert gate(m, GatesSpec()) == (True, [])
+
+
+def test_alpha_is_split_over_the_checks_that_run():
+    m = _counts(1000, 100, b=2, c=50, queries=500, gained=20)
+    for gates, k in ((GatesSpec(), 4), (GatesSpec(max_nfi=0.5), 5), (GatesSpec(require_bct=False, alpha=0.1), 3)):
+        checks = gate_checks(m, gates)
+        assert len(checks) == k and all(c.alpha == pytest.approx(gates.alpha / k) for c in checks)
+
+
+@pytest.mark.parametrize("kw, gates, key, fragment", [
+    ({"b": 150, "c": 10}, {"max_nfr": 0.5, "max_class_nfr": 1.0}, "max_error_increase", "lower bound +0.0"),
+    ({"b": 150, "c": 150}, {"max_class_nfr": 1.0}, "max_nfr", "lower bound 0.0"),
+    ({"b": 150, "c": 140}, {"max_nfr": 0.5, "max_class_nfr": 1.0, "max_error_increase": 0.1, "max_nfi": 0.2},
+     "max_nfi", "NFI (150 of the candidate's"),
+    ({"b": 150, "c": 150, "classes": 2}, {"max_nfr": 0.5, "max_class_nfr": 0.05}, "max_class_nfr",
+     "worst per-class NFR (class"),
+    ({"b": 0, "c": 0, "queries": 1000, "lost": 200}, {}, "require_bct", "upper bound -0.1"),
 ])
-def test_gate_fails_each_key(kw, gates, fragment):
-    ok, reasons = gate(_metrics(**kw), GatesSpec(**gates))
-    assert not ok and len(reasons) == 1 and fragment in reasons[0]
+def test_gate_fails_each_key(kw, gates, key, fragment):
+    m = _counts(2000, 200, **{"queries": 1000, **kw})  # retrieval: a tie unless kw says otherwise
+    verdict, reasons, checks = decide(m, GatesSpec(**gates))
+    failed = [c for c in checks if c.verdict == "fail"]
+    assert verdict == "fail" and [c.key for c in failed] == [key], reasons
+    assert fragment in failed[0].reason and failed[0].lower > failed[0].limit or key == "require_bct"
 
 
-def test_gate_limits_are_inclusive_and_bct_can_be_off():
-    """NFR 2/100 = 0.02 is at max_nfr 0.02: a pass, even though 0.1 + 0.1 style sums drift."""
-    ok, _ = gate(_metrics(nfr=0.02, worst_class_nfr=0.1, error_change=0.0), GatesSpec())
-    assert ok
-    ok, reasons = gate(_metrics(m_candidate_production=0.1), GatesSpec(require_bct=False))
-    assert ok and reasons == []
-    ok, reasons = gate(_metrics(nfr=0.5, error_change=0.3, m_candidate_production=0.0), GatesSpec())
-    assert not ok and len(reasons) == 3
+def test_not_comparable_embeddings_fail_require_bct_and_bct_can_be_off():
+    m = _counts(5000, 500, b=5, c=300)  # no retrieval: m_candidate_production None
+    verdict, reasons, _ = decide(m, GatesSpec())
+    assert verdict == "fail" and len(reasons) == 1 and "not comparable" in reasons[0]
+    assert decide(m, GatesSpec(require_bct=False))[0] == "pass"
+
+
+def test_limits_are_inclusive():
+    """No negative flip in 171 rows at 0.0125: NFR's upper bound is 1 - 0.0125^(1/171) =
+    0.0253, a pass against a limit of exactly that."""
+    m = _counts(171, 20, b=0, c=0)
+    hi = 1 - 0.0125 ** (1 / 171)
+    nfr = _by_key(gate_checks(m, GatesSpec(require_bct=False, alpha=0.0375, max_nfr=hi)))["max_nfr"]
+    assert nfr.upper == pytest.approx(hi) and nfr.verdict == "pass"
 
 
 def test_evaluation_metrics_by_hand():
@@ -143,12 +217,34 @@ def test_evaluate_pass_and_fail_are_recorded(chain):
         evals = reg.evaluations()
         assert [(e["candidate"], e["baseline"], e["passed"]) for e in evals][-2:] == [("g1", "g0", True), ("g2", "g0", False)]
         assert evals[-1]["reasons"] == bad.reasons and evals[-1]["metrics"]["nfr"] == bad.metrics["nfr"]
+        assert [e["metrics"]["verdict"] for e in evals[-2:]] == ["pass", "fail"] == [good.verdict, bad.verdict]
+        assert evals[-1]["metrics"]["checks"] == [c.as_dict() for c in bad.checks]
         assert (reg.generation("g1").status, reg.generation("g2").status) == ("trained", "rejected")
         assert reg.events("g2")[-1].reason.startswith(f"offline gate failed (evaluation {bad.evaluation_id})")
     # against a named baseline; embeddings of the same size are comparable
     vs1 = evaluate(cfg, "g2", against="g1", n_boot=50)
     assert vs1.baseline == "g1" and vs1.metrics["m_candidate_production"] is not None
     json.dumps(vs1.as_dict())  # the CLI's --json payload serialises
+
+
+def test_an_inconclusive_evaluation_is_recorded_and_changes_no_status(chain):
+    """Limits inside the bounds of the measured numbers (g1's NFR bounds straddle 0.02 on
+    these 539 rows; g2's error change straddles 0.1): each verdict is inconclusive, the
+    record says so, and 'trained' stays 'trained', 'rejected' stays 'rejected'."""
+    cfg = load_config(chain)
+    tight = cfg.model_copy(update={"gates": cfg.gates.model_copy(update={"max_nfr": 0.02})})
+    loose = cfg.model_copy(update={"gates": cfg.gates.model_copy(
+        update={"max_error_increase": 0.1, "max_nfr": 0.13, "max_class_nfr": 0.5})})
+    evaluate(cfg, "g2", n_boot=20)  # rejected, whatever ran before
+    for c, name, status in ((tight, "g1", "trained"), (loose, "g2", "rejected")):
+        ev = evaluate(c, name, n_boot=20)
+        assert ev.verdict == "inconclusive" and not ev.passed and ev.status == status, ev.reasons
+        assert ev.reasons and all("INCONCLUSIVE" in r for r in ev.reasons)
+        with Registry(registry_path(cfg)) as reg:
+            rec = reg.evaluations(name)[-1]
+            assert (rec["passed"], rec["metrics"]["verdict"]) == (False, "inconclusive")
+            assert reg.generation(name).status == status
+    assert evaluate(cfg, "g1", n_boot=20).verdict == "pass"  # g1's latest evaluation passes again
 
 
 def test_evaluate_refuses_bad_requests(chain):

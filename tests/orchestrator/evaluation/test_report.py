@@ -28,6 +28,17 @@ def test_report_files_and_contents(tmp_path):
         assert png.read_bytes()[:8] == PNG and png.stat().st_size > 5000
         assert f"]({png.name})" in text
     assert f"{ev.metrics['nfr'] * 100:.2f}%" in text and "Lineage: g0 -> g2" in text
+    # each check's row shows its bounds and limit
+    assert "| gate key | value | lower bound | upper bound | limit | verdict |" in text
+    for ch in ev.checks:
+        assert f"| `{ch.key}` | {ch.value:.4f} | {ch.lower:.4f} | {ch.upper:.4f} | {ch.limit:.4f} |" in text
+    # an inconclusive verdict says so and what to do
+    tight = cfg.model_copy(update={"gates": cfg.gates.model_copy(update={"max_nfr": 0.02})})
+    ev1 = evaluate(tight, "g1", n_boot=20)
+    with Registry(registry_path(cfg)) as reg:
+        text1 = write_report(tight, ev1, reg).read_text()
+    assert ev1.verdict == "inconclusive" and text1.startswith("# g1: offline gate against g0 -- INCONCLUSIVE")
+    assert "*inconclusive*" in text1 and "gates.allow_inconclusive" in text1
     # chain rows: every trained generation, NFR against its parent (none for g0)
     assert [(r["name"], r["parent"]) for r in summary["rows"]] == [("g0", None), ("g1", "g0"), ("g2", "g0")]
     m = np.asarray(summary["compat"])
