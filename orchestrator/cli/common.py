@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 from orchestrator.config import ConfigError, RunConfig, load_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INCONCLUSIVE = 3  # `graceful evaluate`: the offline gate could not decide (too little test data)
 
 
 class UsageError(Exception):

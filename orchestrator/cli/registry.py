@@ -10,7 +10,7 @@ import argparse
 import datetime as dt
 import sys
 
-from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
+from orchestrator.cli.common import EXIT_FAILED, EXIT_INCONCLUSIVE, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
 from orchestrator.registry import IntegrityError, Registry, registry_path
 
 
@@ -44,7 +44,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         reg.close()
     payload = {**ev.as_dict(), "report": str(report) if report else None}
     emit(payload, args.json, lambda p: render(ev) + (f"\n  report: {report}" if report else ""))
-    return EXIT_OK if ev.passed else EXIT_FAILED
+    return {"pass": EXIT_OK, "fail": EXIT_FAILED}.get(ev.verdict, EXIT_INCONCLUSIVE)
 
 
 # --- registry ------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def _cmd_show(reg: Registry, args: argparse.Namespace) -> int:
             lines.append("  " + ", ".join(nums))
         for e in evals:
             mm = e["metrics"]
-            lines.append(f"  evaluation {e['id']} vs {e['baseline']}: {'PASS' if e['passed'] else 'FAIL'} "
+            lines.append(f"  evaluation {e['id']} vs {e['baseline']}: {mm.get('verdict', 'pass' if e['passed'] else 'fail').upper()} "
                          f"(NFR {mm.get('nfr', float('nan')):.4f}, error change {mm.get('error_change', float('nan')):+.4f})"
                          + ("" if e["passed"] else f": {'; '.join(e['reasons'])}"))
         if rollout:
@@ -140,7 +140,7 @@ def _cmd_registry(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="offline gate: a candidate against production on held-out data "
-                                        "(exit 0 pass, 1 fail)")
+                                        "(exit 0 pass, 1 fail, 2 usage, 3 inconclusive)")
     add_config_arg(p)
     p.add_argument("--candidate", required=True, help="generation to evaluate")
     p.add_argument("--against", help="baseline generation (default: the one in production)")

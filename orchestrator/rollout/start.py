@@ -8,7 +8,9 @@ comes through `start_rollout`, so its safety checks hold everywhere:
 - an enforced offline gate needs a passing evaluation of these exact bytes against the
   *current* production (a generation never evaluated, evaluated against an older
   production or retrained since, does not go live); `skip_gate` overrides and the audit
-  log says so; an `advisory` gate lets it through and says so too;
+  log says so; an `advisory` gate lets it through and says so too; an inconclusive
+  evaluation (too little test data to decide) does not pass unless
+  `gates.allow_inconclusive`, and then the audit reason says the live rollout decides;
 - a candidate the router does not hold is attached (deployed beside production as a
   shadow) when the caller can do that (`attach`), else refused with what to run.
 """
@@ -30,9 +32,17 @@ class RolloutRefused(RegistryError):
     """A rollout the library will not start; the message says why and what would allow it."""
 
 
-def gate_verdict(reg: Registry, candidate: str, baseline: str) -> tuple[bool, str]:
+INCONCLUSIVE_WHY = ("the test set is too small to decide at gates.alpha; evaluate on more data, or set "
+                    "gates.allow_inconclusive to let the live rollout decide")
+
+
+def gate_verdict(reg: Registry, candidate: str, baseline: str,
+                 allow_inconclusive: bool = False) -> tuple[bool, str]:
     """(passed, what the registry says) of `candidate`'s offline gate against `baseline`:
-    its latest evaluation against `baseline` of the bytes both have now."""
+    its latest evaluation against `baseline` of the bytes both have now. An inconclusive
+    evaluation (its verdict is in the record's metrics) does not pass unless
+    `allow_inconclusive` (gates.allow_inconclusive); a record without a verdict is read
+    from its `passed`."""
     cand, base = reg.generation(candidate), reg.generation(baseline)
     evs = [e for e in reg.evaluations(candidate) if e["baseline"] == baseline]
     if not evs:
@@ -45,14 +55,21 @@ def gate_verdict(reg: Registry, candidate: str, baseline: str) -> tuple[bool, st
              if rec is not None and m[key] != rec.sha256]
     if stale:
         return False, f"evaluation {e['id']} against {baseline!r} was of other bytes ({' and '.join(stale)} retrained since)"
-    if not e["passed"]:
+    verdict = m.get("verdict") or ("pass" if e["passed"] else "fail")
+    if verdict == "inconclusive":
+        if allow_inconclusive:
+            return True, (f"evaluation {e['id']} against {baseline!r} was inconclusive; gates.allow_inconclusive "
+                          f"lets the live rollout decide")
+        return False, (f"evaluation {e['id']} against {baseline!r} was inconclusive: {INCONCLUSIVE_WHY} ("
+                       + "; ".join(e["reasons"]) + ")")
+    if verdict != "pass":
         return False, f"evaluation {e['id']} against {baseline!r} failed: " + "; ".join(e["reasons"])
     return True, f"evaluation {e['id']} against {baseline!r} passed"
 
 
 def gate_reason(cfg: RunConfig, reg: Registry, candidate: str, baseline: str, skip_gate: bool, reason: str) -> str:
     """The audit reason of a new rollout, or RolloutRefused when an enforced gate blocks it."""
-    passed, why = gate_verdict(reg, candidate, baseline)
+    passed, why = gate_verdict(reg, candidate, baseline, cfg.gates.allow_inconclusive)
     if passed:
         return f"{reason} (offline gate: {why})"
     try:
@@ -63,9 +80,11 @@ def gate_reason(cfg: RunConfig, reg: Registry, candidate: str, baseline: str, sk
         return f"{reason} (offline gate: {why}; the gate is advisory for {candidate})"
     if skip_gate:
         return f"{reason} (offline gate: {why}; skipped with --skip-gate)"
+    # Evaluating the same bytes on the same test split again decides nothing new.
+    again = "" if " was inconclusive: " in why else f"run `graceful evaluate CONFIG --candidate {candidate}`; "
     raise RolloutRefused(f"generation {candidate!r} has no passing offline gate against production {baseline!r} "
-                         f"({why}; generations[].offline_gate: enforce): run `graceful evaluate CONFIG --candidate "
-                         f"{candidate}`; --skip-gate overrides (recorded in the audit log)")
+                         f"({why}; generations[].offline_gate: enforce): {again}--skip-gate overrides "
+                         f"(recorded in the audit log)")
 
 
 def start_rollout(cfg: RunConfig, reg: Registry, router: Any, source: MetricSource, candidate: str, actor: str,

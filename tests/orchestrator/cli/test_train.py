@@ -70,3 +70,36 @@ def test_a_checkpoint_that_does_not_match_its_metrics_is_not_trained(tmp_path, c
     assert trained_with_this_config(cfg, "g0") is not None
     (cfg.run_dir / "generations" / "g0" / "model.pt").write_bytes(b"half of a newer checkpoint")
     assert trained_with_this_config(cfg, "g0") is None
+
+
+def test_evaluate_exits_3_when_the_gate_cannot_decide(tmp_path, capsys):
+    """`graceful evaluate` on a gate whose bounds straddle a limit (g1's NFR on these 539
+    rows, against max_nfr 0.02): exit 3, the verdict and each check's bounds in the text
+    and the --json output, and the candidate's status unchanged. The chain is trained in
+    this process (no Ray), as in tests/orchestrator/evaluation/test_evaluate.py."""
+    from orchestrator.cli.common import EXIT_INCONCLUSIVE
+    from tests.orchestrator.evaluation.test_evaluate import TINY, make_chain
+
+    path = make_chain(tmp_path, train=("g0", "g1"), gates={**TINY["gates"], "max_nfr": 0.02})
+    capsys.readouterr()
+    assert EXIT_INCONCLUSIVE == 3
+    assert main(["evaluate", str(path), "--candidate", "g1", "--no-report"]) == 3
+    out = capsys.readouterr().out
+    assert out.startswith("g1 vs g0: INCONCLUSIVE") and "[??] NFR" in out and "bounds [" in out
+    assert "gates.allow_inconclusive" in out
+    assert main(["evaluate", str(path), "--candidate", "g1", "--no-report", "--json"]) == 3
+    payload = json.loads(capsys.readouterr().out)
+    assert (payload["verdict"], payload["passed"], payload["status"]) == ("inconclusive", False, "trained")
+    nfr = next(c for c in payload["checks"] if c["key"] == "max_nfr")
+    assert nfr["verdict"] == "inconclusive" and nfr["lower"] <= 0.02 < nfr["upper"] and nfr["limit"] == 0.02
+    # the same chain under looser limits passes (exit 0); the registry shows both verdicts
+    loose = tmp_path / "loose.yaml"
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    loose.write_text(yaml.safe_dump({**raw, "gates": TINY["gates"]}, sort_keys=False))
+    assert main(["evaluate", str(loose), "--candidate", "g1", "--no-report"]) == 0
+    capsys.readouterr()
+    assert main(["registry", str(loose), "show", "g1"]) == 0
+    text = capsys.readouterr().out
+    assert "INCONCLUSIVE (NFR" in text and "PASS (NFR" in text
