@@ -169,7 +169,8 @@ def labelled_counts(rng, n: int, ratio: float, delay: str) -> dict[str, np.ndarr
 def ours_labelled(counts: dict, policy: RolloutSpec):
     """decide()'s labelled NFR test on cumulative counts, all rollouts and ticks at once."""
     p0, p1 = design_rates(policy.nfr_limit)
-    lower, upper = sprt_bounds(policy.false_rollback_rate, policy.false_promote_rate * (1 - policy.disagreement_share))
+    lower, upper = sprt_bounds(policy.false_rollback_rate * policy.rollback_budget.nfr,
+                               policy.false_promote_rate * (1 - policy.disagreement_share))
     labels = counts["labelled"]
     llr = sprt_llr(counts["negative_flips"], labels, p0, p1)
     kind, at = _first(llr >= upper, llr <= lower)
@@ -228,7 +229,8 @@ def disagreement_counts(rng, n: int, ratio: float, d: float, delay: str) -> dict
 def ours_disagreements(counts: dict, policy: RolloutSpec):
     """decide()'s disagreement test (decision.disagreement_test), all rollouts and ticks at once."""
     res = disagreement_test(counts["compared"], counts["disagreements"], counts["labelled_disagreements"],
-                            counts["negative_flips"], policy.nfr_limit, policy.false_rollback_rate,
+                            counts["negative_flips"], policy.nfr_limit,
+                            policy.false_rollback_rate * policy.rollback_budget.nfr,
                             policy.false_promote_rate, policy.disagreement_share)
     kind, at = _first(res["rollback"], res["promote"])
     labels = counts["labelled"]

@@ -48,6 +48,37 @@ class RolloutStep(StrictModel):
     min_labels: int = Field(100, ge=0)
 
 
+class RollbackBudget(StrictModel):
+    """How `false_rollback_rate` is split over the rollout's tests (shares summing to 1):
+    each test runs on rollout totals at its share, so the chance of any false rollback
+    over the whole rollout is at most false_rollback_rate (a union bound)."""
+
+    nfr: float = Field(0.6, gt=0, lt=1)
+    errors: float = Field(0.2, gt=0, lt=1)
+    latency: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "RollbackBudget":
+        total = self.nfr + self.errors + self.latency
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"shares must sum to 1, got {self.nfr:g} + {self.errors:g} + {self.latency:g} = {total:g}")
+        return self
+
+
+class GuardSpec(StrictModel):
+    """The watch after promotion: the promoted generation keeps production as a shadow
+    reference and is rolled back to it on a regression shown by the rollout's tests,
+    until `labels` labelled samples (labelled disagreements with nfr_test disagreements)
+    arrived or `seconds` passed, whichever comes first. Both 0: no guard."""
+
+    labels: int = Field(0, ge=0)
+    seconds: float = Field(0.0, ge=0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.labels > 0 or self.seconds > 0
+
+
 def _default_steps() -> list[RolloutStep]:
     return [RolloutStep(weight=w) for w in (0.05, 0.25, 0.5)]
 
@@ -72,9 +103,11 @@ class RolloutSpec(StrictModel):
     # Share of false_promote_rate spent on promoting from shadow disagreements before labels
     # ("labelled"), or of both error rates on the disagreement rate's bounds ("disagreements").
     disagreement_share: float = Field(0.2, gt=0, lt=1)
-    min_errors: int = Field(5, ge=1, description="errors in a step before the error-rate test may roll back")
-    min_latency_requests: int = Field(100, ge=1, description="step requests before a p99 is trusted")
-    latency_ticks: int = Field(3, ge=1, description="consecutive breaching ticks of fresh requests before a latency rollback")
+    min_errors: int = Field(5, ge=1, description="candidate errors in the rollout before the error-rate test may roll back")
+    # The latency test counts calls slower than latency_p99_ms (the router's slow_calls):
+    # the candidate's slow share against max(1 %, production's on the same traffic).
+    min_latency_requests: int = Field(100, ge=1, description="timed candidate calls before the latency test may roll back")
+    rollback_budget: RollbackBudget = Field(default_factory=RollbackBudget)
     tick_seconds: float = Field(2.0, gt=0)
     # One controller per rollout: the holder renews its lease every tick; another controller
     # takes the rollout over only once the lease is this old (the holder died).
@@ -186,6 +219,8 @@ class RunConfig(StrictModel):
         path = self.run_dir / "predictions.sqlite" if p is None else (self.run_dir / Path(p).expanduser())
         if str(path) != p:
             self.serving.prediction_log_path = str(path.resolve())
+        if self.serving.slow_call_ms is None:
+            self.serving.slow_call_ms = self.rollout.latency_p99_ms
         return self
 
     def generation(self, name: str) -> GenerationSpec:

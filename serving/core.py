@@ -400,6 +400,8 @@ class GenerationCounters:
     production_correct: int = 0
     candidate_correct: int = 0
     labelled_disagreements: int = 0
+    timed_calls: int = 0      # calls timed (with serving.slow_call_ms set)
+    slow_calls: int = 0       # of those, slower than slow_call_ms
 
 
 class LatencyWindow:

@@ -41,7 +41,8 @@ DEFINED: dict[str, tuple[str, tuple[str, ...], str]] = {
 
 # The counters of the log exported by `graceful_log_counts`.
 LOG_GAUGE_COUNTERS = ("compared", "disagreements", "labelled", "negative_flips", "positive_flips",
-                      "requests_primary", "requests_shadow", "labelled_disagreements")
+                      "requests_primary", "requests_shadow", "labelled_disagreements", "timed_calls",
+                      "slow_calls")
 
 EXPORTED: list[str] = sorted(
     PREFIX + name + suffix

@@ -337,6 +337,9 @@ class Router:
 
     def _observe(self, gen: str, role: str, ms: float) -> None:
         self.latency.add(gen, role, ms)
+        slow = self.spec.get("slow_call_ms")
+        if slow is not None:  # the rollout's sequential latency test counts these
+            self.log.count(gen, timed_calls=1, slow_calls=int(ms > slow))
         self.m["graceful_latency_ms"].observe(ms, tags={"generation": gen, "role": role})
 
     def _count_request(self, gen: str, role: str) -> None:

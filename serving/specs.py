@@ -50,6 +50,9 @@ class ServingSpec(StrictModel):
     shadow_batch_wait_s: float = Field(0.005, ge=0, le=1, description="window that coalesces shadow copies into one call")
     shadow_max_inflight: int = Field(256, ge=1, description="mirrored requests in flight before shadows are dropped")
     latency_window: int = Field(2048, ge=16, description="recent calls per generation behind the status quantiles")
+    # Calls slower than this are counted (timed_calls, slow_calls per generation): the
+    # rollout's latency test. A run config sets it to rollout.latency_p99_ms when unset.
+    slow_call_ms: Optional[float] = Field(None, gt=0)
     router_cpus: float = Field(0.5, gt=0, description="CPUs reserved for each router replica")
     router_replicas: int = Field(1, ge=1, description="router replicas (sqlite or redis log when more than 1)")
     gpus_per_replica: float = Field(0, ge=0, description="GPUs per model replica (Ray num_gpus)")

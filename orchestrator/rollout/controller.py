@@ -57,7 +57,8 @@ import orchestrator.rollout.metric_names as metric_names
 from orchestrator.rollout.decision import Counts, Decision, Observation, decide
 from orchestrator.rollout.http import serve_http
 from orchestrator.rollout.plan import ReconcileError, desired_traffic, next_position, traffic_matches
-from orchestrator.rollout.sources import MetricSource, SourceError, add, advance, counts_from_dict, counts_to_dict
+from orchestrator.rollout.sources import (MetricSource, SourceError, add, advance, counts_from_dict, counts_to_dict,
+                                         read_source)
 from serving.client import RouterError
 
 log = logging.getLogger("graceful.controller")
@@ -149,8 +150,6 @@ class _Evidence:
     total_base: Counts               # evidence from the rollout start to the step start
     last_raw: Optional[Counts]       # the last raw cumulative snapshot of the source
     step_acc: Counts                 # evidence since the step started (resets handled)
-    latency_breaches: int = 0        # consecutive ticks with p99 over the limit on fresh requests
-    fresh_requests: int = 0          # candidate requests since the previous read
 
 
 class Controller:
@@ -242,7 +241,7 @@ class Controller:
         """Read the source and fold it into the step's evidence; None when the source failed."""
         ev = self._evidence(r)
         try:
-            raw = self.source.read(r.candidate)
+            raw = read_source(self.source, r.candidate, r.baseline)
         except SourceError as e:
             self.source_errors += 1
             self.metrics.m["graceful_controller_metric_source_errors"].labels(self.source.name).inc()
@@ -253,21 +252,8 @@ class Controller:
         delta = advance(ev.last_raw, raw)
         ev.step_acc = add(ev.step_acc, delta, raw.latency_p99_ms)
         ev.last_raw = raw
-        ev.fresh_requests = delta.requests
         total = add(ev.total_base, ev.step_acc, raw.latency_p99_ms)
-        return Observation(total=total, step=ev.step_acc, step_elapsed_s=max(0.0, now - r.step_started_at),
-                           # a tick without fresh requests cannot complete a run of breaches
-                           latency_breaches=ev.latency_breaches if delta.requests > 0 else 0)
-
-    def _count_latency(self, r: RolloutRecord, d: Decision) -> None:
-        """Keep decide's latency-breach run: a breaching tick counts only when it saw fresh
-        requests (the same p99 read twice is one piece of evidence); a tick within the
-        limit ends the run."""
-        ev = self._evidence(r)
-        if not d.stats.get("latency_breach"):
-            ev.latency_breaches = 0
-        elif ev.fresh_requests > 0:
-            ev.latency_breaches += 1
+        return Observation(total=total, step=ev.step_acc, step_elapsed_s=max(0.0, now - r.step_started_at))
 
     def _step_data(self, r: RolloutRecord, **extra: Any) -> dict:
         """The data a new step starts from: the evidence so far and the raw snapshot now."""
@@ -368,7 +354,6 @@ class Controller:
                 return r, "refused: metric source down, no evidence (promote --force skips the rule)"
             obs = replace(obs, step_elapsed_s=math.inf)
             d = decide(obs, self._step_spec(r), self.policy)
-            self._count_latency(r, d)
             if d.kind != "promote":
                 return r, f"refused: the rule says {d.kind}: {d.reason} (promote --force skips the rule)"
             state, step, weight = next_position(r, len(self.policy.steps), self._weights())
@@ -478,17 +463,17 @@ class Controller:
         Returns (rollout after, the decision, "from -> to" when it moved)."""
         obs = self.observe(r, now)
         decision = decide(obs, self._step_spec(r), self.policy)
-        if obs is not None:
-            self._count_latency(r, decision)
         if obs is None and self._source_error:
             decision = Decision(decision.kind, f"{decision.reason}: {self._source_error}", decision.stats)
         self.metrics.decision(r.candidate, decision.kind)
         if "live_nfr" in decision.stats:
             self.metrics.m["graceful_rollout_live_nfr"].labels(r.candidate).set(decision.stats["live_nfr"])
-        if self._last_kind.get(r.id) != decision.kind:
-            # Holds are not logged one by one; a change of kind is (with its numbers).
+        if self._last_kind.get(r.id) != decision.kind or decision.kind in ("promote", "rollback"):
+            # Holds are not logged one by one; a change of kind and every move are, with
+            # the evidence (counts, statistics and boundaries) behind them.
             self.registry.audit(CONTROLLER, "decision", r.candidate, decision.reason,
-                                data={"rollout_id": r.id, "step": r.step, "decision": decision.kind})
+                                data={"rollout_id": r.id, "step": r.step, "decision": decision.kind,
+                                      "evidence": dict(decision.stats)})
             self._last_kind[r.id] = decision.kind
         before = (r.state, r.step)
         if decision.kind == "promote":

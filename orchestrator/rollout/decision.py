@@ -56,6 +56,12 @@ class Counts:
     # Labelled samples on which the two predictions differ (rollout.nfr_test: disagreements).
     # Last, so that counts built by position before it existed still mean what they did.
     labelled_disagreements: int = 0
+    # The latency test's counts: candidate calls timed and those slower than
+    # rollout.latency_p99_ms; the same two of the baseline (production) on the same traffic.
+    timed: int = 0
+    slow: int = 0
+    base_timed: int = 0
+    base_slow: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,9 +71,6 @@ class Observation:
     total: Counts                # since the rollout started: evidence of the sequential NFR test
     step: Counts                 # since the current step started: min counts, error rate, latency
     step_elapsed_s: float        # seconds since the current step started (bake time)
-    # Consecutive earlier ticks of this step whose p99 was above latency_p99_ms on fresh
-    # requests (kept by the controller: decide is pure and has no memory of its own).
-    latency_breaches: int = 0
 
 
 @dataclass(frozen=True)
@@ -210,12 +213,54 @@ def disagreement_test(compared, disagreements, labelled, flips, limit: float, fa
             "rollback_at": upper, "promote_at": lower, "rollback": rollback, "promote": promote}
 
 
+# p99 <= latency_p99_ms is "at most 1 % of calls slower than it".
+SLOW_SHARE = 0.01
+# Share of the latency test's budget spent on the bound of production's slow share.
+REFERENCE_SHARE = 0.2
+
+
+def latency_test(slow, timed, base_slow, base_timed, false_rollback: float) -> dict:
+    """The sequential latency test against production on the same traffic (pure; arrays work).
+
+    A call is slow when it took longer than rollout.latency_p99_ms. The candidate may be
+    as slow as production, and as slow as the limit allows: allowed = max(SLOW_SHARE,
+    u), u the upper end of a confidence sequence of production's slow share at
+    REFERENCE_SHARE of `false_rollback` (without production's counts, SLOW_SHARE alone:
+    the absolute p99 limit). The candidate's slow calls then get the SPRT of
+    design_rates(allowed), rolling back at log(1/(false_rollback * (1 - REFERENCE_SHARE))).
+    The LLR falls as `allowed` grows, and on the event that production's sequence covers
+    its share (chance >= 1 - REFERENCE_SHARE * false_rollback) allowed is at least
+    max(SLOW_SHARE, production's true share) at every look: so a candidate whose slow
+    share is at most half of that is rolled back with chance <= false_rollback (Ville's
+    inequality on the SPRT at the true allowance, plus the miss of the sequence).
+
+    slow 8, timed 200, no production counts, false_rollback 0.01: allowed 0.01,
+    p0 0.005, p1 0.02: 8 log 4 + 192 log(0.98/0.995) = 11.09 - 2.92 = 8.17 >=
+    log(1/0.008) = 4.83: rollback.
+    """
+    slow = np.asarray(slow, dtype=np.float64)
+    timed = np.asarray(timed, dtype=np.float64)
+    base_timed = np.asarray(base_timed, dtype=np.float64)
+    _, u = confidence_sequence(base_slow, base_timed, false_rollback * REFERENCE_SHARE, prior_mean=SLOW_SHARE)
+    allowed = np.where(base_timed > 0, np.maximum(SLOW_SHARE, u), SLOW_SHARE)
+    p0 = 0.5 * allowed
+    p1 = np.minimum(2.0 * allowed, (1.0 + allowed) / 2.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        llr = slow * np.log(p1 / p0) + (timed - slow) * np.log((1.0 - p1) / (1.0 - p0))
+    llr = np.nan_to_num(llr, nan=0.0)
+    at = math.log(1.0 / (false_rollback * (1.0 - REFERENCE_SHARE)))
+    rollback = llr >= at
+    if np.ndim(llr) == 0:
+        return {"allowed": float(allowed), "llr": float(llr), "rollback_at": at, "rollback": bool(rollback)}
+    return {"allowed": allowed, "llr": llr, "rollback_at": at, "rollback": rollback}
+
+
 # ---------------------------------------------------------------------------------------
 
 def _invalid(c: Counts, by_disagreements: bool = False) -> Optional[str]:
     """Why counts cannot be used (a counter reset or a broken source), or None."""
     for name in ("requests", "errors", "compared", "disagreements", "labelled", "negative_flips",
-                 "labelled_disagreements"):
+                 "labelled_disagreements", "timed", "slow", "base_timed", "base_slow"):
         if getattr(c, name) < 0:
             return f"negative {name} ({getattr(c, name)})"
     if c.errors > c.requests:
@@ -224,6 +269,8 @@ def _invalid(c: Counts, by_disagreements: bool = False) -> Optional[str]:
         return f"disagreements {c.disagreements} > compared {c.compared}"
     if c.negative_flips > c.labelled:
         return f"negative_flips {c.negative_flips} > labelled {c.labelled}"
+    if c.slow > c.timed or c.base_slow > c.base_timed:
+        return f"slow calls above timed calls ({c.slow}/{c.timed}, production {c.base_slow}/{c.base_timed})"
     if by_disagreements and c.negative_flips > c.labelled_disagreements:
         # a flip is a disagreement: a source without this counter cannot feed this test
         return (f"negative_flips {c.negative_flips} > labelled_disagreements {c.labelled_disagreements} "
@@ -233,19 +280,20 @@ def _invalid(c: Counts, by_disagreements: bool = False) -> Optional[str]:
 
 def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: RolloutSpec, *,
            disagreement_share: Optional[float] = None, min_errors: Optional[int] = None,
-           min_latency_requests: Optional[int] = None, latency_ticks: Optional[int] = None) -> Decision:
+           min_latency_requests: Optional[int] = None) -> Decision:
     """Promote / hold / rollback / inconclusive for the current step (pure).
 
     obs None (metric source down) or unusable counts -> "inconclusive", never a rollback.
     step None = the shadow phase: bake policy.shadow_bake_seconds, min counts of steps[0].
 
-    Rollback (any time, no bake): the NFR SPRT on total counts reaches
-    log(1/false_rollback_rate); or the step's error SPRT (error_rate_limit vs twice it)
-    does with at least `min_errors` errors; or the step's p99 latency exceeds
-    latency_p99_ms with at least `min_latency_requests` step requests on `latency_ticks`
-    ticks in a row (obs.latency_breaches earlier ones + this one). A breach short of that
-    holds (never promotes). stats["latency_breach"] is 1.0 when this tick breaches, so the
-    controller can keep the count: latency_breaches 2, p99 600 > 500 ms -> 3rd tick -> rollback.
+    Rollback (any time, no bake), each test on the rollout's totals at its share of
+    false_rollback_rate (`rollout.rollback_budget`), so that the chance of any false
+    rollback over the whole rollout is at most false_rollback_rate: the NFR test
+    (`rollout.nfr_test`) reaches its upper boundary; or the error SPRT (error_rate_limit
+    vs twice it) does with at least `min_errors` errors; or `latency_test` shows the
+    candidate's share of calls slower than latency_p99_ms above the share allowed, with
+    at least `min_latency_requests` timed calls. A slow share above the allowed one that
+    is not shown yet holds (never promotes).
     Promote: bake time, min_requests done, and either min_labels labelled with the NFR
     SPRT at or below log(false_promote_rate * (1 - disagreement_share)), or min_labels
     compared samples with the disagreement SPRT at or below
@@ -255,7 +303,6 @@ def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: Roll
     disagreement_share = policy.disagreement_share if disagreement_share is None else disagreement_share
     min_errors = policy.min_errors if min_errors is None else min_errors
     min_latency_requests = policy.min_latency_requests if min_latency_requests is None else min_latency_requests
-    latency_ticks = policy.latency_ticks if latency_ticks is None else latency_ticks
     if obs is None:
         return Decision(INCONCLUSIVE, "metric source down: no observation", {})
     by_dis = policy.nfr_test == "disagreements"
@@ -267,51 +314,50 @@ def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: Roll
     gate = step if step is not None else policy.steps[0]
     bake = step.bake_seconds if step is not None else policy.shadow_bake_seconds
     t, s = obs.total, obs.step
+    budget = policy.rollback_budget
     p0, p1 = design_rates(policy.nfr_limit)
     beta_nfr = policy.false_promote_rate * (1.0 - disagreement_share)
     beta_dis = policy.false_promote_rate * disagreement_share
-    lower_nfr, upper = sprt_bounds(policy.false_rollback_rate, beta_nfr)
+    lower_nfr, upper = sprt_bounds(policy.false_rollback_rate * budget.nfr, beta_nfr)
     llr_nfr = sprt_llr(t.negative_flips, t.labelled, p0, p1)
     llr_dis = sprt_llr(t.disagreements, t.compared, p0, p1)
     lower_dis = math.log(beta_dis) if beta_dis > 0 else -math.inf
     nfr_lo, nfr_hi = confidence_sequence(t.negative_flips, t.labelled,
                                          min(policy.false_rollback_rate, policy.false_promote_rate),
                                          prior_mean=policy.nfr_limit)
-    error_rate = s.errors / s.requests if s.requests else 0.0
-    llr_err = _error_llr(s.errors, s.requests, policy.error_rate_limit)
+    lat = latency_test(t.slow, t.timed, t.base_slow, t.base_timed, policy.false_rollback_rate * budget.latency)
     stats: dict[str, float] = {
         "live_nfr": t.negative_flips / t.labelled if t.labelled else 0.0,
         "nfr_lower": nfr_lo, "nfr_upper": nfr_hi,
         "labelled": float(t.labelled), "negative_flips": float(t.negative_flips),
         "llr_nfr": llr_nfr, "llr_promote_at": lower_nfr, "llr_rollback_at": upper,
         "disagreement": t.disagreements / t.compared if t.compared else 0.0,
+        "compared": float(t.compared), "disagreements": float(t.disagreements),
         "llr_disagreement": llr_dis, "llr_disagreement_promote_at": lower_dis,
-        "error_rate": error_rate, "llr_error": llr_err,
+        "requests": float(t.requests), "errors": float(t.errors),
+        "error_rate": t.errors / t.requests if t.requests else 0.0,
+        "llr_error": _error_llr(t.errors, t.requests, policy.error_rate_limit),
+        "llr_error_rollback_at": math.log(1.0 / (policy.false_rollback_rate * budget.errors)),
+        "timed": float(t.timed), "slow": float(t.slow), "base_timed": float(t.base_timed),
+        "base_slow": float(t.base_slow), "slow_share": t.slow / t.timed if t.timed else 0.0,
+        "slow_allowed": lat["allowed"], "llr_latency": lat["llr"], "llr_latency_rollback_at": lat["rollback_at"],
         "step_requests": float(s.requests), "step_labelled": float(s.labelled),
         "step_elapsed_s": float(obs.step_elapsed_s),
     }
-    # NaN (Prometheus' histogram_quantile over no data) or a negative value is unknown,
-    # like None: it disables the latency check without making the whole tick inconclusive.
-    latency = s.latency_p99_ms
-    if latency is not None and not (0 <= latency < math.inf):
-        latency = None
-    if latency is not None:
-        stats["latency_p99_ms"] = float(latency)
-    latency_breach = latency is not None and s.requests >= min_latency_requests and latency > policy.latency_p99_ms
-    stats["latency_breach"] = 1.0 if latency_breach else 0.0
-    stats["latency_breaches"] = float(obs.latency_breaches + 1 if latency_breach else 0)
-    # JSON has no infinity: an error LLR of inf (limit 0) is stored as +-1e9.
-    stats = {k: max(-1e9, min(1e9, v)) for k, v in stats.items()}
+    # The p99 gauge is shown, not tested (NaN or negative: unknown, left out).
+    if s.latency_p99_ms is not None and 0 <= s.latency_p99_ms < math.inf:
+        stats["latency_p99_ms"] = float(s.latency_p99_ms)
+    # JSON has no infinity: an LLR of +-inf is stored as +-1e9.
+    stats = _finite(stats)
 
     if by_dis:
-        return _decide_by_disagreements(obs, policy, gate, bake, stats, latency, latency_breach, min_errors,
-                                        latency_ticks)
+        return _decide_by_disagreements(obs, policy, gate, bake, stats, min_errors, min_latency_requests)
 
     nfr_txt = f"NFR {t.negative_flips}/{t.labelled}"
     if llr_nfr >= upper:
         return Decision(ROLLBACK, f"{nfr_txt} shown above the limit {policy.nfr_limit:g}: "
                         f"LLR {llr_nfr:.2f} >= {upper:.2f} (SPRT {p0:g} vs {p1:g})", stats)
-    other = _checks_before_nfr(obs, policy, stats, latency, latency_breach, min_errors, latency_ticks)
+    other = _checks_before_nfr(obs, policy, stats, min_errors, min_latency_requests)
     if other is not None:
         return other
 
@@ -333,6 +379,10 @@ def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: Roll
                     f"disagreement {t.disagreements}/{t.compared}, LLR {llr_dis:.2f}", stats)
 
 
+def _finite(stats: dict) -> dict:
+    return {k: max(-1e9, min(1e9, float(v))) for k, v in stats.items()}
+
+
 def _waiting(obs: Observation, gate: RolloutStep, bake: float) -> list[str]:
     """What a promotion still waits for besides the evidence: bake time, step requests."""
     out = []
@@ -343,30 +393,36 @@ def _waiting(obs: Observation, gate: RolloutStep, bake: float) -> list[str]:
     return out
 
 
-def _checks_before_nfr(obs: Observation, policy: RolloutSpec, stats: dict, latency, latency_breach: bool,
-                       min_errors: int, latency_ticks: int) -> Optional[Decision]:
-    """The error-rate and latency rules, shared by both NFR tests: a rollback or a hold, or None."""
-    s = obs.step
-    if s.errors >= min_errors and stats["llr_error"] >= math.log(1.0 / policy.false_rollback_rate):
-        return Decision(ROLLBACK, f"error rate {s.errors}/{s.requests} = {stats['error_rate']:.4f} shown above "
-                        f"the limit {policy.error_rate_limit:g}: LLR {stats['llr_error']:.2f}", stats)
-    if latency_breach and obs.latency_breaches + 1 >= latency_ticks:
-        return Decision(ROLLBACK, f"p99 latency {latency:.1f} ms > {policy.latency_p99_ms:g} ms "
-                        f"on {obs.latency_breaches + 1} ticks in a row, {s.requests} step requests", stats)
-    if latency_breach:
-        return Decision(HOLD, f"p99 latency {latency:.1f} ms > {policy.latency_p99_ms:g} ms "
-                        f"({obs.latency_breaches + 1}/{latency_ticks} ticks in a row before a rollback)", stats)
-    return None
+def _checks_before_nfr(obs: Observation, policy: RolloutSpec, stats: dict, min_errors: int,
+                       min_latency_requests: int) -> Optional[Decision]:
+    """The error-rate and latency tests on the rollout's totals, shared by both NFR
+    tests: a rollback or a hold, or None."""
+    t = obs.total
+    if t.errors >= min_errors and stats["llr_error"] >= stats["llr_error_rollback_at"]:
+        return Decision(ROLLBACK, f"error rate {t.errors}/{t.requests} = {stats['error_rate']:.4f} shown above "
+                        f"the limit {policy.error_rate_limit:g}: LLR {stats['llr_error']:.2f} >= "
+                        f"{stats['llr_error_rollback_at']:.2f}", stats)
+    if t.timed < min_latency_requests or stats["slow_share"] <= stats["slow_allowed"]:
+        return None
+    txt = (f"{t.slow}/{t.timed} candidate calls slower than {policy.latency_p99_ms:g} ms "
+           f"(share {stats['slow_share']:.4f}; allowed {stats['slow_allowed']:.4f}, production {t.base_slow}/"
+           f"{t.base_timed})")
+    if stats["llr_latency"] >= stats["llr_latency_rollback_at"]:
+        return Decision(ROLLBACK, f"latency shown worse: {txt}; LLR {stats['llr_latency']:.2f} >= "
+                        f"{stats['llr_latency_rollback_at']:.2f}", stats)
+    return Decision(HOLD, f"latency not yet shown within the limit: {txt}; LLR {stats['llr_latency']:.2f} < "
+                    f"{stats['llr_latency_rollback_at']:.2f}", stats)
 
 
 def _decide_by_disagreements(obs: Observation, policy: RolloutSpec, gate: RolloutStep, bake: float, stats: dict,
-                             latency, latency_breach: bool, min_errors: int, latency_ticks: int) -> Decision:
+                             min_errors: int, min_latency_requests: int) -> Decision:
     """decide() with `rollout.nfr_test: disagreements`: disagreement_test on the totals;
     the step's `min_labels` counts labelled disagreements (or, for a promotion on the
     disagreement rate alone, compared samples)."""
     t, s = obs.total, obs.step
     dt = disagreement_test(t.compared, t.disagreements, t.labelled_disagreements, t.negative_flips,
-                           policy.nfr_limit, policy.false_rollback_rate, policy.false_promote_rate,
+                           policy.nfr_limit, policy.false_rollback_rate * policy.rollback_budget.nfr,
+                           policy.false_promote_rate,
                            policy.disagreement_share)
     share = t.negative_flips / t.labelled_disagreements if t.labelled_disagreements else 0.0
     # The labelled test's NFR numbers would read flips among flagged requests only: here
@@ -378,13 +434,13 @@ def _decide_by_disagreements(obs: Observation, policy: RolloutSpec, gate: Rollou
                   "llr_promote_at": dt["promote_at"], "labelled_disagreements": float(t.labelled_disagreements),
                   "flip_share": share, "live_nfr": (t.disagreements / t.compared if t.compared else 0.0) * share,
                   "nfr_lower": dt["d_lower"] * q_lo, "nfr_upper": dt["d_upper"] * q_hi})
-    stats = {k: max(-1e9, min(1e9, v)) for k, v in stats.items()}
+    stats = _finite(stats)
     txt = (f"{t.negative_flips} flips in {t.labelled_disagreements} labelled disagreements, disagreement "
            f"{t.disagreements}/{t.compared} in [{dt['d_lower']:.4f}, {dt['d_upper']:.4f}]")
     if dt["rollback"]:
         return Decision(ROLLBACK, f"NFR shown above the limit {policy.nfr_limit:g}: {txt}; LLR "
                         f"{dt['llr_rollback']:.2f} >= {dt['rollback_at']:.2f}", stats)
-    other = _checks_before_nfr(obs, policy, stats, latency, latency_breach, min_errors, latency_ticks)
+    other = _checks_before_nfr(obs, policy, stats, min_errors, min_latency_requests)
     if other is not None:
         return other
     waiting = _waiting(obs, gate, bake)

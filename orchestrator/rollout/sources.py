@@ -15,6 +15,7 @@ reset (a router restart), never as negative evidence.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import time
@@ -35,9 +36,22 @@ class SourceError(RuntimeError):
 
 
 class MetricSource(Protocol):
+    """Cumulative counts of `candidate`. A source whose `read` also takes `baseline` (a
+    keyword) fills the base_timed / base_slow counts of the latency test from it; one
+    that does not is read without it (the latency test then uses the absolute limit)."""
+
     name: str
 
     def read(self, candidate: str) -> Counts: ...
+
+
+def read_source(source: MetricSource, candidate: str, baseline: Optional[str]) -> Counts:
+    """source.read(candidate), passing `baseline` to a source whose read takes it."""
+    try:
+        takes = "baseline" in inspect.signature(source.read).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return source.read(candidate, baseline=baseline) if takes else source.read(candidate)
 
 
 # --- counter arithmetic (pure) -------------------------------------------------------------
@@ -66,7 +80,8 @@ def add(a: Counts, b: Counts, latency_p99_ms: Optional[float] = None) -> Counts:
 # from the log's shared gauges (they do not).
 COUNTER_GROUPS: tuple[tuple[str, ...], ...] = (("requests", "errors"),
                                                ("compared", "disagreements", "labelled", "negative_flips",
-                                                "labelled_disagreements"))
+                                                "labelled_disagreements"),
+                                               ("timed", "slow", "base_timed", "base_slow"))
 
 
 def advance(last_raw: Optional[Counts], raw: Counts) -> Counts:
@@ -102,12 +117,14 @@ def advance(last_raw: Optional[Counts], raw: Counts) -> Counts:
 
 # --- router --------------------------------------------------------------------------------
 
-def counts_from_status(status: dict, candidate: str) -> Counts:
+def counts_from_status(status: dict, candidate: str, baseline: Optional[str] = None) -> Counts:
     """The candidate's counters in a router `/v1/status` answer.
 
     requests = requests_primary + requests_shadow; errors = errors + shadow_errors +
     shadow_timeouts; latency: the primary p99 once the candidate serves users, else the
-    shadow p99 (None when neither has calls); epoch: the counters' `counters_epoch` (the
+    shadow p99 (None when neither has calls); timed / slow: timed_calls / slow_calls, and
+    base_timed / base_slow the same of `baseline` (default: the router's production; 0
+    when it is the candidate or absent); epoch: the counters' `counters_epoch` (the
     prediction log's: it stays when a router restarts over a durable log), else the
     router's `started_at` (None when both are absent).
     """
@@ -116,6 +133,8 @@ def counts_from_status(status: dict, candidate: str) -> Counts:
         raise SourceError(f"router status has no generation {candidate!r}")
     g = gens[candidate]
     c = g.get("counters") or {}
+    base = status.get("production") if baseline is None else baseline
+    b = (gens.get(base) or {}).get("counters") or {} if base != candidate else {}
     try:
         counts = Counts(
             requests=int(c.get("requests_primary", 0)) + int(c.get("requests_shadow", 0)),
@@ -125,6 +144,8 @@ def counts_from_status(status: dict, candidate: str) -> Counts:
             labelled=int(c.get("labelled", 0)),
             negative_flips=int(c.get("negative_flips", 0)),
             labelled_disagreements=int(c.get("labelled_disagreements", 0)),
+            timed=int(c.get("timed_calls", 0)), slow=int(c.get("slow_calls", 0)),
+            base_timed=int(b.get("timed_calls", 0)), base_slow=int(b.get("slow_calls", 0)),
             latency_p99_ms=_router_p99(g.get("latency") or {}),
             epoch=_epoch(status.get("counters_epoch", status.get("started_at"))),
         )
@@ -158,12 +179,12 @@ class RouterSource:
     def __init__(self, client: Any):
         self.client = client
 
-    def read(self, candidate: str) -> Counts:
+    def read(self, candidate: str, baseline: Optional[str] = None) -> Counts:
         try:
             status = self.client.status()
         except Exception as e:  # router down, timeout, 5xx: inconclusive, never a regression
             raise SourceError(f"router status unavailable: {type(e).__name__}: {e}") from None
-        return counts_from_status(status, candidate)
+        return counts_from_status(status, candidate, baseline)
 
 
 # --- Prometheus ----------------------------------------------------------------------------
@@ -171,7 +192,7 @@ class RouterSource:
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
-def promql_queries(candidate: str, latency_window: str = "1m") -> dict[str, str]:
+def promql_queries(candidate: str, latency_window: str = "1m", baseline: Optional[str] = None) -> dict[str, str]:
     """The PromQL instant queries behind each field of Counts for `candidate`.
 
     Requests and errors are the replicas' own counters summed across replicas, nodes and
@@ -180,8 +201,9 @@ def promql_queries(candidate: str, latency_window: str = "1m") -> dict[str, str]
     which every replica exports as the same gauge (`max(...)` across them); they include
     labels imported with `graceful labels import`.
     """
-    if not _LABEL_VALUE.match(candidate):
-        raise SourceError(f"candidate name {candidate!r} cannot be used in a PromQL label matcher")
+    for who in (candidate, baseline):
+        if who is not None and not _LABEL_VALUE.match(who):
+            raise SourceError(f"generation name {who!r} cannot be used in a PromQL label matcher")
     sel = f'{{generation="{candidate}"}}'
 
     def counter(metric: str) -> str:
@@ -189,8 +211,8 @@ def promql_queries(candidate: str, latency_window: str = "1m") -> dict[str, str]
         # no requests series at all means Prometheus has no data for the candidate yet).
         return f"(sum({metric}{sel}) or vector(0))"
 
-    def shared(name: str) -> str:
-        return f'max(ray_graceful_log_counts{{generation="{candidate}",counter="{name}"}})'
+    def shared(name: str, gen: str = candidate) -> str:
+        return f'max(ray_graceful_log_counts{{generation="{gen}",counter="{name}"}})'
 
     return {
         "requests": f"sum(ray_graceful_requests_total{sel})",
@@ -201,6 +223,10 @@ def promql_queries(candidate: str, latency_window: str = "1m") -> dict[str, str]
         "negative_flips": shared("negative_flips"),
         # absent from routers older than the counter: 0 (the disagreements test then says so)
         "labelled_disagreements": f'({shared("labelled_disagreements")} or vector(0))',
+        "timed": f'({shared("timed_calls")} or vector(0))',
+        "slow": f'({shared("slow_calls")} or vector(0))',
+        **({"base_timed": f'({shared("timed_calls", baseline)} or vector(0))',
+            "base_slow": f'({shared("slow_calls", baseline)} or vector(0))'} if baseline else {}),
         "latency_p99_ms": f"histogram_quantile(0.99, sum by (le) "
                           f"(rate(ray_graceful_latency_ms_bucket{sel}[{latency_window}])))",
     }
@@ -251,12 +277,12 @@ class PrometheusSource:
         except (KeyError, IndexError, TypeError, ValueError):
             raise SourceError(f"prometheus answer not understood: {result[0]!s:.200}") from None
 
-    def read(self, candidate: str) -> Counts:
+    def read(self, candidate: str, baseline: Optional[str] = None) -> Counts:
         """Every query of one read is evaluated at the same instant, so that labelled and
         negative_flips (etc.) come from the same scrapes."""
         at = self.clock()
         values: dict[str, Any] = {}
-        for key, q in promql_queries(candidate, self.latency_window).items():
+        for key, q in promql_queries(candidate, self.latency_window, baseline).items():
             v = self.query(q, at)
             if key == "requests" and v is None:
                 raise SourceError(f"prometheus has no ray_graceful_requests_total series for {candidate!r} yet")

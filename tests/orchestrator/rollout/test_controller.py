@@ -18,7 +18,7 @@ from orchestrator.rollout.plan import desired_traffic
 from orchestrator.rollout.start import begin_rollout
 from orchestrator.rollout.decision import Counts
 from orchestrator.registry import Registry
-from orchestrator.rollout.sources import SourceError
+from orchestrator.rollout.sources import SourceError, add
 from tests.helpers import free_port
 
 TOKEN = "unit-admin-token-1"
@@ -70,11 +70,7 @@ class FakeSource:
         if self.fail:
             self.fail -= 1
             raise SourceError("source down")
-        p = self.per_read
-        self.now = Counts(self.now.requests + p.requests, self.now.errors + p.errors,
-                          self.now.compared + p.compared, self.now.disagreements + p.disagreements,
-                          self.now.labelled + p.labelled, self.now.negative_flips + p.negative_flips,
-                          p.latency_p99_ms)
+        self.now = add(self.now, self.per_read, self.per_read.latency_p99_ms)
         return self.now
 
 
@@ -339,23 +335,30 @@ def test_a_router_that_lost_the_candidate_is_audited_and_pauses_the_rollout(env)
     assert (res.state, res.step) == ("canary", 1) and router.weights["g1"] == pytest.approx(0.1)
 
 
-def test_latency_rollback_needs_three_breaching_ticks_of_fresh_requests(tmp_path, env):
+def test_latency_rollback_compares_slow_calls_with_production_on_the_same_traffic(tmp_path, env):
+    """The latency test counts calls over latency_p99_ms: a candidate as slow as
+    production (both 5 %) is never rolled back; one slow on 8 % of calls while production
+    is on 0.5 % is, once min_latency_requests timed calls are in, with the evidence in
+    the audit log."""
     _, reg, router, source, r = env
     cfg = _cfg(tmp_path, shadow_bake_seconds=1000, latency_p99_ms=100.0)
     ctl = Controller(cfg, reg, router, source)
-    source.per_read = Counts(requests=60, compared=60, labelled=60, latency_p99_ms=250.0)
-    first = ctl.tick()                        # 60 step requests: under min_latency_requests
-    assert first.decision == "hold" and first.stats["latency_breach"] == 0.0
-    second, third = ctl.tick(), ctl.tick()    # breaches 1 and 2: hold
-    assert [x.decision for x in (second, third)] == ["hold", "hold"]
-    source.per_read = Counts(latency_p99_ms=250.0)    # no fresh requests: no evidence either way
-    assert ctl.tick().decision == "hold"
-    source.per_read = Counts(requests=60, compared=60, labelled=60, latency_p99_ms=50.0)
-    assert ctl.tick().decision == "hold"      # back under the limit: the run ends
-    source.per_read = Counts(requests=60, compared=60, labelled=60, latency_p99_ms=250.0)
-    assert [ctl.tick().decision for _ in range(2)] == ["hold", "hold"]
-    last = ctl.tick()
-    assert (last.decision, last.state) == ("rollback", "rolled_back") and "3 ticks in a row" in last.reason
+    base = dict(requests=100, compared=100, labelled=100, timed=100, base_timed=100)
+    source.per_read = Counts(**base, slow=5, base_slow=5)
+    for _ in range(20):
+        res = ctl.tick()
+        assert res.decision == "hold" and res.state == "shadow"
+    assert res.stats["slow_allowed"] >= 0.05 and res.stats["slow_share"] == pytest.approx(0.05)
+    source.per_read = Counts(**base, slow=8, base_slow=0)
+    seen = []
+    for _ in range(40):
+        res = ctl.tick()
+        seen.append(res.decision)
+        if res.state == "rolled_back":
+            break
+    assert res.decision == "rollback" and "latency shown worse" in res.reason, seen
+    ev = [e for e in reg.events("g1") if e.action == "decision" and e.data.get("decision") == "rollback"][-1]
+    assert ev.data["evidence"]["llr_latency"] >= ev.data["evidence"]["llr_latency_rollback_at"]
 
 
 def test_a_tick_that_raises_is_counted_and_the_loop_goes_on(env):
