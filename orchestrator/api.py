@@ -13,7 +13,7 @@ working directory.
     run = Run("runs/nb", data="mypkg.data:load")
     g0 = run.train("g0", "mypkg.models:build", kwargs={"width": 64})
     g1 = run.train("g1", "mypkg.models:build", compat={"bct": {}, "focal_distillation": {}})
-    run.evaluate("g1").passed
+    run.evaluate("g1").verdict              # 'pass', 'fail' or 'inconclusive' (.passed: a pass)
     with run.serve(candidates=["g1"]) as served:
         run.rollout("g1", served).state        # 'promoted' or 'rolled_back'
 
@@ -280,7 +280,8 @@ class Run:
 
     def evaluate(self, candidate: str, against: Optional[str] = None):
         """The offline gate of `candidate` against production (or `against`), recorded in
-        the registry as `graceful evaluate` does: an `orchestrator.evaluation.Evaluation`."""
+        the registry as `graceful evaluate` does: an `orchestrator.evaluation.Evaluation`
+        (`verdict` 'pass', 'fail' or 'inconclusive'; each check's bounds in `checks`)."""
         from orchestrator.evaluation.evaluate import evaluate
 
         return evaluate(self.config, candidate, against)
@@ -365,8 +366,9 @@ def train_compatible(model: ModelLike, data: DataLike, *, name: str, run_dir: st
 def evaluate(old: Any, new: Any, test_data: Any, gates: Optional[Mapping[str, Any]] = None,
              factories: Sequence[str] = ()):
     """The offline gate of `new` against `old` on `test_data`, recorded nowhere: an
-    `orchestrator.evaluation.Evaluation` with the gate's checks (error change, NFR, NFI,
-    worst per-class NFR, BCT retrieval). `old`, `new`: `Generation`s, models, or checkpoint
+    `orchestrator.evaluation.Evaluation` with the gate's three-way `verdict` and its checks
+    (error change, NFR, NFI, worst per-class NFR, BCT retrieval), each with exact
+    confidence bounds. `old`, `new`: `Generation`s, models, or checkpoint
     paths; `test_data`: (x, y) or a `workers.data.Split`; `gates`: the `gates:` keys.
 
     A checkpoint path is loaded only if it is of a built-in architecture or was built by

@@ -44,12 +44,13 @@ class GenerationSummary:
     name: str
     error: float
     nfr: Optional[float]  # offline NFR against the production model it was compared with
-    outcome: str  # promoted | rolled_back | rejected
+    outcome: str  # promoted | rolled_back | rejected | inconclusive (an enforced gate that could not decide)
     against: Optional[str] = None
     top1_vs_gallery: Optional[float] = None  # M(this generation, gallery generation)
     live_nfr: Optional[float] = None
     live_labelled: Optional[int] = None
     gate_passed: Optional[bool] = None
+    gate_verdict: Optional[str] = None  # pass | fail | inconclusive
     reasons: list[str] = field(default_factory=list)
     report: Optional[str] = None
 
@@ -338,7 +339,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
                 _stage(log, f"{gen.name}: offline gate against {production}")
                 row = offline_gate(cfg, registry, gen.name, production, ds.query, gallery, log)
                 rows.append(row)
-                if row.outcome == "rejected":
+                if row.outcome in ("rejected", "inconclusive"):  # the offline gate keeps it offline
                     continue
                 _stage(log, f"{gen.name}: rollout (shadow -> canary "
                             f"{' -> '.join(f'{100 * s.weight:g}%' for s in cfg.rollout.steps)} -> promoted)")
@@ -386,7 +387,9 @@ def gallery_top1(cfg: RunConfig, registry, name: str, query, gallery) -> float:
 def offline_gate(cfg: RunConfig, registry, candidate: str, production: str, query, gallery,
                  log: Callable[[str], None]) -> GenerationSummary:
     """`graceful evaluate` of `candidate` against production, with its report. The row's
-    outcome is 'rejected' when the gate fails and the generation's gate is enforced."""
+    outcome is 'rejected' when the gate fails and the generation's gate is enforced, and
+    'inconclusive' when it cannot decide, the gate is enforced and gates.allow_inconclusive
+    is false (a rollout would be refused)."""
     from orchestrator.evaluation.evaluate import evaluate, render
     from orchestrator.evaluation.report import write_report
 
@@ -396,11 +399,19 @@ def offline_gate(cfg: RunConfig, registry, candidate: str, production: str, quer
         log(line)
     log(f"report: {report}")
     enforced = cfg.generation(candidate).offline_gate == "enforce"
-    if not ev.passed:
+    outcome = "pending"
+    if ev.verdict == "fail":
         log(f"[{candidate}] offline gate failed: " + ("rejected, it never goes live" if enforced else
                                                        "the gate is advisory for it, so it goes live and the "
                                                        "controller decides"))
-    return GenerationSummary(candidate, ev.metrics["error_candidate"], ev.metrics["nfr"],
-                             "rejected" if (enforced and not ev.passed) else "pending", against=production,
+        outcome = "rejected" if enforced else outcome
+    elif ev.verdict == "inconclusive":
+        goes = not enforced or cfg.gates.allow_inconclusive
+        log(f"[{candidate}] offline gate inconclusive (the test set is too small to decide): "
+            + ("it goes live and the controller decides" if goes else
+               "it does not go live (gates.allow_inconclusive lets the live rollout decide)"))
+        outcome = outcome if goes else "inconclusive"
+    return GenerationSummary(candidate, ev.metrics["error_candidate"], ev.metrics["nfr"], outcome, against=production,
                              top1_vs_gallery=gallery_top1(cfg, registry, candidate, query, gallery), gate_passed=ev.passed,
+                             gate_verdict=ev.verdict,
                              reasons=list(ev.reasons), report=str(report))

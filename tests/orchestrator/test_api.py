@@ -99,6 +99,9 @@ def test_evaluate_two_models_on_arrays_gives_the_gates_checks():
     ev = graceful.evaluate(old, old, (x[:200], y[:200]), gates={"max_nfr": 0.0})
     assert ev.metrics["nfr"] == 0.0 and ev.metrics["error_change"] == 0.0
     assert {c.key for c in ev.checks} >= {"max_nfr", "max_error_increase"} and ev.evaluation_id is None
+    # no flip in 200 rows still leaves NFR's upper bound above 0: max_nfr 0 can never be shown
+    nfr = next(c for c in ev.checks if c.key == "max_nfr")
+    assert nfr.verdict == "inconclusive" and nfr.lower == 0.0 < nfr.upper and ev.verdict == "inconclusive"
 
 
 def test_a_run_keeps_its_data_new_data_goes_to_a_generation(tmp_path):
