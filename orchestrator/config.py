@@ -108,6 +108,7 @@ class RolloutSpec(StrictModel):
     # the candidate's slow share against max(1 %, production's on the same traffic).
     min_latency_requests: int = Field(100, ge=1, description="timed candidate calls before the latency test may roll back")
     rollback_budget: RollbackBudget = Field(default_factory=RollbackBudget)
+    guard: GuardSpec = Field(default_factory=GuardSpec)
     tick_seconds: float = Field(2.0, gt=0)
     # One controller per rollout: the holder renews its lease every tick; another controller
     # takes the rollout over only once the lease is this old (the holder died).

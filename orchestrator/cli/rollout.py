@@ -1,5 +1,5 @@
 """`graceful rollout` (run the controller) and the operator commands `status`, `pause`,
-`resume`, `promote [--force]`, `rollback --reason`.
+`freeze`, `resume`, `promote [--force]`, `rollback --reason`.
 
 The operator commands only write to the registry (a command queue and the audit log):
 the running controller, in whatever process, applies them at its next tick. Without a
@@ -21,7 +21,7 @@ import requests
 
 from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
 from orchestrator.config import RunConfig
-from orchestrator.registry import FINAL_STATES, Registry, RolloutRecord, RolloutState, registry_path
+from orchestrator.registry import FINAL_STATES, HELD_STATES, Registry, RolloutRecord, RolloutState, registry_path
 from serving.client import RouterError
 
 EXIT_INTERRUPTED = 130
@@ -183,6 +183,8 @@ def _render_status(s: dict) -> str:
               f"{r['candidate']:<12}{r['baseline']:<12}{r['state']:<13}{r['step']:>5}{r['weight']:>8.2f}  "
               f"{(format(s['live_nfr'], '.4f') if s['live_nfr'] is not None else '-'):>9}  "
               f"{s['last_decision'] or '-'}"]
+    if s.get("evidence"):
+        lines.append("evidence: " + evidence_line(s["evidence"]))
     lease = s.get("lease")
     lines.append(f"rollout {r['id']}, controller {'running' if s['controller_running'] else 'not running'}"
                  + (f" (lease held by {lease['holder']})" if lease else "")
@@ -194,6 +196,25 @@ def _render_status(s: dict) -> str:
     return "\n".join(lines)
 
 
+def evidence_line(e: dict) -> str:
+    """The numbers behind a decision, one line: each test's counts, statistic and boundaries."""
+    def g(k: str) -> float:
+        return float(e.get(k, 0.0))
+
+    parts = [f"NFR {g('negative_flips'):.0f}/{g('labelled'):.0f} LLR {g('llr_nfr'):.2f} "
+             f"(promote <= {g('llr_promote_at'):.2f}, rollback >= {g('llr_rollback_at'):.2f})"]
+    if "d_lower" in e:
+        parts.append(f"disagreement in [{g('d_lower'):.4f}, {g('d_upper'):.4f}], "
+                     f"{g('labelled_disagreements'):.0f} labelled")
+    if "errors" in e:
+        parts.append(f"errors {g('errors'):.0f}/{g('requests'):.0f} LLR {g('llr_error'):.2f} "
+                     f"(rollback >= {g('llr_error_rollback_at'):.2f})")
+    if "timed" in e:
+        parts.append(f"slow {g('slow'):.0f}/{g('timed'):.0f} (allowed {g('slow_allowed'):.4f}) LLR "
+                     f"{g('llr_latency'):.2f} (rollback >= {g('llr_latency_rollback_at'):.2f})")
+    return "; ".join(parts)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     cfg = load_or_exit(args.config)
     with _open_registry(cfg) as reg:
@@ -202,7 +223,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             "production": prod.name if prod else None, "registry": str(reg.path),
             "generations": [{"name": g.name, "status": g.status, "parent": g.parent} for g in reg.generations()],
             "rollout": None, "controller_running": False, "live_nfr": None, "last_decision": None,
-            "last_tick": None, "lease": None, "pending_commands": [], "events": []}
+            "last_tick": None, "evidence": None, "lease": None, "pending_commands": [], "events": []}
         r = reg.active_rollout() or reg.latest_rollout(args.candidate)
         if args.candidate and (r is None or r.candidate != args.candidate):
             r = reg.latest_rollout(args.candidate)
@@ -216,11 +237,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
                          if e.action == "decision" and e.data.get("rollout_id") == r.id]
             last_decision = (f"{last_tick['decision']}: {last_tick['reason']}" if last_tick and last_tick.get("decision")
                              else f"{decisions[-1].data.get('decision')}: {decisions[-1].reason}" if decisions else None)
+            evidence = ((last_tick or {}).get("stats") or
+                        (decisions[-1].data.get("evidence") if decisions else None) or None)
             lease = reg.lease(r.id)
             payload.update({
                 "rollout": r.as_dict(), "controller_running": last_tick is not None,
                 "live_nfr": (last_tick or {}).get("stats", {}).get("live_nfr"),
-                "last_decision": last_decision, "last_tick": last_tick,
+                "last_decision": last_decision, "last_tick": last_tick, "evidence": evidence,
                 "lease": lease.as_dict() if lease is not None and lease.expires_at > time.time() else None,
                 "pending_commands": [c.as_dict() for c in reg.pending_commands(r.id)],
                 "events": [e.as_dict() for e in reg.events(r.candidate, limit=args.events)]})
@@ -240,8 +263,10 @@ def _enqueue(args: argparse.Namespace, command: str, reason: str, force: bool = 
             raise UsageError(f"the active rollout is of {r.candidate!r}, not {args.candidate!r}")
         if command == "pause" and r.state == RolloutState.PAUSED:
             raise UsageError(f"rollout {r.id} of {r.candidate!r} is already paused")
-        if command == "resume" and r.state != RolloutState.PAUSED:
-            raise UsageError(f"rollout {r.id} of {r.candidate!r} is not paused ({r.state})")
+        if command == "freeze" and r.state == RolloutState.FROZEN:
+            raise UsageError(f"rollout {r.id} of {r.candidate!r} is already frozen")
+        if command == "resume" and r.state not in HELD_STATES:
+            raise UsageError(f"rollout {r.id} of {r.candidate!r} is not paused or frozen ({r.state})")
         cmd = reg.enqueue_command(r.id, command, _actor(args), reason, force=force)
         outcome = None
         deadline = time.monotonic() + (args.wait or 0)
@@ -265,6 +290,10 @@ def _enqueue(args: argparse.Namespace, command: str, reason: str, force: bool = 
 
 def _cmd_pause(args: argparse.Namespace) -> int:
     return _enqueue(args, "pause", args.reason or "paused by operator")
+
+
+def _cmd_freeze(args: argparse.Namespace) -> int:
+    return _enqueue(args, "freeze", args.reason or "frozen by operator")
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
@@ -306,8 +335,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_arg(p)
     p.set_defaults(func=_cmd_status)
 
-    for name, func, doc in (("pause", _cmd_pause, "hold the active rollout where it is"),
-                            ("resume", _cmd_resume, "resume a paused rollout"),
+    for name, func, doc in (("pause", _cmd_pause, "hold the active rollout where it is: no promotion, "
+                                                  "automatic rollback stays on"),
+                            ("freeze", _cmd_freeze, "hold the active rollout where it is with nothing automatic "
+                                                    "(no promotion, no automatic or alert rollback) until resume"),
+                            ("resume", _cmd_resume, "resume a paused or frozen rollout"),
                             ("promote", _cmd_promote, "advance one step if the rule agrees (skips the bake "
                                                       "time); --force: promote fully now"),
                             ("rollback", _cmd_rollback, "roll the candidate back now")):

@@ -8,7 +8,7 @@ rollouts, operator commands, controller leases, audit log).
 """
 
 from orchestrator.registry.ingest import NotTrainedError, ensure_registered, production_of, register_trained
-from orchestrator.registry.records import (ACTIVE_STATES, EXCLUDED_FROM_LINEAGE, FINAL_STATES, SERVED_STATUSES,
+from orchestrator.registry.records import (ACTIVE_STATES, EXCLUDED_FROM_LINEAGE, FINAL_STATES, HELD_STATES, SERVED_STATUSES,
                                            Command, CommandKind, Event, GenerationRecord, GenerationStatus, Lease,
                                            RolloutRecord, RolloutState)
 from orchestrator.registry.schema import SCHEMA_VERSION
@@ -17,7 +17,7 @@ from orchestrator.registry.store import (IntegrityError, LeaseHeld, LeaseLost, R
 from orchestrator.rundir import registry_path
 
 __all__ = [
-    "ACTIVE_STATES", "EXCLUDED_FROM_LINEAGE", "FINAL_STATES", "SERVED_STATUSES", "SCHEMA_VERSION",
+    "ACTIVE_STATES", "EXCLUDED_FROM_LINEAGE", "FINAL_STATES", "HELD_STATES", "SERVED_STATUSES", "SCHEMA_VERSION",
     "Command", "CommandKind", "Event", "GenerationRecord", "GenerationStatus", "Lease", "RolloutRecord",
     "RolloutState", "IntegrityError", "LeaseHeld", "LeaseLost", "Registry", "RegistryError", "StaleTransition",
     "NotTrainedError", "checkpoint_path", "ensure_registered", "production_of", "register_trained", "registry_path",

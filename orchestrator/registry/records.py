@@ -38,7 +38,9 @@ class RolloutState(_StrEnum):
 
     SHADOW = "shadow"
     CANARY = "canary"
-    PAUSED = "paused"
+    PAUSED = "paused"        # no promotion; automatic rollback stays on
+    FROZEN = "frozen"        # nothing automatic at all until resume
+    GUARDING = "guarding"    # promoted, still watched against the previous production (rollout.guard)
     PROMOTED = "promoted"
     ROLLED_BACK = "rolled_back"
 
@@ -55,6 +57,7 @@ class CommandKind(_StrEnum):
     """Operator commands the controller applies at its next tick."""
 
     PAUSE = "pause"
+    FREEZE = "freeze"
     RESUME = "resume"
     PROMOTE = "promote"
     ROLLBACK = "rollback"
@@ -66,7 +69,10 @@ SERVED_STATUSES = (GenerationStatus.PRODUCTION, GenerationStatus.SHADOW, Generat
 # Never a parent, an ancestor or a distillation target of a later generation.
 EXCLUDED_FROM_LINEAGE = (GenerationStatus.REJECTED, GenerationStatus.ROLLED_BACK)
 ROLLOUT_STATES = tuple(RolloutState)
-ACTIVE_STATES = (RolloutState.SHADOW, RolloutState.CANARY, RolloutState.PAUSED)
+ACTIVE_STATES = (RolloutState.SHADOW, RolloutState.CANARY, RolloutState.PAUSED, RolloutState.FROZEN,
+                 RolloutState.GUARDING)
+# States that hold the rollout where it is; `paused_from` remembers the state they left.
+HELD_STATES = (RolloutState.PAUSED, RolloutState.FROZEN)
 FINAL_STATES = (RolloutState.PROMOTED, RolloutState.ROLLED_BACK)
 COMMANDS = tuple(CommandKind)
 

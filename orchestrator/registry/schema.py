@@ -95,7 +95,37 @@ CREATE TABLE leases (
 );
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
+_OLD_STATES = "CHECK (state IN ('shadow', 'canary', 'paused', 'promoted', 'rolled_back'))"
+_NEW_STATES = "CHECK (state IN ('shadow', 'canary', 'paused', 'frozen', 'guarding', 'promoted', 'rolled_back'))"
+_OLD_COMMANDS = "CHECK (command IN ('pause', 'resume', 'promote', 'rollback'))"
+_NEW_COMMANDS = "CHECK (command IN ('pause', 'freeze', 'resume', 'promote', 'rollback'))"
+
+
+def _v4(db: sqlite3.Connection) -> None:
+    """Rollout states 'frozen' and 'guarding', command 'freeze'. SQLite cannot alter a CHECK
+    constraint; widening one leaves every stored row valid, so the table definitions are
+    rewritten in place (SQLite's documented procedure for constraint changes that do not
+    touch the on-disk format: writable_schema, then a schema_version bump so that every
+    connection reloads them), instead of rebuilding tables other tables' keys point at."""
+    version = int(db.execute("PRAGMA schema_version").fetchone()[0])
+    db.execute("PRAGMA writable_schema=ON")
+    for table, old, new in (("rollouts", _OLD_STATES, _NEW_STATES), ("commands", _OLD_COMMANDS, _NEW_COMMANDS)):
+        sql = db.execute("SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?", (table,)).fetchone()[0]
+        if old not in sql:
+            raise sqlite3.DatabaseError(f"table {table} has an unexpected definition: {sql}")
+        db.execute("UPDATE sqlite_schema SET sql = ? WHERE type = 'table' AND name = ?", (sql.replace(old, new), table))
+    db.execute(f"PRAGMA schema_version={version + 1}")
+    db.execute("PRAGMA writable_schema=OFF")
+    # At most one rollout is active, the new states included.
+    db.execute("DROP INDEX one_active_rollout")
+    db.execute("CREATE UNIQUE INDEX one_active_rollout ON rollouts "
+               "((state IN ('shadow', 'canary', 'paused', 'frozen', 'guarding'))) "
+               "WHERE state IN ('shadow', 'canary', 'paused', 'frozen', 'guarding')")
+
+
+# A migration is a script of statements, or a function of the connection (inside the
+# migration's transaction) when it needs to read the file first.
+MIGRATIONS: tuple = (_V1, _V2, _V3, _v4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

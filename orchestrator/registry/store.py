@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
-from orchestrator.registry.records import (COMMANDS, FINAL_STATES, GEN_STATUSES, ROLLOUT_STATES,
+from orchestrator.registry.records import (ACTIVE_STATES, COMMANDS, FINAL_STATES, GEN_STATUSES, HELD_STATES, ROLLOUT_STATES,
                                            SERVED_STATUSES, Command, CommandKind, Event, GenerationRecord,
                                            GenerationStatus, Lease, RolloutRecord, RolloutState)
 from orchestrator.registry.schema import MIGRATIONS, SCHEMA_VERSION, statements
@@ -33,7 +33,7 @@ BUSY_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
 
-_ACTIVE_SQL = "('shadow', 'canary', 'paused')"
+_ACTIVE_SQL = "(" + ", ".join(f"'{s.value}'" for s in ACTIVE_STATES) + ")"
 
 class RegistryError(RuntimeError):
     """A bad request against the registry (unknown name, bad status, ...)."""
@@ -183,8 +183,11 @@ class Registry:
                 raise RegistryError(f"{self.path}: schema version {current} is newer than this code "
                                     f"understands ({SCHEMA_VERSION}); upgrade graceful")
             for version in range(current + 1, SCHEMA_VERSION + 1):
-                for stmt in statements(MIGRATIONS[version - 1]):
+                migration = MIGRATIONS[version - 1]
+                for stmt in ([] if callable(migration) else statements(migration)):
                     db.execute(stmt)
+                if callable(migration):
+                    migration(db)
                 db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, time.time()))
             bad = db.execute("PRAGMA foreign_key_check").fetchall()
             if bad:
@@ -525,9 +528,10 @@ class Registry:
         Checks (state, step) == `expect` (else StaleTransition); updates the rollout
         (`data`, when given, replaces the stored data; `step_started_at` defaults to now
         when the step or the state (other than pausing/resuming) changes, else it is kept;
-        `paused_from` remembers the state a pause left); sets the generations' statuses
-        (shadow/canary -> candidate shadow/canary; promoted -> candidate production and
-        baseline retired; rolled_back -> candidate rolled_back); appends an audit event
+        `paused_from` remembers the state a pause or freeze left); sets the generations'
+        statuses (shadow/canary -> candidate shadow/canary; guarding or promoted ->
+        candidate production and baseline retired, once; rolled_back -> candidate
+        rolled_back, and after guarding the baseline production again); appends an audit event
         (subject: the candidate; data: rollout id, step, weight)."""
         if state not in ROLLOUT_STATES:
             raise RegistryError(f"rollout state {state!r} is not one of {[x.value for x in ROLLOUT_STATES]}")
@@ -554,11 +558,11 @@ class Registry:
                                     + (f" ({lease['holder']!r} does)" if lease is not None else "")
                                     + "; it moves nothing")
             now = time.time()
-            if state == RolloutState.PAUSED:
-                paused_from = cur.paused_from if cur.state == RolloutState.PAUSED else cur.state
+            if state in HELD_STATES:
+                paused_from = cur.paused_from if cur.state in HELD_STATES else cur.state
             else:
                 paused_from = None
-            pause_or_resume = state == RolloutState.PAUSED or cur.state == RolloutState.PAUSED
+            pause_or_resume = state in HELD_STATES or cur.state in HELD_STATES
             if step_started_at is None:
                 moved = step != cur.step or (state != cur.state and not pause_or_resume)
                 started = now if moved else cur.step_started_at
@@ -574,7 +578,8 @@ class Registry:
             why = f"rollout {rollout_id} {action}: {reason}"
             if state in (RolloutState.SHADOW, RolloutState.CANARY):
                 self._status_in(db, cur.candidate, state, actor, why, ctx)
-            elif state == RolloutState.PROMOTED:
+            elif state in (RolloutState.GUARDING, RolloutState.PROMOTED) and RolloutState.GUARDING not in (
+                    cur.state, cur.paused_from):
                 for r in db.execute("SELECT name FROM generations WHERE status = 'production' AND name != ?",
                                     (cur.candidate,)).fetchall():
                     self._status_in(db, r[0], GenerationStatus.RETIRED, actor, why, ctx)
@@ -582,6 +587,8 @@ class Registry:
                 self._status_in(db, cur.candidate, GenerationStatus.PRODUCTION, actor, why, ctx)
             elif state == RolloutState.ROLLED_BACK:
                 self._status_in(db, cur.candidate, GenerationStatus.ROLLED_BACK, actor, why, ctx)
+                if RolloutState.GUARDING in (cur.state, cur.paused_from):  # promoted already: undo it
+                    self._status_in(db, cur.baseline, GenerationStatus.PRODUCTION, actor, why, ctx)
             return self._rollout(db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone())
 
         return self._write(run)

@@ -4,14 +4,16 @@ Each tick (every `rollout.tick_seconds`) runs these phases in order, each a meth
 returns what the next needs:
 0. hold the rollout's lease (one controller per rollout): take it, renew it, or stop
    naming the holder when another controller has it;
-1. apply the operator commands queued in the registry (pause, resume, promote
+1. apply the operator commands queued in the registry (pause, freeze, resume, promote
    [--force], rollback), oldest first;
 2. reconcile the router with the persisted state (weights, shadows, production): only
    when they differ, so it is idempotent and heals a crash between a persisted
    transition and its router update, or a router that restarted;
 3. read the metric source, build the Observation (total since the rollout started,
    step since the step started; counter resets handled by `sources.advance`), call the
-   pure `decision.decide`;
+   pure `decision.decide` (`decision.guard_decision` while guarding after promotion).
+   Paused: the rule still runs and only a rollback is acted on; frozen: this phase and
+   the next are skipped;
 4. on promote/rollback: FIRST persist the transition (compare-and-set on (state, step)),
    THEN move the router.
 
@@ -51,10 +53,10 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from orchestrator.config import RunConfig
-from orchestrator.registry import (FINAL_STATES, LeaseHeld, LeaseLost, Registry, RolloutRecord, RolloutState,
-                                   StaleTransition)
+from orchestrator.registry import (FINAL_STATES, HELD_STATES, LeaseHeld, LeaseLost, Registry, RolloutRecord,
+                                   RolloutState, StaleTransition)
 import orchestrator.rollout.metric_names as metric_names
-from orchestrator.rollout.decision import Counts, Decision, Observation, decide
+from orchestrator.rollout.decision import Counts, Decision, Observation, decide, guard_decision
 from orchestrator.rollout.http import serve_http
 from orchestrator.rollout.plan import ReconcileError, desired_traffic, next_position, traffic_matches
 from orchestrator.rollout.sources import (MetricSource, SourceError, add, advance, counts_from_dict, counts_to_dict,
@@ -65,7 +67,7 @@ log = logging.getLogger("graceful.controller")
 
 CONTROLLER = "controller"
 # Outcomes of commands that moved the rollout (checked against what the registry shows).
-_MOVES = ("paused", "resumed", "rolled back", "promoted")
+_MOVES = ("paused", "frozen", "resumed", "rolled back", "promoted")
 
 
 class TrafficRouter(Protocol):
@@ -308,6 +310,8 @@ class Controller:
     @staticmethod
     def _new_step(r: RolloutRecord, state: str, step: int) -> bool:
         """A move that starts a new evidence window (not a pause, resume or final move)."""
+        if state == RolloutState.GUARDING:
+            return (r.paused_from if r.state in HELD_STATES else r.state) != RolloutState.GUARDING
         return state == RolloutState.CANARY and (step != r.step or r.state == RolloutState.SHADOW)
 
     def _apply_command(self, r: RolloutRecord, cmd: Any, now: float) -> tuple[RolloutRecord, str]:
@@ -327,16 +331,19 @@ class Controller:
         who, why = cmd.actor, cmd.reason or cmd.command
         if r.state in FINAL_STATES:
             return r, f"ignored: rollout already {r.state}"
-        if cmd.command == "pause":
-            if r.state == RolloutState.PAUSED:
-                return r, "ignored: already paused"
-            r = self._move(r, RolloutState.PAUSED, r.step, r.weight, who, "pause", why, {**r.data, **tag}, now)
-            return r, f"paused at {r.paused_from} step {r.step}"
+        if cmd.command in ("pause", "freeze"):
+            held = RolloutState.PAUSED if cmd.command == "pause" else RolloutState.FROZEN
+            if r.state == held:
+                return r, f"ignored: already {held}"
+            r = self._move(r, held, r.step, r.weight, who, cmd.command, why, {**r.data, **tag}, now)
+            return r, f"{held} at {r.paused_from} step {r.step}"
         if cmd.command == "resume":
-            if r.state != RolloutState.PAUSED:
-                return r, f"ignored: not paused ({r.state})"
+            if r.state not in HELD_STATES:
+                return r, f"ignored: not paused or frozen ({r.state})"
             r = self._move(r, r.paused_from or RolloutState.SHADOW, r.step, r.weight, who, "resume", why, {**r.data, **tag}, now)
             return r, f"resumed {r.state} step {r.step}"
+        if cmd.command == "rollback" and cmd.actor == "alert" and r.state == RolloutState.FROZEN:
+            return r, "ignored: frozen, nothing automatic until resume (an operator's rollback still applies)"
         if cmd.command == "rollback":
             r = self._move(r, RolloutState.ROLLED_BACK, r.step, 0.0, who, "rollback", why, {**r.data, **tag}, now)
             return r, "rolled back"
@@ -345,28 +352,36 @@ class Controller:
                 r = self._move(r, RolloutState.PROMOTED, len(self.policy.steps), 1.0, who, "force_promote", why,
                                self._step_data(r, **tag), now)
                 return r, "promoted (forced: rule skipped)"
-            if r.state == RolloutState.PAUSED:
-                return r, "refused: paused; resume first (or promote --force)"
+            if r.state in HELD_STATES:
+                return r, f"refused: {r.state}; resume first (or promote --force)"
             # Without --force a promote skips the rest of the bake time, never the evidence:
             # the rule must say promote as if the bake were done.
             obs = self.observe(r, now)
             if obs is None:
                 return r, "refused: metric source down, no evidence (promote --force skips the rule)"
             obs = replace(obs, step_elapsed_s=math.inf)
-            d = decide(obs, self._step_spec(r), self.policy)
+            d = self._rule(r, obs)
             if d.kind != "promote":
                 return r, f"refused: the rule says {d.kind}: {d.reason} (promote --force skips the rule)"
-            state, step, weight = next_position(r, len(self.policy.steps), self._weights())
+            state, step, weight = self._next(r)
             r = self._move(r, state, step, weight, who, "promote", f"{why} (rule: {d.reason})",
                            self._step_data(r, **tag), now)
             return r, f"promoted to {state} step {step}"
         return r, f"ignored: unknown command {cmd.command!r}"
 
-    def _weights(self) -> list[float]:
-        return [s.weight for s in self.policy.steps]
+    def _next(self, r: RolloutRecord) -> tuple[RolloutState, int, float]:
+        return next_position(r, len(self.policy.steps), [s.weight for s in self.policy.steps],
+                             guard=self.policy.guard.enabled)
+
+    def _rule(self, r: RolloutRecord, obs: Optional[Observation]) -> Decision:
+        """decide() for the step, or the guard's rule after promotion."""
+        state = r.paused_from if r.state in HELD_STATES else r.state
+        if state == RolloutState.GUARDING:
+            return guard_decision(obs, self.policy)
+        return decide(obs, self._step_spec(r), self.policy)
 
     def _step_spec(self, r: RolloutRecord):
-        state = r.paused_from if r.state == RolloutState.PAUSED else r.state
+        state = r.paused_from if r.state in HELD_STATES else r.state
         if state == RolloutState.SHADOW or r.step < 1:
             return None
         return self.policy.steps[min(r.step, len(self.policy.steps)) - 1]
@@ -426,7 +441,7 @@ class Controller:
         decision: Optional[Decision] = None
         if moved:
             res.transition = "by command"  # the new position is decided on from the next tick
-        elif not r.state.final and r.state != RolloutState.PAUSED:
+        elif not r.state.final and r.state != RolloutState.FROZEN:
             r, decision, res.transition = self._decide_phase(r, now)  # 3. observe, decide; 4. act
         return self._report_phase(res, r, decision)
 
@@ -462,7 +477,11 @@ class Controller:
         """Observe, decide (`decision.decide`), then act: persist first, then the router.
         Returns (rollout after, the decision, "from -> to" when it moved)."""
         obs = self.observe(r, now)
-        decision = decide(obs, self._step_spec(r), self.policy)
+        decision = self._rule(r, obs)
+        if r.state == RolloutState.PAUSED and decision.kind == "promote":
+            # paused: no promotion; automatic rollback stays on (freeze stops that too)
+            decision = Decision("hold", f"paused: the rule would promote ({decision.reason}); resume to go on",
+                                decision.stats)
         if obs is None and self._source_error:
             decision = Decision(decision.kind, f"{decision.reason}: {self._source_error}", decision.stats)
         self.metrics.decision(r.candidate, decision.kind)
@@ -477,14 +496,14 @@ class Controller:
             self._last_kind[r.id] = decision.kind
         before = (r.state, r.step)
         if decision.kind == "promote":
-            state, step, weight = next_position(r, len(self.policy.steps), self._weights())
+            state, step, weight = self._next(r)
             r = self._move(r, state, step, weight, CONTROLLER,
-                           "promote" if state == RolloutState.PROMOTED else "advance",
+                           {RolloutState.PROMOTED: "promote", RolloutState.GUARDING: "guard"}.get(state, "advance"),
                            decision.reason, self._step_data(r), now)
         elif decision.kind == "rollback":
             r = self._move(r, RolloutState.ROLLED_BACK, r.step, 0.0, CONTROLLER, "rollback", decision.reason,
                            self._step_data(r), now)
-        elif obs is None and self.source_errors >= self.policy.max_source_errors:
+        elif obs is None and self.source_errors >= self.policy.max_source_errors and r.state not in HELD_STATES:
             reason = (f"metric source {self.source.name} failed {self.source_errors} times in a row: "
                       f"{self._source_error}")
             r = self._move(r, RolloutState.PAUSED, r.step, r.weight, CONTROLLER, "pause", reason, None, now)
@@ -496,8 +515,8 @@ class Controller:
         res.state, res.step, res.weight = r.state, r.step, r.weight
         if decision is not None:
             res.decision, res.reason, res.stats = decision.kind, decision.reason, dict(decision.stats)
-        elif r.state == RolloutState.PAUSED:
-            res.reason = f"paused (from {r.paused_from}); resume to go on"
+        elif r.state in HELD_STATES:
+            res.reason = f"{r.state} (from {r.paused_from}); resume to go on"
         else:
             res.reason = f"rollout {r.state}"
         self.metrics.export_rollout(r)
@@ -537,7 +556,7 @@ class Controller:
             self.registry.audit(CONTROLLER, "router_error", r.candidate, f"router not reconciled: {why}",
                                 data={"rollout_id": r.id, "step": r.step})
         if self.router_errors >= self.policy.max_source_errors and r.state not in FINAL_STATES \
-                and r.state != RolloutState.PAUSED:
+                and r.state not in HELD_STATES:
             reason = f"router not reconciled {self.router_errors} times in a row: {why}"
             self._move(r, RolloutState.PAUSED, r.step, r.weight, CONTROLLER, "pause", reason, None, now)
             self.router_errors = 0

@@ -379,6 +379,34 @@ def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: Roll
                     f"disagreement {t.disagreements}/{t.compared}, LLR {llr_dis:.2f}", stats)
 
 
+def guard_decision(obs: Optional[Observation], policy: RolloutSpec) -> Decision:
+    """The watch after promotion (`rollout.guard`): rollback, inconclusive or hold as
+    decide() says on the rollout's totals (the same tests, the same budget: the guard is
+    part of the rollout), and promote (the guard passed) once `guard.labels` labelled
+    samples (labelled disagreements with nfr_test disagreements) arrived since it started
+    or `guard.seconds` passed, whichever comes first; a hold until then.
+
+    guard labels 500: 0 flips in 480 labels since it began -> hold ("guarding: labels
+    480/500"); 20 more -> promote; 12 flips in 300 (LLR 12 log 4 - 288 * 0.01519 = 12.26)
+    -> rollback at any time.
+    """
+    watch = RolloutStep(weight=1.0, bake_seconds=0.0, min_requests=0, min_labels=0)
+    d = decide(obs, watch, policy)
+    if d.kind in (ROLLBACK, INCONCLUSIVE) or obs is None:
+        return d
+    g = policy.guard
+    labels = obs.step.labelled_disagreements if policy.nfr_test == "disagreements" else obs.step.labelled
+    done = [f"{labels} labels since promotion" if g.labels and labels >= g.labels else "",
+            f"{obs.step_elapsed_s:.0f} s since promotion" if g.seconds and obs.step_elapsed_s >= g.seconds else ""]
+    stats = {**d.stats, "guard_labels": float(labels)}
+    if any(done):
+        return Decision(PROMOTE, f"guard passed without a regression: {' and '.join(x for x in done if x)}",
+                        stats)
+    left = ([f"labels {labels}/{g.labels}"] if g.labels else []) + \
+           ([f"{obs.step_elapsed_s:.0f}/{g.seconds:g} s"] if g.seconds else [])
+    return Decision(HOLD, f"guarding: {', '.join(left)}; {d.reason}", stats)
+
+
 def _finite(stats: dict) -> dict:
     return {k: max(-1e9, min(1e9, float(v))) for k, v in stats.items()}
 

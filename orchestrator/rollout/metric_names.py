@@ -11,8 +11,8 @@ from __future__ import annotations
 # name -> (type, labels, help)
 DEFINED: dict[str, tuple[str, tuple[str, ...], str]] = {
     "graceful_rollout_state": ("gauge", ("candidate", "state"),
-                               "1 for the rollout's current state (shadow, canary, paused, promoted, "
-                               "rolled_back), 0 for the others"),
+                               "1 for the rollout's current state (shadow, canary, paused, frozen, "
+                               "guarding, promoted, rolled_back), 0 for the others"),
     "graceful_rollout_step": ("gauge", ("candidate",), "current canary step index (0 = shadow, 1.. = canary steps)"),
     "graceful_rollout_candidate_weight": ("gauge", ("candidate",), "share of traffic the controller gave the candidate"),
     "graceful_rollout_live_nfr": ("gauge", ("candidate",), "live negative flip rate the last tick decided on"),
@@ -24,7 +24,7 @@ DEFINED: dict[str, tuple[str, tuple[str, ...], str]] = {
     "graceful_controller_last_tick_timestamp_seconds": ("gauge", (), "unix time of the last completed tick"),
 }
 
-STATES = ("shadow", "canary", "paused", "promoted", "rolled_back")
+STATES = ("shadow", "canary", "paused", "frozen", "guarding", "promoted", "rolled_back")
 DECISIONS = ("promote", "hold", "rollback", "inconclusive", "error")
 
 EXPORTED: list[str] = sorted(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from orchestrator.registry.records import RolloutRecord, RolloutState
+from orchestrator.registry.records import HELD_STATES, RolloutRecord, RolloutState
 
 
 class ReconcileError(RuntimeError):
@@ -19,7 +19,10 @@ def desired_traffic(r: RolloutRecord, current: dict) -> dict:
 
     shadow: baseline serves everything, candidate shadowed; canary: candidate r.weight,
     baseline 1 - r.weight, candidate still shadowed (so production-served requests are
-    compared too); paused: the plan of the state it paused; promoted: candidate is
+    compared too); guarding: candidate at weight 1 with the baseline still the router's
+    production, so that every request is still compared with it (the router mirrors
+    production on requests the candidate serves); paused or frozen: the plan of the
+    state it left; promoted: candidate is
     production at weight 1, neither shadowed; rolled back: baseline production at weight
     1, candidate no longer shadowed. Other generations keep weight 0 and their shadowing.
     """
@@ -29,14 +32,14 @@ def desired_traffic(r: RolloutRecord, current: dict) -> dict:
             raise ReconcileError(f"generation {g!r} is not attached to the router "
                                  f"(attached: {sorted(weights)}); serve it first")
     shadows = [s for s in current.get("shadows", []) if s not in (r.candidate, r.baseline)]
-    state = r.paused_from if r.state == RolloutState.PAUSED else r.state
+    state = r.paused_from if r.state in HELD_STATES else r.state
     if state == RolloutState.PROMOTED:
         weights[r.candidate] = 1.0
         return {"weights": weights, "shadows": shadows, "production": r.candidate}
     if state == RolloutState.ROLLED_BACK:
         weights[r.baseline] = 1.0
         return {"weights": weights, "shadows": shadows, "production": r.baseline}
-    w = float(r.weight) if state == RolloutState.CANARY else 0.0
+    w = 1.0 if state == RolloutState.GUARDING else float(r.weight) if state == RolloutState.CANARY else 0.0
     weights[r.candidate] = w
     weights[r.baseline] = 1.0 - w
     return {"weights": weights, "shadows": shadows + [r.candidate], "production": r.baseline}
@@ -51,14 +54,19 @@ def traffic_matches(want: dict, current: dict) -> bool:
             and all(abs(float(cw[g]) - w) <= 1e-9 for g, w in want["weights"].items()))
 
 
-def next_position(r: RolloutRecord, n_steps: int, weights: list[float]) -> tuple[RolloutState, int, float]:
+def next_position(r: RolloutRecord, n_steps: int, weights: list[float],
+                  guard: bool = False) -> tuple[RolloutState, int, float]:
     """(state, step, weight) one promotion after `r`: shadow -> canary 1 -> ... -> canary n ->
-    promoted (step n, weight 1). `r` must be in shadow or canary."""
-    if r.state == RolloutState.SHADOW:
+    [guarding (step n, weight 1) when `guard`] -> promoted (step n, weight 1). `r` must
+    be in shadow, canary or guarding (a held rollout: the state it left)."""
+    state = r.paused_from if r.state in HELD_STATES else r.state
+    if state == RolloutState.SHADOW:
         return RolloutState.CANARY, 1, weights[0]
-    if r.state == RolloutState.CANARY and r.step < n_steps:
+    if state == RolloutState.CANARY and r.step < n_steps:
         return RolloutState.CANARY, r.step + 1, weights[r.step]
-    if r.state == RolloutState.CANARY:
+    if state == RolloutState.CANARY and guard:
+        return RolloutState.GUARDING, r.step, 1.0
+    if state in (RolloutState.CANARY, RolloutState.GUARDING):
         return RolloutState.PROMOTED, r.step, 1.0
     raise ValueError(f"no next step from state {r.state!r}")
 

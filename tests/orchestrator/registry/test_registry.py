@@ -216,7 +216,7 @@ def test_migration_from_v1_keeps_rows(tmp_path):
     db.executescript(V1_SQL)
     db.close()
     reg = Registry(path)
-    assert reg.schema_version() == SCHEMA_VERSION == 3
+    assert reg.schema_version() == SCHEMA_VERSION == 4
     gens = reg.generations()
     assert [(g.name, g.parent, g.arch, g.status, g.metrics) for g in gens] == [
         ("g0", None, "mlp", "production", {}), ("g1", "g0", "cnn", "trained", {})]
@@ -227,13 +227,24 @@ def test_migration_from_v1_keeps_rows(tmp_path):
     # what version 2 added works on the migrated file
     r = reg.start_rollout("g1", "g0", "ctl", "after migration")
     assert reg.active_rollout() == r
+    # what version 4 added: the frozen state and the freeze command, still one active rollout
+    r = reg.transition(r.id, ("shadow", 0), state="frozen", step=0, weight=0.0, actor="alice", action="freeze",
+                       reason="look first")
+    assert (r.state, r.paused_from) == ("frozen", "shadow") and reg.active_rollout() == r
+    reg.enqueue_command(r.id, "freeze", "alice", "again")
+    with pytest.raises(sqlite3.IntegrityError, match="one_active_rollout|UNIQUE"):
+        reg._db.execute("INSERT INTO rollouts (candidate, baseline, state, step, weight, step_started_at, "
+                        "started_at, updated_at) VALUES ('g1', 'g0', 'guarding', 1, 1.0, 0, 0, 0)")
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        reg._db.execute("INSERT INTO commands (rollout_id, command, actor, reason, created_at) "
+                        "VALUES (1, 'explode', 'x', 'y', 0)")
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
         sqlite3.connect(path, isolation_level=None).execute("DELETE FROM events")
     reg.close()
     # reopening does not migrate twice
     again = Registry(path)
     versions = again._db.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
-    assert [v[0] for v in versions] == [1, 2, 3]
+    assert [v[0] for v in versions] == [1, 2, 3, 4]
     again.close()
 
 

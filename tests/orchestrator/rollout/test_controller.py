@@ -218,6 +218,85 @@ def test_operator_commands_act_within_one_tick_and_are_audited(env):
     assert _value(ctl, "graceful_rollout_rollbacks_total", candidate="g1", actor="operator") == 1
 
 
+def _tick_until_final(ctl, most=10):
+    for _ in range(most):
+        res = ctl.tick()
+        if res.final:
+            break
+    return res
+
+
+def test_a_paused_rollout_never_promotes_but_still_rolls_back_by_itself(env):
+    cfg, reg, router, source, r = env
+    ctl = Controller(cfg, reg, router, source)
+    ctl.tick()                                                     # canary 1
+    reg.enqueue_command(r.id, "pause", "alice", "a look first")
+    assert ctl.tick().state == "paused"
+    held = [ctl.tick() for _ in range(3)]                          # good evidence: would promote
+    assert all(x.state == "paused" and x.decision == "hold" and "paused: the rule would promote" in x.reason
+               for x in held)
+    source.per_read = BAD
+    res = _tick_until_final(ctl)
+    assert (res.state, res.decision) == ("rolled_back", "rollback") and router.weights["g1"] == 0.0
+    assert _moves(reg)[-1] == ("rollback", "paused", "rolled_back", 1)
+
+
+def test_a_frozen_rollout_does_nothing_automatic_until_resumed(env):
+    """Frozen: no decision at all, an Alertmanager rollback is ignored, an operator's
+    rollback or resume still applies; after resume the rule acts on the evidence."""
+    cfg, reg, router, source, r = env
+    ctl = Controller(cfg, reg, router, source)
+    ctl.tick()                                                     # canary 1
+    reg.enqueue_command(r.id, "freeze", "alice", "incident elsewhere")
+    res = ctl.tick()
+    assert res.state == "frozen" and reg.rollout(r.id).paused_from == "canary"
+    source.per_read = BAD
+    for _ in range(3):
+        res = ctl.tick()
+        assert (res.state, res.decision) == ("frozen", None) and router.weights["g1"] == pytest.approx(0.1)
+    reg.enqueue_command(r.id, "rollback", "alert", "CandidateFlipRateHigh")
+    res = ctl.tick()
+    assert res.state == "frozen" and "ignored: frozen" in res.commands[0]
+    reg.enqueue_command(r.id, "resume", "alice", "incident over")
+    assert (ctl.tick().state, reg.rollout(r.id).step) == ("canary", 1)
+    assert ctl.tick().state == "rolled_back"                       # the rule acts again
+
+
+def test_guard_watches_the_promoted_generation_and_rolls_back_to_the_previous_production(tmp_path, env):
+    _, reg, router, source, r = env
+    cfg = _cfg(tmp_path, guard={"labels": 500})
+    ctl = Controller(cfg, reg, router, source)
+    states = [ctl.tick().state for _ in range(4)]
+    assert states == ["canary", "canary", "canary", "guarding"]
+    # promoted in the registry; the router still compares every request with g0
+    assert reg.generation("g1").status == "production" and reg.generation("g0").status == "retired"
+    assert reg.production().name == "g1"
+    assert router.weights["g1"] == 1.0 and router.production == "g0"
+    res = ctl.tick()
+    assert res.state == "guarding" and res.decision == "hold" and "guarding: labels 50/500" in res.reason
+    source.per_read = BAD
+    res = _tick_until_final(ctl)
+    assert (res.state, res.decision) == ("rolled_back", "rollback")
+    assert reg.generation("g0").status == "production" and reg.generation("g1").status == "rolled_back"
+    assert router.production == "g0" and router.weights["g0"] == 1.0
+    assert _moves(reg)[-2:] == [("guard", "canary", "guarding", 3), ("rollback", "guarding", "rolled_back", 3)]
+
+
+def test_guard_promotes_for_good_once_its_labels_arrived(tmp_path, env):
+    _, reg, router, source, r = env
+    cfg = _cfg(tmp_path, guard={"labels": 120, "seconds": 3600})
+    ctl = Controller(cfg, reg, router, source)
+    for _ in range(4):
+        ctl.tick()
+    assert reg.rollout(r.id).state == "guarding"
+    kinds = [(x.state, x.decision) for x in (ctl.tick() for _ in range(3))]
+    # 50, 100, 150 labels since the guard began: promoted on the third tick
+    assert kinds == [("guarding", "hold"), ("guarding", "hold"), ("promoted", "promote")]
+    assert router.production == "g1" and router.weights["g1"] == 1.0 and router.shadows == []
+    assert "guard passed" in [e for e in reg.events("g1") if e.action == "promote"][-1].reason
+    assert reg.production().name == "g1"
+
+
 def test_promote_without_force_needs_the_rule_and_force_skips_it(tmp_path, env):
     _, reg, router, source, r = env
     cfg = _cfg(tmp_path, shadow_bake_seconds=1000)
