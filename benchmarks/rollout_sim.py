@@ -44,10 +44,28 @@ Rules.
   intervals as without delay where delays do not depend on correctness (then the
   labels that arrive are still independent draws), and sample by sample under
   `correlated`.
+- `ours_all_checks`: WHOLE rollouts with every check of decide() on at once, through the
+  shadow phase and the 3 canary steps of RolloutSpec's default weights (see
+  all_checks_policy: bake 5 ticks, min_requests 100, min_labels 20, every other key at its
+  default), for nfr_test labelled (every sample labelled, as `ours`) and disagreements
+  (as `ours_disagreements`, at each d). Every candidate request is also a timed call and
+  an error with chance r_err x error_rate_limit, slow (above latency_p99_ms) with chance
+  r_lat x max(1 %, production's 0.5 %); production's call on the same request is slow
+  with chance 0.5 %. A good candidate is 0.5x on all three, a bad one 2x (all three, or,
+  without delay, one at a time). A step is promoted when decide() says so (step counts:
+  totals since the step started; step_elapsed_s = 60 x its ticks); the rollout ends
+  rolled back (by the NFR, error or latency test), promoted past the last step, or
+  undecided at the horizon. `false_rollback_any`: rolled back by any test, for a good
+  candidate (target <= false_rollback_rate = 5 %). Vectorised: the tests on totals at
+  once, then a loop over ticks for the steps; --check-all rollouts per row replayed
+  through decide() step by step (outcome, test, labels and every promotion tick must
+  agree). `legacy_per_step` rows: the same draws under the old budget (NFR and latency
+  tests at the whole 5 %, the error test on the step's counts at 5 %, restarting at
+  every step): simulated by this script, not by decide() (that rule is gone).
 Every row is 1000 rollouts (--rollouts), seeded; an undecided rollout counts the labels
 that had arrived at the horizon.
 
-Run: .venv/bin/python -m benchmarks.rollout_sim --markdown   (about a minute on 2 cores)
+Run: .venv/bin/python -m benchmarks.rollout_sim --markdown   (about 8 minutes on 2 cores)
 Writes benchmarks/results/rollout_sim.json (a list of rows: rule, true_nfr_ratio, delay,
 disagreement_rate, rollback_rate, promote_rate, median_labels, undecided_rate,
 rollouts, ...) and prints a table.
@@ -64,7 +82,8 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.config import RolloutSpec, RolloutStep
-from orchestrator.rollout.decision import Counts, Observation, decide, design_rates, disagreement_test, sprt_bounds, sprt_llr
+from orchestrator.rollout.decision import (SLOW_SHARE, Counts, Observation, decide, design_rates, disagreement_test,
+                                          latency_test, sprt_bounds, sprt_llr)
 
 # benchmarks.common imports torch for the training benchmarks; this one needs only a path.
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -335,6 +354,234 @@ def _z(confidence: float) -> float:
     return lo
 
 
+# --- whole rollouts, every check on: ours_all_checks ------------------------------------------------
+
+TICK_S = 60.0              # one tick is a minute of traffic: step_elapsed_s = 60 x ticks in the step
+ALL_BAKE_S = 300.0         # shadow phase and every step bake 5 ticks
+ALL_MIN_REQUESTS = 100     # the shipped default (2 ticks of traffic)
+ALL_MIN_LABELS = 20        # shipped 100: at d = 2 % (one labelled disagreement a tick) 4 x 100 would not fit
+PROD_SLOW = 0.005          # production's share of calls slower than latency_p99_ms
+ALL_GOOD, ALL_BAD = 0.5, 2.0
+OUTCOMES = {0: "undecided", -1: "promoted", 1: "nfr", 2: "errors", 3: "latency"}
+
+
+def all_checks_policy(nfr_test: str = "labelled") -> RolloutSpec:
+    """The shipped steps (RolloutSpec's default weights: a shadow phase, then 3 canary
+    steps) with bake 5 ticks and min_labels 20 (module constants), every other key at
+    its default: error_rate_limit 1 %, min_errors 5, min_latency_requests 100,
+    rollback_budget nfr 0.6 / errors 0.2 / latency 0.2 of false_rollback_rate 0.05."""
+    steps = [RolloutStep(weight=s.weight, bake_seconds=ALL_BAKE_S, min_requests=ALL_MIN_REQUESTS,
+                         min_labels=ALL_MIN_LABELS) for s in RolloutSpec().steps]
+    return RolloutSpec(nfr_limit=LIMIT, nfr_test=nfr_test, shadow_bake_seconds=ALL_BAKE_S, steps=steps)
+
+
+def all_checks_counts(rng, n: int, nfr_test: str, ratios: tuple[float, float, float], d, delay: str
+                      ) -> dict[str, np.ndarray]:
+    """Cumulative counts by each tick, (n, TICKS), of every check at once. `ratios`: the
+    candidate's NFR, error rate and slow share as multiples of nfr_limit, error_rate_limit
+    and max(1 %, production's slow share). Every candidate request is a compared sample
+    and a timed call, and so is production's on the same request (both drawn per call)."""
+    policy = all_checks_policy(nfr_test)
+    r_nfr, r_err, r_lat = ratios
+    c = (labelled_counts(rng, n, r_nfr, delay) if nfr_test == "labelled"
+         else disagreement_counts(rng, n, r_nfr, d, delay))
+    c = {k: np.ascontiguousarray(v) for k, v in c.items()}
+    served = np.broadcast_to(PER_TICK * np.arange(1, TICKS + 1), (n, TICKS)).copy()
+    c["requests"] = served
+    c["timed"] = c["base_timed"] = served
+    c["errors"] = rng.binomial(PER_TICK, r_err * policy.error_rate_limit, (n, TICKS)).cumsum(axis=1)
+    c["slow"] = rng.binomial(PER_TICK, r_lat * max(SLOW_SHARE, PROD_SLOW), (n, TICKS)).cumsum(axis=1)
+    c["base_slow"] = rng.binomial(PER_TICK, PROD_SLOW, (n, TICKS)).cumsum(axis=1)
+    return c
+
+
+def _totals_tests(c: dict, policy: RolloutSpec, legacy: bool) -> dict[str, np.ndarray]:
+    """What decide() concludes from the rollout's totals alone, every rollout and tick at
+    once: which test rolls back (1 NFR, 2 errors, 3 latency, 0 none; decide's order),
+    the latency hold, and the NFR test's promote evidence with the step count it needs.
+    legacy: the old budget (every test at the whole false_rollback_rate; the error test
+    is left to the step loop, on step counts)."""
+    a = policy.false_rollback_rate
+    budget = policy.rollback_budget
+    a_nfr, a_err, a_lat = (a, a, a) if legacy else (a * budget.nfr, a * budget.errors, a * budget.latency)
+    p0, p1 = design_rates(policy.nfr_limit)
+    s = policy.disagreement_share
+    out = {}
+    if policy.nfr_test == "labelled":
+        lower, upper = sprt_bounds(a_nfr, policy.false_promote_rate * (1 - s))
+        llr = sprt_llr(c["negative_flips"], c["labelled"], p0, p1)
+        llr_dis = sprt_llr(c["disagreements"], c["compared"], p0, p1)
+        rb_nfr = llr >= upper
+        out["promote_a"], out["need_a"] = llr <= lower, "labelled"
+        out["promote_b"], out["need_b"] = llr_dis <= math.log(policy.false_promote_rate * s), "compared"
+    else:
+        dt = disagreement_test(c["compared"], c["disagreements"], c["labelled_disagreements"], c["negative_flips"],
+                               policy.nfr_limit, a_nfr, policy.false_promote_rate, s)
+        rb_nfr = dt["rollback"]
+        by_rate = dt["d_upper"] < p1
+        out["promote_a"], out["need_a"] = dt["promote"] & ~by_rate, "labelled_disagreements"
+        out["promote_b"], out["need_b"] = dt["promote"] & by_rate, "compared"
+    # The error SPRT (decision._error_llr's formula: limit against twice it).
+    e0, e1 = design_rates(policy.error_rate_limit, low=1.0, high=2.0)
+    rb_err = ((c["errors"] >= policy.min_errors)
+              & (sprt_llr(c["errors"], c["requests"], e0, e1) >= math.log(1.0 / a_err)))
+    # The latency test (decision.latency_test), only where decide() runs it: enough timed
+    # calls and a slow share above the allowed one, which is at least SLOW_SHARE.
+    timed, slow = c["timed"], c["slow"]
+    share = slow / np.maximum(timed, 1)
+    maybe = (timed >= policy.min_latency_requests) & (share > SLOW_SHARE)
+    rb_lat, hold = np.zeros_like(maybe), np.zeros_like(maybe)
+    if maybe.any():
+        lt = latency_test(slow[maybe], timed[maybe], c["base_slow"][maybe], c["base_timed"][maybe], a_lat)
+        above = share[maybe] > lt["allowed"]
+        rb_lat[maybe] = above & lt["rollback"]
+        hold[maybe] = above & ~lt["rollback"]
+    if legacy:
+        rb_err = np.zeros_like(rb_err)   # per step, in the loop
+    out["rollback"] = np.where(rb_nfr, 1, np.where(rb_err, 2, np.where(rb_lat, 3, 0)))
+    # decide's order: the NFR rollback first, then errors, then latency (rollback or hold).
+    out["hold"] = hold & ~rb_nfr & ~rb_err
+    return out
+
+
+def all_checks_rule(c: dict, policy: RolloutSpec, legacy: bool = False):
+    """Whole rollouts through the shadow phase and every step, vectorised over rollouts:
+    the totals' tests at once (`_totals_tests`), then tick by tick the step each rollout
+    is in, its step counts (totals since its step started) and bake. Returns (outcome:
+    0 undecided, -1 promoted past the last step, 1/2/3 rolled back by NFR/errors/latency;
+    labels arrived at the end; tick of each promotion, -1 if none, (n, 1 + steps))."""
+    tests = _totals_tests(c, policy, legacy)
+    n = c["requests"].shape[0]
+    rows = np.arange(n)
+    last = len(policy.steps)
+    bakes = np.array([policy.shadow_bake_seconds] + [st.bake_seconds for st in policy.steps])
+    min_req = np.array([st.min_requests for st in policy.steps[:1] + policy.steps])
+    min_lab = np.array([st.min_labels for st in policy.steps[:1] + policy.steps])
+    phase = np.zeros(n, dtype=np.int64)
+    start = np.full(n, -1)
+    active = np.ones(n, dtype=bool)
+    outcome = np.zeros(n, dtype=np.int64)
+    end = np.full(n, TICKS - 1)
+    promoted = np.full((n, last + 1), -1)
+    e0, e1 = design_rates(policy.error_rate_limit, low=1.0, high=2.0)
+
+    def step(name, t):
+        v = c[name]
+        return v[:, t] - np.where(start >= 0, v[rows, np.maximum(start, 0)], 0)
+
+    for t in range(TICKS):
+        rb = np.where(active, tests["rollback"][:, t], 0)
+        hold = tests["hold"][:, t]
+        if legacy:  # the old error test: step counts, the whole budget, before latency
+            s_err, s_req = step("errors", t), step("requests", t)
+            err = ((s_err >= policy.min_errors) & (sprt_llr(s_err, s_req, e0, e1)
+                                                   >= math.log(1.0 / policy.false_rollback_rate)))
+            rb = np.where(active & (rb != 1) & err, 2, rb)
+            hold = hold & ~err
+        now = rb > 0
+        outcome[now], end[now] = rb[now], t
+        active &= ~now
+        gate = np.minimum(phase, last)
+        ready = (active & ~hold & ((t - start) * TICK_S >= bakes[gate]) & (step("requests", t) >= min_req[gate]))
+        a_ok = tests["promote_a"][:, t] & (step(tests["need_a"], t) >= min_lab[gate])
+        b_ok = tests["promote_b"][:, t] & (step(tests["need_b"], t) >= min_lab[gate])
+        ok = ready & (a_ok | b_ok)
+        promoted[ok, phase[ok]] = t
+        phase[ok] += 1
+        start[ok] = t
+        done = ok & (phase > last)
+        outcome[done], end[done] = -1, t
+        active &= ~done
+        if not active.any():
+            break
+    label_key = "labelled" if policy.nfr_test == "labelled" else "labelled_disagreements"
+    return outcome, c[label_key][rows, end], promoted
+
+
+def all_checks_through_decide(c: dict, policy: RolloutSpec, rollouts: int):
+    """The first `rollouts` whole rollouts tick by tick through decide() itself: step
+    counts are the totals since the step started, promote moves to the next step."""
+    fields = ("requests", "errors", "compared", "disagreements", "labelled", "negative_flips",
+              "labelled_disagreements", "timed", "slow", "base_timed", "base_slow")
+    label_key = "labelled" if policy.nfr_test == "labelled" else "labelled_disagreements"
+    last = len(policy.steps)
+    outs, used, promoted = [], [], np.full((rollouts, last + 1), -1)
+    for r in range(rollouts):
+        phase, start, outcome, end = 0, -1, 0, TICKS - 1
+        base = {k: 0 for k in fields}
+        for t in range(TICKS):
+            tot = {k: int(c[k][r, t]) for k in fields}
+            obs = Observation(total=Counts(**tot), step=Counts(**{k: tot[k] - base[k] for k in fields}),
+                              step_elapsed_s=(t - start) * TICK_S)
+            dec = decide(obs, None if phase == 0 else policy.steps[phase - 1], policy)
+            if dec.kind == "rollback":
+                outcome = (1 if dec.reason.startswith("NFR") else 2 if dec.reason.startswith("error rate")
+                           else 3 if dec.reason.startswith("latency") else 9)
+                end = t
+                break
+            if dec.kind == "promote":
+                promoted[r, phase] = t
+                phase, start, base = phase + 1, t, tot
+                if phase > last:
+                    outcome, end = -1, t
+                    break
+            elif dec.kind != "hold":
+                raise SystemExit(f"all checks: unexpected decision {dec.kind}: {dec.reason}")
+        outs.append(outcome)
+        used.append(int(c[label_key][r, end]))
+    return np.array(outs), np.array(used), promoted
+
+
+def all_checks_row(rng, n: int, nfr_test: str, ratios: tuple, d, delay: str, check: int) -> list[dict]:
+    """The ours_all_checks row (and, on the same draws, its legacy_per_step contrast)."""
+    policy = all_checks_policy(nfr_test)
+    c = all_checks_counts(rng, n, nfr_test, ratios, d, delay)
+    outcome, used, promoted = all_checks_rule(c, policy)
+    k = min(check, n)
+    if k:
+        o2, u2, p2 = all_checks_through_decide({key: v[:k] for key, v in c.items()}, policy, k)
+        if not (np.array_equal(o2, outcome[:k]) and np.array_equal(u2, used[:k]) and np.array_equal(p2, promoted[:k])):
+            raise SystemExit(f"ours_all_checks ({nfr_test}, {ratios}, d {d}, {delay}): the vectorised rule and "
+                             f"decide() disagree")
+    out = []
+    for rule, (o, u, pr) in (("ours_all_checks", (outcome, used, promoted)),
+                             ("legacy_per_step", all_checks_rule(c, policy, legacy=True))):
+        kind = np.where(o > 0, 1, o)
+        row = _summary(rule, ratios[0], delay, d, kind, u, nfr_test=nfr_test, true_error_ratio=ratios[1],
+                       true_latency_ratio=ratios[2], false_rollback_any=float(np.mean(o > 0)),
+                       **{f"rollback_by_{name}": float(np.mean(o == code)) for code, name in
+                          ((1, "nfr"), (2, "errors"), (3, "latency"))},
+                       reached_step=[float(np.mean(pr[:, j] >= 0)) for j in range(pr.shape[1])],
+                       median_ticks_to_promote=(float(np.median(pr[o == -1, -1] + 1)) if (o == -1).any() else None))
+        if rule == "ours_all_checks":
+            row["checked_through_decide"] = k
+        else:
+            row["simulated_not_decide"] = ("the old scheme: NFR and latency tests on totals at the whole "
+                                           "false_rollback_rate, the error test on step counts at it")
+        if max(ratios) >= 1:   # some test at its bad rate: a rollback is no false one
+            row.pop("false_rollback_any")
+        out.append(row)
+    return out
+
+
+ALL_CHECK_CASES = ((ALL_GOOD, ALL_GOOD, ALL_GOOD), (ALL_BAD, ALL_BAD, ALL_BAD))
+ONE_BAD = ((ALL_BAD, ALL_GOOD, ALL_GOOD), (ALL_GOOD, ALL_BAD, ALL_GOOD), (ALL_GOOD, ALL_GOOD, ALL_BAD))
+
+
+def all_checks_rows(args, t0: float) -> list[dict]:
+    rows = []
+    for delay in DELAYS:
+        cases = [(r, "labelled", None) for r in ALL_CHECK_CASES]
+        cases += [(r, "disagreements", d) for r in ALL_CHECK_CASES for d in DIS_RATES if _possible(r[0], d)]
+        if delay == "none":   # one regression at a time: labelled, and disagreements at d 5 %
+            cases += [(r, t, d) for r in ONE_BAD for t, d in (("labelled", None), ("disagreements", 0.05))]
+        for ratios, nfr_test, d in cases:
+            rows += all_checks_row(_rng(args.seed, "all", nfr_test, *ratios, d, delay), args.rollouts, nfr_test,
+                                   ratios, d, delay, args.check_all)
+        print(f"all checks, delay {delay} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return rows
+
+
 # --- the run ---------------------------------------------------------------------------------------
 
 def _meets(rows: list[dict]) -> bool:
@@ -394,6 +641,7 @@ def run(args) -> list[dict]:
                 rows.append(_summary("ours_disagreements", ratio, delay, d, kind, used,
                                      uses_disagreement_rate=True, checked_through_decide=c_dis))
         print(f"delay {delay} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    rows += all_checks_rows(args, t0)
     meta = {"tuned_fixed_interval": tuned_fixed, "tuned_kayenta": list(tuned_kayenta) if tuned_kayenta else None,
             "seconds": round(time.perf_counter() - t0, 1)}
     return rows, meta
@@ -429,11 +677,54 @@ def ratios_line(rows: list[dict]) -> str:
     return "ours_disagreements / fixed_threshold, median labels at 0.5x, no delay: " + ", ".join(parts)
 
 
+def _pct(x: float, bold_above: float = 2.0) -> str:
+    return f"**{100 * x:.1f} %**" if x > bold_above else f"{100 * x:.1f} %"
+
+
+def all_checks_tables(rows: list[dict]) -> list[str]:
+    """Markdown: ours_all_checks for a good candidate (with legacy_per_step on the same
+    draws), then for bad ones (one regression or all three)."""
+    def key(r):
+        return (r["nfr_test"], r["disagreement_rate"] or 0, r["delay"], r["true_nfr_ratio"], r["true_error_ratio"],
+                r["true_latency_ratio"])
+    legacy = {key(r): r for r in rows if r["rule"] == "legacy_per_step"}
+    ours = [r for r in rows if r["rule"] == "ours_all_checks"]
+    good = [r for r in ours if "false_rollback_any" in r]
+    out = ["ours_all_checks, a good candidate (NFR, errors, slow share at 0.5x), whole rollouts "
+           "(shadow + 3 steps); **bold**: above the 5 % target:", "",
+           "| nfr_test | d | delay | false rollback, any test | by NFR | by errors | by latency | promoted "
+           "| undecided | median labels | median ticks to promote | legacy_per_step: false rollback | legacy by errors |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(good, key=lambda r: (DELAYS.index(r["delay"]), r["nfr_test"] != "labelled", key(r))):
+        lg = legacy[key(r)]
+        d = "-" if r["disagreement_rate"] is None else f"{r['disagreement_rate']:.0%}"
+        out.append(f"| {r['nfr_test']} | {d} | {r['delay']} | {_pct(r['false_rollback_any'], TARGET)} | "
+                   f"{_pct(r['rollback_by_nfr'])} | {_pct(r['rollback_by_errors'])} | {_pct(r['rollback_by_latency'])} | "
+                   f"{_pct(r['promote_rate'])} | {_pct(r['undecided_rate'])} | {r['median_labels']:,.0f} | "
+                   f"{r['median_ticks_to_promote'] or 0:.0f} | {_pct(lg['rollback_rate'], TARGET)} | "
+                   f"{_pct(lg['rollback_by_errors'])} |")
+    out += ["", "ours_all_checks, bad candidates (2x: NFR, error rate, slow share):", "",
+            "| regression | nfr_test | d | delay | rollback | by NFR | by errors | by latency | promoted | undecided |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted((r for r in ours if "false_rollback_any" not in r),
+                    key=lambda r: (DELAYS.index(r["delay"]), (ONE_BAD + ALL_CHECK_CASES).index(key(r)[3:]),
+                                   r["nfr_test"] != "labelled", key(r))):
+        what = "+".join(n for n, x in (("NFR", r["true_nfr_ratio"]), ("errors", r["true_error_ratio"]),
+                                       ("latency", r["true_latency_ratio"])) if x >= 1)
+        d = "-" if r["disagreement_rate"] is None else f"{r['disagreement_rate']:.0%}"
+        out.append(f"| {what} | {r['nfr_test']} | {d} | {r['delay']} | {_pct(r['rollback_rate'])} | "
+                   f"{_pct(r['rollback_by_nfr'])} | {_pct(r['rollback_by_errors'])} | {_pct(r['rollback_by_latency'])} | "
+                   f"{_pct(r['promote_rate'])} | {_pct(r['undecided_rate'])} |")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rollouts", type=int, default=1000, help="rollouts per row")
     ap.add_argument("--check", type=int, default=20,
                     help="rollouts per ours_disagreements row also run through decide() (must agree exactly)")
+    ap.add_argument("--check-all", type=int, default=5,
+                    help="rollouts per ours_all_checks row also run through decide(), step by step (must agree)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "rollout_sim.json")
     ap.add_argument("--markdown", action="store_true", help="print the tables as markdown")
@@ -444,6 +735,7 @@ def main() -> None:
     lines = []
     for delay in DELAYS:
         lines += table(rows, delay) + [""]
+    lines += all_checks_tables(rows) + [""]
     if meta["tuned_fixed_interval"]:
         lines.append(ratios_line(rows))
     lines.append(f"fixed_threshold = fixed_n{meta['tuned_fixed_interval']}; kayenta_mw (N per arm, confidence) = "

@@ -369,3 +369,29 @@ def test_disagreement_test_error_rates_hold_when_checked_every_tick():
             kind = np.where(first < 0, "none", np.where(rb[np.arange(400), first], "rollback", "promote"))
             assert np.mean(kind == wrong) <= 0.05, (d, ratio, np.mean(kind == wrong))
             assert np.mean(kind != "none") >= 0.9, (d, ratio)
+
+
+def test_benchmark_all_checks_rollouts_are_decide():
+    """benchmarks/rollout_sim.py's `ours_all_checks` rows: whole rollouts (shadow phase and
+    every step, the NFR, error-rate and latency tests all on) computed vectorised; replayed
+    step by step through decide() the same draws must end the same way (promoted, rolled
+    back by the same test, or undecided) at the same label count, every step promoted at
+    the same tick."""
+    from benchmarks import rollout_sim as sim
+
+    rng = np.random.default_rng(5)
+    seen = set()
+    for nfr_test, d, ratios, delay in (("labelled", None, (0.5, 0.5, 0.5), "none"),
+                                       ("labelled", None, (2.0, 2.0, 2.0), "exponential"),
+                                       ("labelled", None, (0.5, 0.5, 2.0), "none"),
+                                       ("disagreements", 0.05, (0.5, 0.5, 0.5), "heavy_tailed"),
+                                       ("disagreements", 0.1, (0.5, 2.0, 0.5), "none")):
+        policy = sim.all_checks_policy(nfr_test)
+        counts = sim.all_checks_counts(rng, 4, nfr_test, ratios, d, delay)
+        outcome, labels, promoted = sim.all_checks_rule(counts, policy)
+        o2, l2, p2 = sim.all_checks_through_decide(counts, policy, 4)
+        assert np.array_equal(outcome, o2) and np.array_equal(labels, l2) and np.array_equal(promoted, p2)
+        assert set(outcome) <= set(sim.OUTCOMES)
+        assert set(sim.all_checks_rule(counts, policy, legacy=True)[0]) <= set(sim.OUTCOMES)
+        seen |= set(outcome)
+    assert -1 in seen and seen & {1, 2, 3}    # both promotions and rollbacks were replayed
