@@ -57,7 +57,11 @@ def _config(tmp) -> dict:
              "lqf": {"target_scale": 20.0, "damping": 0.01}},
         ],
         "scaling": {"num_workers": 1},
-        "gates": {"max_error_increase": 0.05, "max_nfr": 0.1, "max_class_nfr": 0.5, "require_bct": False},
+        # 539 test rows resolve an error change to about +-2.5 points: g3 against g1 (measured:
+        # 5.0% -> 7.8%, bounds -0.03 to +5.2 points) is inconclusive at max_error_increase 0.05.
+        # These rollouts are what this test is about, so the live rollout decides.
+        "gates": {"max_error_increase": 0.05, "max_nfr": 0.1, "max_class_nfr": 0.5, "require_bct": False,
+                  "allow_inconclusive": True},
         "serving": {"port": free_port(), "admin_token": TOKEN, "cpus_per_replica": 0.1, "router_cpus": 0.1},
         "rollout": {"shadow_bake_seconds": 1, "nfr_limit": 0.1, "tick_seconds": 0.3, "max_source_errors": 30,
                     "error_rate_limit": 0.05, "latency_p99_ms": 5000, "metrics_port": 0,
