@@ -5,7 +5,8 @@ Three tiny MLPs on scikit-learn digits, trained in-process: g0 (production, 20 %
 data), g1 (all of it: a good candidate, few negative flips), g2 (shuffled labels: a
 regression). The bad candidate is rolled back automatically; the good one is promoted
 through every canary step although its controller is SIGKILLed mid-canary and started
-again: the audit log shows each step exactly once and one promotion.
+again, then guarded (rollout.guard) with the previous production still the router's
+reference: the audit log shows each step exactly once and one promotion.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def _write_run(tmp: Path, rollout: dict, shuffled: bool = True) -> tuple[Path, d
 LEASE_S = 2.0
 ROLLOUT = {"shadow_bake_seconds": 2, "nfr_limit": 0.1, "tick_seconds": 0.5, "max_source_errors": 20,
            "lease_seconds": LEASE_S,
-           "error_rate_limit": 0.05, "latency_p99_ms": 5000,
+           "error_rate_limit": 0.05, "latency_p99_ms": 5000, "guard": {"seconds": 3},
            "steps": [{"weight": w, "bake_seconds": 3, "min_requests": 20, "min_labels": 40} for w in STEPS]}
 
 
@@ -82,7 +83,7 @@ def served(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rollout")
     port = free_port()
     path, refs, ds = _write_run(tmp, {**ROLLOUT, "metrics_port": port})
-    spec = ServingSpec(port=free_port(), shadow_timeout_s=2.0, max_rows=64,
+    spec = ServingSpec(port=free_port(), shadow_timeout_s=2.0, max_rows=64, slow_call_ms=ROLLOUT["latency_p99_ms"],
                        prediction_log_path=str(tmp / "predictions.sqlite"))
     url = deploy.start_serving(spec, refs["g0"], [refs["g1"], refs["g2"]], admin_token=TOKEN)
     yield {"url": url, "config": path, "ds": ds, "refs": refs, "metrics_port": port,
@@ -176,9 +177,17 @@ def test_controller_killed_mid_canary_resumes_and_promotes_once(served):
             # lease expires, then a new controller takes the rollout over
             time.sleep(LEASE_S + 0.5)
             r = reg.active_rollout()
-            assert r is not None and r.state == "canary" and r.step in (1, 2)
+            # (the second controller's start took seconds: the first may have gone on meanwhile)
+            assert r is not None and r.state in ("canary", "guarding"), r
             proc2 = _rollout_proc(served, "g1")
-            out, err = proc2.communicate(timeout=120)
+            guarded = None
+            deadline = time.monotonic() + 120
+            while proc2.poll() is None and time.monotonic() < deadline:
+                now = reg.active_rollout()
+                if guarded is None and now is not None and now.state == "guarding":
+                    guarded = (client.status(), reg.production().name)
+                time.sleep(0.1)
+            out, err = proc2.communicate(timeout=30)
             assert proc2.returncode == 0, err[-3000:]
             summary = json.loads(out)
             assert summary["state"] == "promoted" and summary["rollout_id"] == r.id
@@ -187,7 +196,12 @@ def test_controller_killed_mid_canary_resumes_and_promotes_once(served):
             assert len(taken) == 1 and taken[0].data["previous_holder"] == holder
             assert [(m[0], m[2], m[3]) for m in moves] == [
                 ("rollout_started", "shadow", None), ("advance", "canary", 1), ("advance", "canary", 2),
-                ("advance", "canary", 3), ("promote", "promoted", 3)], moves
+                ("advance", "canary", 3), ("guard", "guarding", 3), ("promote", "promoted", 3)], moves
+            # guarding: the registry names g1 production, the router still compares with g0
+            assert guarded is not None, "never saw the guard"
+            st, prod = guarded
+            assert prod == "g1" and st["production"] == "g0" and st["weights"]["g1"] == 1.0
+            assert "guard passed" in [e for e in reg.events("g1") if e.action == "promote"][-1].reason
             assert reg.generation("g1").status == "production" and reg.generation("g0").status == "retired"
             # A third start after the end reports it and changes nothing.
             proc3 = _rollout_proc(served, "g1")
@@ -197,4 +211,7 @@ def test_controller_killed_mid_canary_resumes_and_promotes_once(served):
     assert traffic.stats.ok > 0
     st = client.status()
     assert st["production"] == "g1" and st["weights"]["g1"] == 1.0 and "g1" not in st["shadows"]
+    # every call was timed for the latency test (none slower than 5 s)
+    c = st["generations"]["g1"]["counters"]
+    assert c["timed_calls"] > 0 and c["slow_calls"] == 0
     assert "resum" in err or "rollout" in err  # the second controller printed its progress

@@ -74,7 +74,7 @@ class FakeSource:
         return self.now
 
 
-GOOD = Counts(requests=50, compared=50, disagreements=0, labelled=50, negative_flips=0, latency_p99_ms=5.0)
+GOOD = Counts(requests=100, compared=50, disagreements=0, labelled=50, negative_flips=0, latency_p99_ms=5.0)
 BAD = Counts(requests=50, compared=50, disagreements=25, labelled=50, negative_flips=20, latency_p99_ms=5.0)
 
 

@@ -158,6 +158,25 @@ def test_latency_rollback_needs_min_requests_and_is_against_production():
     assert d.kind == "promote" and "latency_p99_ms" not in d.stats
 
 
+def test_the_last_promotion_waits_until_errors_and_latency_are_shown_within_their_limits():
+    """Out of the last step only: 0 errors in 200 requests is 200 log(0.98/0.99) = -2.03 >
+    log 0.05 = -3.00: hold; in 300, -3.05: promote. 0 slow of 100 timed calls (allowed 1 %)
+    is 100 log(0.98/0.995) = -1.52: hold; of 300, -4.56: promote. Earlier steps do not wait."""
+    last = POLICY.steps[-1]
+    held = decide(obs(labelled=300, requests=200), last, POLICY)
+    assert held.kind == "hold" and "waiting before the last promotion: error rate 0/200" in held.reason
+    assert decide(obs(labelled=300, requests=300), last, POLICY).kind == "promote"
+    assert decide(obs(labelled=300, requests=200), STEP, POLICY).kind == "promote"
+    assert decide(obs(labelled=300, requests=200), last, POLICY.model_copy(update={"error_rate_limit": 0.0})).kind \
+        == "promote"                                           # no error rate is under a limit of 0
+    slow = Counts(requests=400, labelled=300, timed=100)
+    d = decide(Observation(total=slow, step=slow, step_elapsed_s=100.0), last, POLICY)
+    assert d.kind == "hold" and "slow share 0/100" in d.reason
+    assert d.stats["llr_latency_promote"] == pytest.approx(100 * CLEAN, abs=1e-6)
+    fast = replace(slow, timed=300)
+    assert decide(Observation(total=fast, step=fast, step_elapsed_s=100.0), last, POLICY).kind == "promote"
+
+
 def test_a_slow_share_above_the_allowed_not_yet_shown_holds_and_never_promotes():
     """3 slow of 100 (3 % > 1 %): LLR 3 log 4 + 97 log(0.98/0.995) = 4.158883 - 1.473449
     = 2.685 < 4.828: not shown, so hold (300 clean labels would promote)."""
