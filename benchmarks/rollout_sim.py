@@ -25,7 +25,10 @@ Rules.
   counted: labelled disagreements arrived at the decision.
   Both are computed vectorised with decision's own functions and, for `--check`
   rollouts per row, replayed tick by tick through decide() itself (the script fails
-  if one decision or label count differs).
+  if one decision or label count differs). Both simulate the NFR test alone: their
+  one-step gate (gate_policy) is the last step, where decide() also waits for the error
+  rate and slow share to be shown within their limits; the gate sets error_rate_limit 0
+  (that check left out, no errors drawn) and no call is timed (the latency one left out).
 - `fixed_threshold`: what Argo Rollouts / Flagger analyses do with a threshold metric:
   every N arrived labels (in arrival order) make one interval, which succeeds when its
   NFR is <= the limit; 3 successes in a row promote, 3 failures roll back. N swept
@@ -53,19 +56,23 @@ Rules.
   r_lat x max(1 %, production's 0.5 %); production's call on the same request is slow
   with chance 0.5 %. A good candidate is 0.5x on all three, a bad one 2x (all three, or,
   without delay, one at a time). A step is promoted when decide() says so (step counts:
-  totals since the step started; step_elapsed_s = 60 x its ticks); the rollout ends
-  rolled back (by the NFR, error or latency test), promoted past the last step, or
-  undecided at the horizon. `false_rollback_any`: rolled back by any test, for a good
-  candidate (target <= false_rollback_rate = 5 %). Vectorised: the tests on totals at
+  totals since the step started; step_elapsed_s = 60 x its ticks); the promotion out of
+  the last step also waits for decide()'s final checks (on the totals, the error SPRT
+  and the latency LLR at production's lower bound both at or below
+  log(false_promote_rate)); the rollout ends rolled back (by the NFR, error or latency
+  test), promoted past the last step, or undecided at the horizon. `false_rollback_any`:
+  rolled back by any test, for a good candidate (target <= false_rollback_rate = 5 %).
+  Vectorised: the tests on totals at
   once, then a loop over ticks for the steps; --check-all rollouts per row replayed
   through decide() step by step (outcome, test, labels and every promotion tick must
   agree). `legacy_per_step` rows: the same draws under the old budget (NFR and latency
   tests at the whole 5 %, the error test on the step's counts at 5 %, restarting at
-  every step): simulated by this script, not by decide() (that rule is gone).
+  every step, and no final checks before the last promotion): simulated by this script,
+  not by decide() (that rule is gone).
 Every row is 1000 rollouts (--rollouts), seeded; an undecided rollout counts the labels
 that had arrived at the horizon.
 
-Run: .venv/bin/python -m benchmarks.rollout_sim --markdown   (about 8 minutes on 2 cores)
+Run: .venv/bin/python -m benchmarks.rollout_sim --markdown   (about 10 minutes on 2 cores)
 Writes benchmarks/results/rollout_sim.json (a list of rows: rule, true_nfr_ratio, delay,
 disagreement_rate, rollback_rate, promote_rate, median_labels, undecided_rate,
 rollouts, ...) and prints a table.
@@ -110,8 +117,11 @@ def _rng(seed: int, *key) -> np.random.Generator:
 
 
 def gate_policy(nfr_test: str = "labelled") -> RolloutSpec:
-    """decide()'s statistics alone: one gate, no bake, no minimum counts."""
-    return RolloutSpec(nfr_limit=LIMIT, shadow_bake_seconds=0, nfr_test=nfr_test,
+    """decide()'s NFR statistics alone: one gate, no bake, no minimum counts. The gate is
+    the last step, so decide() also runs its final checks before promoting out of it;
+    error_rate_limit 0 leaves the error one out (no errors are drawn here) and no timed
+    calls leave the latency one out: the NFR test alone decides."""
+    return RolloutSpec(nfr_limit=LIMIT, shadow_bake_seconds=0, nfr_test=nfr_test, error_rate_limit=0.0,
                        steps=[RolloutStep(weight=1.0, bake_seconds=0, min_requests=0, min_labels=0)])
 
 
@@ -400,7 +410,8 @@ def _totals_tests(c: dict, policy: RolloutSpec, legacy: bool) -> dict[str, np.nd
     once: which test rolls back (1 NFR, 2 errors, 3 latency, 0 none; decide's order),
     the latency hold, and the NFR test's promote evidence with the step count it needs.
     legacy: the old budget (every test at the whole false_rollback_rate; the error test
-    is left to the step loop, on step counts)."""
+    is left to the step loop, on step counts) and no final checks. `final_ok`: decide's
+    final checks pass (only the last step's promotion reads it)."""
     a = policy.false_rollback_rate
     budget = policy.rollback_budget
     a_nfr, a_err, a_lat = (a, a, a) if legacy else (a * budget.nfr, a * budget.errors, a * budget.latency)
@@ -438,6 +449,17 @@ def _totals_tests(c: dict, policy: RolloutSpec, legacy: bool) -> dict[str, np.nd
         hold[maybe] = above & ~lt["rollback"]
     if legacy:
         rb_err = np.zeros_like(rb_err)   # per step, in the loop
+    # decide's final checks (decision._final_checks), before the last step's promotion only:
+    # the error SPRT and the latency LLR at production's lower bound, both on the totals,
+    # at or below log(false_promote_rate). The old rule had none (legacy: always shown).
+    at = math.log(policy.false_promote_rate)
+    final = np.ones_like(maybe)
+    if not legacy:
+        if policy.error_rate_limit > 0 and e1 > e0:
+            final &= sprt_llr(c["errors"], c["requests"], e0, e1) <= at
+        lt_all = latency_test(slow, timed, c["base_slow"], c["base_timed"], a_lat)
+        final &= (timed == 0) | (lt_all["llr_promote"] <= at)
+    out["final_ok"] = final
     out["rollback"] = np.where(rb_nfr, 1, np.where(rb_err, 2, np.where(rb_lat, 3, 0)))
     # decide's order: the NFR rollback first, then errors, then latency (rollback or hold).
     out["hold"] = hold & ~rb_nfr & ~rb_err
@@ -447,7 +469,8 @@ def _totals_tests(c: dict, policy: RolloutSpec, legacy: bool) -> dict[str, np.nd
 def all_checks_rule(c: dict, policy: RolloutSpec, legacy: bool = False):
     """Whole rollouts through the shadow phase and every step, vectorised over rollouts:
     the totals' tests at once (`_totals_tests`), then tick by tick the step each rollout
-    is in, its step counts (totals since its step started) and bake. Returns (outcome:
+    is in, its step counts (totals since its step started) and bake; the last step's
+    promotion also needs `final_ok`. Returns (outcome:
     0 undecided, -1 promoted past the last step, 1/2/3 rolled back by NFR/errors/latency;
     labels arrived at the end; tick of each promotion, -1 if none, (n, 1 + steps))."""
     tests = _totals_tests(c, policy, legacy)
@@ -485,7 +508,7 @@ def all_checks_rule(c: dict, policy: RolloutSpec, legacy: bool = False):
         ready = (active & ~hold & ((t - start) * TICK_S >= bakes[gate]) & (step("requests", t) >= min_req[gate]))
         a_ok = tests["promote_a"][:, t] & (step(tests["need_a"], t) >= min_lab[gate])
         b_ok = tests["promote_b"][:, t] & (step(tests["need_b"], t) >= min_lab[gate])
-        ok = ready & (a_ok | b_ok)
+        ok = ready & (a_ok | b_ok) & ((phase < last) | tests["final_ok"][:, t])
         promoted[ok, phase[ok]] = t
         phase[ok] += 1
         start[ok] = t
