@@ -126,12 +126,19 @@ def serving_plan(cfg: RunConfig, reg: Registry, candidates: Sequence[str] = (),
         log.warning("%s is production in the registry; serving it as production, not as a candidate", prod)
         names.remove(prod)
     active = reg.active_rollout()
-    if active is not None and active.candidate not in names and active.candidate != prod:
-        names.append(active.candidate)  # a rollout in progress keeps its candidate served
+    if active is not None:
+        # A rollout in progress keeps its candidate served, and a guarding one (the
+        # candidate production already) the previous production, its reference.
+        for g in (active.candidate, active.baseline):
+            if g not in names and g != prod:
+                names.append(g)
     asked = list(names) if shadows is None else [s for s in shadows if s in names]
     plan = plan_for(reg, prod, [prod, *names], asked)
+    # (While guarding, the plan's production is the previous one and the registry's is
+    # shadowed: the router takes that plan from the registry; these deploy-time arguments
+    # are only its fallback, and production is never its own shadow.)
     return ServingPlan(generation_ref(cfg, reg, prod), tuple(generation_ref(cfg, reg, n) for n in names),
-                       plan["weights"], tuple(plan["shadows"]))
+                       plan["weights"], tuple(s for s in plan["shadows"] if s != prod))
 
 
 def plan_for(reg: Registry, production: str, attached: Sequence[str], shadows: Iterable[str]) -> dict:

@@ -335,19 +335,26 @@ class Router:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._loop())
 
-    def _observe(self, gen: str, role: str, ms: float) -> None:
+    def _observe(self, gen: str, role: str, ms: float, requests: int = 1) -> None:
+        """One call's latency; `requests`: the requests it answered (a coalesced shadow
+        call answers several, each of which waited this long)."""
         self.latency.add(gen, role, ms)
-        slow = self.spec.get("slow_call_ms")
-        if slow is not None:  # the rollout's sequential latency test counts these
-            self.log.count(gen, timed_calls=1, slow_calls=int(ms > slow))
+        self._count_timed(gen, requests, ms)
         self.m["graceful_latency_ms"].observe(ms, tags={"generation": gen, "role": role})
+
+    def _count_timed(self, gen: str, requests: int, ms: float) -> None:
+        slow = self.spec.get("slow_call_ms")
+        if slow is not None:  # per request, for the rollout's sequential latency test
+            self.log.count(gen, timed_calls=requests, slow_calls=requests if ms > slow else 0)
 
     def _count_request(self, gen: str, role: str) -> None:
         self.log.count(gen, **{"requests_primary" if role == "primary" else "requests_shadow": 1})
         self.m["graceful_requests"].inc(tags={"generation": gen, "role": role})
 
-    async def _call_shadow(self, gen: str, x: np.ndarray):
-        """One mirrored call, bounded by the shadow timeout: probabilities, or a marker."""
+    async def _call_shadow(self, gen: str, x: np.ndarray, requests: int = 1):
+        """One mirrored call (carrying `requests` requests), bounded by the shadow
+        timeout: probabilities, or a marker. A timed-out call is a slow one for the latency
+        test (it took at least the timeout)."""
         entry = self.gens.get(gen)
         if entry is None:  # detached meanwhile
             return _ERROR
@@ -357,10 +364,11 @@ class Router:
             probs = await asyncio.wait_for(resp, self.shadow_timeout_s)
         except asyncio.TimeoutError:
             resp.cancel()
+            self._count_timed(gen, requests, self.shadow_timeout_s * 1000)
             return _TIMEOUT
         except Exception:
             return _ERROR
-        self._observe(gen, "shadow", (time.perf_counter() - t0) * 1000)
+        self._observe(gen, "shadow", (time.perf_counter() - t0) * 1000, requests)
         return probs
 
     def _count_failure(self, gen: str, outcome: str, n: int) -> None:
@@ -425,7 +433,7 @@ class Router:
     async def _run_shadows(self, gen: str, items: list) -> None:
         """Send coalesced copies, then log and compare each with production (off the response path)."""
         x = items[0][1] if len(items) == 1 else np.concatenate([item[1] for item in items])
-        out = await self._call_shadow(gen, x)
+        out = await self._call_shadow(gen, x, len(items))
         self._shadow_backlog -= len(items)
         if not isinstance(out, np.ndarray):
             self._count_failure(gen, out, len(items))

@@ -49,23 +49,34 @@ def clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
     return lower, upper
 
 
-def paired_change(b: int, c: int, n: int, alpha: float) -> tuple[float, float]:
+def paired_change(b: int, c: int, n: int, alpha: float, limit: float = 0.0) -> tuple[float, float]:
     """(lower, upper) of the change of a paired rate over n pairs, from the discordant
-    pairs: b pairs that got worse (production right, candidate wrong), c that got better.
+    pairs: b pairs that got worse (production right, candidate wrong), c that got better;
+    each bound one-sided at level alpha, for deciding the change against `limit`.
 
-    The change (b - c) / n estimates (m/n)(2 pi - 1), where m = b + c and, conditional on
-    m, b ~ Binomial(m, pi). Clopper-Pearson bounds of pi from b of m (each one-sided at
-    level alpha) map through pi -> (m/n)(2 pi - 1), which is increasing: this is the exact
-    McNemar test, and the bounds are conditional on m (on how many pairs disagree at all;
-    with m = 0 the change is 0: bounds (0, 0)).
+    limit 0 (only the sign matters): conditional on m = b + c, b ~ Binomial(m, pi) and
+    the change is > 0 exactly when pi > 1/2, so Clopper-Pearson bounds of pi from b of m
+    mapped through pi -> (m/n)(2 pi - 1) (increasing) decide the sign exactly: the exact
+    McNemar test, valid for every m and so unconditionally (m = 0: (0, 0)). The numbers
+    between are conditional on m, which is why another limit needs the second form.
+    limit != 0: the change is p_b - p_c itself, bounded by Clopper-Pearson bounds of b/n
+    and c/n at alpha/2 each (a union bound): lower = lo(b) - hi(c), upper = hi(b) - lo(c).
+    Wider, but valid for a non-zero limit, where mapping through the observed m/n is not
+    (its coverage depends on the unknown share of discordant pairs).
 
-    By hand: b = 2, c = 0, n = 10, alpha = 0.25: pi from 2 of 2 is in (sqrt(0.25), 1) =
-    (0.5, 1), so the change (point 0.2) is in (0.2 * 0, 0.2 * 1) = (0, 0.2).
+    By hand: b = 2, c = 0, n = 10, alpha = 0.25, limit 0: pi from 2 of 2 is in
+    (sqrt(0.25), 1) = (0.5, 1), so the change (point 0.2) is in (0.2 * 0, 0.2 * 1) =
+    (0, 0.2). b = 0, c = 0, n = 10, alpha 0.1, limit 0.05: hi(0 of 10 at 0.05) = 1 -
+    0.05^(1/10) = 0.2589, so (0 - 0.2589, 0.2589 - 0).
     """
     b, c, n = int(b), int(c), int(n)
     m = b + c
     if b < 0 or c < 0 or m > n:
         raise ValueError(f"need b, c >= 0 and b + c <= n, got b={b}, c={c}, n={n}")
+    if limit != 0:
+        lo_b, hi_b = clopper_pearson(b, n, alpha / 2)
+        lo_c, hi_c = clopper_pearson(c, n, alpha / 2)
+        return lo_b - hi_c, hi_b - lo_c
     if m == 0:
         return 0.0, 0.0
     lo, hi = clopper_pearson(b, m, alpha)

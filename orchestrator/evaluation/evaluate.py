@@ -164,7 +164,7 @@ def gate_checks(metrics: dict[str, Any], gates: GatesSpec) -> list[Check]:
 
     b, c = int(metrics["negative_flips"]), int(metrics["positive_flips"])
     e0, e1 = metrics["error_baseline"], metrics["error_candidate"]
-    lo, hi = B.paired_change(b, c, n, a)
+    lo, hi = B.paired_change(b, c, n, a, gates.max_error_increase)
     add("max_error_increase", metrics["error_change"], gates.max_error_increase, lo, hi,
         f"error change ({e0:.4f} -> {e1:.4f}; b={b}, c={c} of {n})", signed=True)
     lo, hi = B.clopper_pearson(b, n, a)

@@ -110,12 +110,15 @@ def _v4(db: sqlite3.Connection) -> None:
     version = int(db.execute("PRAGMA schema_version").fetchone()[0])
     db.execute("PRAGMA writable_schema=ON")
     for table, old, new in (("rollouts", _OLD_STATES, _NEW_STATES), ("commands", _OLD_COMMANDS, _NEW_COMMANDS)):
-        sql = db.execute("SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?", (table,)).fetchone()[0]
+        sql = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()[0]
         if old not in sql:
             raise sqlite3.DatabaseError(f"table {table} has an unexpected definition: {sql}")
-        db.execute("UPDATE sqlite_schema SET sql = ? WHERE type = 'table' AND name = ?", (sql.replace(old, new), table))
+        db.execute("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = ?", (sql.replace(old, new), table))
     db.execute(f"PRAGMA schema_version={version + 1}")
     db.execute("PRAGMA writable_schema=OFF")
+    bad = db.execute("PRAGMA integrity_check").fetchall()
+    if bad != [("ok",)] and [tuple(r) for r in bad] != [("ok",)]:
+        raise sqlite3.DatabaseError(f"integrity check after widening the constraints: {bad}")
     # At most one rollout is active, the new states included.
     db.execute("DROP INDEX one_active_rollout")
     db.execute("CREATE UNIQUE INDEX one_active_rollout ON rollouts "

@@ -354,6 +354,9 @@ class Controller:
                 return r, "promoted (forced: rule skipped)"
             if r.state in HELD_STATES:
                 return r, f"refused: {r.state}; resume first (or promote --force)"
+            if r.state == RolloutState.GUARDING:
+                return r, ("refused: guarding; the guard passes on its labels or seconds "
+                           "(promote --force ends it now)")
             # Without --force a promote skips the rest of the bake time, never the evidence:
             # the rule must say promote as if the bake were done.
             obs = self.observe(r, now)

@@ -13,7 +13,9 @@ p0, so P(LLR ever >= log(1/alpha)) <= alpha (Ville), whatever ticks it is looked
 exp(-LLR) is one under p1, so P(LLR ever <= log(beta)) <= beta. For a true NFR below p0
 (above p1) the martingale becomes a super-martingale, so the bounds hold a fortiori.
 
-Rollback when LLR >= log(1/false_rollback_rate); promote the step (after bake time and
+Rollback when LLR >= log(1/(false_rollback_rate * rollback_budget.nfr)) (the NFR's
+share of the rollout's one error budget; the error-rate and latency tests have the
+rest, all on the rollout's totals); promote the step (after bake time and
 minimum counts) when LLR <= log(false_promote_rate * (1 - disagreement_share)). Before
 labels arrive, the same test on disagreements / compared samples (the disagreement rate
 bounds the NFR from above: a negative flip is a disagreement) may promote with the rest

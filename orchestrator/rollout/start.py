@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 from orchestrator.config import RunConfig
 from orchestrator.registry import Registry, RegistryError, RolloutRecord, ensure_registered, production_of
 from orchestrator.rollout.decision import Counts
-from orchestrator.rollout.sources import MetricSource, SourceError, counts_to_dict
+from orchestrator.rollout.sources import MetricSource, SourceError, counts_to_dict, read_source
 
 log = logging.getLogger("graceful.controller")
 
@@ -137,7 +137,7 @@ def begin_rollout(reg: Registry, source: MetricSource, candidate: str, baseline:
     start here): evidence counts from now, so the source's current snapshot is stored as
     the first step's base (None when the source is down: its first good read is)."""
     try:
-        raw = counts_to_dict(source.read(candidate))
+        raw = counts_to_dict(read_source(source, candidate, baseline))
     except SourceError as e:
         log.warning("metric source down at rollout start (%s): evidence counts from its first read", e)
         raw = None

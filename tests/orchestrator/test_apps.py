@@ -55,6 +55,20 @@ def test_an_active_rollout_keeps_its_candidate_and_weight(run):
     assert RegistryPlan(reg.path)(["g0", "g1"])["weights"] == pytest.approx({"g0": 0.7, "g1": 0.3})
 
 
+def test_a_router_started_while_guarding_serves_the_previous_production_as_its_reference(run):
+    """Guarding: the registry names g1 production already; a fresh `graceful serve` (or a
+    RayService upgrade) must still attach g0, the comparison's reference."""
+    path, cfg, reg = run
+    serving_plan(cfg, reg, ["g1"])
+    r = reg.start_rollout("g1", "g0", "test", "go")
+    reg.transition(r.id, ("shadow", 0), state="guarding", step=3, weight=1.0, actor="t", action="guard", reason="t")
+    assert reg.production().name == "g1"
+    plan = serving_plan(cfg, reg)
+    assert plan.production.name == "g1" and [c.name for c in plan.candidates] == ["g0"]
+    want = RegistryPlan(reg.path)(["g1", "g0"])
+    assert want["production"] == "g0" and want["weights"] == {"g0": 0.0, "g1": 1.0} and want["shadows"] == ["g1"]
+
+
 def test_a_rolled_back_generation_is_not_shadowed_again(run):
     path, cfg, reg = run
     serving_plan(cfg, reg, ["g2"])

@@ -47,6 +47,20 @@ def test_paired_change_by_hand():
     assert lo == pytest.approx((2 * 0.0125 - 1) / 171) and hi == pytest.approx(1 / 171)
     with pytest.raises(ValueError):
         paired_change(6, 5, 10, 0.05)
+    # a non-zero limit: Clopper-Pearson of b/n and c/n at alpha/2 each
+    lo, hi = paired_change(0, 0, 10, 0.1, limit=0.05)
+    assert hi == pytest.approx(1 - 0.05 ** 0.1) and lo == pytest.approx(-hi)
+
+
+def test_paired_change_covers_the_change_at_a_non_zero_limit():
+    """The case where mapping McNemar's bounds through the observed m/n fails: 539 pairs,
+    6 % discordant, true change exactly at the limit 0.05 (p_b = 0.055, p_c = 0.005).
+    A false pass (upper <= limit) must happen at most alpha = 1.25 % of the time; 2000
+    seeded draws (the realised rate is about 0.3 %, binomial noise sd 0.25 points)."""
+    rng = np.random.default_rng(11)
+    draws = rng.multinomial(539, [0.055, 0.005, 0.94], size=2000)
+    passes = [paired_change(int(b), int(c), 539, 0.0125, limit=0.05)[1] <= 0.05 for b, c, _ in draws]
+    assert np.mean(passes) <= 0.0125
 
 
 def test_class_bounds_by_hand():

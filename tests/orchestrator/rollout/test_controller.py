@@ -282,6 +282,25 @@ def test_guard_watches_the_promoted_generation_and_rolls_back_to_the_previous_pr
     assert _moves(reg)[-2:] == [("guard", "canary", "guarding", 3), ("rollback", "guarding", "rolled_back", 3)]
 
 
+def test_commands_while_guarding_refuse_skipping_the_guard_and_a_held_guard_rolls_back_to_production(tmp_path, env):
+    _, reg, router, source, r = env
+    cfg = _cfg(tmp_path, guard={"seconds": 3600})
+    ctl = Controller(cfg, reg, router, source)
+    for _ in range(4):
+        ctl.tick()
+    assert reg.rollout(r.id).state == "guarding"
+    reg.enqueue_command(r.id, "promote", "carol", "enough")
+    res = ctl.tick()
+    assert res.state == "guarding" and "refused: guarding" in res.commands[0]
+    reg.enqueue_command(r.id, "freeze", "alice", "look")
+    assert ctl.tick().state == "frozen" and reg.rollout(r.id).paused_from == "guarding"
+    assert router.production == "g0" and router.weights["g1"] == 1.0      # the guard's plan is kept
+    reg.enqueue_command(r.id, "rollback", "alice", "users complain")
+    assert ctl.tick().state == "rolled_back"
+    assert reg.production().name == "g0" and reg.generation("g1").status == "rolled_back"
+    assert router.production == "g0" and router.weights["g0"] == 1.0
+
+
 def test_guard_promotes_for_good_once_its_labels_arrived(tmp_path, env):
     _, reg, router, source, r = env
     cfg = _cfg(tmp_path, guard={"labels": 120, "seconds": 3600})
