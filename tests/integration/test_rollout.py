@@ -185,7 +185,10 @@ def test_controller_killed_mid_canary_resumes_and_promotes_once(served):
             while proc2.poll() is None and time.monotonic() < deadline:
                 now = reg.active_rollout()
                 if guarded is None and now is not None and now.state == "guarding":
-                    guarded = (client.status(), reg.production().name)
+                    # the move is persisted first, then the router follows: wait for it
+                    st = client.status()
+                    if st["weights"].get("g1") == 1.0:
+                        guarded = (st, reg.production().name)
                 time.sleep(0.1)
             out, err = proc2.communicate(timeout=30)
             assert proc2.returncode == 0, err[-3000:]
