@@ -112,6 +112,12 @@ class RolloutRecord:
     finished_at: Optional[float]
     data: dict = field(default_factory=dict)
 
+    @property
+    def position(self) -> Optional[RolloutState]:
+        """The state whose traffic plan and rule apply: for a paused or frozen rollout, the
+        state it left (`paused_from`), else its state."""
+        return self.paused_from if self.state in HELD_STATES else self.state
+
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 

@@ -559,7 +559,7 @@ class Registry:
                                     + "; it moves nothing")
             now = time.time()
             if state in HELD_STATES:
-                paused_from = cur.paused_from if cur.state in HELD_STATES else cur.state
+                paused_from = cur.position
             else:
                 paused_from = None
             pause_or_resume = state in HELD_STATES or cur.state in HELD_STATES
@@ -578,8 +578,7 @@ class Registry:
             why = f"rollout {rollout_id} {action}: {reason}"
             if state in (RolloutState.SHADOW, RolloutState.CANARY):
                 self._status_in(db, cur.candidate, state, actor, why, ctx)
-            elif state in (RolloutState.GUARDING, RolloutState.PROMOTED) and RolloutState.GUARDING not in (
-                    cur.state, cur.paused_from):
+            elif state in (RolloutState.GUARDING, RolloutState.PROMOTED) and cur.position != RolloutState.GUARDING:
                 for r in db.execute("SELECT name FROM generations WHERE status = 'production' AND name != ?",
                                     (cur.candidate,)).fetchall():
                     self._status_in(db, r[0], GenerationStatus.RETIRED, actor, why, ctx)
@@ -587,7 +586,7 @@ class Registry:
                 self._status_in(db, cur.candidate, GenerationStatus.PRODUCTION, actor, why, ctx)
             elif state == RolloutState.ROLLED_BACK:
                 self._status_in(db, cur.candidate, GenerationStatus.ROLLED_BACK, actor, why, ctx)
-                if RolloutState.GUARDING in (cur.state, cur.paused_from):  # promoted already: undo it
+                if cur.position == RolloutState.GUARDING:  # promoted already: undo it
                     self._status_in(db, cur.baseline, GenerationStatus.PRODUCTION, actor, why, ctx)
             return self._rollout(db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone())
 

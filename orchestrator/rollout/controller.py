@@ -311,7 +311,7 @@ class Controller:
     def _new_step(r: RolloutRecord, state: str, step: int) -> bool:
         """A move that starts a new evidence window (not a pause, resume or final move)."""
         if state == RolloutState.GUARDING:
-            return (r.paused_from if r.state in HELD_STATES else r.state) != RolloutState.GUARDING
+            return r.position != RolloutState.GUARDING
         return state == RolloutState.CANARY and (step != r.step or r.state == RolloutState.SHADOW)
 
     def _apply_command(self, r: RolloutRecord, cmd: Any, now: float) -> tuple[RolloutRecord, str]:
@@ -378,14 +378,12 @@ class Controller:
 
     def _rule(self, r: RolloutRecord, obs: Optional[Observation]) -> Decision:
         """decide() for the step, or the guard's rule after promotion."""
-        state = r.paused_from if r.state in HELD_STATES else r.state
-        if state == RolloutState.GUARDING:
+        if r.position == RolloutState.GUARDING:
             return guard_decision(obs, self.policy)
         return decide(obs, self._step_spec(r), self.policy)
 
     def _step_spec(self, r: RolloutRecord):
-        state = r.paused_from if r.state in HELD_STATES else r.state
-        if state == RolloutState.SHADOW or r.step < 1:
+        if r.position == RolloutState.SHADOW or r.step < 1:
             return None
         return self.policy.steps[min(r.step, len(self.policy.steps)) - 1]
 

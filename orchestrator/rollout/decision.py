@@ -362,7 +362,7 @@ def decide(obs: Optional[Observation], step: Optional[RolloutStep], policy: Roll
     stats = _finite(stats)
 
     if by_dis:
-        return _decide_by_disagreements(obs, policy, step, bake, stats, min_errors, min_latency_requests)
+        return _decide_by_disagreements(obs, policy, step, gate, bake, stats, min_errors, min_latency_requests)
 
     nfr_txt = f"NFR {t.negative_flips}/{t.labelled}"
     if llr_nfr >= upper:
@@ -484,12 +484,11 @@ def _checks_before_nfr(obs: Observation, policy: RolloutSpec, stats: dict, min_e
                     f"{stats['llr_latency_rollback_at']:.2f}", stats)
 
 
-def _decide_by_disagreements(obs: Observation, policy: RolloutSpec, step: Optional[RolloutStep], bake: float,
-                             stats: dict, min_errors: int, min_latency_requests: int) -> Decision:
+def _decide_by_disagreements(obs: Observation, policy: RolloutSpec, step: Optional[RolloutStep], gate: RolloutStep,
+                             bake: float, stats: dict, min_errors: int, min_latency_requests: int) -> Decision:
     """decide() with `rollout.nfr_test: disagreements`: disagreement_test on the totals;
     the step's `min_labels` counts labelled disagreements (or, for a promotion on the
     disagreement rate alone, compared samples)."""
-    gate = step if step is not None else policy.steps[0]
     t, s = obs.total, obs.step
     dt = disagreement_test(t.compared, t.disagreements, t.labelled_disagreements, t.negative_flips,
                            policy.nfr_limit, policy.false_rollback_rate * policy.rollback_budget.nfr,

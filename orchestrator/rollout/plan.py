@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from orchestrator.registry.records import HELD_STATES, RolloutRecord, RolloutState
+from orchestrator.registry.records import RolloutRecord, RolloutState
 
 
 class ReconcileError(RuntimeError):
@@ -32,7 +32,7 @@ def desired_traffic(r: RolloutRecord, current: dict) -> dict:
             raise ReconcileError(f"generation {g!r} is not attached to the router "
                                  f"(attached: {sorted(weights)}); serve it first")
     shadows = [s for s in current.get("shadows", []) if s not in (r.candidate, r.baseline)]
-    state = r.paused_from if r.state in HELD_STATES else r.state
+    state = r.position
     if state == RolloutState.PROMOTED:
         weights[r.candidate] = 1.0
         return {"weights": weights, "shadows": shadows, "production": r.candidate}
@@ -59,7 +59,7 @@ def next_position(r: RolloutRecord, n_steps: int, weights: list[float],
     """(state, step, weight) one promotion after `r`: shadow -> canary 1 -> ... -> canary n ->
     [guarding (step n, weight 1) when `guard`] -> promoted (step n, weight 1). `r` must
     be in shadow, canary or guarding (a held rollout: the state it left)."""
-    state = r.paused_from if r.state in HELD_STATES else r.state
+    state = r.position
     if state == RolloutState.SHADOW:
         return RolloutState.CANARY, 1, weights[0]
     if state == RolloutState.CANARY and r.step < n_steps:
