@@ -30,3 +30,35 @@ def cache_dir(tmp_path_factory, monkeypatch):
     d = tmp_path_factory.getbasetemp() / "dataset-cache"
     monkeypatch.setenv("GRACEFUL_CACHE", str(d))
     return d
+
+
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave without the interpreter's teardown once pytest has reported.
+
+    With torch, faiss (OpenMP pools) and Ray's atexit hooks loaded in one process,
+    finalisation after the last test has crashed the interpreter (SIGSEGV, exit 139)
+    after every test had passed; the run's result is pytest's, so hand that back
+    directly. Any crash during a test still kills the run before this point."""
+    import os
+    import sys
+
+    if not _exit_status:
+        return
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # pragma: no cover - best effort before a hard exit
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status[-1])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -163,12 +163,32 @@ class EnsembleSpec(StrictModel):
     margin: float = Field(0.0, ge=0, description="ignore logit gaps below this margin")
 
 
+class WeightInterpolationSpec(StrictModel):
+    """BCWI: start from the parent's weights, fine-tune, then move the weights back toward
+    the parent's, theta = alpha * parent + (1 - alpha) * fine-tuned (workers.interpolation)."""
+
+    # auto: the largest alpha of workers.interpolation.ALPHA_GRID whose validation error is
+    # within the fine-tuned model's + max_error_increase.
+    alpha: Union[Literal["auto"], float] = "auto"
+    max_error_increase: float = Field(0.0, ge=0, le=1, description="auto only: validation error budget")
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_range(cls, v: "float | str") -> "float | str":
+        if v != "auto" and not 0.0 <= float(v) < 1.0:
+            raise ValueError(f"alpha must be 'auto' or in [0, 1) (1 would be the parent itself), got {v}")
+        return v
+
+
 class CompatSpec(StrictModel):
     """Compatibility terms added to the task loss; all off by default."""
 
     bct: Optional[BCTSpec] = None
     focal_distillation: Optional[FocalDistillationSpec] = None
     ensemble: Optional[EnsembleSpec] = None
+    # Not a loss term: the generation starts from its parent's weights and is interpolated
+    # back toward them after training (same architecture as the parent).
+    weight_interpolation: Optional[WeightInterpolationSpec] = None
 
 
 class LQFSpec(StrictModel):
@@ -202,6 +222,13 @@ class GenerationSpec(StrictModel):
     # advisory: the failure is recorded and reported, and the live rollout decides (the
     # controller still rolls back a regression; the demo's g2 shows exactly that).
     offline_gate: Literal["enforce", "advisory"] = "enforce"
+
+    @model_validator(mode="after")
+    def _interpolation_is_standard(self) -> "GenerationSpec":
+        if self.compat.weight_interpolation is not None and self.recipe != "standard":
+            raise ValueError("compat.weight_interpolation fine-tunes the parent's own network and interpolates its "
+                             "weights; recipe lqf trains a linearisation instead: use one or the other")
+        return self
 
 
 class ScalingSpec(StrictModel):

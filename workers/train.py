@@ -38,6 +38,7 @@ from workers.checkpoint import METRICS_FILE, MODEL_FILE, load_model, save_model
 from workers.data import Split, fingerprint, generation_data, load_dataset
 from workers.losses import (FrozenHead, bct_influence_loss, ensemble_distillation_loss,
                             focal_distillation_loss, frozen_head)
+from workers.interpolation import apply_interpolation, state_mismatch
 from workers.models import build_model
 from workers.specs import CompatSpec, DataSpec, GenerationSpec, ScalingSpec
 from workers.streaming import (OLD_LOGITS, cpu_shortfall, stream_batches, stream_problems, streams, train_stream,
@@ -353,7 +354,10 @@ def _train_loop_per_worker(config: dict) -> None:
         parent, _ = job.production.load()
         recipe = make_lqf(parent, gen)
     else:
-        recipe = StandardRecipe(build_model(gen.arch, input_shape, classes), spec)
+        net = build_model(gen.arch, input_shape, classes)
+        if gen.compat.weight_interpolation is not None:
+            net.load_state_dict(parent_state(job))  # fine-tuned from the parent (BCWI)
+        recipe = StandardRecipe(net, spec)
     model, opt, sched = recipe.model, recipe.opt, recipe.sched
     model.to(device)
     ddp = ray.train.torch.prepare_model(_EmbedAndLogits(model))
@@ -446,7 +450,23 @@ def check_buildable(job: TrainJob, input_shape: tuple[int, ...], classes: int) -
                              f"{parent.num_classes} classes; its data has {classes}; a linearised network cannot "
                              f"add classes: train it with recipe standard")
         return
-    build_model(gen.arch, input_shape, classes)
+    model = build_model(gen.arch, input_shape, classes)
+    if gen.compat.weight_interpolation is not None:
+        if job.production is None:
+            raise ValueError(f"{gen.name}: compat.weight_interpolation starts from the parent's weights, and there "
+                             f"is no parent (production) model")
+        problems = state_mismatch(parent_state(job), model.state_dict())
+        if problems:
+            raise ValueError(f"{gen.name}: compat.weight_interpolation needs the parent's architecture, and "
+                             f"{job.production.name!r} differs: " + "; ".join(problems[:3]) +
+                             (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
+
+
+def parent_state(job: TrainJob) -> dict[str, torch.Tensor]:
+    """The parent's (production's) weights, from its verified checkpoint."""
+    assert job.production is not None
+    parent, _ = job.production.load()
+    return {k: v.detach().cpu() for k, v in parent.state_dict().items()}
 
 
 def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResult:
@@ -523,6 +543,7 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     history = list(state["history"])
     meta = {"generation": gen.name, "parent": job.production.name if job.production else None}
+    interpolation: Optional[dict] = None  # compat.weight_interpolation: the alpha applied
     if gen.recipe == "lqf":
         from workers.lqf import make_lqf, save_lqf
 
@@ -533,9 +554,15 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
     else:
         model = build_model(gen.arch, ds.input_shape, classes)
         model.load_state_dict(state["model"])
+        wi = gen.compat.weight_interpolation
+        if wi is not None:
+            interpolation = apply_interpolation(model, parent_state(job), wi.alpha, wi.max_error_increase,
+                                                ds.val.x, ds.val.y)
+            log(f"[{gen.name}] weights interpolated toward {job.production.name}: alpha "  # type: ignore[union-attr]
+                f"{interpolation['alpha']:g}")
         sha = save_model(model.eval(), job.out_dir, meta)
     last = history[-1] if history else {}
-    metrics = {
+    metrics: dict[str, Any] = {
         "name": gen.name, "parent": meta["parent"], "sha256": sha, "recipe": gen.recipe,
         "config_hash": job.config_hash, "training_hash": job.training_hash,
         "train_seconds": round(time.time() - t_start, 2), "val_accuracy": last.get("val_accuracy"),
@@ -548,6 +575,8 @@ def run_training(job: TrainJob, log: Callable[[str], None] = print) -> TrainResu
         "constraints": constraint_records(job),
         "scaling": job.scaling.model_dump(),
     }
+    if interpolation is not None:
+        metrics["weight_interpolation"] = interpolation
     out = Path(job.out_dir)
     tmp = out / f".{METRICS_FILE}.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
@@ -569,6 +598,9 @@ def constraint_records(job: TrainJob) -> list[dict]:
                     "weight": compat.focal_distillation.weight})
     if compat.ensemble is not None:
         out.append({"kind": "ensemble", "members": compat.ensemble.members, "weight": compat.ensemble.weight})
+    if compat.weight_interpolation is not None and job.production is not None:
+        out.append({"kind": "weight_interpolation", "name": job.production.name, "sha256": job.production.sha256,
+                    "alpha": compat.weight_interpolation.alpha})
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from orchestrator.chain import build_job, read_metrics, train_generation
@@ -15,7 +16,8 @@ from orchestrator.config import parse_config
 from orchestrator.evaluation.metrics import retrieval_top1
 from workers.checkpoint import load_model
 from workers.data import generation_train_split, load_dataset
-from workers.train import TrainResult, build_targets, run_training, with_fault
+from workers.interpolation import choose_alpha, interpolate_state
+from workers.train import STATE_FILE, TrainResult, build_targets, run_training, with_fault
 from workers.training import predict
 
 
@@ -94,6 +96,13 @@ def test_interrupted_run_continues_when_rerun(ray_session, tmp_path):
     assert result.metrics["history"][-1]["step"] == 200
     saved = json.loads((tmp_path / "run" / "generations" / "g0" / "metrics.json").read_text())
     assert saved["sha256"] == result.sha256
+    # Reproducible: the same config and seed trained again from scratch, uninterrupted, in
+    # another run directory, gives the very same weights (the resumed run included).
+    fresh = run_training(build_job(_cfg(tmp_path / "again", max_failures=0), "g0"))
+    resumed, _ = load_model(result.checkpoint, result.sha256)
+    again, _ = load_model(fresh.checkpoint, fresh.sha256)
+    assert resumed.state_dict().keys() == again.state_dict().keys()
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in resumed.state_dict().items())
 
 
 def test_lqf_recipe_trains_on_two_workers_and_loads_through_the_serving_loader(ray_session, tmp_path):
@@ -159,3 +168,36 @@ def test_heterogeneous_pair_with_ensemble_references_on_ray(ray_session, tmp_pat
     again = build_targets(build_job(cfg, "edge"), split, log=lines.append)
     assert any("ensemble logits from cache" in s for s in lines)
     assert again.ensemble_logits.shape == (len(split), ds.num_classes)
+
+
+def test_weight_interpolation_fine_tunes_the_parent_and_moves_back_toward_it(ray_session, tmp_path):
+    raw = _raw(tmp_path, steps=100)
+    g0, g1 = raw["generations"]
+    g1.update(arch=dict(g0["arch"]), compat={"weight_interpolation": {"alpha": "auto", "max_error_increase": 0.01}},
+              train={"steps": 200, "batch_size": 64, "eval_every": 100, "seed": 1, "lr": 1e-3})
+    cfg = parse_config(raw)
+    r0 = train_generation(cfg, "g0")
+    job = build_job(cfg, "g1")
+    r1 = run_training(job)
+    wi = r1.metrics["weight_interpolation"]
+    errors = {float(a): e for a, e in wi["val_error_by_alpha"].items()}
+    assert wi["alpha"] == choose_alpha(errors, 0.01)
+    assert {"kind": "weight_interpolation", "name": "g0", "sha256": r0.sha256, "alpha": "auto"} in \
+        r1.metrics["constraints"]
+    # The saved weights are alpha * g0 + (1 - alpha) * the fine-tuned weights of the last
+    # Ray Train checkpoint (which started from g0's weights, not from a fresh init).
+    states = sorted((tmp_path / "run").rglob(f"checkpoint_*/{STATE_FILE}"), key=lambda p: p.parent.name)
+    tuned = torch.load(states[-1], map_location="cpu", weights_only=True)
+    assert tuned["step"] == 200
+    parent, _ = load_model(r0.checkpoint, r0.sha256)
+    saved, _ = load_model(r1.checkpoint, r1.sha256)
+    expect = interpolate_state(parent.state_dict(), tuned["model"], wi["alpha"])
+    assert all(torch.allclose(v, expect[k], atol=1e-6) for k, v in saved.state_dict().items())
+    # fine-tuned from the parent: after 200 small steps it is still far nearer g0 than the
+    # network g1's seed would have started from
+    from workers.models import build_model
+
+    torch.manual_seed(1)
+    init = build_model(cfg.generation("g1").arch, (64,), 10).state_dict()
+    dist = lambda a, b: sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in a)  # noqa: E731
+    assert dist(tuned["model"], parent.state_dict()) < 0.5 * dist(init, parent.state_dict())
