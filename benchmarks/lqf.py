@@ -1,17 +1,27 @@
-"""LQF vs standard fine-tuning of generation 1 from generation 0 on MNIST-1D (issue 11).
+"""LQF vs standard fine-tuning of generation 1 from generation 0 on MNIST-1D, in two regimes.
 
-Generation 0 (1D CNN, leaky ReLU) trains on the first `--g0-fraction` of the training pool;
-generation 1 starts from it and sees the whole pool, by one of:
+  weak_parent  generation 0 (1D CNN, leaky ReLU) trains on the first `--g0-fraction` of a
+               15,000-row pool (about 12 % error); generation 1 starts from it and sees
+               the whole pool: LQF linearises around a weak network (the hard case).
+  pretrained   generation 0 is pre-trained on a large pool (`--pretrain-samples` rows of
+               another MNIST-1D draw, seed 1) and is the same for every seed; the new data
+               is a shifted domain (`--shift`: MNIST-1D with twice the correlated noise and
+               more shear, seed 2): generation 1 fine-tunes it on `--new-samples` rows and is
+               tested on 10,000 rows of that domain. This is LQF's own regime: a strong
+               pre-trained network adapted to new data.
+
+Generation 1 by one of:
 
   finetune        the non-linear network, cross-entropy, AdamW (training.fit)
   lqf             the linearisation around g0, square loss, K-FAC-preconditioned SGD
   lqf_no_precond  the same without the preconditioner (ablation)
 
-and each again with Focal Distillation from g0 (`_fd`). Error and NFR (vs g0) on a test
-set of 10,000; rows {"method", "seed", "error", "nfr", "train_seconds"} are merged into
-benchmarks/results/lqf.json (by method and seed, so seeds can run in separate processes).
+and each again with Focal Distillation from g0 (`_fd`). Error and NFR (vs g0, on the
+regime's test set of 10,000); rows {"regime", "method", "seed", "error", "nfr",
+"train_seconds"} are merged into benchmarks/results/lqf.json (by regime, method and seed,
+so parts can run in separate processes).
 
-    flock /tmp/graceful-cpu.lock timeout 480 python -m benchmarks.lqf --seeds 0 1 2
+    python -m benchmarks.lqf --regimes weak_parent pretrained --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import torch
 from torch.nn import functional as F
 
 from orchestrator.evaluation.metrics import error_rate, nfr
-from workers.data import Dataset, generation_train_split, load_dataset
+from workers.data import Split, generation_train_split, load_dataset
 from workers.lqf import fit_lqf
 from workers.models import GracefulNet, build_model
 from workers.specs import ArchSpec, DataSpec, GenerationSpec, LQFSpec, TrainSpec
@@ -52,9 +62,8 @@ def _focal_distillation(old_logits: torch.Tensor, old_right: torch.Tensor, alpha
     return extra
 
 
-def _run(method: str, g0: GracefulNet, ds: Dataset, args: argparse.Namespace, seed: int,
+def _run(method: str, g0: GracefulNet, train: Split, args: argparse.Namespace, seed: int,
          extra: Optional[Callable]) -> tuple[torch.nn.Module, float]:
-    train = ds.train
     t0 = time.perf_counter()
     if method.startswith("finetune"):
         spec = TrainSpec(steps=args.steps, lr=args.ft_lr, seed=seed)
@@ -71,39 +80,89 @@ def _run(method: str, g0: GracefulNet, ds: Dataset, args: argparse.Namespace, se
     return model, time.perf_counter() - t0
 
 
-def run_seed(seed: int, ds: Dataset, args: argparse.Namespace) -> list[dict]:
+def _arch(args: argparse.Namespace) -> ArchSpec:
+    return ArchSpec(type="cnn1d", width=args.width, activation="leaky_relu", negative_slope=args.slope)
+
+
+def mnist1d_domain(num_samples: int, seed: int, shift: bool) -> Split:
+    """MNIST-1D rows drawn by `seed`; `shift`: another domain (twice the correlated noise,
+    shear 1.0 instead of 0.75, translation up to 56 instead of 48)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    a = get_dataset_args()
+    a.num_samples, a.seed, a.train_split = num_samples, seed, 1.0
+    if shift:
+        a.corr_noise_scale, a.shear_scale, a.max_translation = 0.5, 1.0, 56
+    state = np.random.get_state()
+    try:
+        d = make_dataset(a)
+    finally:
+        np.random.set_state(state)
+    return Split(d["x"].astype(np.float32), d["y"].astype(np.int64))
+
+
+def weak_parent(seed: int, args: argparse.Namespace) -> tuple[GracefulNet, Split, Split]:
+    """(g0, generation 1's training rows, test rows): g0 on a prefix of the pool, per seed."""
+    ds = load_dataset(DataSpec(source="mnist1d", num_samples=args.num_samples, test_fraction=0.4))
     torch.manual_seed(seed)
-    arch = ArchSpec(type="cnn1d", width=args.width, activation="leaky_relu", negative_slope=args.slope)
-    g0 = build_model(arch, ds.input_dim, ds.num_classes)
+    g0 = build_model(_arch(args), ds.input_dim, ds.num_classes)
     fit(g0, generation_train_split(ds, args.g0_fraction), TrainSpec(steps=args.steps, seed=seed))
-    y = ds.test.y
-    old_pred = predict(g0, ds.test.x)[1].argmax(1)
-    _, old_train_logits = predict(g0, ds.train.x)
-    old_right = torch.as_tensor((old_train_logits.argmax(1) == ds.train.y).astype(np.float32))
+    return g0, ds.train, ds.test
+
+
+_PRETRAINED: dict = {}
+
+
+def pretrained(seed: int, args: argparse.Namespace) -> tuple[GracefulNet, Split, Split]:
+    """(g0, generation 1's training rows, test rows): g0 pre-trained once (seed 0) on a
+    large pool; generation 1's rows and the test rows from the shifted domain."""
+    if not _PRETRAINED:
+        pool = mnist1d_domain(args.pretrain_samples, seed=1, shift=False)
+        torch.manual_seed(0)
+        g0 = build_model(_arch(args), pool.x.shape[1:], 10)
+        t0 = time.perf_counter()
+        fit(g0, pool, TrainSpec(steps=args.pretrain_steps, seed=0))
+        new = mnist1d_domain(args.new_samples + 10_000, seed=2, shift=args.shift)
+        _PRETRAINED.update(g0=g0, train=new.take(args.new_samples), test=Split(new.x[-10_000:], new.y[-10_000:]))
+        print(f"[pretrained] g0 pre-trained on {len(pool)} rows in {time.perf_counter() - t0:.1f}s", flush=True)
+    return _PRETRAINED["g0"], _PRETRAINED["train"], _PRETRAINED["test"]
+
+
+REGIMES = {"weak_parent": weak_parent, "pretrained": pretrained}
+
+
+def run_seed(regime: str, seed: int, args: argparse.Namespace) -> list[dict]:
+    g0, train, test = REGIMES[regime](seed, args)
+    y = test.y
+    old_pred = predict(g0, test.x)[1].argmax(1)
+    _, old_train_logits = predict(g0, train.x)
+    old_right = torch.as_tensor((old_train_logits.argmax(1) == train.y).astype(np.float32))
     fd = _focal_distillation(torch.as_tensor(old_train_logits), old_right, args.fd_alpha, args.fd_beta,
                              args.fd_temperature, args.fd_weight)
-    rows = [{"method": "g0", "seed": seed, "error": error_rate(y, old_pred), "nfr": 0.0, "train_seconds": None}]
+    rows = [{"regime": regime, "method": "g0", "seed": seed, "error": error_rate(y, old_pred), "nfr": 0.0,
+             "train_seconds": None}]
     for method in args.methods:
-        model, secs = _run(method, g0, ds, args, seed, fd if method.endswith("_fd") else None)
-        pred = predict(model, ds.test.x)[1].argmax(1)
-        rows.append({"method": method, "seed": seed, "error": error_rate(y, pred), "nfr": nfr(y, old_pred, pred),
-                     "train_seconds": round(secs, 2)})
+        model, secs = _run(method, g0, train, args, seed, fd if method.endswith("_fd") else None)
+        pred = predict(model, test.x)[1].argmax(1)
+        rows.append({"regime": regime, "method": method, "seed": seed, "error": error_rate(y, pred),
+                     "nfr": nfr(y, old_pred, pred), "train_seconds": round(secs, 2)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def merge(path: Path, rows: list[dict]) -> list[dict]:
-    """Rows of `path` with those of the same (method, seed) replaced by `rows`."""
+    """Rows of `path` with those of the same (regime, method, seed) replaced by `rows`."""
     old = json.loads(path.read_text()) if path.is_file() else []
-    keys = {(r["method"], r["seed"]) for r in rows}
-    return [r for r in old if (r["method"], r["seed"]) not in keys] + rows
+    key = lambda r: (r.get("regime"), r["method"], r["seed"])  # noqa: E731
+    keys = {key(r) for r in rows}
+    return [r for r in old if key(r) not in keys] + rows
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown table: mean +- std over seeds of error and NFR (in %), and train seconds."""
+def table(rows: list[dict], regime: str) -> str:
+    """Markdown table of one regime: mean +- std over seeds of error and NFR (in %), and train seconds."""
     out = ["| method | seeds | error % | NFR % vs g0 | train s |", "|---|---|---|---|---|"]
     for m in ["g0"] + METHODS:
-        rs = [r for r in rows if r["method"] == m]
+        rs = [r for r in rows if r["method"] == m and r.get("regime") == regime]
         if not rs:
             continue
         e = 100 * np.array([r["error"] for r in rs])
@@ -141,27 +200,36 @@ def parser(seeds: list[int], methods: list[str]) -> argparse.ArgumentParser:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    fig, axes = figure(1, (6, 4.5))
-    ax = axes[0, 0]
-    for m in METHODS:
-        rs = [r for r in rows if r["method"] == m]
-        if not rs:
-            continue
-        e = 100 * np.array([r["error"] for r in rs])
-        n = 100 * np.array([r["nfr"] for r in rs])
-        pts = ax.scatter(e, n, alpha=0.35, marker="o" if "fd" not in m else "s")
-        ax.errorbar(e.mean(), n.mean(), xerr=e.std(), yerr=n.std(), fmt="o" if "fd" not in m else "s",
-                    color=pts.get_facecolor()[0][:3], label=m, capsize=3)
-    ax.set_xlabel("error of generation 1 (%)")
-    ax.set_ylabel("negative flip rate vs generation 0 (%)")
-    ax.set_title("MNIST-1D: fine-tuning g1 from g0 (mean ± std, dots: seeds)")
-    save_figure(fig, [ax], path)
+    regimes = [g for g in REGIMES if any(r.get("regime") == g for r in rows)]
+    if not regimes:
+        return
+    fig, axes = figure(len(regimes), (6 * len(regimes), 4.5))
+    for ax, g in zip(axes[0], regimes):
+        for m in METHODS:
+            rs = [r for r in rows if r["method"] == m and r.get("regime") == g]
+            if not rs:
+                continue
+            e = 100 * np.array([r["error"] for r in rs])
+            n = 100 * np.array([r["nfr"] for r in rs])
+            pts = ax.scatter(e, n, alpha=0.35, marker="o" if "fd" not in m else "s")
+            ax.errorbar(e.mean(), n.mean(), xerr=e.std(), yerr=n.std(), fmt="o" if "fd" not in m else "s",
+                        color=pts.get_facecolor()[0][:3], label=m, capsize=3)
+        ax.set_xlabel("error of generation 1 (%)")
+        ax.set_ylabel("negative flip rate vs generation 0 (%)")
+        ax.set_title(f"{g}: fine-tuning g1 from g0 (mean ± std, dots: seeds)", fontsize=9)
+    save_figure(fig, list(axes[0][:len(regimes)]), path)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     ap = parser([0, 1, 2], METHODS)
-    ap.add_argument("--num-samples", type=int, default=25000, help="test split 40 %%: 10,000 samples")
-    ap.add_argument("--g0-fraction", type=float, default=0.25)
+    ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    ap.add_argument("--num-samples", type=int, default=25000, help="weak_parent: test split 40 %%: 10,000 samples")
+    ap.add_argument("--g0-fraction", type=float, default=0.25, help="weak_parent: g0's share of the pool")
+    ap.add_argument("--pretrain-samples", type=int, default=40000, help="pretrained: g0's pre-training rows")
+    ap.add_argument("--pretrain-steps", type=int, default=4000, help="pretrained: g0's pre-training steps")
+    ap.add_argument("--new-samples", type=int, default=5000, help="pretrained: generation 1's rows of the new domain")
+    ap.add_argument("--no-shift", dest="shift", action="store_false",
+                    help="pretrained: new rows from g0's own domain instead of the shifted one")
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--slope", type=float, default=0.1, help="leaky ReLU slope")
     ap.add_argument("--steps", type=int, default=1500)
@@ -180,14 +248,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--no-save", action="store_true", help="print only (tuning runs)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    ds = load_dataset(DataSpec(source="mnist1d", num_samples=args.num_samples, test_fraction=0.4))
-    rows = [r for s in args.seeds for r in run_seed(s, ds, args)]
+    rows: list[dict] = []
+    for g in args.regimes:
+        for s in args.seeds:
+            rows += run_seed(g, s, args)
+            if not args.no_save:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(merge(args.out, rows), indent=1) + "\n")
     if not args.no_save:
-        rows = merge(args.out, rows)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        rows = merge(args.out, [])
         plot(rows, args.out.with_suffix(".png"))
-    print(table(rows))
+    for g in REGIMES:
+        if any(r.get("regime") == g for r in rows):
+            print(f"\n{g}\n{table(rows, g)}")
 
 
 if __name__ == "__main__":
