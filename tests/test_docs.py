@@ -397,7 +397,11 @@ def names_installed_attribute(ref: str) -> bool:
     except ImportError:
         return False
     for p in parts[1:2]:
-        if not hasattr(obj, p):
+        if hasattr(obj, p):
+            continue
+        try:  # a submodule not imported yet (`ray.serve` before anything imported it)
+            importlib.import_module(f"{parts[0]}.{p}")
+        except ImportError:
             return False
     return True
 
@@ -475,7 +479,8 @@ def config_key_problem(key: str) -> Optional[str]:
 def config_key_pattern() -> re.Pattern:
     sections = "|".join(sorted(config_sections(), key=len, reverse=True))
     # not after a word, a dot or a single slash (`workers/data.py`); `http://serving.host` is a key
-    return re.compile(r"(?<![\w.-])(?<![^/]/)((?:%s)(?:\[\d*\])?(?:\.[A-Za-z_]\w*(?:\[\d*\])?)+)" % sections)
+    # nor before a slash: `ray.io/is-ray-node` is a Kubernetes label
+    return re.compile(r"(?<![\w.-])(?<![^/]/)((?:%s)(?:\[\d*\])?(?:\.[A-Za-z_]\w*(?:\[\d*\])?)+)(?![\w/])" % sections)
 
 
 def test_config_keys_in_backticks_exist():

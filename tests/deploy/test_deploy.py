@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
@@ -372,3 +373,82 @@ def test_dockerfile_installs_the_package_and_copies_what_it_needs():
     import ray
 
     assert base == ray.__version__ == _cluster("rayservice.yaml")["rayVersion"] == _cluster("rayjob-train.yaml")["rayVersion"]
+
+
+# --- safe cluster defaults: authentication and what the network may reach ------------------
+
+RAY_MANIFESTS = ("rayjob-train.yaml", "rayservice.yaml")
+
+
+@pytest.mark.parametrize("name", RAY_MANIFESTS)
+def test_every_ray_cluster_turns_on_token_authentication(name):
+    assert _cluster(name).get("authOptions") == {"mode": "token"}, name
+    for spec in _pod_specs(name):  # and no container turns it off again
+        for c in spec["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert env.get("RAY_AUTH_MODE") in (None, "token"), (name, c["name"])
+
+
+@pytest.mark.parametrize("name", RAY_MANIFESTS)
+def test_no_ray_pod_declares_the_ray_client_port(name):
+    ports = {p["containerPort"] for spec in _pod_specs(name) for c in spec["containers"] for p in c.get("ports", [])}
+    assert 10001 not in ports, name
+
+
+def test_the_rayjob_is_submitted_by_the_operator_not_a_submitter_pod():
+    """HTTPMode: only the operator calls the dashboard, which the NetworkPolicy admits."""
+    assert _docs("rayjob-train.yaml")[0]["spec"]["submissionMode"] == "HTTPMode"
+
+
+def test_services_expose_only_the_router_and_metrics_ports():
+    for path in sorted((DEPLOY / "kuberay").glob("*.yaml")):
+        for d in yaml.safe_load_all(path.read_text()):
+            if d and d["kind"] == "Service":
+                ports = {p["port"] for p in d["spec"]["ports"]}
+                assert ports <= {8000, 8080, 9108}, (path.name, ports)
+
+
+def _ingress(policy: dict) -> list[tuple[Optional[str], set[int]]]:
+    """(who, ports) per ingress rule: who is 'ray-pods', 'ns:<name>' or None (anyone);
+    ports empty means every port."""
+    out = []
+    for rule in policy["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        peers = rule.get("from")
+        if not peers:
+            out.append((None, ports))
+            continue
+        for peer in peers:
+            assert set(peer) == {"podSelector"} or set(peer) == {"namespaceSelector"}, peer
+            if "podSelector" in peer:
+                assert peer["podSelector"] == {"matchLabels": {"ray.io/is-ray-node": "yes"}}, peer
+                out.append(("ray-pods", ports))
+            else:
+                out.append((f"ns:{peer['namespaceSelector']['matchLabels']['kubernetes.io/metadata.name']}", ports))
+    return out
+
+
+def test_network_policy_admits_the_router_to_all_and_the_rest_to_named_peers_only():
+    policies = {d["metadata"]["name"]: d for d in _docs("networkpolicy.yaml")}
+    ray = policies["graceful-ray-pods"]
+    # KubeRay labels every Ray pod (head and workers, RayService and RayJob) with this;
+    # the metrics Service selects the same pods
+    assert ray["spec"]["podSelector"] == {"matchLabels": {"ray.io/is-ray-node": "yes"}}
+    assert _docs("metrics-service.yaml")[0]["spec"]["selector"] == {"ray.io/is-ray-node": "yes"}
+    assert ray["spec"]["policyTypes"] == ["Ingress"]
+    rules = _ingress(ray)
+    anyone = [ports for who, ports in rules if who is None]
+    assert anyone == [{8000}], "only the router's port is open to every client"
+    assert ("ray-pods", set()) in rules  # Ray's own traffic, every port
+    assert ("ns:monitoring", {8080}) in rules and ("ns:ray-system", {8265}) in rules
+    assert len(rules) == 4
+    ctl = policies["graceful-controller"]
+    assert ctl["spec"]["podSelector"] == {"matchLabels": {"app": "graceful-controller"}}
+    assert _ingress(ctl) == [("ns:monitoring", {9108})]
+    assert _docs("controller.yaml")[0]["spec"]["template"]["metadata"]["labels"] == {"app": "graceful-controller"}
+
+
+def test_a_rule_open_to_every_port_and_peer_is_caught():
+    """The check above fails on a policy with an `ingress: [{}]` rule (admits everything)."""
+    rules = _ingress({"spec": {"ingress": [{}]}})
+    assert rules == [(None, set())] and [p for w, p in rules if w is None] != [{8000}]
