@@ -2,8 +2,8 @@
 
 Regimes (the old model is trained once per regime, seed 0, and is the same for every seed):
 
-  close         MNIST-1D; old CNN 32 channels on 9,000 samples, new the same CNN on
-                17,000 (same family, more data: old error about 1.3x the new)
+  close         MNIST-1D; old CNN 32 channels on 10,000 samples, new the same CNN on
+                17,000 (same family, more data: old error at most 1.5x the new)
   arch_upgrade  MNIST-1D; old MLP (2 x 256) on 12,000, new CNN 32 on the same 12,000
   large_jump    MNIST-1D; old CNN 16 on 2,000, new CNN 32 on 12,000 (the old model is
                 much weaker)
@@ -27,6 +27,8 @@ model except `ensemble_served`):
                     moved back toward them by the largest alpha whose validation error is
                     within the fine-tuned model's (workers.interpolation); only where old
                     and new share an architecture (close)
+  bcwi_ensemble     both: fine-tuned from the old weights with ensemble_distill's term
+                    (its chosen weight), then interpolated as bcwi (close only)
   ensemble_served   the 4 references averaged at serving time (4x the serving cost)
 
 Choosing on validation (seed 0, once per regime, kept in nfr_pareto_tuning.json): each
@@ -105,7 +107,7 @@ def _mnist1d_spec(steps: int = 3000) -> TrainSpec:
 MNIST1D = DataSpec(source="mnist1d", num_samples=30_000, seed=0, test_fraction=1 / 3, val_fraction=0.1)
 DIGITS = DataSpec(source="custom", factory="digits_images:load", test_fraction=0.3, val_fraction=0.1)
 REGIMES = {
-    "close": Regime("close", MNIST1D, cnn(32), cnn(32), 9_000, 17_000, _mnist1d_spec(), _mnist1d_spec()),
+    "close": Regime("close", MNIST1D, cnn(32), cnn(32), 10_000, 17_000, _mnist1d_spec(), _mnist1d_spec()),
     "arch_upgrade": Regime("arch_upgrade", MNIST1D, _mlp(256), cnn(32), 12_000, 12_000, _mnist1d_spec(),
                            _mnist1d_spec()),
     "large_jump": Regime("large_jump", MNIST1D, cnn(16), cnn(32), 2_000, 12_000, _mnist1d_spec(), _mnist1d_spec()),
@@ -123,7 +125,7 @@ FD_GRID = {
     "lm_a0_b1_w0.05": FocalDistillationSpec(form="lm", alpha=0, beta=1, weight=0.05),
 }
 ENSEMBLE_GRID = {f"w{w:g}": EnsembleSpec(members=MEMBERS, weight=w) for w in (0.5, 1.0, 2.0)}
-METHODS = ["plain", "fd_official", "fd_tuned", "ensemble_distill", "bcwi", "ensemble_served"]
+METHODS = ["plain", "fd_official", "fd_tuned", "ensemble_distill", "bcwi", "bcwi_ensemble", "ensemble_served"]
 
 
 def _dataset(regime: Regime) -> Dataset:
@@ -225,8 +227,11 @@ class Trainer:
                                 ensemble_logits=ens.train_logits if ens is not None else None)
         return _train(self.regime.new_arch, self.ds, self.train_split, self.spec(seed), compat, targets)
 
-    def bcwi(self, seed: int) -> tuple[torch.nn.Module, float, dict]:
-        model, secs = _train(self.regime.new_arch, self.ds, self.train_split, self.spec(seed), init=self.old.state)
+    def bcwi(self, seed: int, compat: Optional[CompatSpec] = None,
+             ens: Optional[Ensemble] = None) -> tuple[torch.nn.Module, float, dict]:
+        targets = CompatTargets(ensemble_logits=ens.train_logits) if ens is not None else None
+        model, secs = _train(self.regime.new_arch, self.ds, self.train_split, self.spec(seed), compat, targets,
+                             init=self.old.state)
         wi = WeightInterpolationSpec()
         rec = apply_interpolation(model, self.old.state, wi.alpha, wi.max_error_increase, self.ds.val.x, self.ds.val.y)
         return model, secs, rec
@@ -296,24 +301,28 @@ def run_regime(regime: Regime, seeds: list[int], methods: list[str], retune: boo
     same_arch = regime.old_arch == regime.new_arch
     for seed in seeds:
         tuning_due = seed == 0 and (retune or regime.name not in tuning)
-        ens = references(regime, seed) if tuning_due or any(m.startswith("ensemble") for m in methods) else None
+        ens = references(regime, seed) if tuning_due or any("ensemble" in m for m in methods) else None
         kept: dict[str, tuple] = {}
         if tuning_due:
             assert ens is not None
             record, kept = tune(t, ens)
             tuning = merge_tuning({regime.name: record})
         choice = tuning.get(regime.name, {})
-        if not choice and {"fd_tuned", "ensemble_distill"} & set(methods):
+        if not choice and {"fd_tuned", "ensemble_distill", "bcwi_ensemble"} & set(methods):
             raise SystemExit(f"{regime.name}: no tuned settings in {TUNING.name} yet: run seed 0 first")
         for m in methods:
             if m == "ensemble_served":
                 assert ens is not None
                 rows.append(t.row(m, seed, ens.test_logits.argmax(1), ens.seconds))
                 continue
-            if m == "bcwi":
+            if m.startswith("bcwi"):
                 if not same_arch:
                     continue  # interpolation needs the old model's architecture
-                model, secs, rec = t.bcwi(seed)
+                if m == "bcwi":
+                    model, secs, rec = t.bcwi(seed)
+                else:
+                    model, secs, rec = t.bcwi(seed, CompatSpec(ensemble=ENSEMBLE_GRID[choice["ensemble_choice"]]), ens)
+                    secs += ens.seconds  # type: ignore[union-attr]
                 rows.append(t.row(m, seed, predict(model, ds.test.x)[1].argmax(1), secs, alpha=rec["alpha"],
                                   weights_sha256=weights_sha256(model)))
                 continue
@@ -360,8 +369,10 @@ def _se(v: np.ndarray) -> float:
 
 
 def table(rows: list[dict], regime: str) -> str:
-    """Markdown for one regime: mean ± std over seeds (percent); the NFR change is the mean
-    of the per-seed changes against plain of the same seed, ± its standard error."""
+    """Markdown for one regime: mean ± std over seeds (percent). The NFR change is the
+    change of the mean NFR against plain's, mean(m) / mean(plain) - 1, ± its standard
+    error from the per-seed paired differences, se(m - plain) / mean(plain); the error
+    change is mean(m - plain) ± se."""
     rs = [r for r in rows if r["regime"] == regime]
     plain = {r["seed"]: r for r in rs if r["method"] == "plain"}
     out = ["| method | seeds | error % | NFR % | PFR % | NFI | NFR change vs plain (± s.e.) | error change (pt) | train s |",
@@ -370,13 +381,14 @@ def table(rows: list[dict], regime: str) -> str:
         mr = sorted((r for r in rs if r["method"] == m), key=lambda r: r["seed"])
         if not mr:
             continue
-        paired = [(r, plain[r["seed"]]) for r in mr if r["seed"] in plain and plain[r["seed"]]["nfr"] > 0]
-        if m == "plain" or not paired:
+        paired = [(r, plain[r["seed"]]) for r in mr if r["seed"] in plain]
+        base = np.mean([p["nfr"] for _, p in paired]) if paired else 0.0
+        if m == "plain" or not paired or base <= 0:
             change, derr = "–", "–"
         else:
-            c = np.array([r["nfr"] / p["nfr"] - 1 for r, p in paired])
+            dn = np.array([r["nfr"] - p["nfr"] for r, p in paired])
             d = np.array([r["error"] - p["error"] for r, p in paired])
-            change = f"{100 * c.mean():+.0f} % ± {100 * _se(c):.0f}"
+            change = f"{100 * dn.mean() / base:+.0f} % ± {100 * _se(dn) / base:.0f}"
             derr = f"{100 * d.mean():+.2f} ± {100 * _se(d):.2f}"
         nfis = [r["nfi"] for r in mr if r.get("nfi") is not None]
         label = m + (f" ({mr[0]['setting']})" if mr[0].get("setting") else "")

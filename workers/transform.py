@@ -1,0 +1,95 @@
+"""Old-to-new embedding transformation (in the style of FCT, Ramanujan et al., NeurIPS 2022).
+
+A gallery embedded by an old model can follow a new model without re-embedding a single
+raw item: a small network h learns to map the old model's embedding of an input to the
+new model's embedding of the same input, from pairs computed on training rows (inputs
+the team has anyway, not the gallery's items), and is then applied to the stored
+vectors. New queries are searched against h(stored vectors).
+
+h(z) = normalise(W z + MLP(z)): a linear map plus a residual MLP, so it starts near the
+best linear map and only learns the non-linear part on top. Trained by cosine loss
+1 - cos(h(old), new), AdamW with cosine decay, in one process (small: a few thousand
+pairs of 64-d vectors train in seconds on a CPU). Applying it costs one small MLP
+forward a vector; `benchmarks/retrieval_scale.py` measures it per million vectors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class EmbeddingTransform(nn.Module):
+    """h: R^d_old -> R^d_new, unit-length outputs."""
+
+    def __init__(self, d_in: int, d_out: int, hidden: int = 256, depth: int = 2):
+        super().__init__()
+        self.d_in, self.d_out = d_in, d_out
+        self.linear = nn.Linear(d_in, d_out, bias=False)
+        layers: list[nn.Module] = []
+        width = d_in
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(width, d_out))
+        self.mlp = nn.Sequential(*layers)
+        nn.init.zeros_(self.mlp[-1].weight)  # starts as the linear map alone
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.linear(z) + self.mlp(z), dim=-1)
+
+
+def _check_pairs(old: np.ndarray, new: np.ndarray) -> None:
+    if old.ndim != 2 or new.ndim != 2 or len(old) != len(new):
+        raise ValueError(f"need (n, d_old) and (n, d_new) embeddings of the same rows, got {old.shape} and {new.shape}")
+    if len(old) < 2:
+        raise ValueError("need at least 2 pairs to fit a transformation")
+    if not (np.isfinite(old).all() and np.isfinite(new).all()):
+        raise ValueError("embeddings contain NaN or infinity")
+
+
+def fit_transform(old: np.ndarray, new: np.ndarray, *, hidden: int = 256, depth: int = 2, steps: int = 2000,
+                  batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
+                  log: Optional[Callable[[str], None]] = None) -> EmbeddingTransform:
+    """Fit h on pairs (old[i], new[i]): the two models' embeddings of the same input."""
+    _check_pairs(old, new)
+    torch.manual_seed(seed)
+    x = F.normalize(torch.as_tensor(old, dtype=torch.float32), dim=-1)
+    y = F.normalize(torch.as_tensor(new, dtype=torch.float32), dim=-1)
+    h = EmbeddingTransform(x.shape[1], y.shape[1], hidden, depth)
+    with torch.no_grad():  # least-squares start for the linear part
+        h.linear.weight.copy_(torch.linalg.lstsq(x, y).solution.T)
+    opt = torch.optim.AdamW(h.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        idx = torch.as_tensor(rng.integers(0, len(x), min(batch_size, len(x))))
+        loss = (1 - (h(x[idx]) * y[idx]).sum(-1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log is not None and (step + 1) % max(1, steps // 4) == 0:
+            log(f"transformation step {step + 1}/{steps}: 1 - cos {float(loss):.4f} ({time.perf_counter() - t0:.1f}s)")
+    return h.eval()
+
+
+@torch.no_grad()
+def apply_transform(h: EmbeddingTransform, vectors: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+    """h of every stored vector, as float32 unit vectors, in batches."""
+    v = np.asarray(vectors, dtype=np.float32)
+    if v.ndim != 2 or v.shape[1] != h.d_in:
+        raise ValueError(f"the transformation takes vectors of size {h.d_in}, got shape {v.shape}")
+    out = np.empty((len(v), h.d_out), np.float32)
+    for i in range(0, len(v), batch_size):
+        z = F.normalize(torch.as_tensor(v[i:i + batch_size]), dim=-1)
+        out[i:i + batch_size] = h(z).numpy()
+    return out
