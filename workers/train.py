@@ -39,7 +39,7 @@ from workers.data import Split, fingerprint, generation_data, load_dataset
 from workers.losses import (FrozenHead, bct_influence_loss, ensemble_distillation_loss,
                             focal_distillation_loss, frozen_head)
 from workers.interpolation import apply_interpolation, state_mismatch
-from workers.models import build_model
+from workers.models import LinearizedNet, build_model
 from workers.specs import CompatSpec, DataSpec, GenerationSpec, ScalingSpec
 from workers.streaming import (OLD_LOGITS, cpu_shortfall, stream_batches, stream_problems, streams, train_stream,
                                with_old_logits)
@@ -455,7 +455,11 @@ def check_buildable(job: TrainJob, input_shape: tuple[int, ...], classes: int) -
         if job.production is None:
             raise ValueError(f"{gen.name}: compat.weight_interpolation starts from the parent's weights, and there "
                              f"is no parent (production) model")
-        problems = state_mismatch(parent_state(job), model.state_dict())
+        parent, _ = job.production.load()
+        if isinstance(parent, LinearizedNet):
+            raise ValueError(f"{gen.name}: compat.weight_interpolation interpolates plain weights, and its parent "
+                             f"{job.production.name!r} is an LQF generation (w0 + delta served through a JVP)")
+        problems = state_mismatch(parent.state_dict(), model.state_dict())
         if problems:
             raise ValueError(f"{gen.name}: compat.weight_interpolation needs the parent's architecture, and "
                              f"{job.production.name!r} differs: " + "; ".join(problems[:3]) +

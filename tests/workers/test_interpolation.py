@@ -131,3 +131,18 @@ def test_constraint_records_name_the_parent(tmp_path):
     job = _job(tmp_path, MLP)
     assert constraint_records(job) == [{"kind": "weight_interpolation", "name": "g0",
                                         "sha256": job.production.sha256, "alpha": 0.2}]
+
+
+def test_check_buildable_refuses_an_lqf_parent(tmp_path):
+    from dataclasses import replace
+
+    from workers.lqf import make_lqf, save_lqf
+
+    arch = ArchSpec(type="mlp", width=8, depth=1, embed_dim=4, activation="leaky_relu")
+    torch.manual_seed(0)
+    plain = build_model(arch, (64,), 10)
+    lqf_gen = GenerationSpec.model_validate({"name": "g1", "arch": arch.model_dump(), "recipe": "lqf"})
+    sha = save_lqf(make_lqf(plain, lqf_gen).model, tmp_path / "g1")
+    job = replace(_job(tmp_path, arch), production=ConstraintModel("g1", str(tmp_path / "g1" / "model.pt"), sha))
+    with pytest.raises(ValueError, match="is an LQF generation"):
+        check_buildable(job, (64,), 10)
