@@ -5,8 +5,8 @@
                the whole pool: LQF linearises around a weak network (the hard case).
   pretrained   generation 0 is pre-trained on a large pool (`--pretrain-samples` rows of
                another MNIST-1D draw, seed 1) and is the same for every seed; the new data
-               is a shifted domain (`--shift`: MNIST-1D with twice the correlated noise and
-               more shear, seed 2): generation 1 fine-tunes it on `--new-samples` rows and is
+               is a shifted domain (`--shift` 0.5: MNIST-1D with 1.5x the correlated noise,
+               more shear and translation, seed 2): generation 1 fine-tunes it on `--new-samples` rows and is
                tested on 10,000 rows of that domain. This is LQF's own regime: a strong
                pre-trained network adapted to new data.
 
@@ -84,15 +84,16 @@ def _arch(args: argparse.Namespace) -> ArchSpec:
     return ArchSpec(type="cnn1d", width=args.width, activation="leaky_relu", negative_slope=args.slope)
 
 
-def mnist1d_domain(num_samples: int, seed: int, shift: bool) -> Split:
-    """MNIST-1D rows drawn by `seed`; `shift`: another domain (twice the correlated noise,
-    shear 1.0 instead of 0.75, translation up to 56 instead of 48)."""
+def mnist1d_domain(num_samples: int, seed: int, shift: float) -> Split:
+    """MNIST-1D rows drawn by `seed`; `shift` s > 0: another domain, with (1 + s) times the
+    correlated noise, shear 0.75 + 0.25 s and translations up to 48 + 8 s."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     a = get_dataset_args()
     a.num_samples, a.seed, a.train_split = num_samples, seed, 1.0
-    if shift:
-        a.corr_noise_scale, a.shear_scale, a.max_translation = 0.5, 1.0, 56
+    a.corr_noise_scale *= 1 + shift
+    a.shear_scale += 0.25 * shift
+    a.max_translation = int(round(a.max_translation + 8 * shift))
     state = np.random.get_state()
     try:
         d = make_dataset(a)
@@ -117,7 +118,7 @@ def pretrained(seed: int, args: argparse.Namespace) -> tuple[GracefulNet, Split,
     """(g0, generation 1's training rows, test rows): g0 pre-trained once (seed 0) on a
     large pool; generation 1's rows and the test rows from the shifted domain."""
     if not _PRETRAINED:
-        pool = mnist1d_domain(args.pretrain_samples, seed=1, shift=False)
+        pool = mnist1d_domain(args.pretrain_samples, seed=1, shift=0.0)
         torch.manual_seed(0)
         g0 = build_model(_arch(args), pool.x.shape[1:], 10)
         t0 = time.perf_counter()
@@ -228,8 +229,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--pretrain-samples", type=int, default=40000, help="pretrained: g0's pre-training rows")
     ap.add_argument("--pretrain-steps", type=int, default=4000, help="pretrained: g0's pre-training steps")
     ap.add_argument("--new-samples", type=int, default=5000, help="pretrained: generation 1's rows of the new domain")
-    ap.add_argument("--no-shift", dest="shift", action="store_false",
-                    help="pretrained: new rows from g0's own domain instead of the shifted one")
+    ap.add_argument("--shift", type=float, default=0.5,
+                    help="pretrained: how far the new domain is from g0's (0: the same domain)")
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--slope", type=float, default=0.1, help="leaky ReLU slope")
     ap.add_argument("--steps", type=int, default=1500)
