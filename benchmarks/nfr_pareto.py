@@ -430,15 +430,15 @@ def plot(rows: list[dict]) -> None:
             if not rs:
                 continue
             e, n = 100 * np.array([r["error"] for r in rs]), 100 * np.array([r["nfr"] for r in rs])
-            pts = ax.scatter(e, n, alpha=0.3, s=12)
-            ax.errorbar(e.mean(), n.mean(), xerr=e.std(), yerr=n.std(), fmt="o", capsize=3,
-                        color=pts.get_facecolor()[0][:3], label=m)
+            color = f"C{METHODS.index(m)}"  # the same method the same colour in every panel
+            ax.scatter(e, n, alpha=0.3, s=12, color=color)
+            ax.errorbar(e.mean(), n.mean(), xerr=e.std(), yerr=n.std(), fmt="o", capsize=3, color=color, label=m)
         test_rows = next(r["test_rows"] for r in rows if r["regime"] == g)
         ax.set_title(f"{g} ({test_rows:,} test rows)", fontsize=9)
         ax.set_xlabel("error of the new model (%)")
         ax.set_ylabel("NFR vs the old model (%)")
         ax.grid(alpha=0.3)
-    axs[0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     save_png(fig, PATH.with_suffix(".png"))
 
 
