@@ -94,10 +94,16 @@ def gap_extras(ds: Dataset, chains: dict[str, list[tuple[str, GracefulNet]]], se
         chain = dict(chains[base])
         g0 = chain["g0"]
         gallery0 = predict(g0, ds.gallery.x)[0]
-        for name, _, n in CHAIN[1:]:
-            rows = ds.train.take(n).x  # the rows gk was trained on: pairs, not gallery items
+        for name, _, _ in CHAIN[1:]:
+            # Pairs from the whole training pool (inputs the team holds, never gallery items):
+            # more pairs than gk's own rows fit a better map (56 % -> 66 % of the gap at g1
+            # for the linear map, seed 0).
+            rows = ds.train.x
             t0 = time.perf_counter()
             h = fit_transform(predict(g0, rows)[0], predict(chain[name], rows)[0], seed=seed)
+            rep = h.fit_report
+            print(f"    {method}: {name} transformation kept step {rep['step']}/{rep['steps']} (held-out cos "
+                  f"{rep['held_out_cos']:.4f}, linear start {rep['held_out_cos_linear']:.4f})", flush=True)
             mapped = apply_transform(h, gallery0)
             top1 = retrieval_top1(predict(chain[name], ds.query.x)[0], ds.query.y, mapped, ds.gallery.y)
             out[(method, name, "g0", 0.0)] = top1

@@ -46,9 +46,11 @@ def _serve(cfg: Path, port: int, *extra: str) -> tuple[subprocess.Popen, str]:
     """`graceful serve CONFIG` in its own local Ray, once its /healthz answers."""
     env = {**os.environ, "GRACEFUL_ADMIN_TOKEN": "cli-admin-token-1"}
     env.pop("RAY_ADDRESS", None)  # its own local Ray, not a cluster the test session may know
+    # stderr to a file (a pipe nobody reads could fill and block it), quoted when it fails.
+    err = open(cfg.parent / f"serve-{port}.stderr", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(cfg), "--candidate", "g1",
                              "--port", str(port), "--duration", "240", *extra],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline:
@@ -58,7 +60,8 @@ def _serve(cfg: Path, port: int, *extra: str) -> tuple[subprocess.Popen, str]:
         except requests.RequestException:
             pass
         if proc.poll() is not None:
-            raise AssertionError(f"graceful serve exited early ({proc.returncode})")
+            err.seek(0)
+            raise AssertionError(f"graceful serve exited early ({proc.returncode}); stderr ends:\n{err.read()[-3000:]}")
         time.sleep(1)
     proc.kill()
     raise AssertionError("graceful serve did not answer /healthz in 150 s")
