@@ -292,7 +292,7 @@ class Run:
         `graceful serve` does. `admin_token`: the admin bearer token (default: the config's)."""
         import ray
 
-        from orchestrator.apps import build_gallery, serving_plan, start_router
+        from orchestrator.apps import build_catalogue, serving_plan, start_router
 
         cfg = self.config
         if not ray.is_initialized():
@@ -300,7 +300,7 @@ class Run:
         token = admin_token or cfg.serving.resolved_admin_token()
         with self.registry() as reg:
             plan = serving_plan(cfg, reg, list(candidates))
-            url = start_router(cfg, reg, plan, gallery=build_gallery(cfg, reg), admin_token=token)
+            url = start_router(cfg, reg, plan, catalogue=build_catalogue(cfg, reg), admin_token=token)
         return Served(url, token)
 
     def rollout(self, candidate: str, served: Served, *, skip_gate: bool = False, reason: Optional[str] = None,

@@ -43,8 +43,10 @@ from orchestrator.config import ConfigError, RunConfig, init_ray, load_config
 from orchestrator.registry import (GenerationStatus, NotTrainedError, Registry, RegistryError, ensure_registered,
                                    production_of, registry_path)
 from orchestrator.rollout.plan import registry_plan
-from serving.refs import Gallery, ModelRef
+from serving.catalogue import CatalogueError
+from serving.refs import ModelRef
 from serving.router import Router
+from workers.data import DataError
 
 log = logging.getLogger("graceful.apps")
 
@@ -132,13 +134,29 @@ def serving_plan(cfg: RunConfig, reg: Registry, candidates: Sequence[str] = (),
         for g in (active.candidate, active.baseline):
             if g not in names and g != prod:
                 names.append(g)
+    queries = [q for q in query_generations(cfg, reg) if q != prod and q not in names]
     asked = list(names) if shadows is None else [s for s in shadows if s in names]
+    names += queries
     plan = plan_for(reg, prod, [prod, *names], asked)
     # (While guarding, the plan's production is the previous one and the registry's is
     # shadowed: the router takes that plan from the registry; these deploy-time arguments
     # are only its fallback, and production is never its own shadow.)
     return ServingPlan(generation_ref(cfg, reg, prod), tuple(generation_ref(cfg, reg, n) for n in names),
                        plan["weights"], tuple(s for s in plan["shadows"] if s != prod))
+
+
+def query_generations(cfg: RunConfig, reg: Registry) -> list[str]:
+    """`retrieval.query_generations` that are trained (the others are skipped, with a
+    warning): attached to the router for requests that name them, never shadowed."""
+    out = []
+    for name in cfg.retrieval.query_generations:
+        try:
+            generation_ref(cfg, reg, name)
+        except NotTrained as e:
+            log.warning("query generation %s is not served: %s", name, e)
+            continue
+        out.append(name)
+    return out
 
 
 def plan_for(reg: Registry, production: str, attached: Sequence[str], shadows: Iterable[str]) -> dict:
@@ -170,20 +188,15 @@ class RegistryPlan:
             return plan_for(reg, prod.name, list(attached), self.shadows)
 
 
-def build_gallery(cfg: RunConfig, reg: Registry) -> Gallery:
-    """Embed the data's gallery split once with the gallery generation's verified model."""
-    from workers.checkpoint import load_model
-    from workers.data import load_dataset
-    from workers.training import predict
+def build_catalogue(cfg: RunConfig, reg: Registry, log: Optional[Callable[[str], None]] = None) -> Path:
+    """The run's retrieval catalogue directory, embedded now by the gallery generation's
+    verified model if it is not there yet (`orchestrator.catalogue.ensure_catalogue`)."""
+    from orchestrator.catalogue import ensure_catalogue
 
-    ref = generation_ref(cfg, reg, cfg.gallery)
-    model, _ = load_model(ref.uri, ref.sha256, factory=ref.factory)
-    gallery = load_dataset(cfg.data).gallery
-    emb, _ = predict(model, gallery.x)
-    return Gallery(ref.name, emb, gallery.y)
+    return ensure_catalogue(cfg, reg, lambda: generation_ref(cfg, reg, cfg.gallery), log)
 
 
-def start_router(cfg: RunConfig, reg: Registry, plan: ServingPlan, gallery: Optional[Gallery] = None,
+def start_router(cfg: RunConfig, reg: Registry, plan: ServingPlan, catalogue: Optional[Path] = None,
                  spec: Any = None, admin_token: Optional[str] = None) -> str:
     """Deploy `plan` (from `serving_plan`) and the router on the connected Ray cluster
     (`serving.deploy.start_serving`), the router reading the registry's plan at every
@@ -191,7 +204,7 @@ def start_router(cfg: RunConfig, reg: Registry, plan: ServingPlan, gallery: Opti
     from serving.deploy import start_serving
 
     return start_serving(spec or cfg.serving, plan.production, list(plan.candidates),
-                        gallery=gallery if gallery is not None else build_gallery(cfg, reg),
+                        catalogue=catalogue if catalogue is not None else build_catalogue(cfg, reg),
                         weights=plan.weights, shadows=list(plan.shadows),
                         admin_token=admin_token if admin_token is not None else cfg.serving.resolved_admin_token(),
                         plan_source=RegistryPlan(reg.path, plan.shadows))
@@ -312,7 +325,8 @@ def router_app(args: dict):
     (default: the candidates), "wait_s": seconds to wait for the generation applications
     (default 600), "production": optional, must equal the registry's production}.
     Production, the active rollout's candidate and its weight come from the registry;
-    the retrieval gallery is embedded here once, by `gallery_generation`; the admin token
+    the retrieval catalogue is read from `retrieval.path` (embedded here by
+    `gallery_generation` if it is not there yet); the admin token
     comes from `serving.admin_token` or the `serving.admin_token_env` variable.
     """
     from serving.deploy import router_application
@@ -333,13 +347,13 @@ def router_app(args: dict):
     with Registry(registry_path(cfg)) as reg:
         try:
             plan = serving_plan(cfg, reg, candidates, asked, shadows)
-            gallery = build_gallery(cfg, reg)
-        except (ServeRequestError, NotTrained, RegistryError) as e:
+            catalogue = build_catalogue(cfg, reg)
+        except (ServeRequestError, NotTrained, RegistryError, CatalogueError, DataError) as e:
             raise AppArgsError(f"router_app: {e}") from None
         source = RegistryPlan(reg.path, plan.shadows)
     local = cfg.serving.in_router_models
     return router_application(
-        cfg.serving, plan.production, list(plan.candidates), gallery, plan.weights, list(plan.shadows),
+        cfg.serving, plan.production, list(plan.candidates), catalogue, plan.weights, list(plan.shadows),
         cfg.serving.resolved_admin_token(), router_cls=ClusterRouter,
         plan_source=source,
         app_names=() if local else tuple(r.app_name for r in plan.refs), wait_s=float(wait_s))

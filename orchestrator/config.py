@@ -16,8 +16,9 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from serving.index import IndexSpec
 from serving.specs import ServingSpec
-from workers.specs import DataSpec, GenerationSpec, ScalingSpec, StrictModel
+from workers.specs import DataSpec, GenerationSpec, ItemsSpec, ScalingSpec, StrictModel
 
 
 class GatesSpec(StrictModel):
@@ -191,6 +192,23 @@ class RaySpec(StrictModel):
     runtime_env: RuntimeEnvSpec = Field(default_factory=RuntimeEnvSpec)
 
 
+class RetrievalSpec(StrictModel):
+    """The retrieval catalogue (docs/serving.md, Catalogue): items embedded once by the
+    gallery generation into a persisted faiss index the router loads; items added later
+    are embedded by production into the same index."""
+
+    catalogue: ItemsSpec = Field(default_factory=ItemsSpec)
+    index: IndexSpec = Field(default_factory=IndexSpec)
+    # A directory or file:// URI every router replica can read; relative to run_dir.
+    # Default: run_dir/catalogue.
+    path: Optional[str] = None
+    embed_workers: int = Field(2, ge=1, le=256, description="Ray Data actors (1 CPU each) embedding items")
+    embed_batch_size: int = Field(1024, ge=1, le=1_000_000, description="items per Ray Data batch")
+    # Generations served only to requests that name them (`generation` in /v1/embed and
+    # /v1/search): an edge query model beside the gallery model. Never shadowed or rolled out.
+    query_generations: list[str] = Field(default_factory=list)
+
+
 class RunConfig(StrictModel):
     """A whole run: data, the chain of generations, scaling, gates, serving and rollout."""
 
@@ -203,6 +221,7 @@ class RunConfig(StrictModel):
     gates: GatesSpec = Field(default_factory=GatesSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    retrieval: RetrievalSpec = Field(default_factory=RetrievalSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
 
     @field_validator("run_dir")
@@ -234,6 +253,15 @@ class RunConfig(StrictModel):
     @property
     def gallery(self) -> str:
         return self.gallery_generation or self.generations[0].name
+
+    @property
+    def catalogue_dir(self) -> Path:
+        """Where the retrieval catalogue lives (`retrieval.path`, relative to run_dir)."""
+        p = self.retrieval.path
+        if p is None:
+            return self.run_dir / "catalogue"
+        p = p[len("file://"):] if p.startswith("file://") else p
+        return (self.run_dir / Path(p).expanduser()).resolve()
 
     def config_hash(self) -> str:
         """Stable sha256 of the validated config (for lineage records)."""
@@ -370,6 +398,15 @@ def _semantic_problems(raw: dict) -> list[tuple[str, str]]:
     gallery = raw.get("gallery_generation")
     if gallery is not None and seen and gallery not in seen:
         problems.append(("gallery_generation", f"unknown generation {gallery!r}; known: {list(seen)}"))
+    retrieval = raw.get("retrieval") if isinstance(raw.get("retrieval"), dict) else {}
+    queries = retrieval.get("query_generations")
+    for i, q in enumerate(queries if isinstance(queries, list) else []):
+        if isinstance(q, str) and seen and q not in seen:
+            problems.append((f"retrieval.query_generations[{i}]", f"unknown generation {q!r}; known: {list(seen)}"))
+    path = retrieval.get("path")
+    if isinstance(path, str) and "://" in path and not path.startswith("file://"):
+        problems.append(("retrieval.path", f"{path!r}: a directory or a file:// URI (mount other storage on every "
+                                           f"node)"))
     return problems
 
 

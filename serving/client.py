@@ -96,18 +96,19 @@ class RouterClient:
     def detach(self, name: str) -> dict:
         return self._call("DELETE", f"/v1/admin/generations/{name}", admin=True)
 
-    def _data(self, path: str, inputs, user_id: Optional[str] = None, k: Optional[int] = None) -> dict:
+    def _data(self, path: str, inputs, user_id: Optional[str] = None, k: Optional[int] = None,
+              generation: Optional[str] = None) -> dict:
         """A data route: an ndarray goes as an npy body (user id in the `X-Graceful-User`
-        header, `k` in the query string), anything else as `{"inputs": ...}` JSON."""
+        header, `k` and `generation` in the query string), anything else as
+        `{"inputs": ...}` JSON."""
+        extra = {key: v for key, v in (("k", k), ("generation", generation)) if v is not None}
         if isinstance(inputs, np.ndarray):
             return self._call("POST", path, npy=inputs,
                               headers={USER_HEADER: str(user_id)} if user_id is not None else None,
-                              params={"k": k} if k is not None else None)
-        body: dict[str, Any] = {"inputs": inputs}
+                              params=extra or None)
+        body: dict[str, Any] = {"inputs": inputs, **extra}
         if user_id is not None:
             body["user_id"] = user_id
-        if k is not None:
-            body["k"] = k
         return self._call("POST", path, body)
 
     def predict(self, inputs, user_id: Optional[str] = None) -> dict:
@@ -133,8 +134,12 @@ class RouterClient:
             params["after"] = after
         return self._call("GET", "/v1/labels/wanted", params=params, token=self.feedback_token)
 
-    def embed(self, inputs, user_id: Optional[str] = None) -> dict:
-        return self._data("/v1/embed", inputs, user_id)
+    def embed(self, inputs, user_id: Optional[str] = None, generation: Optional[str] = None) -> dict:
+        """Embeddings by the generation the plan picks, or by `generation` when named."""
+        return self._data("/v1/embed", inputs, user_id, generation=generation)
 
-    def search(self, inputs, k: Optional[int] = None, user_id: Optional[str] = None) -> dict:
-        return self._data("/v1/search", inputs, user_id, k)
+    def search(self, inputs, k: Optional[int] = None, user_id: Optional[str] = None,
+               generation: Optional[str] = None) -> dict:
+        """The catalogue's k nearest items (ids, scores, labels) to each input, queried by
+        the generation the plan picks, or by `generation` (an edge model) when named."""
+        return self._data("/v1/search", inputs, user_id, k, generation)

@@ -15,7 +15,7 @@ import numpy as np
 from ray import serve
 
 from serving.local import describe, infer, probabilities, serving_device, warm_up
-from serving.refs import Gallery, ModelRef, app_name_for
+from serving.refs import ModelRef, app_name_for
 from serving.specs import ServingSpec
 from workers.checkpoint import CheckpointError, input_shape_of, load_model, model_file, read_checkpoint, sha256_file
 
@@ -105,7 +105,7 @@ def generation_application(ref: ModelRef, spec: ServingSpec, inject_fault: Optio
 
 
 def router_application(spec: ServingSpec, production: ModelRef, candidates: Sequence[ModelRef] = (),
-                       gallery: Optional[Gallery] = None, weights: Optional[dict[str, float]] = None,
+                       catalogue: Optional[str | Path] = None, weights: Optional[dict[str, float]] = None,
                        shadows: Optional[Sequence[str]] = None, admin_token: Optional[str] = None,
                        router_cls: type = None, plan_source: Optional[PlanSource] = None,
                        feedback_token: Optional[str] = None, **router_kwargs):
@@ -144,7 +144,7 @@ def router_application(spec: ServingSpec, production: ModelRef, candidates: Sequ
                   "factory": r.factory} for r in refs},
         weights or {production.name: 1.0},
         list(shadows) if shadows is not None else [c.name for c in candidates],
-        gallery, admin_token, plan_source=plan_source,
+        str(catalogue) if catalogue is not None else None, admin_token, plan_source=plan_source,
         feedback_token=feedback_token if feedback_token is not None else spec.resolved_feedback_token(),
         deployment_id=uuid.uuid4().hex, **router_kwargs)
 
@@ -156,7 +156,7 @@ def deploy_generation(ref: ModelRef, spec: ServingSpec, inject_fault: Optional[d
 
 
 def start_serving(spec: ServingSpec, production: ModelRef, candidates: Sequence[ModelRef] = (),
-                  gallery: Optional[Gallery] = None, weights: Optional[dict[str, float]] = None,
+                  catalogue: Optional[str | Path] = None, weights: Optional[dict[str, float]] = None,
                   shadows: Optional[Sequence[str]] = None, admin_token: Optional[str] = None,
                   app_name: str = ROUTER_APP, route_prefix: str = "/",
                   plan_source: Optional[PlanSource] = None, feedback_token: Optional[str] = None) -> str:
@@ -171,7 +171,7 @@ def start_serving(spec: ServingSpec, production: ModelRef, candidates: Sequence[
     if not spec.in_router_models:
         for ref in (production, *candidates):
             deploy_generation(ref, spec)
-    serve.run(router_application(spec, production, candidates, gallery, weights, shadows, admin_token,
+    serve.run(router_application(spec, production, candidates, catalogue, weights, shadows, admin_token,
                                  plan_source=plan_source, feedback_token=feedback_token),
               name=app_name, route_prefix=route_prefix)
     return base_url(spec) + route_prefix.rstrip("/")

@@ -10,7 +10,6 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -46,17 +45,3 @@ class ModelRef:
     def app_name(self) -> str:
         """The Serve application that hosts this generation."""
         return app_name_for(self.name)
-
-
-@dataclass(frozen=True)
-class Gallery:
-    """Retrieval gallery: embeddings of `generation` (never re-indexed) and item labels."""
-
-    generation: str
-    embeddings: np.ndarray  # (N, D) float32
-    labels: np.ndarray  # (N,) int64
-
-    def __post_init__(self) -> None:
-        if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.labels) or len(self.labels) == 0:
-            raise ValueError(f"gallery: embeddings (N, D) and labels (N,), got "
-                             f"{self.embeddings.shape} and {self.labels.shape}")

@@ -36,7 +36,8 @@ from serving.core import (USER_HEADER, BadRequest, GenerationCounters, Latencies
 from serving.local import LocalGeneration
 from serving.metric_names import DEFINED, LATENCY_BUCKETS_MS, LOG_GAUGE_COUNTERS
 from serving.predlog import JoinOutcome, open_log
-from serving.refs import Gallery, ModelRef
+from serving.catalogue import Catalogue, CatalogueError, load_catalogue, read_manifest
+from serving.refs import ModelRef
 from serving.specs import ServingSpec
 
 log = logging.getLogger("graceful.router")
@@ -108,7 +109,7 @@ class Router:
 
     def __init__(self, spec: dict, input_shape: "tuple[int, ...] | list[int] | int", production: str,
                  generations: dict[str, dict],
-                 weights: dict[str, float], shadows: list[str], gallery: Optional[Gallery],
+                 weights: dict[str, float], shadows: list[str], catalogue: Optional[str],
                  admin_token: Optional[str], plan_source: Optional[Callable[[list], dict]] = None,
                  feedback_token: Optional[str] = None, deployment_id: Optional[str] = None):
         self.spec = spec
@@ -129,7 +130,7 @@ class Router:
         self.log = open_log(ServingSpec.model_validate(spec))
         self.m = _make_metrics()
         self.health = {"loop_errors": 0, "state_errors": 0, "log_errors": 0, "log_waits_timed_out": 0,
-                       "log_rows_lost": 0}
+                       "log_rows_lost": 0, "catalogue_errors": 0}
         self.state_error: Optional[str] = None
         self.gens: dict[str, dict] = {}  # name -> {"app", "sha256", "uri", "factory", "handle"}
         for name, info in generations.items():
@@ -174,15 +175,12 @@ class Router:
         self._background: set[asyncio.Task] = set()
         self._pending: dict[str, list] = {}  # generation -> [queued shadow copies, rows]
         self._shadow_backlog = 0  # copies admitted and not finished
-        self.gallery = gallery
-        self.index = None
-        if gallery is not None:
-            import faiss
-
-            emb = np.array(gallery.embeddings, dtype=np.float32, copy=True)  # arrays from Ray are read-only
-            faiss.normalize_L2(emb)
-            self.index = faiss.IndexFlatIP(emb.shape[1])
-            self.index.add(emb)
+        # The retrieval catalogue, read from its directory (never from these arguments),
+        # verified; a replica that cannot read it does not start.
+        self.catalogue_path = catalogue
+        self.catalogue: Optional[Catalogue] = load_catalogue(catalogue) if catalogue else None
+        self._catalogue_checked = time.monotonic()
+        self._catalogue_loading = False
         try:
             self._ensure_loop()
         except RuntimeError:  # no event loop while constructing: the first request starts it
@@ -630,9 +628,20 @@ class Router:
             return self._error(e, rid, "labels_wanted")
         return _json({"request_id": rid, "items": items, "next": f"{tag}.{pos}"})
 
+    def _named(self, obj: dict, request: Request) -> Optional[str]:
+        """The generation a request names (`generation` in the JSON body, or in the query
+        string of an npy body), or None: the traffic plan chooses. It must be attached
+        here (a query-only edge model, a candidate, production)."""
+        g = obj.get("generation", request.query_params.get("generation"))
+        if g is None:
+            return None
+        if not isinstance(g, str) or g not in self.gens:
+            raise BadRequest(f"generation: {str(g)[:64]!r} is not served here; served: {sorted(self.gens)}", status=404)
+        return g
+
     async def _embed(self, request: Request, rid: str) -> tuple[str, np.ndarray, dict]:
         x, user, obj = await self._inputs(request)
-        gen = self.plan.choose(user if user is not None else rid)
+        gen = self._named(obj, request) or self.plan.choose(user if user is not None else rid)
         try:
             emb = await self.gens[gen]["handle"].embed.remote(x)
         except Exception as e:
@@ -650,35 +659,58 @@ class Router:
             return self._error(e, rid, "embed")
         return _json({"request_id": rid, "generation": gen, "embeddings": np.round(emb, 6).tolist()})
 
-    def _check_gallery_dim(self, gen: str, emb: np.ndarray) -> None:
-        """The gallery was embedded once by its own generation: a generation whose
-        embeddings have another size (a custom model with its own embed) cannot query it
-        (faiss would fail on the size), a 409 naming both sizes."""
+    async def _refresh_catalogue(self) -> None:
+        """Load a newer version of the catalogue (items added) at most every
+        catalogue_refresh_s, off the event loop; a version that cannot be read leaves the
+        current one serving (counted in health.catalogue_errors)."""
+        now = time.monotonic()
+        if self._catalogue_loading or now - self._catalogue_checked < self.spec["catalogue_refresh_s"]:
+            return
+        self._catalogue_checked = now
+        self._catalogue_loading = True
+        try:
+            m = await asyncio.to_thread(read_manifest, self.catalogue_path)
+            if m is not None and int(m["version"]) != self.catalogue.version:
+                self.catalogue = await asyncio.to_thread(load_catalogue, self.catalogue_path)
+                log.info("router: catalogue version %d loaded (%d items)", self.catalogue.version, len(self.catalogue))
+        except (CatalogueError, OSError, KeyError, ValueError) as e:
+            self.health["catalogue_errors"] += 1
+            log.error("router: catalogue at %s unreadable (%s); serving version %d", self.catalogue_path, e,
+                      self.catalogue.version)
+        finally:
+            self._catalogue_loading = False
+
+    @staticmethod
+    def _check_catalogue_dim(cat: Catalogue, gen: str, emb: np.ndarray) -> None:
+        """The catalogue's vectors have one size; a generation embedding into another (a
+        custom model with its own embed) cannot query it: a 409 naming both sizes."""
         got = emb.shape[1] if getattr(emb, "ndim", 0) == 2 else None
-        if got != self.index.d:
+        if got != cat.dim:
             what = f"{got} dimensions" if got is not None else f"an array of shape {list(np.shape(emb))}"
-            raise BadRequest(f"search: {gen} embeds into {what}, the gallery ({self.gallery.generation}) holds "
-                             f"{self.index.d}; it cannot search this gallery", status=409)
+            raise BadRequest(f"search: {gen} embeds into {what}, the catalogue ({cat.generations[0]}) "
+                             f"holds {cat.dim}; it cannot search this catalogue", status=409)
 
     @app.post("/v1/search")
     async def search(self, request: Request) -> Response:
+        """The catalogue's k nearest items to each input, by cosine: item ids, scores and
+        (-1 when unknown) labels. `generation` picks the query model (e.g. an edge model)."""
         rid = _request_id()
         try:
-            if self.index is None:
-                raise BadRequest("search: no gallery is configured on this server", status=404)
+            if self.catalogue is None:
+                raise BadRequest("search: no catalogue is configured on this server", status=404)
+            await self._refresh_catalogue()
             gen, emb, obj = await self._embed(request, rid)
             k = obj.get("k", self.spec["search_top_k"])
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 100:
                 raise BadRequest("k: must be an integer from 1 to 100")
-            self._check_gallery_dim(gen, emb)
+            cat = self.catalogue  # one version for the whole answer
+            self._check_catalogue_dim(cat, gen, emb)
         except BadRequest as e:
             return self._error(e, rid, "search")
-        q = np.array(emb, dtype=np.float32, copy=True)  # arrays from Ray are read-only
-        q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        scores, ids = self.index.search(q, min(k, self.index.ntotal))
-        return _json({"request_id": rid, "generation": gen, "gallery_generation": self.gallery.generation,
-                      "ids": ids.tolist(), "scores": np.round(scores, 6).tolist(),
-                      "labels": self.gallery.labels[ids].tolist()})
+        scores, ids, labels = cat.search(np.asarray(emb, dtype=np.float32), k)
+        return _json({"request_id": rid, "generation": gen, "gallery_generation": cat.generations[0],
+                      "catalogue_version": cat.version, "ids": ids, "scores": np.round(scores, 6).tolist(),
+                      "labels": labels})
 
     @app.get("/healthz")
     async def healthz(self) -> Response:

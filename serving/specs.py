@@ -47,6 +47,9 @@ class ServingSpec(StrictModel):
     # Fusion: answer with (1-w)*old + w*new probabilities; None disables it.
     fusion_weight: Optional[float] = Field(None, ge=0, le=1)
     search_top_k: int = Field(5, ge=1, le=100)
+    # How often a router replica looks at the catalogue's manifest for a new version
+    # (items added): at most this old, then reloaded off the event loop.
+    catalogue_refresh_s: float = Field(5.0, gt=0, description="seconds between checks for catalogue changes")
     shadow_batch_wait_s: float = Field(0.005, ge=0, le=1, description="window that coalesces shadow copies into one call")
     shadow_max_inflight: int = Field(256, ge=1, description="mirrored requests in flight before shadows are dropped")
     latency_window: int = Field(2048, ge=16, description="recent calls per generation behind the status quantiles")

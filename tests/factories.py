@@ -222,3 +222,16 @@ def tiny_flat(n: int = 40, classes: int = 3, features: int = 5):
     """n rows of `features` values, labels 0..classes-1 in turn (deterministic)."""
     rng = np.random.default_rng(0)
     return rng.normal(size=(n, features)).astype(np.float32), np.arange(n) % classes
+
+
+# --- catalogue items ------------------------------------------------------------------------
+
+def catalogue_items(n: int = 12, dim: int = 64, seed: int = 0) -> dict:
+    """Items a user's catalogue factory would return: string ids, inputs, labels."""
+    rng = np.random.default_rng(seed)
+    return {"ids": [f"sku-{i:05d}" for i in range(n)], "x": rng.random((n, dim)).astype(np.float32),
+            "y": np.arange(n) % 3}
+
+
+def catalogue_items_bad_shape() -> tuple:
+    return ["a", "b"], np.zeros((3, 64), np.float32)

@@ -10,6 +10,10 @@
     training    the step loop and in-process helpers
     train       the Ray Train job of one generation (`run_training`)
     lqf         linearised fine-tuning (`recipe: lqf`)
+    interpolation  weight interpolation toward the parent (BCWI, `compat.weight_interpolation`)
+    transform   old-to-new embedding transformation of stored vectors (FCT-style)
+    embedding   catalogue items and their batch embedding with Ray Data
 """
 
-__all__ = ["specs", "factory", "data", "streaming", "models", "checkpoint", "losses", "training", "train", "lqf"]
+__all__ = ["specs", "factory", "data", "streaming", "models", "checkpoint", "losses", "training", "train", "lqf", "interpolation",
+           "transform", "embedding"]

@@ -81,6 +81,40 @@ class DataSpec(StrictModel):
         return self
 
 
+class ItemsSpec(StrictModel):
+    """The items of the retrieval catalogue (docs/serving.md, Catalogue).
+
+    gallery_split: the data's gallery split (the second half of the test split), item ids
+    its row numbers. npz: a file with arrays `ids` (strings or integers), `x` (n,
+    *input_shape) and optionally `y` (class ids, used only to score retrieval).
+    custom: `factory(**kwargs)` returns {"ids", "x"[, "y"]} or (ids, x) or (ids, x, y).
+    """
+
+    source: Literal["gallery_split", "npz", "custom"] = "gallery_split"
+    path: Optional[Path] = Field(None, description="npz: relative to the config file")
+    factory: Optional[str] = Field(None, pattern=FACTORY_PATTERN, description="custom: 'module:callable'")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="custom: passed to the factory")
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, v: Optional[Path], info: ValidationInfo) -> Optional[Path]:
+        return DataSpec._path_exists(v, info)
+
+    _kwargs_json = field_validator("kwargs")(classmethod(lambda cls, v: _json_kwargs(v)))
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> "ItemsSpec":
+        if self.source == "npz" and self.path is None:
+            raise ValueError("source 'npz' needs `path` to a .npz file with arrays ids and x")
+        if self.source == "custom" and self.factory is None:
+            raise ValueError("source 'custom' needs `factory: package.module:callable`")
+        if self.source != "custom" and (self.factory is not None or self.kwargs):
+            raise ValueError(f"`factory` and `kwargs` are for source custom, not {self.source!r}")
+        if self.source != "npz" and self.path is not None:
+            raise ValueError(f"`path` is for source npz, not {self.source!r}")
+        return self
+
+
 BUILTIN_FACTORY = "(built-in)"
 
 

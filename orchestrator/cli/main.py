@@ -23,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "orchestrator.cli.registry",
     "orchestrator.cli.rollout",
     "orchestrator.cli.labels",
+    "orchestrator.cli.catalogue",
     "orchestrator.cli.demo",
 ]
 

@@ -14,10 +14,13 @@ import sys
 import threading
 import time
 
-from orchestrator.apps import NotTrained, ServeRequestError, build_gallery, serving_plan, start_router
+from orchestrator.apps import NotTrained, ServeRequestError, build_catalogue, generation_ref, serving_plan, start_router
 from orchestrator.config import init_ray
 from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
 from orchestrator.registry import IntegrityError, Registry, registry_path
+from serving.catalogue import CatalogueError
+from workers.data import DataError
+from workers.factory import FactoryError
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -33,7 +36,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         try:  # before Ray starts: a request the registry contradicts is refused at once
             plan = serving_plan(cfg, reg, args.candidate or [], args.production)
-            gallery = build_gallery(cfg, reg)
+            generation_ref(cfg, reg, cfg.gallery)  # the catalogue's model: trained and intact
         except ServeRequestError as e:
             raise UsageError(str(e)) from None
         except (NotTrained, IntegrityError) as e:
@@ -42,9 +45,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         init_ray(cfg, address=os.environ.get("RAY_ADDRESS"))
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        url = start_router(cfg, reg, plan, gallery=gallery, spec=spec, admin_token=token)
+        try:  # embedded once with Ray Data unless the catalogue exists
+            catalogue = build_catalogue(cfg, reg, log=None if args.json else lambda m: print(m, file=sys.stderr))
+        except (DataError, FactoryError) as e:
+            raise UsageError(f"catalogue: {e}") from None
+        except CatalogueError as e:
+            print(f"error: catalogue: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        url = start_router(cfg, reg, plan, catalogue=catalogue, spec=spec, admin_token=token)
         info = {"url": url, "production": plan.production.name, "candidates": [c.name for c in plan.candidates],
-                "weights": plan.weights, "shadows": list(plan.shadows), "gallery": cfg.gallery, "admin": bool(token),
+                "weights": plan.weights, "shadows": list(plan.shadows), "gallery": cfg.gallery, "catalogue": str(catalogue), "admin": bool(token),
                 "registry": str(reg.path)}
         emit(info, args.json, lambda i: f"serving {i['production']} (from the registry; shadows: "
                                         f"{', '.join(i['shadows']) or 'none'}) at {i['url']}; admin routes "

@@ -266,7 +266,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
 
     import ray
 
-    from orchestrator.apps import build_gallery, serving_plan, start_router
+    from orchestrator.apps import build_catalogue, serving_plan, start_router
     from orchestrator.registry import Registry
     from orchestrator.rundir import read_metrics
     from serving.client import RouterClient
@@ -312,7 +312,9 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
         train_chain(cfg, registry, log, stop)
         plan = serving_plan(cfg, registry)  # production and traffic: the registry's
         production = plan.production.name
-        gallery = build_gallery(cfg, registry)  # embedded once: served by the router, scored offline
+        # Embedded once (Ray Data) into the persisted catalogue: served by the router from
+        # its directory, scored offline through the same index.
+        gallery = build_catalogue(cfg, registry, log)
         m0 = read_metrics(cfg, production)
         rows.append(GenerationSummary(production, 1 - m0["test_accuracy"], None, "promoted",
                                       top1_vs_gallery=gallery_top1(cfg, registry, production, ds.query, gallery)))
@@ -320,7 +322,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
         _stage(log, f"serve {production} on Ray Serve at http://{cfg.serving.host}:{cfg.serving.port} "
                     f"(retrieval gallery built once by {cfg.gallery})")
         _check(stop)
-        url = start_router(cfg, registry, plan, gallery=gallery, admin_token=token)
+        url = start_router(cfg, registry, plan, catalogue=gallery, admin_token=token)
         client = RouterClient(url, token)
         q = ds.query.take(min(512, len(ds.query)))
         top1, by = live_retrieval_top1(client, q.x, q.y)
@@ -371,17 +373,17 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
     return json.loads(path.read_text())
 
 
-def gallery_top1(cfg: RunConfig, registry, name: str, query, gallery) -> float:
+def gallery_top1(cfg: RunConfig, registry, name: str, query, gallery: Path) -> float:
     """Offline M(name, gallery generation): retrieval top-1 of `name`'s embeddings of the
-    `query` split in `gallery` (the serving.refs.Gallery /v1/search serves, embedded once)."""
+    `query` split in the catalogue at `gallery` (the one /v1/search serves, embedded once)."""
     from orchestrator.apps import generation_ref
-    from orchestrator.evaluation.metrics import retrieval_top1
+    from orchestrator.catalogue import catalogue_top1
     from workers.checkpoint import load_model
     from workers.training import predict
 
     ref = generation_ref(cfg, registry, name, actor="demo")
     model = load_model(ref.uri, ref.sha256, factory=ref.factory)[0]
-    return retrieval_top1(predict(model, query.x)[0], query.y, gallery.embeddings, gallery.labels)
+    return catalogue_top1(gallery, predict(model, query.x)[0], query.y)
 
 
 def offline_gate(cfg: RunConfig, registry, candidate: str, production: str, query, gallery,

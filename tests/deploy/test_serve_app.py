@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from orchestrator.apps import AppArgsError, ClusterRouter, RegistryPlan, generation_app, router_app, wait_for_apps
+from orchestrator.config import load_config
+from serving.catalogue import read_manifest
 from serving.deploy import ModelServer
 from serving.refs import app_name_for
 from tests.helpers import write_untrained_run
@@ -46,12 +49,14 @@ def test_router_app_binds_production_candidates_gallery_and_token(run_config):
     dep = _deployment(app)
     assert issubclass(dep.func_or_class, ClusterRouter)
     assert dep.name == "router" and dep.num_replicas == 1
-    spec, input_shape, production, gens, weights, shadows, gallery, token = dep.init_args
+    spec, input_shape, production, gens, weights, shadows, catalogue, token = dep.init_args
     assert spec["replicas"] == 2 and input_shape == (64,) and production == "g0"
     assert {n: g["app"] for n, g in gens.items()} == {"g0": "graceful-gen-g0", "g1": "graceful-gen-g1"}
     assert weights == {"g0": 1.0, "g1": 0.0} and shadows == ["g1"]
     assert isinstance(dep.init_kwargs["plan_source"], RegistryPlan)   # replicas re-read the registry
-    assert gallery.generation == "g0" and gallery.embeddings.shape[1] == 8
+    m = read_manifest(catalogue)  # built once under run_dir; replicas read it from there
+    assert Path(catalogue) == load_config(run_config).catalogue_dir
+    assert m["generations"] == ["g0"] and m["dim"] == 8 and m["count"] > 0
     assert token == "app-admin-token-1"
     assert dep.init_kwargs["app_names"] == ("graceful-gen-g0", "graceful-gen-g1")
 

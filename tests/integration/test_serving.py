@@ -14,7 +14,9 @@ import pytest
 import requests
 
 from serving.client import RouterClient, RouterError
-from serving.refs import Gallery, ModelRef
+from serving.catalogue import create_catalogue
+from serving.index import IndexSpec
+from serving.refs import ModelRef
 from serving.specs import ServingSpec
 from workers.checkpoint import CheckpointError, load_model, save_model
 from workers.data import load_dataset
@@ -46,7 +48,8 @@ def served(ray_session, tmp_path_factory):
     emb, _ = predict(m0, ds.gallery.x)
     spec = ServingSpec(port=free_port(), shadow_timeout_s=0.3, prediction_log_path=str(root / "predictions.sqlite"),
                        max_rows=64, max_body_bytes=64 * 1024, shadow_max_inflight=8)
-    url = deploy.start_serving(spec, g0, [g1], gallery=Gallery("g0", emb, ds.gallery.y), admin_token=TOKEN)
+    create_catalogue(root / "catalogue", IndexSpec(), "g0", emb, [f"item-{i}" for i in range(len(emb))], ds.gallery.y)
+    url = deploy.start_serving(spec, g0, [g1], catalogue=root / "catalogue", admin_token=TOKEN)
     client = RouterClient(url, TOKEN)
     yield {"url": url, "client": client, "spec": spec, "ds": ds, "g0": g0, "g1": g1, "root": root}
     client.close()
@@ -192,7 +195,7 @@ def test_search_finds_gallery_items_with_the_production_model(served):
     client, ds = served["client"], served["ds"]
     r = client.search(ds.gallery.x[:5].tolist(), k=3)
     assert r["gallery_generation"] == "g0"
-    assert [ids[0] for ids in r["ids"]] == [0, 1, 2, 3, 4]
+    assert [ids[0] for ids in r["ids"]] == [f"item-{i}" for i in range(5)]
     assert all(abs(s[0] - 1.0) < 1e-3 for s in r["scores"])
     assert [lab[0] for lab in r["labels"]] == ds.gallery.y[:5].tolist()
     e = client.embed(ds.query.x[:2].tolist())

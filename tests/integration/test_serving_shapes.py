@@ -17,7 +17,9 @@ import torch
 
 from serving.client import RouterClient, RouterError
 from serving.core import NPY_CONTENT_TYPE, USER_HEADER
-from serving.refs import Gallery, ModelRef, app_name_for
+from serving.catalogue import create_catalogue
+from serving.index import IndexSpec
+from serving.refs import ModelRef, app_name_for
 from serving.specs import ServingSpec
 from workers.checkpoint import BUILTIN, save_model
 from workers.models import build_model
@@ -51,10 +53,11 @@ def served(ray_session, tmp_path_factory):
     assert (g0.factory, g1.factory) == (BUILTIN, CUSTOM)
     gx = _images(6, seed=9)
     with torch.no_grad():
-        gallery = Gallery("g0", m0.embed(torch.from_numpy(gx)).numpy(), np.arange(6) % 3)
+        create_catalogue(root / "catalogue", IndexSpec(), "g0", m0.embed(torch.from_numpy(gx)).numpy(), range(6),
+                         np.arange(6) % 3)
     spec = ServingSpec(port=free_port(), max_rows=16, max_body_bytes=64 * 1024, shadow_timeout_s=2.0,
                        prediction_log_path=str(root / "predictions.sqlite"))
-    url = deploy.start_serving(spec, g0, [g1], gallery=gallery, admin_token=TOKEN)
+    url = deploy.start_serving(spec, g0, [g1], catalogue=root / "catalogue", admin_token=TOKEN)
     client = RouterClient(url, TOKEN)
     yield {"url": url, "client": client, "spec": spec, "g0": g0, "m0": m0, "m1": m1, "flat": flat, "gx": gx}
     client.close()
@@ -95,7 +98,7 @@ def test_embed_and_search_take_npy_bodies(served):
     e_json, e_npy = client.embed(gx[:3].tolist()), client.embed(gx[:3])
     np.testing.assert_allclose(e_json["embeddings"], e_npy["embeddings"], atol=1e-6)
     hits = client.search(gx[:3], k=2)  # k travels in the query string
-    assert [len(ids) for ids in hits["ids"]] == [2, 2, 2] and [ids[0] for ids in hits["ids"]] == [0, 1, 2]
+    assert [len(ids) for ids in hits["ids"]] == [2, 2, 2] and [ids[0] for ids in hits["ids"]] == ["0", "1", "2"]
 
 
 def test_wrong_shapes_dtypes_and_malformed_npy_are_400s(served):

@@ -132,10 +132,13 @@ def test_a_ref_naming_another_factory_is_never_served(tmp_path):
 def test_generation_refs_carry_the_configs_factory_to_every_loader(tmp_path, cache_dir):
     """`orchestrator.apps.generation_ref` names the factory the config expects: a custom
     generation loads with it; after the config's factory changes, the same checkpoint is
-    refused by the router's loader and by the gallery builder."""
+    refused by the router's loader and by the catalogue builder."""
+    import shutil
+
     import yaml
 
-    from orchestrator.apps import build_gallery, generation_ref
+    from orchestrator.apps import build_catalogue, generation_ref
+    from serving.catalogue import read_manifest
     from orchestrator.config import load_config
     from orchestrator.registry import Registry, registry_path
     from tests.helpers import write_untrained_run
@@ -148,7 +151,7 @@ def test_generation_refs_carry_the_configs_factory_to_every_loader(tmp_path, cac
         ref = generation_ref(cfg, reg, "g0")
         assert ref.factory == "tests.factories:own_heads"
         assert LocalGeneration(ref).model.input_shape == (64,)
-        assert build_gallery(cfg, reg).embeddings.shape[1] == 8
+        assert read_manifest(build_catalogue(cfg, reg))["dim"] == 8
     raw = yaml.safe_load(path.read_text())
     raw["generations"][0]["arch"]["factory"] = "tests.factories:backbone"
     path.write_text(yaml.safe_dump(raw))
@@ -158,8 +161,9 @@ def test_generation_refs_carry_the_configs_factory_to_every_loader(tmp_path, cac
         assert ref.factory == "tests.factories:backbone"
         with pytest.raises(CheckpointError, match="tests.factories:own_heads"):
             LocalGeneration(ref)
+        shutil.rmtree(cfg.catalogue_dir)  # built once: only a rebuild loads g0 again
         with pytest.raises(CheckpointError, match="factory"):
-            build_gallery(cfg, reg)
+            build_catalogue(cfg, reg)
 
 
 def test_a_replica_without_gpus_serves_on_the_cpu():

@@ -20,7 +20,9 @@ import torch
 from starlette.requests import Request
 
 from serving.core import NPY_CONTENT_TYPE, USER_HEADER, BadRequest
-from serving.refs import Gallery, ModelRef
+from serving.catalogue import add_items, create_catalogue
+from serving.index import IndexSpec
+from serving.refs import ModelRef
 from serving.specs import ServingSpec
 from workers.checkpoint import BUILTIN, CheckpointError, save_model
 from workers.models import build_model
@@ -59,12 +61,19 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *SHAPE)).astype(np.float32)
 
 
+def _catalogue(path, model, x) -> str:
+    """A flat catalogue of `model`'s embeddings of `x`, ids "0".."n-1", labels i % 3."""
+    with torch.no_grad():
+        create_catalogue(path, IndexSpec(), "g0", model.embed(torch.from_numpy(x)).numpy(), range(len(x)),
+                         np.arange(len(x)) % 3)
+    return str(path)
+
+
 @pytest.fixture
-def router(gens):
+def router(gens, tmp_path):
     _, m0 = gens["g0"]
     x = _images(6, seed=9)
-    with torch.no_grad():
-        gallery = Gallery("g0", m0.embed(torch.from_numpy(x)).numpy(), np.arange(6) % 3)
+    gallery = _catalogue(tmp_path / "catalogue", m0, x)
     spec = ServingSpec(in_router_models=True, max_rows=8, max_body_bytes=16 * 1024,
                        prediction_log="memory").model_dump(mode="json")
     infos = {n: {"app": None, "sha256": r.sha256, "uri": r.uri, "factory": r.factory}
@@ -164,7 +173,7 @@ def test_embed_and_search_take_npy_bodies_with_k_in_the_query(router):
     (s1, e1), (s2, e2), (s3, hits), (s4, bad) = asyncio.run(run())
     assert s1 == s2 == s3 == 200
     np.testing.assert_allclose(e1["embeddings"], e2["embeddings"], atol=1e-6)
-    assert [len(ids) for ids in hits["ids"]] == [2, 2, 2] and [ids[0] for ids in hits["ids"]] == [0, 1, 2]
+    assert [len(ids) for ids in hits["ids"]] == [2, 2, 2] and [ids[0] for ids in hits["ids"]] == ["0", "1", "2"]
     assert s4 == 400 and "k: must be an integer" in bad["error"]
 
 
@@ -238,8 +247,7 @@ def _router_of(tmp_path, prod: tuple[ArchSpec, int], cand: tuple[ArchSpec, int],
         m = build_model(arch, SHAPE, classes).eval()
         models[name] = (ModelRef(name, str(tmp_path / name), save_model(m, tmp_path / name), BUILTIN), m)
     x = _images(6, seed=9)
-    with torch.no_grad():
-        gallery = Gallery("g0", models["g0"][1].embed(torch.from_numpy(x)).numpy(), np.arange(6) % 3)
+    gallery = _catalogue(tmp_path / "catalogue", models["g0"][1], x)
     spec = ServingSpec(in_router_models=True, max_rows=8, prediction_log="memory", **spec_kw).model_dump(mode="json")
     infos = {n: {"app": None, "sha256": r.sha256, "uri": r.uri, "factory": r.factory} for n, (r, _) in models.items()}
     r = _router_class()(spec, SHAPE, "g0", infos, weights, shadows, gallery, TOKEN)
@@ -276,7 +284,7 @@ def test_fusion_with_a_candidate_of_more_classes_pads_production(tmp_path):
 
 
 def test_search_by_a_generation_of_another_embedding_size_is_a_409(tmp_path):
-    """The gallery holds g0's 8-dimensional embeddings; g1 embeds into 12. A search g1
+    """The catalogue holds g0's 8-dimensional embeddings; g1 embeds into 12. A search g1
     answers is a 409 naming both sizes (never faiss's AssertionError, a 500); g1 still
     embeds, and g0 still searches."""
     r, _ = _router_of(tmp_path, (ArchSpec(type="cnn2d", width=4, depth=1, embed_dim=8), 3),
@@ -292,7 +300,53 @@ def test_search_by_a_generation_of_another_embedding_size_is_a_409(tmp_path):
         return bad, bad_npy, emb, ok
 
     (s1, bad), (s2, bad_npy), (s3, emb), (s4, ok) = asyncio.run(run())
-    msg = "g1 embeds into 12 dimensions, the gallery (g0) holds 8; it cannot search this gallery"
+    msg = "g1 embeds into 12 dimensions, the catalogue (g0) holds 8; it cannot search this catalogue"
     assert s1 == s2 == 409 and msg in bad["error"] and msg in bad_npy["error"] and bad["request_id"]
     assert s3 == 200 and emb["generation"] == "g1" and len(emb["embeddings"][0]) == 12
-    assert s4 == 200 and ok["generation"] == "g0" and [ids[0] for ids in ok["ids"]] == [0, 1]
+    assert s4 == 200 and ok["generation"] == "g0" and [ids[0] for ids in ok["ids"]] == ["0", "1"]
+
+
+def test_a_request_naming_a_generation_is_answered_by_it_and_an_unknown_one_is_a_404(tmp_path):
+    """Production g0 takes all traffic; `generation: g1` (an edge model, say) embeds and
+    searches with g1 all the same, in the JSON body or in an npy body's query string; a
+    generation not served here is a 404 naming the served ones."""
+    mlp = ArchSpec(type="mlp", width=16, depth=1, embed_dim=8)
+    r, models = _router_of(tmp_path, (mlp, 3), (mlp, 3), {"g0": 1.0, "g1": 0.0}, [])
+    x = r.gallery_x[:2]
+    body = lambda g: json.dumps({"inputs": x.tolist(), "generation": g}).encode()  # noqa: E731
+
+    async def run():
+        return (await _post(r.embed, "/v1/embed", body("g1")), await _post(r.embed, "/v1/embed", _json(x)),
+                await _post(r.search, "/v1/search", _npy(x), ctype=NPY_CONTENT_TYPE, query="generation=g1"),
+                await _post(r.search, "/v1/search", body("g9")))
+
+    (s1, e1), (s2, e0), (s3, hits), (s4, bad) = asyncio.run(run())
+    with torch.no_grad():
+        want = models["g1"][1].embed(torch.from_numpy(x)).numpy()
+    assert s1 == s2 == s3 == 200 and e1["generation"] == "g1" and e0["generation"] == "g0"
+    np.testing.assert_allclose(e1["embeddings"], want, atol=1e-5)
+    assert hits["generation"] == "g1" and hits["gallery_generation"] == "g0"
+    assert s4 == 404 and "'g9' is not served here; served: ['g0', 'g1']" in bad["error"]
+
+
+def test_items_added_to_the_catalogue_are_searched_after_the_refresh_interval(tmp_path):
+    """Three items appended (by g1) to the catalogue a router serves: the router answers
+    from version 1 until catalogue_refresh_s has passed, then from version 2, where the
+    new items are found by their ids."""
+    mlp = ArchSpec(type="mlp", width=16, depth=1, embed_dim=8)
+    r, models = _router_of(tmp_path, (mlp, 3), (mlp, 3), {"g0": 1.0, "g1": 0.0}, [], catalogue_refresh_s=0.2)
+    new = _images(3, seed=11)
+    with torch.no_grad():
+        add_items(tmp_path / "catalogue", "g1", models["g0"][1].embed(torch.from_numpy(new)).numpy(),
+                  ["new-a", "new-b", "new-c"])
+
+    async def run():
+        first = await _post(r.search, "/v1/search", _json(new))
+        await asyncio.sleep(0.3)
+        await _post(r.search, "/v1/search", _json(new))  # notices the new version, loads it
+        return first, await _post(r.search, "/v1/search", _json(new))
+
+    (s1, before), (s2, after) = asyncio.run(run())
+    assert s1 == s2 == 200 and before["catalogue_version"] == 1 and after["catalogue_version"] == 2
+    assert "new-a" not in sum(before["ids"], [])
+    assert [ids[0] for ids in after["ids"]] == ["new-a", "new-b", "new-c"]

@@ -1,0 +1,129 @@
+"""`graceful catalogue build|add|show CONFIG`: the retrieval catalogue the router searches.
+
+build  embed `retrieval.catalogue`'s items once with the gallery generation (Ray Data
+       batch inference, `retrieval.embed_workers` actors) into the index at
+       `retrieval.path`; nothing happens when it exists already.
+add    embed the items of an .npz (arrays ids, x, optionally y) with the registry's
+       production and append them; no stored vector changes. A running router picks the
+       new version up within `serving.catalogue_refresh_s`.
+show   the manifest: version, items, which generation embedded how many.
+
+Exit 0; 1 when the catalogue or a checkpoint fails verification; 2 for a bad config,
+bad items (an id already present, vectors of another size, NaN), or no catalogue (show).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
+
+
+def _log(args: argparse.Namespace):
+    return None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def _summary(m: dict) -> str:
+    counts = ", ".join(f"{g}: {n}" for g, n in m["counts"].items())
+    return (f"catalogue version {m['version']}: {m['count']} items of {m['dim']} dimensions in a "
+            f"{m['index']['type']} index ({counts})")
+
+
+def _with_ray(args: argparse.Namespace, fn) -> int:
+    """Run `fn(cfg, reg)` with the registry open and Ray started (or joined at RAY_ADDRESS)."""
+    import ray
+
+    from orchestrator.apps import NotTrained, ServeRequestError
+    from orchestrator.config import init_ray
+    from orchestrator.registry import IntegrityError, Registry, registry_path
+    from serving.catalogue import CatalogueError, CatalogueIntegrityError
+    from workers.data import DataError
+    from workers.factory import FactoryError
+
+    cfg = load_or_exit(args.config)
+    reg = Registry(registry_path(cfg))
+    try:
+        init_ray(cfg, address=os.environ.get("RAY_ADDRESS"))
+        m = fn(cfg, reg)
+    except (DataError, FactoryError, ServeRequestError) as e:
+        raise UsageError(str(e)) from None
+    except CatalogueError as e:
+        if not isinstance(e, CatalogueIntegrityError):
+            raise UsageError(str(e)) from None
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except (NotTrained, IntegrityError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        reg.close()
+        if ray.is_initialized():
+            ray.shutdown()
+    emit({**m, "path": str(cfg.catalogue_dir)}, args.json, _summary)
+    return EXIT_OK
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from orchestrator.apps import build_catalogue
+    from serving.catalogue import read_manifest
+
+    return _with_ray(args, lambda cfg, reg: read_manifest(build_catalogue(cfg, reg, _log(args))))
+
+
+def _cmd_add(args: argparse.Namespace) -> int:
+    from orchestrator.apps import build_catalogue, generation_ref, production_name
+    from orchestrator.catalogue import add_to_catalogue
+    from workers.data import DataError
+    from workers.embedding import load_items_file
+
+    path = Path(args.items)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        items = load_items_file(path)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+
+    def add(cfg, reg):
+        build_catalogue(cfg, reg, _log(args))
+        prod = generation_ref(cfg, reg, production_name(cfg, reg))
+        return add_to_catalogue(cfg, reg, items, prod, _log(args), actor=args.actor)
+
+    return _with_ray(args, add)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from serving.catalogue import CatalogueError, read_manifest
+
+    cfg = load_or_exit(args.config)
+    try:
+        m = read_manifest(cfg.catalogue_dir)
+    except CatalogueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if m is None:
+        raise UsageError(f"no catalogue at {cfg.catalogue_dir} (graceful catalogue build {args.config})")
+    emit({**m, "path": str(cfg.catalogue_dir)}, args.json, _summary)
+    return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("catalogue", help="the retrieval catalogue: build it once, add items, show it")
+    cat_sub = p.add_subparsers(dest="catalogue_command", required=True, metavar="ACTION")
+    b = cat_sub.add_parser("build", help="embed retrieval.catalogue's items with the gallery generation (once)")
+    add_config_arg(b)
+    add_json_arg(b)
+    b.set_defaults(func=_cmd_build)
+    a = cat_sub.add_parser("add", help="embed new items with production and append them (no re-embedding)")
+    add_config_arg(a)
+    a.add_argument("items", help=".npz with arrays ids (strings or integers), x (n, *input_shape), optionally y")
+    a.add_argument("--actor", default=os.environ.get("USER", "operator"), help="who adds them (audit log)")
+    add_json_arg(a)
+    a.set_defaults(func=_cmd_add)
+    s = cat_sub.add_parser("show", help="the catalogue's manifest")
+    add_config_arg(s)
+    add_json_arg(s)
+    s.set_defaults(func=_cmd_show)
