@@ -14,10 +14,20 @@ nprobe 32; ivfpq the same with 16 bytes a vector (pq_m 16, 8 bits); hnsw M 32,
 efConstruction 80, efSearch 128.
 
 Rows {"index", "n", "p50_ms", "p99_ms", "recall_at_10", "build_s", "memory_mb"} go to
-benchmarks/results/retrieval_scale.json (merged by (index, n)):
+benchmarks/results/retrieval_scale.json (merged by (index, n)).
 
-    python -m benchmarks.retrieval_scale                      # 10^4, 10^5, 10^6
+Throughput (`--parts throughput`), rows {"stage", "workers", "n", "seconds",
+"items_per_s"} in benchmarks/results/retrieval_throughput.json:
+  embed      the catalogue builder's `workers.embedding.embed_items`: n MNIST-1D-shaped
+             items (40 values) through the benchmarks' CNN (width 32, 64-d), in process
+             (workers 0) and as Ray Data batch inference with 1 and 2 actors on a local
+             Ray of 2 CPUs (Ray start-up not counted; actor start-up counted)
+  transform  `workers.transform.apply_transform` of 10^6 64-d vectors (h fitted on 10,000
+             pairs, hidden 256), torch on every core (workers = torch threads)
+
+    python -m benchmarks.retrieval_scale                      # 10^4, 10^5, 10^6, every kind
     python -m benchmarks.retrieval_scale --sizes 10000 --kinds flat hnsw
+    python -m benchmarks.retrieval_scale --parts throughput   # about 2 minutes
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from benchmarks.common import RESULTS, merge_rows, write_json
 from serving.index import INDEX_TYPES, IndexSpec, build, memory_bytes, search
 
 PATH = RESULTS / "retrieval_scale.json"
+THROUGHPUT = RESULTS / "retrieval_throughput.json"
 DIM, CLUSTERS, QUERIES, WARMUP, K = 64, 1000, 1000, 50, 10
 SPECS = {
     "flat": IndexSpec(type="flat"),
@@ -97,6 +108,64 @@ def run(n: int, kinds: list[str], threads: int) -> list[dict]:
     return rows
 
 
+def throughput(n_embed: int, n_transform: int) -> list[dict]:
+    """Rows of the embed and transform stages (module docstring)."""
+    import ray
+    import torch
+
+    from benchmarks.common import cnn
+    from workers.checkpoint import MODEL_FILE, save_model
+    from workers.embedding import embed_items
+    from workers.models import build_model
+    from workers.transform import apply_transform, fit_transform
+
+    rows = []
+
+    def row(stage: str, workers: int, n: int, seconds: float) -> None:
+        rows.append({"stage": stage, "workers": workers, "n": n, "seconds": round(seconds, 2),
+                     "items_per_s": round(n / seconds)})
+        print(f"{stage:9s} workers {workers}  n {n:>9,}  {seconds:7.1f}s  {n / seconds:>10,.0f} items/s", flush=True)
+
+    import tempfile
+
+    torch.manual_seed(0)
+    model = build_model(cnn(32), 40, 10)
+    x = np.random.default_rng(0).normal(size=(n_embed, 40)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as d:
+        sha = save_model(model, d)
+        uri = f"{d}/{MODEL_FILE}"
+        t0 = time.perf_counter()
+        embed_items(x, uri, sha, batch_size=1024)
+        row("embed", 0, n_embed, time.perf_counter() - t0)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            for workers in (1, 2):
+                t0 = time.perf_counter()
+                embed_items(x, uri, sha, workers=workers, batch_size=1024)
+                row("embed", workers, n_embed, time.perf_counter() - t0)
+        finally:
+            ray.shutdown()
+    rng = np.random.default_rng(1)
+    old = rng.normal(size=(10_000, DIM)).astype(np.float32)
+    h = fit_transform(old, np.tanh(old @ rng.normal(size=(DIM, DIM)).astype(np.float32)), steps=200)
+    vectors, _ = mixture(n_transform, seed=2)
+    t0 = time.perf_counter()
+    apply_transform(h, vectors)
+    row("transform", torch.get_num_threads(), n_transform, time.perf_counter() - t0)
+    return rows
+
+
+def throughput_table(rows: list[dict]) -> str:
+    out = ["| stage | workers | items | seconds | items/s | target |", "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        target = "–"
+        if r["stage"] == "transform":
+            per_million = r["seconds"] * 1e6 / r["n"]
+            target = f"{per_million:.1f} s per 10^6 " + ("(<= 60 s: met)" if per_million <= 60 else "(**missed**)")
+        out.append(f"| {r['stage']} | {r['workers']} | {r['n']:,} | {r['seconds']:.1f} | {r['items_per_s']:,} | {target} |")
+    return "\n".join(out)
+
+
 def table(rows: list[dict]) -> str:
     out = ["| index | n | build s | memory MiB | p50 ms | p99 ms | recall@10 | target at 10^6 (p50 <= 5 ms, recall >= 0.95) |",
            "|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -114,14 +183,24 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--kinds", nargs="+", default=list(INDEX_TYPES), choices=list(INDEX_TYPES))
     ap.add_argument("--build-threads", type=int, default=2, help="faiss threads while building (search: 1)")
-    ap.add_argument("--report", action="store_true", help="only print the table of the stored rows")
+    ap.add_argument("--parts", nargs="+", default=["index"], choices=["index", "throughput"])
+    ap.add_argument("--embed-items", type=int, default=200_000, help="throughput: items embedded per setting")
+    ap.add_argument("--transform-vectors", type=int, default=1_000_000, help="throughput: vectors transformed")
+    ap.add_argument("--report", action="store_true", help="only print the tables of the stored rows")
     args = ap.parse_args(argv)
     key = lambda r: (r["index"], r["n"])  # noqa: E731
-    if not args.report:
+    if not args.report and "index" in args.parts:
         for n in args.sizes:
             rows = run(n, args.kinds, args.build_threads)
             write_json(PATH, merge_rows(PATH, rows, key))
+    if not args.report and "throughput" in args.parts:
+        write_json(THROUGHPUT, throughput(args.embed_items, args.transform_vectors))
     print(table(merge_rows(PATH, [], key)))
+    if THROUGHPUT.is_file():
+        import json
+
+        print()
+        print(throughput_table(json.loads(THROUGHPUT.read_text())))
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ class _Embedder:
     def __call__(self, batch: dict) -> dict:
         from workers.training import predict
 
-        rows = batch["id"]
+        rows = batch["data"]
         z, _ = predict(self.model, np.ascontiguousarray(self.x[rows], dtype=np.float32))
         return {"row": rows, "z": z.astype(np.float32)}
 
@@ -124,7 +124,10 @@ def embed_items(x: np.ndarray, uri: str, sha256: str, factory: Optional[str] = N
     else:
         from ray.data import ActorPoolStrategy
 
-        ds = ray.data.range(n, override_num_blocks=max(1, min(4 * workers, -(-n // batch_size))))
+        # Row numbers as in-memory blocks (no read tasks: with every CPU held by the actor
+        # pool, a read stage would never be scheduled), the inputs once in the object store.
+        blocks = max(1, min(4 * workers, -(-n // batch_size)))
+        ds = ray.data.from_numpy([np.asarray(b) for b in np.array_split(np.arange(n, dtype=np.int64), blocks)])
         emb = ds.map_batches(_Embedder, fn_constructor_args=(ray.put(np.ascontiguousarray(x)), uri, sha256, factory),
                              batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=workers),
                              num_cpus=1)

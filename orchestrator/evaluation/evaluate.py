@@ -261,6 +261,34 @@ def compare_models(baseline, candidate, x: np.ndarray, y: np.ndarray, gates: Gat
                       verdict=verdict)
 
 
+def query_generation_top1(cfg: RunConfig, reg: Registry, x: np.ndarray, y: np.ndarray) -> Optional[dict]:
+    """M(q, gallery) for each trained `retrieval.query_generations` entry q: top-1 of q's
+    embeddings of the first half of the test rows searched among the gallery generation's
+    embeddings of the second half (as `compare_models` splits them), beside M(gallery,
+    gallery). Reported, not gated. None when no query generation is configured; a
+    generation not trained yet, or embedding into another size, is left out (None)."""
+    from workers.training import predict
+
+    if not cfg.retrieval.query_generations:
+        return None
+    half = len(y) // 2
+    gal = predict(load_verified(reg, cfg.gallery, cfg), x)[0]
+    out = {"gallery": cfg.gallery, "gallery_top1": float(np.mean(M.retrieval_hits(gal[:half], y[:half], gal[half:],
+                                                                                   y[half:]))), "top1": {}}
+    for q in cfg.retrieval.query_generations:
+        try:
+            ensure_registered(cfg, reg, q)
+            if reg.generation(q) is None:
+                raise EvaluationError(f"{q} is not registered")
+        except EvaluationError:
+            out["top1"][q] = None  # not trained yet
+            continue
+        emb = predict(load_verified(reg, q, cfg), x[:half])[0]
+        out["top1"][q] = (float(np.mean(M.retrieval_hits(emb, y[:half], gal[half:], y[half:])))
+                          if emb.shape[1] == gal.shape[1] else None)
+    return out
+
+
 def ensure_registered(cfg: RunConfig, reg: Registry, name: str) -> None:
     """`orchestrator.registry.ensure_registered` (the one registration path), with its
     refusals as EvaluationError naming what is wrong."""
@@ -303,6 +331,10 @@ def evaluate(cfg: RunConfig, candidate: str, against: Optional[str] = None,
         ev = compare_models(load_verified(reg, baseline, cfg), load_verified(reg, candidate, cfg),
                             ds.test.x, ds.test.y, cfg.gates, (baseline, candidate), n_boot)
         mets, verdict, reasons = ev.metrics, ev.verdict, ev.reasons
+        heterogeneous = query_generation_top1(cfg, reg, ds.test.x, ds.test.y)
+        if heterogeneous is not None:
+            mets = {**mets, "query_generations": heterogeneous}
+            ev = replace(ev, metrics=mets)
         per_class, flips = ev.per_class_nfr, ev.flip_matrix
         eid, status = None, reg.generation(candidate).status
         if record:
@@ -340,6 +372,12 @@ def render(ev: Evaluation) -> str:
         lines.append(f"  [{TAGS.get(c.verdict, c.verdict)}] {c.reason}")
     lines.append(f"  error {m['error_baseline']:.4f} -> {m['error_candidate']:.4f} ({m['error_change']:+.4f}); "
                  f"NFR {m['nfr']:.4f}, NFI {m['nfi']:.4f}, PFR {m['pfr']:.4f}; {m['n']} held-out samples")
+    het = m.get("query_generations")
+    if het:
+        got = ", ".join(f"M({q}, {het['gallery']}) " + ("n/a" if v is None else f"{100 * v:.1f} %")
+                        for q, v in het["top1"].items())
+        lines.append(f"  query generations (reported, not gated): {got}; M({het['gallery']}, {het['gallery']}) "
+                     f"{100 * het['gallery_top1']:.1f} %")
     if ev.verdict == "inconclusive":
         lines.append(f"  inconclusive: {INCONCLUSIVE_HINT}")
     return "\n".join(lines)

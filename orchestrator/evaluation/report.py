@@ -233,6 +233,9 @@ def write_report(cfg: RunConfig, ev: Evaluation, reg: Registry, out_dir: Optiona
         f"| worst per-class NFR | class {m['worst_class']}: {_pct(m['worst_class_nfr'])} |",
         f"| M({c}, {b}) vs M({b}, {b}) | {_pct(m['m_candidate_production'])} vs "
         f"{_pct(m['m_production_production'])} |",
+        *[f"| M({q}, {het['gallery']}): query generation in the gallery model's gallery (not gated) | {_pct(v)} "
+          f"(M({het['gallery']}, {het['gallery']}) {_pct(het['gallery_top1'])}) |"
+          for het in [m.get("query_generations") or {"top1": {}}] for q, v in het["top1"].items()],
         "",
         "## Where the negative flips go",
         "",

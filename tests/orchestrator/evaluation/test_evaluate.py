@@ -299,3 +299,30 @@ def test_record_trained_backfills_and_replaces(tmp_path):
         f.write_bytes(f.read_bytes() + b"x")
         with pytest.raises(IntegrityError, match="does not match its metrics.json"):
             register_trained(cfg, "g1", registry=reg)
+
+
+def test_query_generations_are_measured_in_the_gallery_models_gallery_not_gated(chain):
+    """retrieval.query_generations [g2, g3]: the evaluation reports M(g2, g0) (g2's query
+    embeddings searched among the gallery model g0's) computed as the hits of the test
+    split's halves, and None for g3, which is not trained; the verdict is the same as
+    without them, and the rendered verdict shows them."""
+    from orchestrator.evaluation.evaluate import render
+    from workers.data import load_dataset
+    from workers.training import predict
+
+    cfg = load_config(chain)
+    plain = evaluate(cfg, "g1", n_boot=20, record=False)
+    het_cfg = cfg.model_copy(update={"retrieval": cfg.retrieval.model_copy(update={"query_generations": ["g2", "g3"]})})
+    ev = evaluate(het_cfg, "g1", n_boot=20, record=False)
+    het = ev.metrics["query_generations"]
+    ds = load_dataset(cfg.data)
+    half = len(ds.test.y) // 2
+    with Registry(registry_path(cfg)) as reg:
+        gal = predict(load_verified(reg, "g0"), ds.test.x[half:])[0]
+        q = predict(load_verified(reg, "g2"), ds.test.x[:half])[0]
+    from orchestrator.evaluation.metrics import retrieval_top1
+
+    assert het["gallery"] == "g0" and het["top1"]["g3"] is None
+    assert het["top1"]["g2"] == pytest.approx(retrieval_top1(q, ds.test.y[:half], gal, ds.test.y[half:]))
+    assert ev.verdict == plain.verdict and "query_generations" not in plain.metrics
+    assert f"M(g2, g0) {100 * het['top1']['g2']:.1f} %" in render(ev) and "M(g3, g0) n/a" in render(ev)
