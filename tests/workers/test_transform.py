@@ -66,8 +66,8 @@ def test_a_residual_that_only_fits_noise_is_dropped_for_the_linear_start():
     h = fit_transform(old, new, steps=600, hidden=256, lr=1e-2, weight_decay=0.0, holdout=0.3)
     rep = h.fit_report
     assert rep["held_out_pairs"] == 18
-    assert rep["held_out_cos_last"] < rep["held_out_cos_linear"] - 0.02, rep
-    assert rep["step"] == 0 and rep["held_out_cos"] == rep["held_out_cos_linear"]
+    assert rep["held_out_last"] < rep["held_out_linear"] - 0.02, rep
+    assert rep["step"] == 0 and rep["held_out_best"] == rep["held_out_linear"]
     # the returned h is the linear start: its residual adds nothing
     assert np.allclose(apply_transform(h, old), _unit(old @ h.linear.weight.detach().numpy().T), atol=1e-5)
 
@@ -77,4 +77,20 @@ def test_a_learnable_non_linear_part_wins_over_the_linear_start_on_held_out_pair
     old = _unit(rng.normal(size=(2000, 4)))
     h = fit_transform(old, _unit(old ** 3), steps=800, hidden=64, lr=3e-3)
     rep = h.fit_report
-    assert rep["step"] > 0 and rep["held_out_cos"] > rep["held_out_cos_linear"] + 0.01, rep
+    assert rep["step"] > 0 and rep["held_out_best"] > rep["held_out_linear"] + 0.01, rep
+
+
+def test_with_labels_the_state_is_chosen_by_held_out_retrieval_top1():
+    """Pairs of 4 classes whose new embeddings are the old ones rotated: the linear start is
+    already exact, so held-out top-1 (new queries against h of old vectors) is 1.0 at step
+    0, and that state is kept; labels of the wrong length are refused."""
+    rng = np.random.default_rng(4)
+    r, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    centres = _unit(rng.normal(size=(4, 8)))
+    y = np.arange(400) % 4
+    old = _unit(centres[y] + 0.1 * rng.normal(size=(400, 8)))
+    h = fit_transform(old, old @ r, labels=y, steps=200)
+    rep = h.fit_report
+    assert rep["selected_by"] == "top1" and rep["held_out_linear"] == 1.0 and rep["step"] == 0
+    with pytest.raises(ValueError, match="one class id per pair"):
+        fit_transform(old, old @ r, labels=y[:10], steps=1)
