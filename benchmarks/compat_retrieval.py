@@ -56,6 +56,7 @@ from workers.models import GracefulNet
 from workers.specs import ArchSpec, BCTSpec, CompatSpec, TrainSpec
 from workers.train import CompatTargets
 from workers.training import predict
+from workers.embedding import backfill_order
 from workers.transform import apply_transform, fit_transform
 
 METHODS = ["independent", "bct_production", "bct", "bct_strong"]
@@ -76,17 +77,6 @@ def heads_for(method: str, ancestors: list[tuple[str, GracefulNet]]) -> list[Fro
     k = len(ancestors)
     weights = ancestor_importances([k - i for i in range(k)], 0.5)
     return [frozen_head(m, n, w) for (n, m), w in zip(ancestors, weights)]
-
-
-def backfill_order(old_gallery: np.ndarray, old_head: FrozenHead, how: str, seed: int) -> np.ndarray:
-    """Gallery rows in the order they are re-embedded: `uncertainty`, the smallest margin
-    between the old head's top two logits on the stored vector first (no raw item read);
-    `random`, a seeded permutation."""
-    if how == "random":
-        return np.random.default_rng(seed).permutation(len(old_gallery))
-    logits = old_head.logits(torch.as_tensor(old_gallery)).numpy()
-    top2 = np.sort(logits, axis=1)[:, -2:]
-    return np.argsort(top2[:, 1] - top2[:, 0], kind="stable")
 
 
 def gap_extras(ds: Dataset, chains: dict[str, list[tuple[str, GracefulNet]]], seed: int) -> dict[tuple, float]:

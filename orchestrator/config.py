@@ -192,6 +192,19 @@ class RaySpec(StrictModel):
     runtime_env: RuntimeEnvSpec = Field(default_factory=RuntimeEnvSpec)
 
 
+class TransformSpec(StrictModel):
+    """The old-to-new transformation of stored vectors (`graceful catalogue transform`):
+    h = linear least-squares map + residual MLP, fitted on pairs of the training pool's
+    embeddings by both models, its state chosen by held-out retrieval top-1
+    (`workers.transform.fit_transform`)."""
+
+    hidden: int = Field(256, ge=1, le=65536, description="units of each MLP layer")
+    depth: int = Field(2, ge=0, le=8, description="MLP layers before its output layer")
+    steps: int = Field(2000, ge=0, description="optimiser steps; 0: the linear map alone")
+    max_pairs: int = Field(20000, ge=20, description="training-pool rows embedded by both models")
+    holdout: float = Field(0.1, ge=0, lt=0.5, description="share of the pairs that chooses the state")
+
+
 class RetrievalSpec(StrictModel):
     """The retrieval catalogue (docs/serving.md, Catalogue): items embedded once by the
     gallery generation into a persisted faiss index the router loads; items added later
@@ -207,6 +220,10 @@ class RetrievalSpec(StrictModel):
     # Generations served only to requests that name them (`generation` in /v1/embed and
     # /v1/search): an edge query model beside the gallery model. Never shadowed or rolled out.
     query_generations: list[str] = Field(default_factory=list)
+    transform: TransformSpec = Field(default_factory=TransformSpec)
+    # Which items `graceful catalogue backfill --share` re-embeds first: uncertainty (the
+    # smallest margin of their model's head on the stored vector) or random.
+    backfill_order: Literal["uncertainty", "random"] = "uncertainty"
 
 
 class RunConfig(StrictModel):

@@ -9,7 +9,10 @@ router reads through it). A catalogue is a directory:
                       "updated"}
   index.<v>.faiss    the vectors (`serving.index`), faiss id = the item's row in items
   items.<v>.npz      arrays `ids` (unicode item ids), `labels` (int64, -1 when unknown),
-                     `generation` (int16, a position in manifest.generations)
+                     `generation` (int16, a position in manifest.generations: whose space
+                     the item's vector is in), `how` (int8: 0 embedded when added, 1
+                     transformed from an older generation's vector, 2 re-embedded by a
+                     backfill)
 
 Every change writes a new version's index and items files, then replaces the manifest
 atomically: a reader (a router replica on any node that mounts the directory) sees the
@@ -19,7 +22,10 @@ files are kept for readers still loading them, older ones removed.
 
 Items are embedded once: the gallery generation embeds the first items, later ones are
 embedded by whichever generation is production when they are added (BCT keeps old and
-new vectors comparable), so no item is ever re-embedded.
+new vectors comparable). Two operations change stored vectors, each on request and
+recorded in the manifest's `history`: a transformation of stored vectors into a newer
+generation's space (no raw item needed) and a partial backfill (a share of the items
+re-embedded from their inputs).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from serving.index import IndexSpec, RetrievalIndexError
 FORMAT = "graceful-catalogue/1"
 MANIFEST = "manifest.json"
 MAX_ID_CHARS = 256
+HOW = ("embedded", "transformed", "reembedded")  # items.npz `how` codes
 
 
 class CatalogueError(ValueError):
@@ -92,6 +99,7 @@ class Catalogue:
     ids: np.ndarray  # (n,) str
     labels: np.ndarray  # (n,) int64, -1 unknown
     generation: np.ndarray  # (n,) int16 into manifest["generations"]
+    how: np.ndarray  # (n,) int8 into HOW
 
     @property
     def version(self) -> int:
@@ -149,6 +157,7 @@ def load_catalogue(path: str | Path) -> Catalogue:
         faiss_index.set_search_params(index, IndexSpec.model_validate(m["index"]))
         with np.load(d / m["items_file"], allow_pickle=False) as f:
             ids, labels, gen = f["ids"], f["labels"].astype(np.int64), f["generation"].astype(np.int16)
+            how = f["how"].astype(np.int8) if "how" in f else np.zeros(len(ids), np.int8)
     except RetrievalIndexError as e:
         raise CatalogueError(str(e)) from None
     except (KeyError, OSError, ValueError) as e:
@@ -157,7 +166,7 @@ def load_catalogue(path: str | Path) -> Catalogue:
         raise CatalogueError(f"{d}: unreadable catalogue ({type(e).__name__}: {e})") from None
     if not (len(ids) == len(labels) == len(gen) == index.ntotal == m["count"]):
         raise CatalogueError(f"{d}: {len(ids)} items, {index.ntotal} vectors, manifest says {m['count']}")
-    return Catalogue(d, m, index, ids, labels, gen)
+    return Catalogue(d, m, index, ids, labels, gen, how)
 
 
 @contextmanager
@@ -185,14 +194,15 @@ def _check_rows(vectors: np.ndarray, ids: np.ndarray, labels: Optional[np.ndarra
     return lab.astype(np.int64)
 
 
-def _write_version(d: Path, m: dict, index, ids: np.ndarray, labels: np.ndarray, gen: np.ndarray) -> dict:
+def _write_version(d: Path, m: dict, index, ids: np.ndarray, labels: np.ndarray, gen: np.ndarray,
+                   how: np.ndarray) -> dict:
     v = int(m["version"])
     index_file, items_file = f"index.{v}.faiss", f"items.{v}.npz"
     m = {**m, "index_file": index_file, "items_file": items_file, "dim": int(index.d), "count": int(index.ntotal),
          "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     m["index_sha256"] = faiss_index.save(index, d / index_file)
     tmp = d / f".{items_file}.tmp{os.getpid()}.npz"
-    np.savez(tmp, ids=ids, labels=labels, generation=gen)
+    np.savez(tmp, ids=ids, labels=labels, generation=gen, how=how)
     os.replace(tmp, d / items_file)
     m["items_sha256"] = faiss_index.sha256_file(d / items_file)
     tmp = d / f".{MANIFEST}.tmp{os.getpid()}"
@@ -220,8 +230,9 @@ def create_catalogue(path: str | Path, spec: IndexSpec, generation: str, vectors
         except RetrievalIndexError as e:
             raise CatalogueError(f"catalogue index: {e}") from None
         m = {"format": FORMAT, "version": 1, "index": spec.model_dump(mode="json"), "generations": [generation],
-             "counts": {generation: len(ids_)}}
-        return _write_version(d, m, index, ids_, lab, np.zeros(len(ids_), np.int16))
+             "counts": {generation: len(ids_)}, "history": [{"op": "build", "generation": generation,
+                                                              "items": len(ids_)}]}
+        return _write_version(d, m, index, ids_, lab, np.zeros(len(ids_), np.int16), np.zeros(len(ids_), np.int8))
 
 
 def add_items(path: str | Path, generation: str, vectors: np.ndarray, ids: Sequence,
@@ -247,6 +258,58 @@ def add_items(path: str | Path, generation: str, vectors: np.ndarray, ids: Seque
         faiss_index.add(cat.index, vectors, np.arange(len(cat), len(cat) + len(new_ids)))
         counts = dict(cat.manifest["counts"])
         counts[generation] = counts.get(generation, 0) + len(new_ids)
-        m = {**cat.manifest, "version": cat.version + 1, "generations": gens, "counts": counts}
+        m = {**cat.manifest, "version": cat.version + 1, "generations": gens, "counts": counts,
+             "history": [*cat.manifest.get("history", []), {"op": "add", "generation": generation,
+                                                            "items": len(new_ids)}]}
         return _write_version(d, m, cat.index, np.concatenate([cat.ids, new_ids]), np.concatenate([cat.labels, lab]),
-                              np.concatenate([cat.generation, np.full(len(new_ids), gens.index(generation), np.int16)]))
+                              np.concatenate([cat.generation, np.full(len(new_ids), gens.index(generation), np.int16)]),
+                              np.concatenate([cat.how, np.zeros(len(new_ids), np.int8)]))
+
+
+def replace_vectors(path: str | Path, rows: np.ndarray, vectors: np.ndarray, generation: str, how: str,
+                    note: Optional[dict] = None, expect_version: Optional[int] = None) -> dict:
+    """Replace the vectors of items at `rows` (positions) by `vectors`, now in
+    `generation`'s space (`how`: "transformed" or "reembedded"); the index is rebuilt with
+    its spec from every vector (an ivfpq catalogue's untouched vectors are its quantised
+    ones). `expect_version`: refuse (nothing changes) when the catalogue moved on since the
+    caller read it. Returns the new manifest, its history noting `note`."""
+    d = catalogue_path(path)
+    if how not in HOW[1:]:
+        raise CatalogueError(f"how: one of {HOW[1:]}, got {how!r}")
+    rows = np.asarray(rows, dtype=np.int64)
+    with _locked(d):
+        cat = load_catalogue(d)
+        if expect_version is not None and cat.version != expect_version:
+            raise CatalogueError(f"the catalogue at {d} changed (version {cat.version}, expected {expect_version}); "
+                                 f"run again")
+        v = np.asarray(vectors)
+        if v.ndim != 2 or len(v) != len(rows) or (len(rows) and (rows.min() < 0 or rows.max() >= len(cat))):
+            raise CatalogueError(f"need one vector per row among {len(cat)} items, got {v.shape} for {len(rows)} rows")
+        if not np.isfinite(v).all():
+            raise CatalogueError("replacement vectors contain NaN or infinity")
+        if len(np.unique(rows)) != len(rows):
+            raise CatalogueError("rows repeat")
+        all_v = faiss_index.vectors_of(cat.index)
+        if v.shape[1] != all_v.shape[1]:
+            # A new size is only possible when every vector moves (all rows, one generation).
+            if len(rows) != len(cat):
+                raise CatalogueError(f"{generation} embeds into {v.shape[1]} dimensions, the catalogue holds "
+                                     f"{all_v.shape[1]}: only a replacement of every vector can change the size")
+            all_v = np.zeros((len(cat), v.shape[1]), np.float32)
+        all_v[rows] = faiss_index.normalized(v)
+        spec = IndexSpec.model_validate(cat.manifest["index"])
+        try:
+            index = faiss_index.build(spec, all_v, np.arange(len(cat)))
+        except RetrievalIndexError as e:
+            raise CatalogueError(f"catalogue index: {e}") from None
+        gens = cat.generations
+        if generation not in gens:
+            gens.append(generation)
+        gen_arr, how_arr = cat.generation.copy(), cat.how.copy()
+        gen_arr[rows] = gens.index(generation)
+        how_arr[rows] = HOW.index(how)
+        counts = {g: int((gen_arr == i).sum()) for i, g in enumerate(gens) if (gen_arr == i).any()}
+        m = {**cat.manifest, "version": cat.version + 1, "generations": gens, "counts": counts,
+             "history": [*cat.manifest.get("history", []), {"op": how, "generation": generation,
+                                                            "items": int(len(rows)), **(note or {})}]}
+        return _write_version(d, m, index, cat.ids, cat.labels, gen_arr, how_arr)

@@ -153,6 +153,18 @@ def item_ids_of(index) -> np.ndarray:
     return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
 
 
+def vectors_of(index) -> np.ndarray:
+    """Every stored vector, (ntotal, d) float32, in the order they were added (ivfpq:
+    the quantised vectors, an approximation)."""
+    faiss = _faiss()
+    if hasattr(index, "id_map"):  # IndexIDMap2 over flat or hnsw: storage order = insertion order
+        return index.index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d), np.float32)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.make_direct_map()  # position ids (the catalogue's) -> stored vector
+    ids = np.sort(item_ids_of(index))
+    return np.stack([index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, index.d), np.float32)
+
+
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(cosine scores, item ids), each (n, k), best first; -1 ids pad when fewer than k items."""
     q = normalized(queries)

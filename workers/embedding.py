@@ -105,6 +105,29 @@ class _Embedder:
         return {"row": rows, "z": z.astype(np.float32)}
 
 
+def backfill_order(vectors: np.ndarray, head: Any, how: str, seed: int = 0) -> np.ndarray:
+    """Positions of stored `vectors` in the order a partial backfill re-embeds them:
+    `uncertainty` (FastFill-style), the smallest margin between the top two logits of
+    `head` (a `workers.losses.FrozenHead` of the model whose space the vectors are in) on
+    the stored vector first, no raw item read; `random`, a seeded permutation.
+
+    >>> from workers.losses import FrozenHead
+    >>> head = FrozenHead("g0", np.eye(2, dtype=np.float32), np.zeros(2, np.float32), None)
+    >>> backfill_order(np.array([[3, 0], [1, 0.9], [2, 1]], np.float32), head, "uncertainty").tolist()
+    [1, 2, 0]
+    """
+    import torch
+
+    if how == "random":
+        return np.random.default_rng(seed).permutation(len(vectors))
+    if how != "uncertainty":
+        raise ValueError(f"backfill order: uncertainty or random, got {how!r}")
+    with torch.no_grad():
+        logits = head.logits(torch.as_tensor(np.asarray(vectors, np.float32))).numpy()
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return np.argsort(top2[:, 1] - top2[:, 0], kind="stable")
+
+
 def embed_items(x: np.ndarray, uri: str, sha256: str, factory: Optional[str] = None, *, workers: int = 2,
                 batch_size: int = 1024, log: Optional[Callable[[str], None]] = None) -> np.ndarray:
     """Embeddings (n, dim) of `x`, in order, by the checkpoint at `uri` (verified)."""

@@ -6,7 +6,12 @@ build  embed `retrieval.catalogue`'s items once with the gallery generation (Ray
 add    embed the items of an .npz (arrays ids, x, optionally y) with the registry's
        production and append them; no stored vector changes. A running router picks the
        new version up within `serving.catalogue_refresh_s`.
-show   the manifest: version, items, which generation embedded how many.
+transform  map every stored vector not in production's space (or --to GEN's) into it
+       with a transformation fitted on the training pool (`retrieval.transform`); no raw
+       item is read.
+backfill   re-embed `--share` of the items (of `retrieval.catalogue`) with production,
+       most uncertain first (`retrieval.backfill_order`, or `--order`).
+show   the manifest: version, items, whose space how many vectors are in, the history.
 
 Exit 0; 1 when the catalogue or a checkpoint fails verification; 2 for a bad config,
 bad items (an id already present, vectors of another size, NaN), or no catalogue (show).
@@ -28,8 +33,10 @@ def _log(args: argparse.Namespace):
 
 def _summary(m: dict) -> str:
     counts = ", ".join(f"{g}: {n}" for g, n in m["counts"].items())
+    last = (m.get("history") or [{}])[-1]
     return (f"catalogue version {m['version']}: {m['count']} items of {m['dim']} dimensions in a "
-            f"{m['index']['type']} index ({counts})")
+            f"{m['index']['type']} index (vectors in each generation's space: {counts}); last change: "
+            f"{last.get('op', '?')} of {last.get('items', '?')} items by {last.get('generation', '?')}")
 
 
 def _with_ray(args: argparse.Namespace, fn) -> int:
@@ -95,6 +102,31 @@ def _cmd_add(args: argparse.Namespace) -> int:
     return _with_ray(args, add)
 
 
+def _target(cfg, reg, to):
+    from orchestrator.apps import generation_ref, production_name
+
+    return generation_ref(cfg, reg, to or production_name(cfg, reg))
+
+
+def _cmd_transform(args: argparse.Namespace) -> int:
+    from orchestrator.apps import generation_ref
+    from orchestrator.catalogue import transform_catalogue
+
+    return _with_ray(args, lambda cfg, reg: transform_catalogue(
+        cfg, reg, _target(cfg, reg, args.to), lambda g: generation_ref(cfg, reg, g), _log(args), actor=args.actor))
+
+
+def _cmd_backfill(args: argparse.Namespace) -> int:
+    from orchestrator.apps import generation_ref
+    from orchestrator.catalogue import backfill_catalogue
+
+    if not 0 < args.share <= 1:
+        raise UsageError(f"--share: a fraction in (0, 1], got {args.share}")
+    return _with_ray(args, lambda cfg, reg: backfill_catalogue(
+        cfg, reg, _target(cfg, reg, args.to), args.share, lambda g: generation_ref(cfg, reg, g), args.order,
+        _log(args), actor=args.actor))
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     from serving.catalogue import CatalogueError, read_manifest
 
@@ -123,6 +155,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--actor", default=os.environ.get("USER", "operator"), help="who adds them (audit log)")
     add_json_arg(a)
     a.set_defaults(func=_cmd_add)
+    t = cat_sub.add_parser("transform", help="map stored vectors into production's space (no item re-embedded)")
+    add_config_arg(t)
+    t.add_argument("--to", help="the generation whose space (default: the registry's production)")
+    t.add_argument("--actor", default=os.environ.get("USER", "operator"), help="who runs it (audit log)")
+    add_json_arg(t)
+    t.set_defaults(func=_cmd_transform)
+    f = cat_sub.add_parser("backfill", help="re-embed a share of the items with production, most uncertain first")
+    add_config_arg(f)
+    f.add_argument("--share", type=float, required=True, help="fraction of all items to re-embed, e.g. 0.1")
+    f.add_argument("--order", choices=["uncertainty", "random"], help="default: retrieval.backfill_order")
+    f.add_argument("--to", help="the generation that re-embeds (default: the registry's production)")
+    f.add_argument("--actor", default=os.environ.get("USER", "operator"), help="who runs it (audit log)")
+    add_json_arg(f)
+    f.set_defaults(func=_cmd_backfill)
     s = cat_sub.add_parser("show", help="the catalogue's manifest")
     add_config_arg(s)
     add_json_arg(s)

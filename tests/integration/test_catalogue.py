@@ -1,7 +1,8 @@
 """The catalogue end to end: `graceful catalogue build` embeds the items with Ray Data
 actors in its own local Ray, `add` appends items embedded by the registry's production
-(never touching stored vectors), and bad or tampered input is refused with the
-documented exit codes, nothing changed."""
+(never touching stored vectors), `transform` maps the old vectors into production's
+space, `backfill` re-embeds a share from the items' inputs, and bad or tampered input is
+refused with the documented exit codes, nothing changed."""
 
 from __future__ import annotations
 
@@ -57,7 +58,6 @@ def test_build_with_ray_data_then_add_by_production_without_touching_stored_vect
     want = predict(g0, ds.gallery.x)[0]
     assert np.allclose(_vectors(cat), want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
     before = _vectors(cat)
-    assert _graceful("catalogue", "build", str(cfg_path), "--json")[1]["version"] == 1  # built once
 
     with Registry(registry_path(cfg)) as reg:  # g1 becomes production: it embeds what is added now
         generation_ref(cfg, reg, "g1")  # registered from the run dir
@@ -77,11 +77,36 @@ def test_build_with_ray_data_then_add_by_production_without_touching_stored_vect
     with Registry(registry_path(cfg)) as reg:
         actions = [(e.action, e.subject, e.actor) for e in reg.events() if e.action.startswith("catalogue")]
     assert actions == [("catalogue_built", "g0", "catalogue"), ("catalogue_items_added", "g1", "ops")]
+    g1_vectors = _vectors(cat)[n:]
+
+    # Transform: g0's stored vectors mapped into production g1's space (no item read);
+    # g1's own added items untouched.
+    raw["retrieval"]["transform"] = {"steps": 50, "hidden": 16, "max_pairs": 400}
+    cfg_path.write_text(yaml.safe_dump(raw))
+    rc, m, err = _graceful("catalogue", "transform", str(cfg_path), "--json")
+    assert rc == 0, err
+    assert (m["version"], m["counts"]) == (3, {"g1": n + 7})
+    fit = m["history"][-1]
+    assert fit["op"] == "transformed" and fit["fits"][0]["from"] == "g0" and fit["fits"][0]["items"] == n
+    assert fit["pairs"] == 400 and fit["seconds_per_million"] > 0
+    cat = load_catalogue(cfg.catalogue_dir)
+    assert np.allclose(_vectors(cat)[n:], g1_vectors, atol=1e-6)
+    assert not np.allclose(_vectors(cat)[:n], before, atol=1e-3)
+    rc, _, err = _graceful("catalogue", "transform", str(cfg_path))
+    assert rc == 2 and "in g1's space already" in err
+    # Backfill a third of the items, at random: g1 re-embeds them from their inputs.
+    rc, m, err = _graceful("catalogue", "backfill", str(cfg_path), "--share", "0.33", "--order", "random", "--json")
+    assert rc == 0, err
+    cat = load_catalogue(cfg.catalogue_dir)
+    redone = np.flatnonzero(cat.how == 2)
+    assert m["version"] == 4 and len(redone) == round(0.33 * (n + 7)) and redone.max() < n
+    z = predict(g1, ds.gallery.x[redone])[0]
+    assert np.allclose(_vectors(cat)[redone], z / np.linalg.norm(z, axis=1, keepdims=True), atol=1e-5)
 
     # The same ids again: exit 2 naming them, nothing stored changes.
     rc, _, err = _graceful("catalogue", "add", str(cfg_path), str(items))
     assert rc == 2 and "already in the catalogue" in err and "new-0" in err
-    assert read_manifest(cfg.catalogue_dir)["version"] == 2
+    assert read_manifest(cfg.catalogue_dir)["version"] == 4
     # A tampered index file: exit 1 naming it.
     f = cfg.catalogue_dir / read_manifest(cfg.catalogue_dir)["index_file"]
     f.write_bytes(f.read_bytes()[:-8] + b"\0" * 8)

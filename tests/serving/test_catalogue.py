@@ -101,3 +101,32 @@ def test_paths_and_file_uris_are_read_other_schemes_are_refused(tmp_path):
     assert read_manifest(tmp_path / "none") is None
     with pytest.raises(CatalogueError, match="no catalogue at"):
         load_catalogue(tmp_path / "none")
+
+
+def test_replacing_vectors_moves_them_into_the_new_space_and_keeps_the_rest(tmp_path, vectors):
+    """Rows 0 and 1 re-embedded by g1: found by their new vectors, their generation and
+    `how` recorded, the other 8 untouched, the history noting the change; a caller that
+    read an older version, repeated rows, or a new size for some rows only are refused
+    and nothing changes."""
+    from serving.catalogue import HOW, replace_vectors
+    from serving.index import vectors_of
+
+    d = tmp_path / "cat"
+    create_catalogue(d, IndexSpec(), "g0", vectors[:10], [f"i{k}" for k in range(10)])
+    m = replace_vectors(d, np.array([0, 1]), vectors[20:22], "g1", "reembedded", {"share": 0.2}, expect_version=1)
+    cat = load_catalogue(d)
+    assert m["counts"] == {"g0": 8, "g1": 2} and m["history"][-1] == {"op": "reembedded", "generation": "g1",
+                                                                     "items": 2, "share": 0.2}
+    assert cat.search(vectors[20:22], 1)[1] == [["i0"], ["i1"]]
+    assert np.allclose(vectors_of(cat.index)[2:], vectors[2:10], atol=1e-6)
+    assert cat.generation.tolist() == [1, 1] + [0] * 8 and [HOW[h] for h in cat.how[:3]] == [
+        "reembedded", "reembedded", "embedded"]
+    with pytest.raises(CatalogueError, match="changed .*version 2, expected 1"):
+        replace_vectors(d, np.array([3]), vectors[30:31], "g1", "reembedded", expect_version=1)
+    with pytest.raises(CatalogueError, match="rows repeat"):
+        replace_vectors(d, np.array([3, 3]), vectors[30:32], "g1", "reembedded")
+    with pytest.raises(CatalogueError, match="only a replacement of every vector can change the size"):
+        replace_vectors(d, np.array([3]), vectors[30:31, :8], "g1", "transformed")
+    assert read_manifest(d)["version"] == 2
+    m = replace_vectors(d, np.arange(10), vectors[40:50, :8], "g2", "transformed")  # all rows: a new size
+    assert (m["dim"], m["counts"]) == (8, {"g2": 10})
