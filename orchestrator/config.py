@@ -221,9 +221,10 @@ class RetrievalSpec(StrictModel):
     # /v1/search): an edge query model beside the gallery model. Never shadowed or rolled out.
     query_generations: list[str] = Field(default_factory=list)
     transform: TransformSpec = Field(default_factory=TransformSpec)
-    # Which items `graceful catalogue backfill --share` re-embeds first: uncertainty (the
-    # smallest margin of their model's head on the stored vector) or random.
-    backfill_order: Literal["uncertainty", "random"] = "uncertainty"
+    # Which items `graceful catalogue backfill --share` re-embeds first: random, or
+    # uncertainty (the smallest margin of their model's head on the stored vector first;
+    # measured worse at a 10 % share, docs/training.md).
+    backfill_order: Literal["uncertainty", "random"] = "random"
 
 
 class RunConfig(StrictModel):
