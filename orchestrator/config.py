@@ -227,6 +227,21 @@ class RetrievalSpec(StrictModel):
     backfill_order: Literal["uncertainty", "random"] = "random"
 
 
+class PipelineSpec(StrictModel):
+    """`graceful run CONFIG`, the continuous pipeline (docs/pipeline.md)."""
+
+    poll_seconds: float = Field(5.0, gt=0, description="wait between reconciliations when nothing is to do")
+    # One call of the controller runs at most this long; the loop then looks again and
+    # resumes the same rollout (a restarted process resumes it too).
+    rollout_max_seconds: float = Field(3600.0, gt=0)
+    webhook_url: Optional[str] = Field(None, pattern=r"^https?://", description="POSTed each stage transition")
+    webhook_token_env: str = "GRACEFUL_WEBHOOK_TOKEN"
+    webhook_timeout_s: float = Field(5.0, gt=0)
+    # Consecutive loop errors (a stage raising for a reason outside the generation, e.g.
+    # the router unreachable) before the loop says why and stops.
+    max_consecutive_errors: int = Field(5, ge=1)
+
+
 class RunConfig(StrictModel):
     """A whole run: data, the chain of generations, scaling, gates, serving and rollout."""
 
@@ -240,6 +255,7 @@ class RunConfig(StrictModel):
     serving: ServingSpec = Field(default_factory=ServingSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     retrieval: RetrievalSpec = Field(default_factory=RetrievalSpec)
+    pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
 
     @field_validator("run_dir")

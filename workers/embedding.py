@@ -147,6 +147,11 @@ def embed_items(x: np.ndarray, uri: str, sha256: str, factory: Optional[str] = N
     else:
         from ray.data import ActorPoolStrategy
 
+        # A fixed pool larger than the free CPUs would wait for actors that never start
+        # (the serving plane and a training job may hold some): take what is free.
+        free = int(ray.available_resources().get("CPU", 0))
+        if free < workers:
+            workers = max(1, free)
         # Row numbers as in-memory blocks (no read tasks: with every CPU held by the actor
         # pool, a read stage would never be scheduled), the inputs once in the object store.
         blocks = max(1, min(4 * workers, -(-n // batch_size)))

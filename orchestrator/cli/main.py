@@ -24,6 +24,7 @@ COMMAND_MODULES: list[str] = [
     "orchestrator.cli.rollout",
     "orchestrator.cli.labels",
     "orchestrator.cli.catalogue",
+    "orchestrator.cli.pipeline",
     "orchestrator.cli.demo",
 ]
 

@@ -175,6 +175,11 @@ def _render_status(s: dict) -> str:
     gens = s["generations"]
     if gens:
         lines.append("generations: " + ", ".join(f"{g['name']} {g['status']}" for g in gens))
+    p = s.get("pipeline")
+    if p:
+        lines.append("pipeline" + (" (PAUSED)" if p["paused"] else "") + ": "
+                     + ", ".join(f"{g['name']} {g['stage']}" for g in p["generations"])
+                     + (f"; next: {p['next']}" if p["next"] else "; idle"))
     r = s["rollout"]
     if r is None:
         lines.append("no rollout yet")
@@ -224,6 +229,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
             "generations": [{"name": g.name, "status": g.status, "parent": g.parent} for g in reg.generations()],
             "rollout": None, "controller_running": False, "live_nfr": None, "last_decision": None,
             "last_tick": None, "evidence": None, "lease": None, "pending_commands": [], "events": []}
+        from orchestrator.pipeline.loop import pipeline_status
+
+        payload["pipeline"] = pipeline_status(cfg, reg)
         r = reg.active_rollout() or reg.latest_rollout(args.candidate)
         if args.candidate and (r is None or r.candidate != args.candidate):
             r = reg.latest_rollout(args.candidate)

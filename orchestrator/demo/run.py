@@ -183,12 +183,12 @@ def _live_counts(client, candidate: str, by_disagreements: bool = False) -> tupl
 
 def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, log: Callable[[str], None],
              stop: threading.Event, max_seconds: float, reason: str) -> str:
-    """Attach `candidate` as a shadow and let the controller take it to a final state.
-    Returns the final rollout state (promoted | rolled_back), or raises DemoInterrupted."""
+    """Attach `candidate` as a shadow and let the controller take it to a final state
+    (`orchestrator.pipeline.loop.drive_rollout`, as `graceful run` does), printing its
+    progress. Returns the final rollout state (promoted | rolled_back), or raises
+    DemoInterrupted."""
     from orchestrator.apps import attach_on_cluster
-    from orchestrator.rollout.controller import Controller
-    from orchestrator.rollout.sources import RouterSource
-    from orchestrator.rollout.start import start_rollout
+    from orchestrator.pipeline.loop import drive_rollout
     from serving import deploy
 
     deploy_beside = attach_on_cluster(cfg, registry)  # this process's Ray is the demo's own
@@ -197,11 +197,6 @@ def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, 
         deploy_beside(name)
         log(f"[{name}] deployed beside {production} as a shadow: it sees every request, answers none")
 
-    source = RouterSource(client)
-    # The library's start: the gate (advisory generations pass with the reason), the
-    # registry's production as baseline, and the candidate attached.
-    r = start_rollout(cfg, registry, client, source, candidate, actor="demo", reason=reason, attach=attach)
-    ctl = Controller(cfg, registry, client, source, rollout_id=r.id, attach=attach)
     t0 = time.monotonic()
     last_print = [0.0]
 
@@ -215,16 +210,13 @@ def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, 
             log(f"[{candidate}] {now - t0:5.1f}s {res.state} step {res.step} weight {res.weight or 0:.2f}: "
                 f"{res.decision} ({live}){move}")
 
-    try:
-        last = ctl.run(stop, on_tick=on_tick, max_seconds=max_seconds)
-    finally:
-        ctl.release_lease()
+    # The library's start: the gate (advisory generations pass with the reason), the
+    # registry's production as baseline, and the candidate attached.
+    state = drive_rollout(cfg, registry, client, candidate, stop, max_seconds, reason, actor="demo", attach=attach,
+                          on_tick=on_tick)
     _check(stop)
-    if ctl.stopped is not None:
-        raise RuntimeError(f"rollout of {candidate}: the controller stopped: {ctl.stopped}")
-    state = last.state if last is not None else None
-    if state not in ("promoted", "rolled_back"):
-        raise RuntimeError(f"rollout of {candidate} did not finish within {max_seconds:.0f}s (state {state}); "
+    if state is None:
+        raise RuntimeError(f"rollout of {candidate} did not finish within {max_seconds:.0f}s; "
                            f"raise --rollout-seconds or lower rollout.steps[].min_labels")
     # Free the CPU of the generation that no longer serves.
     deploy.remove_generation(production if state == "promoted" else candidate)
