@@ -227,8 +227,42 @@ class RetrievalSpec(StrictModel):
     backfill_order: Literal["uncertainty", "random"] = "random"
 
 
+class SnapshotTrigger(StrictModel):
+    """New data as files: each file matching `pattern` becomes a generation of
+    `pipeline.template`, trained on that file (docs/pipeline.md, Triggers)."""
+
+    # A glob, relative to the config file (`**` allowed); made absolute at load.
+    pattern: str = Field(..., min_length=1)
+    # The generation's name; `{stem}` is the file name without its suffix (characters a
+    # name cannot hold become '-'). Stable: the same file always gives the same name.
+    name: str = Field("{stem}", min_length=1)
+    # How a snapshot becomes training data (`generations[].train_data`); every string
+    # "{snapshot}" in it is replaced by the file's absolute path. Default: an .npz with
+    # arrays x and y ({source: npz, path: "{snapshot}"}); a custom factory takes any format.
+    data: Optional[dict[str, Any]] = None
+    # A file is taken once it has not changed for this long (a copy still being written is not).
+    settle_seconds: float = Field(2.0, ge=0)
+
+    @field_validator("pattern")
+    @classmethod
+    def _absolute_pattern(cls, v: str, info: ValidationInfo) -> str:
+        base = (info.context or {}).get("base_dir")
+        p = Path(v).expanduser()
+        return str(p if p.is_absolute() or base is None else Path(base) / p)
+
+
 class PipelineSpec(StrictModel):
     """`graceful run CONFIG`, the continuous pipeline (docs/pipeline.md)."""
+
+    # Generations besides the listed ones: every field of a generation but `name` (and
+    # `train_data`, which a snapshot sets); used by the triggers below.
+    template: Optional[dict[str, Any]] = None
+    snapshots: Optional[SnapshotTrigger] = None
+    # A new generation of the template every this many seconds, on the run's data, named
+    # "<schedule_prefix><UTC time of its slot>"; the first slot is the one `graceful run`
+    # first saw (recorded in the registry).
+    schedule_seconds: Optional[float] = Field(None, ge=60)
+    schedule_prefix: str = Field("sched-", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
 
     poll_seconds: float = Field(5.0, gt=0, description="wait between reconciliations when nothing is to do")
     # One call of the controller runs at most this long; the loop then looks again and
@@ -240,6 +274,28 @@ class PipelineSpec(StrictModel):
     # Consecutive loop errors (a stage raising for a reason outside the generation, e.g.
     # the router unreachable) before the loop says why and stops.
     max_consecutive_errors: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _template_for_triggers(self) -> "PipelineSpec":
+        if (self.snapshots is not None or self.schedule_seconds is not None) and self.template is None:
+            raise ValueError("snapshots and schedule_seconds make generations from `template`: set pipeline.template")
+        if self.template is not None:
+            for key in ("name", "train_data"):
+                if key in self.template:
+                    raise ValueError(f"template.{key}: set by the trigger, not the template")
+            try:
+                GenerationSpec.model_validate({**self.template, "name": "template"})
+            except ValidationError as e:
+                raise ValueError("template: " + "; ".join(
+                    f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())) from None
+        if self.snapshots is not None and self.snapshots.data is not None:
+            try:
+                DataSpec.model_validate({**self.snapshots.data, **({"path": "/dev/null"} if "path" in
+                                                                      self.snapshots.data else {})})
+            except ValidationError as e:
+                raise ValueError("snapshots.data: " + "; ".join(
+                    f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())) from None
+        return self
 
 
 class RunConfig(StrictModel):

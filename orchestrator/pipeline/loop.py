@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 from orchestrator.config import RunConfig
 from orchestrator.pipeline.notify import Webhook
 from orchestrator.pipeline.stages import Facts, Stage, stage_of
+from orchestrator.pipeline.triggers import effective_config, next_trigger
 from orchestrator.registry import Registry
 
 log_ = logging.getLogger(__name__)
@@ -109,12 +110,14 @@ def set_paused(reg: Registry, paused: bool, actor: str, reason: str) -> bool:
 
 
 def pipeline_status(cfg: RunConfig, reg: Registry) -> dict:
-    """`graceful status`'s `pipeline`: each generation's stage, paused or not, the active
-    rollout's candidate."""
+    """`graceful status`'s `pipeline`: each generation's stage (the listed ones and those
+    the triggers made), paused or not, the active rollout's candidate, what makes the
+    next generation."""
+    cfg = effective_config(cfg, reg)
     st = stages(cfg, reg)
     active = reg.active_rollout()
     return {"paused": is_paused(reg), "current_rollout": active.candidate if active else None,
-            "next": next((n for n, s in st.items() if not s.final), None),
+            "next": next((n for n, s in st.items() if not s.final), None), "next_trigger": next_trigger(cfg),
             "generations": [{"name": n, "stage": s.value, "status": (reg.generation(n).status
                                                                      if reg.generation(n) else None)}
                             for n, s in st.items()]}
@@ -154,7 +157,8 @@ class PipelineRunner:
 
     def __init__(self, cfg: RunConfig, reg: Registry, log: Callable[[str], None] = print,
                  stop: Optional[threading.Event] = None):
-        self.cfg, self.reg, self.log = cfg, reg, log
+        self.base, self.reg, self.log = cfg, reg, log
+        self.cfg = cfg  # the base config plus the generations the triggers made (every pass)
         self.stop = stop or threading.Event()
         p = cfg.pipeline
         self.webhook = Webhook(p.webhook_url, p.webhook_token_env, p.webhook_timeout_s)
@@ -239,6 +243,8 @@ class PipelineRunner:
                 self.log(line)
         elif stage is Stage.ROLLOUT:
             self.ensure_serving()
+            if self._lease_held_elsewhere(name):
+                return
             try:
                 state = drive_rollout(self.cfg, self.reg, self.client, name, self.stop,
                                       self.cfg.pipeline.rollout_max_seconds, f"graceful run: {name}",
@@ -248,6 +254,19 @@ class PipelineRunner:
             if state is not None:
                 self.log(f"[{name}] {state}")
                 self._free(name, state)
+
+    def _lease_held_elsewhere(self, name: str) -> bool:
+        """Another controller drives this rollout (an operator's `graceful rollout`, or a
+        killed `graceful run` whose lease has not expired yet): wait for its lease to end
+        instead of failing; one controller per rollout."""
+        r = self.reg.active_rollout()
+        lease = self.reg.lease(r.id) if r is not None and r.candidate == name else None
+        left = lease.expires_at - time.time() if lease is not None else 0.0
+        if left <= 0:
+            return False
+        self.log(f"[{name}] rollout {r.id} is driven by {lease.holder} (lease for {left:.0f} s more); waiting")
+        self.stop.wait(min(left + 0.5, self.cfg.pipeline.poll_seconds + left))
+        return True
 
     def _attach(self) -> Callable[[str], None]:
         from orchestrator.apps import attach_on_cluster
@@ -277,6 +296,7 @@ class PipelineRunner:
         said_paused = False
         while not self.stop.is_set() and (deadline is None or time.monotonic() < deadline):
             try:
+                self.cfg = effective_config(self.base, self.reg, record=True)
                 current = stages(self.cfg, self.reg)
                 self.record_transitions(current)
                 if self.reg.production() is not None:
