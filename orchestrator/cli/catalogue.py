@@ -15,6 +15,7 @@ show   the manifest: version, items, whose space how many vectors are in, the hi
 
 Exit 0; 1 when the catalogue or a checkpoint fails verification; 2 for a bad config,
 bad items (an id already present, vectors of another size, NaN), or no catalogue (show).
+`add` refuses a tampered catalogue and ids already in it before it starts Ray.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def _summary(m: dict) -> str:
             f"{last.get('op', '?')} of {last.get('items', '?')} items by {last.get('generation', '?')}")
 
 
-def _with_ray(args: argparse.Namespace, fn) -> int:
-    """Run `fn(cfg, reg)` with the registry open and Ray started (or joined at RAY_ADDRESS)."""
+def _with_ray(args: argparse.Namespace, fn, precheck=None) -> int:
+    """Run `fn(cfg, reg)` with the registry open and Ray started (or joined at RAY_ADDRESS),
+    after `precheck(cfg)`: what can be refused without a cluster is refused first."""
     import ray
 
     from orchestrator.apps import NotTrained, ServeRequestError
@@ -53,6 +55,8 @@ def _with_ray(args: argparse.Namespace, fn) -> int:
     cfg = load_or_exit(args.config)
     reg = Registry(registry_path(cfg))
     try:
+        if precheck is not None:
+            precheck(cfg)
         init_ray(cfg, address=os.environ.get("RAY_ADDRESS"))
         m = fn(cfg, reg)
     except (DataError, FactoryError, ServeRequestError) as e:
@@ -83,6 +87,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_add(args: argparse.Namespace) -> int:
     from orchestrator.apps import build_catalogue, generation_ref, production_name
     from orchestrator.catalogue import add_to_catalogue
+    from serving.catalogue import CatalogueError
     from workers.data import DataError
     from workers.embedding import load_items_file
 
@@ -94,12 +99,25 @@ def _cmd_add(args: argparse.Namespace) -> int:
     except DataError as e:
         raise UsageError(str(e)) from None
 
+    def precheck(cfg):
+        """A tampered catalogue or ids already in it: refused before Ray starts."""
+        import numpy as np
+
+        from serving.catalogue import item_ids, load_catalogue, read_manifest
+
+        new = item_ids(items.ids)
+        if read_manifest(cfg.catalogue_dir) is not None:
+            dup = np.intersect1d(load_catalogue(cfg.catalogue_dir).ids, new)
+            if len(dup):
+                raise CatalogueError(f"item ids already in the catalogue: {dup[:5].tolist()}"
+                                     f"{' ...' if len(dup) > 5 else ''}; nothing was added")
+
     def add(cfg, reg):
         build_catalogue(cfg, reg, _log(args))
         prod = generation_ref(cfg, reg, production_name(cfg, reg))
         return add_to_catalogue(cfg, reg, items, prod, _log(args), actor=args.actor)
 
-    return _with_ray(args, add)
+    return _with_ray(args, add, precheck)
 
 
 def _target(cfg, reg, to):
