@@ -12,7 +12,6 @@ lineage says what data each generation saw.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import re
 import time
@@ -21,6 +20,7 @@ from typing import Any, Optional
 
 from orchestrator.config import RunConfig
 from orchestrator.registry import Registry
+from serving.index import sha256_file
 from workers.specs import GenerationSpec
 
 SUBJECT = "pipeline"
@@ -67,14 +67,6 @@ def snapshot_files(cfg: RunConfig, now: Optional[float] = None) -> list[Path]:
     return [p for _, _, p in sorted(out)]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _snapshot_generations(cfg: RunConfig, reg: Optional[Registry], taken: set[str],
                           record: bool) -> list[GenerationSpec]:
     spec = cfg.pipeline.snapshots
@@ -90,7 +82,7 @@ def _snapshot_generations(cfg: RunConfig, reg: Optional[Registry], taken: set[st
         gen = GenerationSpec.model_validate({**cfg.pipeline.template, "name": name, "train_data": data})
         if record and reg is not None and str(path) not in recorded:
             reg.audit("pipeline", "pipeline_snapshot", SUBJECT, f"{path} -> generation {name}",
-                      data={"path": str(path), "sha256": _sha256(path), "generation": name,
+                      data={"path": str(path), "sha256": sha256_file(path), "generation": name,
                             "train_data": json.loads(json.dumps(data))})
         taken.add(name)
         out.append(gen)
