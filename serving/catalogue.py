@@ -235,6 +235,14 @@ def create_catalogue(path: str | Path, spec: IndexSpec, generation: str, vectors
         return _write_version(d, m, index, ids_, lab, np.zeros(len(ids_), np.int16), np.zeros(len(ids_), np.int8))
 
 
+def refuse_present(cat: Catalogue, ids: np.ndarray) -> None:
+    """CatalogueError naming the first of `ids` already in `cat` (an add would change nothing)."""
+    dup = np.intersect1d(cat.ids, ids)
+    if len(dup):
+        raise CatalogueError(f"item ids already in the catalogue: {dup[:5].tolist()}"
+                             f"{' ...' if len(dup) > 5 else ''}")
+
+
 def add_items(path: str | Path, generation: str, vectors: np.ndarray, ids: Sequence,
               labels: Optional[np.ndarray] = None) -> dict:
     """Append items embedded by `generation` to the catalogue at `path`, without touching
@@ -248,10 +256,7 @@ def add_items(path: str | Path, generation: str, vectors: np.ndarray, ids: Seque
         if np.asarray(vectors).shape[1] != cat.dim:
             raise CatalogueError(f"{generation} embeds into {np.asarray(vectors).shape[1]} dimensions, the catalogue "
                                  f"at {d} holds {cat.dim}")
-        dup = np.intersect1d(cat.ids, new_ids)
-        if len(dup):
-            raise CatalogueError(f"item ids already in the catalogue: {dup[:5].tolist()}"
-                                 f"{' ...' if len(dup) > 5 else ''}")
+        refuse_present(cat, new_ids)
         gens = cat.generations
         if generation not in gens:
             gens.append(generation)

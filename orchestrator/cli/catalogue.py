@@ -87,7 +87,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_add(args: argparse.Namespace) -> int:
     from orchestrator.apps import build_catalogue, generation_ref, production_name
     from orchestrator.catalogue import add_to_catalogue
-    from serving.catalogue import CatalogueError
     from workers.data import DataError
     from workers.embedding import load_items_file
 
@@ -101,16 +100,10 @@ def _cmd_add(args: argparse.Namespace) -> int:
 
     def precheck(cfg):
         """A tampered catalogue or ids already in it: refused before Ray starts."""
-        import numpy as np
+        from serving.catalogue import item_ids, load_catalogue, read_manifest, refuse_present
 
-        from serving.catalogue import item_ids, load_catalogue, read_manifest
-
-        new = item_ids(items.ids)
         if read_manifest(cfg.catalogue_dir) is not None:
-            dup = np.intersect1d(load_catalogue(cfg.catalogue_dir).ids, new)
-            if len(dup):
-                raise CatalogueError(f"item ids already in the catalogue: {dup[:5].tolist()}"
-                                     f"{' ...' if len(dup) > 5 else ''}; nothing was added")
+            refuse_present(load_catalogue(cfg.catalogue_dir), item_ids(items.ids))
 
     def add(cfg, reg):
         build_catalogue(cfg, reg, _log(args))

@@ -71,20 +71,20 @@ def _failure(reg: Registry, name: str, ghash: str) -> Optional[str]:
     return None
 
 
-def facts(cfg: RunConfig, reg: Registry, name: str) -> Facts:
+def facts(cfg: RunConfig, reg: Registry, name: str, production: Optional[str], active) -> Facts:
+    """`name`'s facts, given the registry's production and active rollout (read once a pass)."""
     rec = reg.generation(name)
-    prod = reg.production()
-    active = reg.active_rollout()
     gen = cfg.generation(name)
     return Facts(status=rec.status if rec is not None else None,
-                 verdict=_verdict(reg, name, prod.name if prod else None) if rec is not None else None,
+                 verdict=_verdict(reg, name, production) if rec is not None else None,
                  rolling_out=active is not None and active.candidate == name,
                  failed=_failure(reg, name, generation_hash(cfg, name)),
                  gate_enforced=gen.offline_gate == "enforce", allow_inconclusive=cfg.gates.allow_inconclusive)
 
 
 def stages(cfg: RunConfig, reg: Registry) -> dict[str, Stage]:
-    return {g.name: stage_of(facts(cfg, reg, g.name)) for g in cfg.generations}
+    prod, active = reg.production(), reg.active_rollout()
+    return {g.name: stage_of(facts(cfg, reg, g.name, prod.name if prod else None, active)) for g in cfg.generations}
 
 
 def recorded_stage(reg: Registry, name: str) -> Optional[str]:
