@@ -298,6 +298,26 @@ class PipelineSpec(StrictModel):
         return self
 
 
+class RegistrySpec(StrictModel):
+    """Where the registry lives. No `url`: the embedded SQLite file run_dir/registry.sqlite
+    (one machine, or one pod). `url` (postgresql://user@host:port/db): a PostgreSQL
+    database that several pods share; the password comes from `password_env` (or libpq's
+    PGPASSWORD / .pgpass), never from the config file."""
+
+    url: Optional[str] = Field(None, pattern=r"^postgres(ql)?://[^\s]+$")
+    password_env: str = Field("GRACEFUL_REGISTRY_PASSWORD", min_length=1)
+
+    @field_validator("url")
+    @classmethod
+    def _no_password_in_url(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            from urllib.parse import urlsplit
+            if urlsplit(v).password is not None:
+                raise ValueError("a password in registry.url would sit in the config file and in logs; "
+                                 "put it in the environment variable named by registry.password_env")
+        return v
+
+
 class RunConfig(StrictModel):
     """A whole run: data, the chain of generations, scaling, gates, serving and rollout."""
 
@@ -312,6 +332,7 @@ class RunConfig(StrictModel):
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     retrieval: RetrievalSpec = Field(default_factory=RetrievalSpec)
     pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
+    registry: RegistrySpec = Field(default_factory=RegistrySpec)
     ray: RaySpec = Field(default_factory=RaySpec)
 
     @field_validator("run_dir")

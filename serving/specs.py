@@ -10,6 +10,20 @@ from pydantic import Field, model_validator
 from workers.specs import StrictModel
 
 
+class RayServiceSpec(StrictModel):
+    """Where `serving.attach: rayservice` adds generation applications: the KubeRay
+    RayService whose serveConfigV2 lists them, edited through the Kubernetes API with the
+    pod's service account (deploy/kuberay/orchestrator.yaml grants exactly that)."""
+
+    name: str = Field("graceful", pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+    # None: the namespace of the pod (its service account's namespace file).
+    namespace: Optional[str] = Field(None, pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    api_url: str = Field("https://kubernetes.default.svc", pattern=r"^https?://")
+    # The run config's path inside the RayService's pods (the builders' `config` arg).
+    config_path: str = Field("/config/run.yaml", min_length=1)
+    ready_timeout_s: float = Field(600.0, gt=0, description="wait for a new application to run")
+
+
 class ServingSpec(StrictModel):
     """Router ingress and per-generation model deployments on Ray Serve."""
 
@@ -63,6 +77,12 @@ class ServingSpec(StrictModel):
     # inference then runs on the router's event loop. Off: one Serve app per generation.
     in_router_models: bool = False
     max_ongoing_requests: int = Field(64, ge=1, description="per model replica; lets @serve.batch fill")
+    # How a candidate's application reaches the serving cluster: `ray` deploys it with
+    # Ray Serve on the cluster this process is connected to (RAY_ADDRESS, else local);
+    # `rayservice` adds it to a KubeRay RayService's serveConfigV2 (`rayservice`), for an
+    # orchestrator that runs as its own RayJob beside the RayService.
+    attach: Literal["ray", "rayservice"] = "ray"
+    rayservice: RayServiceSpec = Field(default_factory=RayServiceSpec)
 
     @model_validator(mode="before")
     @classmethod
