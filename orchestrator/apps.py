@@ -214,7 +214,12 @@ def attach_on_cluster(cfg: RunConfig, reg: Registry) -> Callable[[str], None]:
     """`attach(name)` for the rollout library and the controller: deploy generation `name`
     (the registry's checkpoint) beside the running router as a shadow and attach it
     (`serving.deploy.add_generation`), connecting to the Ray cluster that serves
-    (`RAY_ADDRESS`, else the local one) on first use."""
+    (`RAY_ADDRESS`, else the local one) on first use. With `serving.attach: rayservice`
+    the application is added to the KubeRay RayService instead (`orchestrator.kuberay`)."""
+    if cfg.serving.attach == "rayservice":
+        from orchestrator.kuberay import attach_via_rayservice
+
+        return attach_via_rayservice(cfg, reg)
 
     def attach(name: str) -> None:
         import ray
