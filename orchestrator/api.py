@@ -210,9 +210,9 @@ class Run:
 
     def registry(self):
         """The run's registry (`orchestrator.registry.Registry`; close it, or use `with`)."""
-        from orchestrator.registry import Registry, registry_path
+        from orchestrator.registry import open_registry
 
-        return Registry(registry_path(self.config))
+        return open_registry(self.config)
 
     def generation(self, name: str) -> Generation:
         """Generation `name` as the registry records it (RegistryError if it is not there)."""

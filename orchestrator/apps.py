@@ -41,7 +41,8 @@ from ray import serve
 
 from orchestrator.config import ConfigError, RunConfig, init_ray, load_config
 from orchestrator.registry import (GenerationStatus, NotTrainedError, Registry, RegistryError, ensure_registered,
-                                   production_of, registry_path)
+                                   open_registry, production_of)
+from orchestrator.registry.backends import is_url
 from orchestrator.rollout.plan import registry_plan
 from serving.catalogue import CatalogueError
 from serving.refs import ModelRef
@@ -92,11 +93,11 @@ def production_name(cfg: RunConfig, reg: Registry, asked: Optional[str] = None) 
     RayService's `production` arg) must agree with the registry: it can only confirm."""
     prod = production_of(cfg, reg)
     if prod is None:
-        raise NotTrained(f"no generation is in production in {reg.path}: train the first generation "
+        raise NotTrained(f"no generation is in production in {reg.location}: train the first generation "
                          f"(`graceful train CONFIG --generation {cfg.generations[0].name}`), which becomes "
                          f"production")
     if asked is not None and asked != prod.name:
-        raise ServeRequestError(f"production is {prod.name!r} in the registry ({reg.path}), not {asked!r}: the "
+        raise ServeRequestError(f"production is {prod.name!r} in the registry ({reg.location}), not {asked!r}: the "
                                 f"registry is the source of truth; change production with `graceful rollout` / "
                                 f"`graceful promote`, or drop --production")
     return prod.name
@@ -173,18 +174,21 @@ def plan_for(reg: Registry, production: str, attached: Sequence[str], shadows: I
 class RegistryPlan:
     """Handed to the router: called at every replica start with the attached generation
     names, returns {production, weights, shadows} as the registry has them now. Picklable
-    (a path and names), so Serve can ship it to a replica on any node that sees the run
-    directory."""
+    (a location and names), so Serve can ship it to a replica on any node that sees the
+    run directory or reaches the PostgreSQL registry (whose password the replica reads
+    from its own environment, `password_env`)."""
 
-    def __init__(self, registry_file: str | Path, shadows: Sequence[str] = ()):
-        self.registry_file = str(Path(registry_file).resolve())
+    def __init__(self, registry: str | Path, shadows: Sequence[str] = (), password_env: Optional[str] = None):
+        self.registry = registry if is_url(registry) else str(Path(registry).resolve())
         self.shadows = tuple(shadows)
+        self.password_env = password_env
 
     def __call__(self, attached: Sequence[str]) -> dict:
-        with Registry(self.registry_file, readonly=True) as reg:  # a replica never writes the registry
+        # a replica never writes the registry
+        with Registry(self.registry, readonly=True, password_env=self.password_env) as reg:
             prod = reg.production()
             if prod is None:
-                raise RegistryError(f"no generation is in production in {self.registry_file}")
+                raise RegistryError(f"no generation is in production in {reg.location}")
             return plan_for(reg, prod.name, list(attached), self.shadows)
 
 
@@ -207,7 +211,7 @@ def start_router(cfg: RunConfig, reg: Registry, plan: ServingPlan, catalogue: Op
                         catalogue=catalogue if catalogue is not None else build_catalogue(cfg, reg),
                         weights=plan.weights, shadows=list(plan.shadows),
                         admin_token=admin_token if admin_token is not None else cfg.serving.resolved_admin_token(),
-                        plan_source=RegistryPlan(reg.path, plan.shadows))
+                        plan_source=RegistryPlan(reg.location, plan.shadows, reg.password_env))
 
 
 def attach_on_cluster(cfg: RunConfig, reg: Registry) -> Callable[[str], None]:
@@ -280,7 +284,7 @@ def generation_app(args: dict):
     name = args.get("generation")
     if not isinstance(name, str) or not name:
         raise AppArgsError(f"generation_app: a generation name must be a non-empty string, got {name!r}")
-    with Registry(registry_path(cfg)) as reg:
+    with open_registry(cfg) as reg:
         try:
             ref = generation_ref(cfg, reg, name)
         except (ServeRequestError, NotTrained, RegistryError) as e:
@@ -349,13 +353,13 @@ def router_app(args: dict):
     asked = args.get("production")
     if asked is not None and (not isinstance(asked, str) or not asked):
         raise AppArgsError(f"router_app: args.production must be a generation name, got {asked!r}")
-    with Registry(registry_path(cfg)) as reg:
+    with open_registry(cfg) as reg:
         try:
             plan = serving_plan(cfg, reg, candidates, asked, shadows)
             catalogue = build_catalogue(cfg, reg)
         except (ServeRequestError, NotTrained, RegistryError, CatalogueError, DataError) as e:
             raise AppArgsError(f"router_app: {e}") from None
-        source = RegistryPlan(reg.path, plan.shadows)
+        source = RegistryPlan(reg.location, plan.shadows, reg.password_env)
     local = cfg.serving.in_router_models
     return router_application(
         cfg.serving, plan.production, list(plan.candidates), catalogue, plan.weights, list(plan.shadows),

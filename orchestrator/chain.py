@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from orchestrator.config import RunConfig, init_ray
-from orchestrator.registry import (EXCLUDED_FROM_LINEAGE, Registry, RegistryError, production_of, register_trained,
-                                   registry_path)
+from orchestrator.registry import (EXCLUDED_FROM_LINEAGE, Registry, RegistryError, open_registry, production_of,
+                                   register_trained, registry_path)
 from orchestrator.rundir import generation_dir, model_file, ray_storage, read_metrics
 from workers.checkpoint import expected_factory, sha256_file
 from workers.losses import ancestor_importances
@@ -191,7 +191,7 @@ def trained_with_this_config(cfg: RunConfig, name: str, reg: Optional[Registry] 
     m = read_metrics(cfg, name)
     if m is None or sha256_file(model_file(cfg, name)) != m.get("sha256"):
         return None
-    own = reg or Registry(registry_path(cfg))
+    own = reg or open_registry(cfg)
     try:
         c = recorded_constraints(cfg, own, name, m)
         return m if c is not None and m.get("training_hash") == training_hash(cfg, name, c) else None
@@ -213,7 +213,7 @@ def build_job(cfg: RunConfig, name: str, verbose: bool = True, registry: Optiona
     ChainError when it has nothing to be trained against, ValueError when its embedding
     cannot be scored by its BCT heads."""
     gen = cfg.generation(name)
-    reg = registry or Registry(registry_path(cfg))
+    reg = registry or open_registry(cfg)
     try:
         c = constraints_of(cfg, reg, name)
         problems = embed_dim_problems(cfg, reg, name, [m.name for m in c.bct])
@@ -262,10 +262,9 @@ def check_retrainable(cfg: RunConfig, name: str) -> None:
     """Raise ChainError when the registry serves generation `name` (production, shadow,
     canary, or named by an active rollout): training would overwrite the bytes being
     served and could not be recorded anyway. Asked before any training starts."""
-    path = registry_path(cfg)
-    if not path.is_file():
+    if cfg.registry.url is None and not registry_path(cfg).is_file():
         return  # no registry yet: nothing is served
-    with Registry(path) as reg:
+    with open_registry(cfg) as reg:
         try:
             reg.check_replaceable(name)
         except RegistryError as e:

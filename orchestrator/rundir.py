@@ -1,7 +1,8 @@
 """The one owner of the run-directory layout.
 
     run_dir/
-      registry.sqlite           the registry (lineage, evaluations, rollouts, leases, audit)
+      registry.sqlite           the registry (lineage, evaluations, rollouts, leases, audit),
+                                unless `registry.url` puts it in PostgreSQL
       generations/<name>/       what training wrote: model.pt (workers.checkpoint), metrics.json,
                                 cached constraint outputs (workers.train)
       reports/<name>.md, *.png  offline evaluation reports
@@ -31,6 +32,13 @@ def root(cfg: Any) -> Path:
 def registry_path(cfg: Any) -> Path:
     """Where the registry of a run lives: `run_dir/registry.sqlite`."""
     return root(cfg) / REGISTRY_FILE
+
+
+def registry_location(cfg: Any) -> str | Path:
+    """The registry a run uses: `registry.url` (a PostgreSQL database) when the config sets
+    one, else `registry_path(cfg)`."""
+    url = getattr(getattr(cfg, "registry", None), "url", None)
+    return url if url else registry_path(cfg)
 
 
 def generation_dir(cfg: Any, name: str) -> Path:

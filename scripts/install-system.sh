@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Best-effort system packages for the tests: Debian's prometheus (server and promtool),
-# prometheus-alertmanager (amtool, to check deploy/alertmanager) and redis-server (the
-# Redis prediction log is tested against a real server). Without root or apt the tests
+# prometheus-alertmanager (amtool, to check deploy/alertmanager), redis-server (the
+# Redis prediction log is tested against a real server) and postgresql (so is the
+# PostgreSQL registry; Debian keeps its server binaries in /usr/lib/postgresql/*/bin). Without root or apt the tests
 # that need them say so and skip.
 # Under CI=true (or 1) those tests fail instead of skipping, so here a failed install is an
 # error (exit 1, which stops scripts/test.sh and .ci/run) rather than a warning.
 set -uo pipefail
-TOOLS="prometheus promtool amtool redis-server"
-PACKAGES="prometheus prometheus-alertmanager redis-server"
+TOOLS="prometheus promtool amtool redis-server initdb postgres"
+PACKAGES="prometheus prometheus-alertmanager redis-server postgresql"
 missing() {
   local m="" t
-  for t in $TOOLS; do command -v "$t" >/dev/null || m="$m $t"; done
+  for t in $TOOLS; do
+    command -v "$t" >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/$t" >/dev/null || m="$m $t"
+  done
   echo "${m# }"
 }
 case "${CI:-}" in true|TRUE|True|1) ci=1 ;; *) ci=0 ;; esac
@@ -36,6 +39,6 @@ if [ -n "$(missing)" ]; then
   fi
   echo "warning: $why; their tests will skip" >&2
 fi
-# The packages start system services (prometheus on :9090, redis-server on :6379) where
-# systemd runs; tests start their own on free ports.
+# The packages start system services (prometheus on :9090, redis-server on :6379,
+# postgresql on :5432) where systemd runs; tests start their own on free ports.
 exit 0

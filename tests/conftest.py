@@ -62,3 +62,25 @@ def pytest_unconfigure(config):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_exit_status[-1])
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server for the session (tests/postgres_server.py); skips, or
+    fails under CI, when PostgreSQL is not installed."""
+    from tests.postgres_server import PostgresServer
+
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, monkeypatch):
+    """A fresh database on the session's server; its password in GRACEFUL_REGISTRY_PASSWORD
+    (registry.password_env's default), as a pod gets it from a Secret."""
+    monkeypatch.setenv("GRACEFUL_REGISTRY_PASSWORD", postgres_server.password)
+    return postgres_server.create_database()

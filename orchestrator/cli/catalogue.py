@@ -47,13 +47,13 @@ def _with_ray(args: argparse.Namespace, fn, precheck=None) -> int:
 
     from orchestrator.apps import NotTrained, ServeRequestError
     from orchestrator.config import init_ray
-    from orchestrator.registry import IntegrityError, Registry, registry_path
+    from orchestrator.registry import IntegrityError, open_registry
     from serving.catalogue import CatalogueError, CatalogueIntegrityError
     from workers.data import DataError
     from workers.factory import FactoryError
 
     cfg = load_or_exit(args.config)
-    reg = Registry(registry_path(cfg))
+    reg = open_registry(cfg)
     try:
         if precheck is not None:
             precheck(cfg)

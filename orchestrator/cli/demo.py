@@ -37,6 +37,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_or_exit(path)
     if args.port is not None:
         cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"port": args.port})})
+    if cfg.registry.url is not None:
+        # The demo replays the lifecycle from an empty registry each run and archives the
+        # previous file; a shared database is the pipeline's (`graceful run`), not a demo's.
+        raise UsageError(f"{path}: registry.url: the demo keeps its registry in run_dir; remove "
+                         f"registry.url (or use `graceful run` on a shared registry)")
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
     # With --json, stdout carries the summary only: Ray's own messages (its C++ core writes
     # to file descriptor 1 directly) go to stderr with the progress.

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import threading
 
 from orchestrator.cli.common import EXIT_OK, add_config_arg, add_json_arg, emit, load_or_exit
@@ -41,11 +40,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_pause(args: argparse.Namespace, paused: bool) -> int:
     from orchestrator.pipeline.loop import set_paused
-    from orchestrator.registry import Registry, registry_path
+    from orchestrator.registry import open_registry
 
     cfg = load_or_exit(args.config)
     actor = args.actor or os.environ.get("USER") or "operator"
-    with Registry(registry_path(cfg)) as reg:
+    with open_registry(cfg) as reg:
         changed = set_paused(reg, paused, actor, args.reason or ("paused" if paused else "resumed"))
     out = {"paused": paused, "changed": changed}
     emit(out, args.json, lambda o: f"pipeline {'paused' if paused else 'resumed'}"

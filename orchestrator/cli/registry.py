@@ -11,7 +11,7 @@ import datetime as dt
 import sys
 
 from orchestrator.cli.common import EXIT_FAILED, EXIT_INCONCLUSIVE, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
-from orchestrator.registry import IntegrityError, Registry, registry_path
+from orchestrator.registry import IntegrityError, Registry, open_registry
 
 
 def _when(t: float | None) -> str:
@@ -24,7 +24,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from orchestrator.evaluation.evaluate import EvaluationError, evaluate, render
 
     cfg = load_or_exit(args.config)
-    reg = Registry(registry_path(cfg))
+    reg = open_registry(cfg)
     try:
         try:
             ev = evaluate(cfg, args.candidate, args.against, registry=reg)
@@ -63,7 +63,7 @@ def _need(reg: Registry, name: str):
     g = reg.generation(name)
     if g is None:
         known = [x.name for x in reg.generations()]
-        raise UsageError(f"unknown generation {name!r} in {reg.path}; registered: {known}")
+        raise UsageError(f"unknown generation {name!r} in {reg.location}; registered: {known}")
     return g
 
 
@@ -71,7 +71,7 @@ def _cmd_list(reg: Registry, args: argparse.Namespace) -> int:
     gens = reg.generations()
     emit([g.as_dict() for g in gens], args.json,
          lambda _: "\n".join([_HEADER] + [_gen_line(g) for g in gens]) if gens
-         else f"no generation registered in {reg.path} (graceful train records them)")
+         else f"no generation registered in {reg.location} (graceful train records them)")
     return EXIT_OK
 
 
@@ -131,7 +131,7 @@ def _cmd_events(reg: Registry, args: argparse.Namespace) -> int:
 
 def _cmd_registry(args: argparse.Namespace) -> int:
     cfg = load_or_exit(args.config)
-    reg = Registry(registry_path(cfg))
+    reg = open_registry(cfg)
     try:
         return args.registry_func(reg, args)
     finally:

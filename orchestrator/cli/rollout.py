@@ -21,7 +21,8 @@ import requests
 
 from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
 from orchestrator.config import RunConfig
-from orchestrator.registry import FINAL_STATES, HELD_STATES, Registry, RolloutRecord, RolloutState, registry_path
+from orchestrator.registry import (FINAL_STATES, HELD_STATES, Registry, RolloutRecord, RolloutState, open_registry,
+                                   registry_path)
 from serving.client import RouterError
 
 EXIT_INTERRUPTED = 130
@@ -33,10 +34,10 @@ def router_url(cfg: RunConfig, override: Optional[str]) -> str:
 
 def _open_registry(cfg: RunConfig, must_exist: bool = True) -> Registry:
     path = registry_path(cfg)
-    if must_exist and not path.is_file():
+    if must_exist and cfg.registry.url is None and not path.is_file():
         raise UsageError(f"no registry at {path}: nothing has been trained or registered for this run yet "
                          f"(graceful train CONFIG)")
-    return Registry(path)
+    return open_registry(cfg)
 
 
 def _actor(args: argparse.Namespace) -> str:
@@ -225,7 +226,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     with _open_registry(cfg) as reg:
         prod = reg.production()
         payload: dict[str, Any] = {
-            "production": prod.name if prod else None, "registry": str(reg.path),
+            "production": prod.name if prod else None, "registry": reg.location,
             "generations": [{"name": g.name, "status": g.status, "parent": g.parent} for g in reg.generations()],
             "rollout": None, "controller_running": False, "live_nfr": None, "last_decision": None,
             "last_tick": None, "evidence": None, "lease": None, "pending_commands": [], "events": []}

@@ -17,7 +17,7 @@ import time
 from orchestrator.apps import NotTrained, ServeRequestError, build_catalogue, generation_ref, serving_plan, start_router
 from orchestrator.config import init_ray
 from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
-from orchestrator.registry import IntegrityError, Registry, registry_path
+from orchestrator.registry import IntegrityError, open_registry
 from serving.catalogue import CatalogueError
 from workers.data import DataError
 from workers.factory import FactoryError
@@ -31,7 +31,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    reg = Registry(registry_path(cfg))
+    reg = open_registry(cfg)
     stop = threading.Event()
     try:
         try:  # before Ray starts: a request the registry contradicts is refused at once
@@ -55,7 +55,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         url = start_router(cfg, reg, plan, catalogue=catalogue, spec=spec, admin_token=token)
         info = {"url": url, "production": plan.production.name, "candidates": [c.name for c in plan.candidates],
                 "weights": plan.weights, "shadows": list(plan.shadows), "gallery": cfg.gallery, "catalogue": str(catalogue), "admin": bool(token),
-                "registry": str(reg.path)}
+                "registry": reg.location}
         emit(info, args.json, lambda i: f"serving {i['production']} (from the registry; shadows: "
                                         f"{', '.join(i['shadows']) or 'none'}) at {i['url']}; admin routes "
                                         f"{'on' if i['admin'] else 'OFF: set ' + cfg.serving.admin_token_env}; "

@@ -6,7 +6,7 @@ import argparse
 
 from orchestrator.chain import ChainError, embed_dim_problems, next_untrained, train_generation, trained_with_this_config
 from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config_arg, add_json_arg, emit, load_or_exit
-from orchestrator.registry import Registry, RegistryError, registry_path
+from orchestrator.registry import RegistryError, open_registry
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -21,7 +21,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except KeyError as e:
         raise UsageError(str(e.args[0])) from None
     try:
-        with Registry(registry_path(cfg)) as reg:
+        with open_registry(cfg) as reg:
             problems = embed_dim_problems(cfg, reg, name)
             done = trained_with_this_config(cfg, name, reg)
     except (ChainError, RegistryError) as e:

@@ -259,7 +259,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
     import ray
 
     from orchestrator.apps import build_catalogue, serving_plan, start_router
-    from orchestrator.registry import Registry
+    from orchestrator.registry import open_registry
     from orchestrator.rundir import read_metrics
     from serving.client import RouterClient
     from workers.data import load_dataset
@@ -297,7 +297,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
         trap_sigterm()  # again: ray.init makes SIGTERM exit at once, skipping the cleanup below
         # Serve's per-application INFO lines would bury the demo's own progress.
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
-        registry = Registry(registry_path(cfg))
+        registry = open_registry(cfg)
         _stage(log, f"train the chain on Ray Train ({', '.join(g.name for g in cfg.generations)})")
         # Each generation is registered as it is trained; the first becomes production
         # (bootstrap, audited) and the later ones are trained against it.

@@ -23,7 +23,7 @@ import numpy as np
 import orchestrator.evaluation.bounds as B
 import orchestrator.evaluation.metrics as M
 from orchestrator.config import GatesSpec, RunConfig
-from orchestrator.registry import GenerationStatus, Registry, RegistryError, registry_path
+from orchestrator.registry import GenerationStatus, Registry, RegistryError, open_registry
 from orchestrator.registry import ensure_registered as registered
 
 EPS = B.EPS
@@ -322,7 +322,7 @@ def evaluate(cfg: RunConfig, candidate: str, against: Optional[str] = None,
     IntegrityError when a checkpoint does not match its record."""
     from workers.data import load_dataset
 
-    reg = registry or Registry(registry_path(cfg))
+    reg = registry or open_registry(cfg)
     try:
         ensure_registered(cfg, reg, candidate)
         baseline = resolve_baseline(reg, candidate, against)

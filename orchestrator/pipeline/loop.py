@@ -343,12 +343,12 @@ def run_pipeline(cfg: RunConfig, until_idle: bool = False, log: Callable[[str], 
     import ray
 
     from orchestrator.config import init_ray
-    from orchestrator.registry import registry_path
+    from orchestrator.registry import open_registry
 
     started_ray = not ray.is_initialized()
     if started_ray:
         init_ray(cfg, address=os.environ.get("RAY_ADDRESS"))
-    reg = Registry(registry_path(cfg))
+    reg = open_registry(cfg)
     runner = PipelineRunner(cfg, reg, log, stop)
     try:
         return runner.run(until_idle=until_idle, max_seconds=max_seconds)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from orchestrator.registry.records import GenerationRecord
-from orchestrator.registry.store import IntegrityError, Registry, RegistryError
-from orchestrator.rundir import generation_dir, model_file, read_metrics, registry_path
+from orchestrator.registry.store import IntegrityError, Registry, RegistryError, open_registry
+from orchestrator.rundir import generation_dir, model_file, read_metrics
 from workers.checkpoint import sha256_file
 
 
@@ -32,7 +32,7 @@ def register_trained(cfg: Any, name: str, actor: str = "train", registry: Option
     generation (RegistryError, see `Registry.check_replaceable`). When no generation was
     ever production, a generation without parent becomes production ("bootstrap: first
     generation"). RegistryError when `name` is unknown to the config or not trained."""
-    reg = registry or Registry(registry_path(cfg))
+    reg = registry or open_registry(cfg)
     try:
         names = [g.name for g in cfg.generations]
         if name not in names:

@@ -1,4 +1,4 @@
-"""The registry's SQLite schema and its migrations.
+"""The registry's schema and its migrations (SQLite, and the PostgreSQL baseline).
 
 The schema is versioned (`schema_version`, one row per applied migration); opening an
 older file migrates it in place, keeping its rows (`orchestrator.registry.store`). Each
@@ -147,3 +147,97 @@ def statements(script: str) -> list[str]:
     return out
 
 
+
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+# The same tables, columns, constraints, indexes and append-only audit log as SQLite's
+# version 4 (tests/orchestrator/registry/test_backends.py compares the two). A new
+# PostgreSQL registry starts here; a later version adds its step to MIGRATIONS (SQLite) and
+# to PG_MIGRATIONS under the same number.
+PG_BASELINE_VERSION = 4
+
+_PG_ACTIVE = "('shadow', 'canary', 'paused', 'frozen', 'guarding')"
+
+PG_BASELINE = f"""
+CREATE TABLE generations (
+    name TEXT PRIMARY KEY,
+    parent TEXT REFERENCES generations(name),
+    arch TEXT NOT NULL,
+    config_hash TEXT NOT NULL,
+    checkpoint_uri TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    status TEXT NOT NULL,
+    metrics TEXT NOT NULL DEFAULT '{{}}'
+);
+CREATE TABLE evaluations (
+    id BIGSERIAL PRIMARY KEY,
+    candidate TEXT NOT NULL REFERENCES generations(name),
+    baseline TEXT REFERENCES generations(name),
+    metrics TEXT NOT NULL,
+    passed INTEGER NOT NULL,
+    reasons TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE events (
+    id BIGSERIAL PRIMARY KEY,
+    at DOUBLE PRECISION NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    from_state TEXT,
+    to_state TEXT,
+    data TEXT NOT NULL DEFAULT '{{}}'
+);
+CREATE TABLE rollouts (
+    id BIGSERIAL PRIMARY KEY,
+    candidate TEXT NOT NULL REFERENCES generations(name),
+    baseline TEXT NOT NULL REFERENCES generations(name),
+    state TEXT NOT NULL CHECK (state IN ('shadow', 'canary', 'paused', 'frozen', 'guarding', 'promoted', 'rolled_back')),
+    step INTEGER NOT NULL,
+    weight DOUBLE PRECISION NOT NULL CHECK (weight >= 0 AND weight <= 1),
+    paused_from TEXT,
+    step_started_at DOUBLE PRECISION NOT NULL,
+    started_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    finished_at DOUBLE PRECISION,
+    data TEXT NOT NULL DEFAULT '{{}}'
+);
+CREATE UNIQUE INDEX one_active_rollout ON rollouts ((state IN {_PG_ACTIVE})) WHERE state IN {_PG_ACTIVE};
+CREATE TABLE commands (
+    id BIGSERIAL PRIMARY KEY,
+    rollout_id BIGINT NOT NULL REFERENCES rollouts(id),
+    command TEXT NOT NULL CHECK (command IN ('pause', 'freeze', 'resume', 'promote', 'rollback')),
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    force INTEGER NOT NULL DEFAULT 0,
+    created_at DOUBLE PRECISION NOT NULL,
+    done_at DOUBLE PRECISION,
+    outcome TEXT
+);
+CREATE INDEX commands_pending ON commands (rollout_id, done_at);
+CREATE INDEX events_subject ON events (subject, id);
+CREATE INDEX evaluations_candidate ON evaluations (candidate, id);
+CREATE TABLE leases (
+    rollout_id BIGINT PRIMARY KEY REFERENCES rollouts(id),
+    holder TEXT NOT NULL,
+    acquired_at DOUBLE PRECISION NOT NULL,
+    heartbeat_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL
+);
+CREATE FUNCTION graceful_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the audit log is append-only';
+END
+$$;
+CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+    FOR EACH ROW EXECUTE FUNCTION graceful_events_append_only();
+CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+    FOR EACH ROW EXECUTE FUNCTION graceful_events_append_only();
+CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
+    FOR EACH STATEMENT EXECUTE FUNCTION graceful_events_append_only();
+"""
+
+# Version -> script, for versions after the baseline.
+PG_MIGRATIONS: dict[int, str] = {}

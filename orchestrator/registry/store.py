@@ -1,12 +1,13 @@
 """The registry store: generations and their lineage, offline evaluations, rollouts,
 operator commands, controller leases and an append-only audit log, in one SQLite file
-(`run_dir/registry.sqlite`).
+(`run_dir/registry.sqlite`, the embedded default) or one PostgreSQL database
+(`registry.url`, for clusters whose pods share it).
 
-Why SQLite: the controller and any number of CLI processes use it at the same time. WAL
-lets readers go on while one writer writes; every write is one `BEGIN IMMEDIATE`
-transaction (the write lock is taken up front, so two writers never deadlock upgrading a
-read lock), with a busy timeout and a retry on "database is locked" on top, so concurrent
-writers wait for each other and lose nothing.
+The controller, the pipeline and any number of CLI processes use it at the same time:
+every write is one transaction and writers are serialised by the backend
+(`orchestrator.registry.backends`), so a compare-and-set reads and writes with nobody in
+between, and concurrent writers wait for each other and lose nothing. The SQL here is
+written once for both engines.
 
 The schema and its migrations live in `orchestrator.registry.schema`. The audit log
 (`events`) has no update or delete API, and triggers refuse UPDATE and DELETE on it from
@@ -16,9 +17,6 @@ any client.
 from __future__ import annotations
 
 import json
-import random
-import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
@@ -26,10 +24,8 @@ from typing import Any, Callable, Optional, TypeVar
 from orchestrator.registry.records import (ACTIVE_STATES, COMMANDS, FINAL_STATES, GEN_STATUSES, HELD_STATES, ROLLOUT_STATES,
                                            SERVED_STATUSES, Command, CommandKind, Event, GenerationRecord,
                                            GenerationStatus, Lease, RolloutRecord, RolloutState)
-from orchestrator.registry.schema import MIGRATIONS, SCHEMA_VERSION, statements
+from orchestrator.registry.backends import BackendError, Tx, open_backend
 from workers.checkpoint import CheckpointError, model_file, sha256_file
-
-BUSY_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
 
@@ -55,11 +51,6 @@ class LeaseHeld(RegistryError):
 
 class LeaseLost(RegistryError):
     """This controller's lease expired and another took it, or it was released."""
-
-
-def _is_busy(e: sqlite3.OperationalError) -> bool:
-    msg = str(e).lower()
-    return "locked" in msg or "busy" in msg
 
 
 def _loads(s: Optional[str]) -> Any:
@@ -90,43 +81,27 @@ def checkpoint_path(uri: str) -> Path:
 
 
 class Registry:
-    """One registry file. Safe to share between threads (one lock per instance) and between
-    processes (SQLite locking); every write method is one transaction."""
+    """One registry: a SQLite file or a PostgreSQL database (`orchestrator.registry.backends`).
+    Safe to share between threads (one lock per instance) and between processes (the
+    backend serialises writers); every write method is one transaction."""
 
-    def __init__(self, path: str | Path, readonly: bool = False):
-        """Open (creating and migrating) the registry file. `readonly`: open an existing
-        file for reading only, never migrating or writing (what a router replica needs;
-        any write raises)."""
-        self.path = Path(path)
+    def __init__(self, location: str | Path, readonly: bool = False, password_env: Optional[str] = None):
+        """Open (creating and migrating) the registry at `location`: a file path, or a
+        postgresql:// URL whose password is read from the environment variable
+        `password_env`. `readonly`: open an existing registry for reading only, never
+        migrating or writing (what a router replica needs; any write raises)."""
         self.readonly = readonly
-        self._lock = threading.RLock()
-        if readonly:
-            if not self.path.is_file():
-                raise RegistryError(f"no registry at {self.path}")
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
-                                       isolation_level=None, check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-            if self.schema_version() > SCHEMA_VERSION:
-                raise RegistryError(f"{self.path}: schema version {self.schema_version()} is newer than this "
-                                    f"code understands ({SCHEMA_VERSION}); upgrade graceful")
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
-        self._db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._retry(lambda: self._db.execute("PRAGMA journal_mode=WAL").fetchone())
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-        # FULL, not NORMAL: with WAL, NORMAL may lose the last commit on power loss, after the
-        # router already acted on it (a promote the registry forgets). Writes are rare.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._migrate()
+        self.password_env = password_env
+        try:
+            self._backend = open_backend(location, readonly=readonly, password_env=password_env)
+        except BackendError as e:
+            raise RegistryError(str(e)) from None
+        # Where it is, for messages and for reopening elsewhere (a URL never holds a password).
+        self.location: str = self._backend.location
+        self.path: Optional[Path] = getattr(self._backend, "path", None)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._backend.close()
 
     def __enter__(self) -> "Registry":
         return self
@@ -136,112 +111,75 @@ class Registry:
 
     # --- plumbing --------------------------------------------------------------------------
 
-    def _retry(self, fn: Callable[[], T]) -> T:
-        """Run `fn`, retrying while another process holds the lock past the busy timeout."""
-        deadline = time.monotonic() + 4 * BUSY_TIMEOUT_S
-        delay = 0.01
-        while True:
-            try:
-                return fn()
-            except sqlite3.OperationalError as e:
-                if not _is_busy(e) or time.monotonic() > deadline:
-                    raise
-                time.sleep(delay * (1 + random.random()))
-                delay = min(delay * 2, 0.5)
+    def _write(self, fn: Callable[[Tx], T]) -> T:
+        """`fn` in one write transaction (all or nothing)."""
+        if self.readonly:
+            raise RegistryError(f"the registry at {self.location} was opened read-only; it writes nothing")
+        try:
+            return self._backend.write(fn)
+        except BackendError as e:
+            raise RegistryError(str(e)) from e
 
-    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` in one BEGIN IMMEDIATE transaction (all or nothing), retrying on busy."""
+    def _query(self, fn: Callable[[Tx], T]) -> T:
+        try:
+            return self._backend.read(fn)
+        except BackendError as e:
+            raise RegistryError(str(e)) from e
 
-        def once() -> T:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    out = fn(self._db)
-                    self._db.execute("COMMIT")
-                    return out
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
-
-        return self._retry(once)
-
-    def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._retry(lambda: self._db.execute(sql, args).fetchall())
+    def _read(self, sql: str, args: tuple = ()) -> list[Any]:
+        return self._query(lambda tx: tx.execute(sql, args).fetchall())
 
     def schema_version(self) -> int:
-        """The version of the file's schema (SCHEMA_VERSION once opened)."""
+        """The version of the registry's schema (SCHEMA_VERSION once opened)."""
         return int(self._read("SELECT COALESCE(MAX(version), 0) FROM schema_version")[0][0])
-
-    def _migrate(self) -> None:
-        def run(db: sqlite3.Connection) -> None:
-            db.execute("CREATE TABLE IF NOT EXISTS schema_version "
-                       "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-            current = int(db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0])
-            if current > SCHEMA_VERSION:
-                raise RegistryError(f"{self.path}: schema version {current} is newer than this code "
-                                    f"understands ({SCHEMA_VERSION}); upgrade graceful")
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                migration = MIGRATIONS[version - 1]
-                for stmt in ([] if callable(migration) else statements(migration)):
-                    db.execute(stmt)
-                if callable(migration):
-                    migration(db)
-                db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, time.time()))
-            bad = db.execute("PRAGMA foreign_key_check").fetchall()
-            if bad:
-                raise RegistryError(f"{self.path}: {len(bad)} row(s) break foreign keys after migration")
-
-        self._write(run)
 
     # --- row conversion --------------------------------------------------------------------
 
     @staticmethod
-    def _gen(r: sqlite3.Row) -> GenerationRecord:
+    def _gen(r: Any) -> GenerationRecord:
         return GenerationRecord(r["name"], r["parent"], r["arch"], r["config_hash"], r["checkpoint_uri"],
                                 r["sha256"], r["created_at"], GenerationStatus(r["status"]), _loads(r["metrics"]))
 
     @staticmethod
-    def _rollout(r: sqlite3.Row) -> RolloutRecord:
+    def _rollout(r: Any) -> RolloutRecord:
         return RolloutRecord(r["id"], r["candidate"], r["baseline"], RolloutState(r["state"]), r["step"],
                              r["weight"], RolloutState(r["paused_from"]) if r["paused_from"] else None, r["step_started_at"], r["started_at"], r["updated_at"],
                              r["finished_at"], _loads(r["data"]))
 
     @staticmethod
-    def _command(r: sqlite3.Row) -> Command:
+    def _command(r: Any) -> Command:
         return Command(r["id"], r["rollout_id"], CommandKind(r["command"]), r["actor"], r["reason"], bool(r["force"]),
                        r["created_at"], r["done_at"], r["outcome"])
 
     @staticmethod
-    def _event(r: sqlite3.Row) -> Event:
+    def _event(r: Any) -> Event:
         return Event(r["id"], r["at"], r["actor"], r["action"], r["subject"], r["reason"], r["from_state"],
                      r["to_state"], _loads(r["data"]))
 
     @staticmethod
-    def _audit_in(db: sqlite3.Connection, actor: str, action: str, subject: str, reason: str = "",
+    def _audit_in(db: Tx, actor: str, action: str, subject: str, reason: str = "",
                   from_state: Optional[str] = None, to_state: Optional[str] = None,
                   data: Optional[dict] = None) -> Event:
         at = time.time()
-        cur = db.execute("INSERT INTO events (at, actor, action, subject, reason, from_state, to_state, data) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         (at, actor, action, subject, reason or "", from_state, to_state, _dumps(data)))
-        return Event(int(cur.lastrowid), at, actor, action, subject, reason or "", from_state, to_state,
+        eid = db.insert("INSERT INTO events (at, actor, action, subject, reason, from_state, to_state, data) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (at, actor, action, subject, reason or "", from_state, to_state, _dumps(data)))
+        return Event(eid, at, actor, action, subject, reason or "", from_state, to_state,
                      dict(data or {}))
 
     @staticmethod
-    def _gen_in(db: sqlite3.Connection, name: str) -> Optional[GenerationRecord]:
+    def _gen_in(db: Tx, name: str) -> Optional[GenerationRecord]:
         r = db.execute("SELECT * FROM generations WHERE name = ?", (name,)).fetchone()
         return Registry._gen(r) if r else None
 
-    def _need_gen_in(self, db: sqlite3.Connection, name: str) -> GenerationRecord:
+    def _need_gen_in(self, db: Tx, name: str) -> GenerationRecord:
         g = self._gen_in(db, name)
         if g is None:
-            known = [r[0] for r in db.execute("SELECT name FROM generations ORDER BY rowid")]
-            raise RegistryError(f"unknown generation {name!r} in {self.path}; registered: {known}")
+            known = [r[0] for r in db.execute("SELECT name FROM generations ORDER BY created_at, name")]
+            raise RegistryError(f"unknown generation {name!r} in {self.location}; registered: {known}")
         return g
 
-    def _status_in(self, db: sqlite3.Connection, name: str, status: str, actor: str, reason: str,
+    def _status_in(self, db: Tx, name: str, status: str, actor: str, reason: str,
                    data: Optional[dict] = None) -> GenerationRecord:
         if status not in GEN_STATUSES:
             raise RegistryError(f"status {status!r} is not one of {[x.value for x in GEN_STATUSES]}")
@@ -271,7 +209,7 @@ class Registry:
         if parent == name:
             raise RegistryError(f"generation {name!r} cannot be its own parent")
 
-        def run(db: sqlite3.Connection) -> GenerationRecord:
+        def run(db: Tx) -> GenerationRecord:
             if parent is not None and self._gen_in(db, parent) is None:
                 raise RegistryError(f"parent {parent!r} of {name!r} is not registered; register it first")
             old = self._gen_in(db, name)
@@ -298,7 +236,7 @@ class Registry:
         return self._write(run)
 
     @staticmethod
-    def _replace_refusal_in(db: sqlite3.Connection, name: str) -> Optional[str]:
+    def _replace_refusal_in(db: Tx, name: str) -> Optional[str]:
         g = Registry._gen_in(db, name)
         if g is None:
             return None
@@ -317,7 +255,7 @@ class Registry:
         return (f"generation {name!r} cannot be retrained or replaced: {why}. Retrain under a new "
                 f"generation name, or retire it first (finish its rollout, or promote another generation)")
 
-    def _refuse_replace_in(self, db: sqlite3.Connection, name: str) -> None:
+    def _refuse_replace_in(self, db: Tx, name: str) -> None:
         why = self._replace_refusal_in(db, name)
         if why is not None:
             raise RegistryError(why)
@@ -326,18 +264,16 @@ class Registry:
         """Raise RegistryError when `name`'s checkpoint may not be replaced: its status is
         production, shadow or canary, or an active rollout names it (candidate or baseline).
         An unregistered name is replaceable. `graceful train` asks this before training."""
-        with self._lock:
-            why = self._retry(lambda: self._replace_refusal_in(self._db, name))
+        why = self._query(lambda db: self._replace_refusal_in(db, name))
         if why is not None:
             raise RegistryError(why)
 
     def ever_in_production(self) -> bool:
         """Whether any generation has ever been in production (now, or per the audit log)."""
-        with self._lock:
-            return self._retry(lambda: self._ever_in_production_in(self._db))
+        return self._query(self._ever_in_production_in)
 
     @staticmethod
-    def _ever_in_production_in(db: sqlite3.Connection) -> bool:
+    def _ever_in_production_in(db: Tx) -> bool:
         # Retired generations were production; a rolled-back one, like any rollout, had a
         # serving baseline; the audit log remembers every status change to production.
         return any(db.execute(sql).fetchone() is not None for sql in (
@@ -351,7 +287,7 @@ class Registry:
         transaction; True when it did. A chain whose production was retired or rolled back
         is never handed back to its first generation by this."""
 
-        def run(db: sqlite3.Connection) -> bool:
+        def run(db: Tx) -> bool:
             self._need_gen_in(db, name)
             if self._ever_in_production_in(db):
                 return False
@@ -366,13 +302,13 @@ class Registry:
 
     def generations(self) -> list[GenerationRecord]:
         """Every generation, in creation order."""
-        return [self._gen(r) for r in self._read("SELECT * FROM generations ORDER BY rowid")]
+        return [self._gen(r) for r in self._read("SELECT * FROM generations ORDER BY created_at, name")]
 
     def set_status(self, name: str, status: str, actor: str, reason: str) -> GenerationRecord:
         """Set a generation's status (audited as 'status' with from and to). Setting
         'production' retires the previous production generation in the same transaction."""
 
-        def run(db: sqlite3.Connection) -> GenerationRecord:
+        def run(db: Tx) -> GenerationRecord:
             self._need_gen_in(db, name)
             if status == GenerationStatus.PRODUCTION:
                 for r in db.execute("SELECT name FROM generations WHERE status = 'production' AND name != ?",
@@ -399,7 +335,7 @@ class Registry:
         return out[::-1]
 
     def production(self) -> Optional[GenerationRecord]:
-        rows = self._read("SELECT * FROM generations WHERE status = 'production' ORDER BY rowid DESC LIMIT 1")
+        rows = self._read("SELECT * FROM generations WHERE status = 'production' ORDER BY created_at DESC, name DESC LIMIT 1")
         return self._gen(rows[0]) if rows else None
 
     def ever_production(self) -> list[str]:
@@ -440,15 +376,14 @@ class Registry:
                           reasons: list[str], actor: str = "evaluate") -> int:
         """Store one offline evaluation (audited as 'evaluated'); returns its id."""
 
-        def run(db: sqlite3.Connection) -> int:
+        def run(db: Tx) -> int:
             self._need_gen_in(db, candidate)
             if baseline is not None:
                 self._need_gen_in(db, baseline)
-            cur = db.execute("INSERT INTO evaluations (candidate, baseline, metrics, passed, reasons, created_at) "
+            eid = db.insert("INSERT INTO evaluations (candidate, baseline, metrics, passed, reasons, created_at) "
                              "VALUES (?, ?, ?, ?, ?, ?)",
                              (candidate, baseline, _dumps(metrics), int(bool(passed)), json.dumps(list(reasons)),
                               time.time()))
-            eid = int(cur.lastrowid)
             self._audit_in(db, actor, "evaluated", candidate,
                            ("passed" if passed else "failed: " + "; ".join(reasons)),
                            None, None, {"evaluation_id": eid, "baseline": baseline, "passed": bool(passed)})
@@ -477,7 +412,7 @@ class Registry:
         if candidate == baseline:
             raise RegistryError(f"candidate and baseline are the same generation {candidate!r}")
 
-        def run(db: sqlite3.Connection) -> RolloutRecord:
+        def run(db: Tx) -> RolloutRecord:
             self._need_gen_in(db, candidate)
             base = self._need_gen_in(db, baseline)
             if baseline_is_production and base.status != GenerationStatus.PRODUCTION:
@@ -487,11 +422,10 @@ class Registry:
                 raise RegistryError(f"rollout {active['id']} of {active['candidate']!r} is still active "
                                     f"({active['state']}); finish it before starting another")
             now = time.time()
-            cur = db.execute("INSERT INTO rollouts (candidate, baseline, state, step, weight, paused_from, "
+            rid = db.insert("INSERT INTO rollouts (candidate, baseline, state, step, weight, paused_from, "
                              "step_started_at, started_at, updated_at, finished_at, data) "
                              "VALUES (?, ?, 'shadow', 0, 0.0, NULL, ?, ?, ?, NULL, ?)",
                              (candidate, baseline, now, now, now, _dumps(data)))
-            rid = int(cur.lastrowid)
             self._audit_in(db, actor, "rollout_started", candidate, reason, None, "shadow",
                            {"rollout_id": rid, "baseline": baseline})
             self._status_in(db, candidate, GenerationStatus.SHADOW, actor, f"rollout {rid} started", {"rollout_id": rid})
@@ -539,7 +473,7 @@ class Registry:
             raise RegistryError(f"weight must be within [0, 1], got {weight}")
         fence_at = now
 
-        def run(db: sqlite3.Connection) -> RolloutRecord:
+        def run(db: Tx) -> RolloutRecord:
             row = db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
             if row is None:
                 raise RegistryError(f"unknown rollout {rollout_id}")
@@ -600,14 +534,13 @@ class Registry:
         if command not in COMMANDS:
             raise RegistryError(f"command {command!r} is not one of {[x.value for x in COMMANDS]}")
 
-        def run(db: sqlite3.Connection) -> Command:
+        def run(db: Tx) -> Command:
             r = db.execute("SELECT candidate FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
             if r is None:
                 raise RegistryError(f"unknown rollout {rollout_id}")
             now = time.time()
-            cur = db.execute("INSERT INTO commands (rollout_id, command, actor, reason, force, created_at) "
-                             "VALUES (?, ?, ?, ?, ?, ?)", (rollout_id, command, actor, reason, int(force), now))
-            cid = int(cur.lastrowid)
+            cid = db.insert("INSERT INTO commands (rollout_id, command, actor, reason, force, created_at) "
+                            "VALUES (?, ?, ?, ?, ?, ?)", (rollout_id, command, actor, reason, int(force), now))
             self._audit_in(db, actor, "requested", r["candidate"], reason, None, None,
                            {"command": command, "command_id": cid, "rollout_id": rollout_id, "force": bool(force)})
             return Command(cid, rollout_id, command, actor, reason, bool(force), now, None, None)
@@ -630,7 +563,7 @@ class Registry:
     def complete_command(self, command_id: int, outcome: str, actor: str = "controller") -> None:
         """Mark a command done with its outcome (audited as 'command_done'); only once."""
 
-        def run(db: sqlite3.Connection) -> None:
+        def run(db: Tx) -> None:
             r = db.execute("SELECT c.*, r.candidate FROM commands c JOIN rollouts r ON r.id = c.rollout_id "
                            "WHERE c.id = ?", (command_id,)).fetchone()
             if r is None:
@@ -646,7 +579,7 @@ class Registry:
     # --- leases: one controller per rollout --------------------------------------------------
 
     @staticmethod
-    def _lease(r: sqlite3.Row) -> Lease:
+    def _lease(r: Any) -> Lease:
         return Lease(r["rollout_id"], r["holder"], r["acquired_at"], r["heartbeat_at"], r["expires_at"])
 
     def lease(self, rollout_id: int) -> Optional[Lease]:
@@ -663,7 +596,7 @@ class Registry:
         if ttl_s <= 0:
             raise RegistryError(f"lease ttl must be > 0 s, got {ttl_s}")
 
-        def run(db: sqlite3.Connection) -> Lease:
+        def run(db: Tx) -> Lease:
             t = time.time() if now is None else now
             r = db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
             if r is None:
@@ -678,8 +611,10 @@ class Registry:
                 db.execute("UPDATE leases SET heartbeat_at = ?, expires_at = ? WHERE rollout_id = ?",
                            (t, t + ttl_s, rollout_id))
             else:
-                db.execute("INSERT OR REPLACE INTO leases (rollout_id, holder, acquired_at, heartbeat_at, expires_at) "
-                           "VALUES (?, ?, ?, ?, ?)", (rollout_id, holder, t, t, t + ttl_s))
+                db.execute("INSERT INTO leases (rollout_id, holder, acquired_at, heartbeat_at, expires_at) "
+                           "VALUES (?, ?, ?, ?, ?) ON CONFLICT (rollout_id) DO UPDATE SET holder = excluded.holder, "
+                           "acquired_at = excluded.acquired_at, heartbeat_at = excluded.heartbeat_at, "
+                           "expires_at = excluded.expires_at", (rollout_id, holder, t, t, t + ttl_s))
                 action = "lease_taken_over" if row is not None else "lease_acquired"
                 why = (f"previous holder {row['holder']!r} expired {t - row['expires_at']:.1f} s ago"
                        if row is not None else "first controller of this rollout")
@@ -693,7 +628,7 @@ class Registry:
     def release_lease(self, rollout_id: int, holder: str) -> bool:
         """Give the lease up (a clean exit); True when `holder` held it."""
 
-        def run(db: sqlite3.Connection) -> bool:
+        def run(db: Tx) -> bool:
             cur = db.execute("DELETE FROM leases WHERE rollout_id = ? AND holder = ?", (rollout_id, holder))
             return cur.rowcount > 0
 
@@ -717,3 +652,9 @@ class Registry:
         return [self._event(r) for r in self._read(sql, args)][::-1]
 
 
+def open_registry(cfg: Any, readonly: bool = False) -> Registry:
+    """The registry of a run config: `registry.url` (PostgreSQL) when set, else the SQLite
+    file `run_dir/registry.sqlite`."""
+    from orchestrator.rundir import registry_location
+
+    return Registry(registry_location(cfg), readonly=readonly, password_env=cfg.registry.password_env)

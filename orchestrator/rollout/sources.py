@@ -19,7 +19,7 @@ import inspect
 import math
 import re
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from typing import Any, Callable, Optional, Protocol
 
 import requests

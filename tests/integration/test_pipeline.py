@@ -10,14 +10,15 @@ only; `pipeline.snapshots` turns each .npz dropped into a folder into a generati
          expires), which rolls it back; snap-c, dropped meanwhile, is trained against
          snap-a, the production that stayed, gated against it and promoted; exit 0.
 
-The audit log then holds every stage transition of every generation once."""
+The audit log then holds every stage transition of every generation once. The registry
+is PostgreSQL (`registry.url`, a real server on 127.0.0.1), as on a cluster whose pods
+share it: the three processes, the controller and the router's replicas all use it."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psycopg
 import requests
 import yaml
 
@@ -34,9 +36,10 @@ ROOT = Path(__file__).resolve().parents[2]
 DIGITS = {"source": "digits", "seed": 0, "test_fraction": 0.3, "val_fraction": 0.1}
 
 
-def _config(tmp_path: Path, port: int) -> Path:
+def _config(tmp_path: Path, port: int, registry_url: str) -> Path:
     raw = yaml.safe_load((ROOT / "config" / "quick.yaml").read_text())
     raw["run_dir"] = str(tmp_path / "run")
+    raw["registry"] = {"url": registry_url}
     raw["generations"] = raw["generations"][:1]  # g0; the rest come from snapshots
     raw["scaling"] = {"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 1}
     raw["serving"] = {"port": port}
@@ -112,11 +115,13 @@ class Run:
         self.proc.wait(timeout=30)
 
 
-def test_snapshots_become_generations_and_two_sigkills_repeat_or_skip_no_stage(tmp_path):
+def test_snapshots_become_generations_and_two_sigkills_repeat_or_skip_no_stage(tmp_path, postgres_url,
+                                                                             postgres_server):
     port = free_port()
-    cfg = _config(tmp_path, port)
+    cfg = _config(tmp_path, port, postgres_url)
+    # the registry's password reaches every process (and Ray's workers) by environment
     env = {**os.environ, "GRACEFUL_ADMIN_TOKEN": "pipeline-admin-1", "GRACEFUL_FEEDBACK_TOKEN": "pipeline-feedback-1",
-           "GRACEFUL_CACHE": str(tmp_path / "cache")}
+           "GRACEFUL_CACHE": str(tmp_path / "cache"), "GRACEFUL_REGISTRY_PASSWORD": postgres_server.password}
     env.pop("RAY_ADDRESS", None)
     stop = threading.Event()
     client = threading.Thread(target=_traffic, args=(f"http://127.0.0.1:{port}", stop), daemon=True)
@@ -160,7 +165,8 @@ def test_snapshots_become_generations_and_two_sigkills_repeat_or_skip_no_stage(t
         ("g0", "promoted"), ("snap-a", "promoted"), ("snap-b", "rolled_back"), ("snap-c", "promoted")], out[-4000:]
     assert pipeline["next"] is None and "snaps/*.npz" in pipeline["next_trigger"]
 
-    db = sqlite3.connect(tmp_path / "run" / "registry.sqlite")
+    assert not (tmp_path / "run" / "registry.sqlite").exists()
+    db = psycopg.connect(postgres_url, password=postgres_server.password)
     rows = db.execute("SELECT subject, from_state, to_state FROM events WHERE action = 'pipeline_stage' "
                       "ORDER BY id").fetchall()
     assert len(rows) == len(set(rows)), rows  # no stage recorded twice across three processes
@@ -177,6 +183,7 @@ def test_snapshots_become_generations_and_two_sigkills_repeat_or_skip_no_stage(t
     snaps = db.execute("SELECT data FROM events WHERE action = 'pipeline_snapshot' ORDER BY id").fetchall()
     assert [json.loads(d)["generation"] for (d,) in snaps] == ["snap-a", "snap-b", "snap-c"]
     assert all(len(json.loads(d)["sha256"]) == 64 for (d,) in snaps)
+    db.close()
 
     # Operators: pause and resume are audited and shown.
     for action, paused in (("pause", True), ("resume", False)):

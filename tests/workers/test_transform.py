@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from workers.transform import EmbeddingTransform, apply_transform, fit_transform
 

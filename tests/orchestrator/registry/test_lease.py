@@ -1,17 +1,18 @@
-"""The controller lease and the ever-production history, on a real SQLite registry."""
+"""The controller lease and the ever-production history, on a real SQLite registry and a
+real PostgreSQL one (the `location` fixture)."""
 
 from __future__ import annotations
 
 import pytest
 
-from orchestrator.registry import LeaseHeld, LeaseLost, Registry
+from orchestrator.registry import LeaseHeld, LeaseLost, Registry, RegistryError
 
 SHA = "a" * 64
 
 
 @pytest.fixture
-def reg(tmp_path):
-    r = Registry(tmp_path / "registry.sqlite")
+def reg(location):
+    r = Registry(location, password_env="GRACEFUL_REGISTRY_PASSWORD")
     r.add_generation("g0", None, "mlp", "h", "/x/g0", SHA)
     r.add_generation("g1", "g0", "mlp", "h", "/x/g1", "b" * 64)
     r.bootstrap_production("g0", "test")
@@ -58,10 +59,10 @@ def test_ever_production_lists_every_production_most_recent_last(reg):
 
 
 def test_a_readonly_registry_reads_and_refuses_to_write(reg):
-    ro = Registry(reg.path, readonly=True)
+    ro = Registry(reg.location, readonly=True, password_env="GRACEFUL_REGISTRY_PASSWORD")
     try:
         assert ro.production().name == "g0" and ro.ever_production() == ["g0"]
-        with pytest.raises(Exception, match="readonly"):
+        with pytest.raises(RegistryError, match="opened read-only"):
             ro.audit("x", "y", "g0")
     finally:
         ro.close()

@@ -1,6 +1,7 @@
-"""The registry on real SQLite files: lineage, statuses, rollouts with compare-and-set,
-commands, the append-only audit log, migration of an old file, tamper detection, and
-two real processes writing at once."""
+"""The registry on real SQLite files and a real PostgreSQL server (the `reg` and
+`location` fixtures run each test on both): lineage, statuses, rollouts with
+compare-and-set, commands, the append-only audit log, migration of an old file, tamper
+detection, and two real processes writing at once."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from orchestrator.registry import (SCHEMA_VERSION, IntegrityError, Registry, Reg
 SHA = {k: c * 64 for k, c in zip(("g0", "g1", "g2", "g3"), "abcd")}
 
 
-@pytest.fixture
-def reg(tmp_path):
-    r = Registry(tmp_path / "registry.sqlite")
-    yield r
-    r.close()
+PASSWORD_ENV = "GRACEFUL_REGISTRY_PASSWORD"
+
+
+def _raw(reg, sql):
+    """SQL around the API, as any other client of the database could send it."""
+    reg._backend.write(lambda tx: tx.execute(sql))
 
 
 def _chain(reg, names=("g0", "g1", "g2")):
@@ -29,12 +31,14 @@ def _chain(reg, names=("g0", "g1", "g2")):
         parent = n
 
 
-def test_file_settings(reg, tmp_path):
+def test_sqlite_file_settings(tmp_path):
+    reg = Registry(tmp_path / "registry.sqlite")
     db = sqlite3.connect(tmp_path / "registry.sqlite")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert reg.schema_version() == SCHEMA_VERSION
-    assert reg._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-    assert reg._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: a commit survives power loss
+    assert reg._backend._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert reg._backend._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: a commit survives power loss
+    reg.close()
 
 
 def test_registry_path_is_in_the_run_dir(tmp_path):
@@ -173,14 +177,12 @@ def test_evaluations_recorded(reg):
         reg.record_evaluation("gx", None, {}, True, [])
 
 
-def test_audit_log_is_append_only(reg, tmp_path):
+def test_audit_log_is_append_only(reg):
     e = reg.audit("alice", "note", "g0", "hello", data={"k": 1})
     assert reg.events() == [e]
-    other = sqlite3.connect(tmp_path / "registry.sqlite", isolation_level=None)  # any client, not our API
     for sql in ("UPDATE events SET reason = 'edited'", "DELETE FROM events"):
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            other.execute(sql)
-    other.close()
+        with pytest.raises(Exception, match="append-only"):
+            _raw(reg, sql)
     assert reg.events()[0].reason == "hello"
     for k in range(5):
         reg.audit("a", "n", "s", str(k))
@@ -233,17 +235,17 @@ def test_migration_from_v1_keeps_rows(tmp_path):
     assert (r.state, r.paused_from) == ("frozen", "shadow") and reg.active_rollout() == r
     reg.enqueue_command(r.id, "freeze", "alice", "again")
     with pytest.raises(sqlite3.IntegrityError, match="one_active_rollout|UNIQUE"):
-        reg._db.execute("INSERT INTO rollouts (candidate, baseline, state, step, weight, step_started_at, "
+        reg._backend._db.execute("INSERT INTO rollouts (candidate, baseline, state, step, weight, step_started_at, "
                         "started_at, updated_at) VALUES ('g1', 'g0', 'guarding', 1, 1.0, 0, 0, 0)")
     with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
-        reg._db.execute("INSERT INTO commands (rollout_id, command, actor, reason, created_at) "
+        reg._backend._db.execute("INSERT INTO commands (rollout_id, command, actor, reason, created_at) "
                         "VALUES (1, 'explode', 'x', 'y', 0)")
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
         sqlite3.connect(path, isolation_level=None).execute("DELETE FROM events")
     reg.close()
     # reopening does not migrate twice
     again = Registry(path)
-    versions = again._db.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+    versions = again._backend._db.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
     assert [v[0] for v in versions] == [1, 2, 3, 4]
     again.close()
 
@@ -307,7 +309,7 @@ N_WRITES = 60
 
 def _writer(path: str, who: str, barrier, out) -> None:
     try:
-        reg = Registry(path)
+        reg = Registry(path, password_env=PASSWORD_ENV)
         barrier.wait(timeout=30)
         for k in range(N_WRITES):
             name = f"{who}-{k}"
@@ -321,7 +323,7 @@ def _writer(path: str, who: str, barrier, out) -> None:
 
 
 def _cas(path: str, rid: int, who: str, barrier, out) -> None:
-    reg = Registry(path)
+    reg = Registry(path, password_env=PASSWORD_ENV)
     barrier.wait(timeout=30)
     try:
         reg.transition(rid, ("shadow", 0), state="canary" if who == "a" else "rolled_back", step=0,
@@ -333,7 +335,7 @@ def _cas(path: str, rid: int, who: str, barrier, out) -> None:
 
 
 def _run(target, args_by_who):
-    ctx = mp.get_context("spawn")  # fresh interpreters: no shared sqlite handle inherited
+    ctx = mp.get_context("spawn")  # fresh interpreters: no shared connection inherited
     barrier, out = ctx.Barrier(len(args_by_who)), ctx.Queue()
     procs = [ctx.Process(target=target, args=(*args, barrier, out)) for args in args_by_who]
     for p in procs:
@@ -345,12 +347,12 @@ def _run(target, args_by_who):
     return results
 
 
-def test_two_processes_writing_at_once_lose_nothing(tmp_path):
-    path = str(tmp_path / "registry.sqlite")
-    Registry(path).close()
+def test_two_processes_writing_at_once_lose_nothing(location):
+    path = str(location)
+    Registry(path, password_env=PASSWORD_ENV).close()
     results = _run(_writer, [(path, "a"), (path, "b")])
     assert results == {"a": "ok", "b": "ok"}
-    reg = Registry(path)
+    reg = Registry(path, password_env=PASSWORD_ENV)
     gens = reg.generations()
     assert len(gens) == 2 * N_WRITES
     assert {g.name for g in gens} == {f"{w}-{k}" for w in "ab" for k in range(N_WRITES)}
@@ -364,9 +366,9 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path):
     assert ids == sorted(set(ids)) and len(ids) == 6 * N_WRITES  # registered + evaluated + note
 
 
-def test_concurrent_transitions_one_wins(tmp_path):
-    path = str(tmp_path / "registry.sqlite")
-    reg = Registry(path)
+def test_concurrent_transitions_one_wins(location):
+    path = str(location)
+    reg = Registry(path, password_env=PASSWORD_ENV)
     _chain(reg, ("g0", "g1"))
     rid = reg.start_rollout("g1", "g0", "ctl", "go").id
     results = _run(_cas, [(path, rid, "a"), (path, rid, "b")])
@@ -402,7 +404,7 @@ def test_served_generations_cannot_be_replaced(reg):
     assert reg.production().name == "g1"
     # a paused rollout keeps its candidate served; a baseline named by an active rollout is served
     reg.transition(r2.id, ("canary", 0), state="paused", step=0, weight=0.1, actor="bob", action="pause", reason="")
-    reg._db.execute("UPDATE generations SET status = 'retired' WHERE name = 'g1'")  # baseline check alone
+    _raw(reg, "UPDATE generations SET status = 'retired' WHERE name = 'g1'")  # baseline check alone
     with pytest.raises(RegistryError, match="it is the baseline of active rollout"):
         reg.check_replaceable("g1")
     reg.transition(r2.id, ("paused", 0), state="rolled_back", step=0, weight=0.0, actor="ctl", action="rollback",
