@@ -233,7 +233,7 @@ def test_prometheus_config_wiring():
     assert srv.startswith(f"_metrics._tcp.{svc['metadata']['name']}.")
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["ports"][0]["name"] == "metrics"
     # Every Ray pod exports its metrics on the port that Service selects.
-    for f in ("rayjob-train.yaml", "rayservice.yaml"):
+    for f in RAY_MANIFESTS:
         for params in _ray_start_params(f):
             assert params["metrics-export-port"] == str(svc["spec"]["ports"][0]["port"]), f
 
@@ -286,6 +286,11 @@ def test_every_deploy_yaml_loads(path):
             assert d["apiVersion"] and d["kind"] and d["metadata"]["name"], path
 
 
+# Every manifest that makes a Ray cluster; the RayJobs among them.
+RAY_MANIFESTS = ("rayjob-train.yaml", "rayservice.yaml", "orchestrator.yaml")
+RAY_JOBS = ("rayjob-train.yaml", "orchestrator.yaml")
+
+
 def _docs(name: str) -> list[dict]:
     return list(yaml.safe_load_all((DEPLOY / "kuberay" / name).read_text()))
 
@@ -306,9 +311,9 @@ def _pod_specs(name: str) -> list[dict]:
 
 
 def test_rayjob_rayservice_and_controller_share_the_config_and_run_volume():
-    """One ConfigMap (key run.yaml) and one run volume for training, serving and the
-    controller; one image."""
-    specs = _pod_specs("rayjob-train.yaml") + _pod_specs("rayservice.yaml") + [
+    """One ConfigMap (key run.yaml) and one run volume for training, serving, the
+    orchestrator and the controller; one image."""
+    specs = [s for name in RAY_MANIFESTS for s in _pod_specs(name)] + [
         _docs("controller.yaml")[0]["spec"]["template"]["spec"]]
     images = set()
     for spec in specs:
@@ -372,13 +377,10 @@ def test_dockerfile_installs_the_package_and_copies_what_it_needs():
     base = re.search(r"ARG BASE=rayproject/ray:([\d.]+)-", text).group(1)
     import ray
 
-    assert base == ray.__version__ == _cluster("rayservice.yaml")["rayVersion"] == _cluster("rayjob-train.yaml")["rayVersion"]
+    assert {base, ray.__version__} | {_cluster(name)["rayVersion"] for name in RAY_MANIFESTS} == {base}
 
 
 # --- safe cluster defaults: authentication and what the network may reach ------------------
-
-RAY_MANIFESTS = ("rayjob-train.yaml", "rayservice.yaml")
-
 
 @pytest.mark.parametrize("name", RAY_MANIFESTS)
 def test_every_ray_cluster_turns_on_token_authentication(name):
@@ -391,13 +393,122 @@ def test_every_ray_cluster_turns_on_token_authentication(name):
 
 @pytest.mark.parametrize("name", RAY_MANIFESTS)
 def test_no_ray_pod_declares_the_ray_client_port(name):
-    ports = {p["containerPort"] for spec in _pod_specs(name) for c in spec["containers"] for p in c.get("ports", [])}
-    assert 10001 not in ports, name
+    ports = [p for spec in _pod_specs(name) for c in spec["containers"] for p in c.get("ports", [])]
+    assert 10001 not in {p["containerPort"] for p in ports}, name
+    assert "client" not in {p.get("name") for p in ports}, name
+    assert not any("ray-client-server-port" in params for params in _ray_start_params(name)), name
 
 
-def test_the_rayjob_is_submitted_by_the_operator_not_a_submitter_pod():
+@pytest.mark.parametrize("name", RAY_JOBS)
+def test_the_rayjob_is_submitted_by_the_operator_not_a_submitter_pod(name):
     """HTTPMode: only the operator calls the dashboard, which the NetworkPolicy admits."""
-    assert _docs("rayjob-train.yaml")[0]["spec"]["submissionMode"] == "HTTPMode"
+    assert _docs(name)[0]["spec"]["submissionMode"] == "HTTPMode"
+
+
+# --- the orchestrator as a RayJob: `graceful run`, editing the RayService ----------------------
+
+def _orchestrator() -> dict[str, dict]:
+    docs = _docs("orchestrator.yaml")
+    assert [d["kind"] for d in docs] == ["RayJob", "ServiceAccount", "Role", "RoleBinding"]
+    return {d["kind"]: d for d in docs}
+
+
+def test_the_orchestrator_rayjob_runs_graceful_run_on_the_shared_config():
+    from orchestrator.cli.main import build_parser
+    from orchestrator.config import RegistrySpec
+    from serving.specs import ServingSpec
+
+    job = _orchestrator()["RayJob"]
+    assert job["metadata"]["name"] == "graceful-orchestrator"
+    words = job["spec"]["entrypoint"].split()
+    assert words[0] == "graceful"
+    args = build_parser().parse_args(words[1:])
+    assert (args.command, args.config) == ("run", "/config/run.yaml")
+    assert not args.until_idle and args.max_seconds is None  # long-running: it ends only when stopped
+    # A failed run is retried on a fresh cluster (it resumes from the registry); no deadline
+    # ends a healthy one; an ended job gives its nodes back.
+    assert job["spec"]["backoffLimit"] >= 1 and "activeDeadlineSeconds" not in job["spec"]
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    head = _pod_specs("orchestrator.yaml")[0]["containers"][0]
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in head["env"]}
+    assert secrets == {ServingSpec.model_fields["admin_token_env"].default: {"name": "graceful-admin-token",
+                                                                              "key": "token"},
+                       RegistrySpec.model_fields["password_env"].default: {"name": "graceful-registry",
+                                                                           "key": "password"}}
+    # KubeRay's head Service takes its ports from these: the operator submits to "dashboard".
+    assert {p["name"]: p["containerPort"] for p in head["ports"]}["dashboard"] == 8265
+    assert [w["groupName"] for w in _cluster("orchestrator.yaml")["workerGroupSpecs"]] == ["train"]
+
+
+def test_the_config_keys_the_orchestrator_needs_are_valid_and_point_at_the_rayservice():
+    """The `serving:` and `registry:` block of orchestrator.yaml's header comment: valid
+    config, attaching to the RayService that rayservice.yaml defines, through the router
+    Service KubeRay makes for it, with the config path its applications build from."""
+    from orchestrator.config import RegistrySpec
+    from serving.specs import ServingSpec
+
+    text = (DEPLOY / "kuberay" / "orchestrator.yaml").read_text()
+    block = text.split("In that config set:\n", 1)[1].split("\n# The registry", 1)[0]
+    keys = yaml.safe_load("\n".join(line[4:] for line in block.splitlines() if line.startswith("#   ")))
+    serving, registry = ServingSpec.model_validate(keys["serving"]), RegistrySpec.model_validate(keys["registry"])
+    svc = _docs("rayservice.yaml")[0]
+    assert serving.attach == "rayservice" and serving.rayservice.name == svc["metadata"]["name"]
+    assert (serving.host, serving.port) == (f"{svc['metadata']['name']}-serve-svc", 8000)
+    assert registry.url.startswith("postgresql://")
+    apps = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    assert {a["args"]["config"] for a in apps} == {serving.rayservice.config_path}
+
+
+def test_the_orchestrator_role_grants_only_get_and_patch_on_the_one_rayservice():
+    """All that `orchestrator.kuberay` does with the Kubernetes API: read the RayService and
+    merge-patch its serveConfigV2 (tests/orchestrator/test_kuberay.py checks it uses no other verb)."""
+    docs = _orchestrator()
+    role, binding, account = docs["Role"], docs["RoleBinding"], docs["ServiceAccount"]
+    name = _docs("rayservice.yaml")[0]["metadata"]["name"]
+    assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayservices"], "resourceNames": [name],
+                              "verbs": ["get", "patch"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"]}]
+    kinds = {d["kind"] for p in (DEPLOY / "kuberay").glob("*.yaml") for d in yaml.safe_load_all(p.read_text()) if d}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding"}
+
+
+def test_the_orchestrator_pods_run_as_its_service_account_and_only_the_head_gets_a_token():
+    account = _orchestrator()["ServiceAccount"]["metadata"]["name"]
+    head, *workers = _pod_specs("orchestrator.yaml")
+    assert head["serviceAccountName"] == account and head.get("automountServiceAccountToken", True) is True
+    for spec in workers:  # training workers call neither the Kubernetes API nor the router
+        assert spec["serviceAccountName"] == account and spec["automountServiceAccountToken"] is False
+        assert "env" not in spec["containers"][0]
+    others = _pod_specs("rayjob-train.yaml") + _pod_specs("rayservice.yaml") + [
+        _docs("controller.yaml")[0]["spec"]["template"]["spec"]]
+    assert all(spec.get("serviceAccountName") != account for spec in others)
+
+
+def test_every_generation_app_of_the_rayservice_is_what_with_generation_app_adds():
+    """Each graceful-gen-* application of rayservice.yaml, taken out and added back with
+    `orchestrator.kuberay.with_generation_app`, comes back the same, before the router;
+    on the whole config it changes nothing."""
+    from orchestrator.kuberay import ROUTER_BUILDER, with_generation_app
+    from serving.specs import RayServiceSpec
+
+    serve_config = _docs("rayservice.yaml")[0]["spec"]["serveConfigV2"]
+    doc = yaml.safe_load(serve_config)
+    router = next(a["name"] for a in doc["applications"] if a["import_path"] == ROUTER_BUILDER)
+    gens = [a for a in doc["applications"] if a["name"].startswith("graceful-gen-")]
+    assert len(gens) >= 2
+    for app in gens:
+        name = app["name"].removeprefix("graceful-gen-")
+        assert with_generation_app(serve_config, name, RayServiceSpec().config_path) is serve_config
+        without = {**doc, "applications": [a for a in doc["applications"] if a is not app]}
+        added = yaml.safe_load(with_generation_app(yaml.safe_dump(without), name, RayServiceSpec().config_path))
+        assert [a for a in added["applications"] if a["name"] == app["name"]] == [app]
+        names = [a["name"] for a in added["applications"]]
+        assert names.index(app["name"]) == names.index(router) - 1
+        assert sorted(names) == sorted(a["name"] for a in doc["applications"])
+        assert {k: v for k, v in added.items() if k != "applications"} == {
+            k: v for k, v in doc.items() if k != "applications"}
 
 
 def test_services_expose_only_the_router_and_metrics_ports():
