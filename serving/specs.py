@@ -100,6 +100,9 @@ class ServingSpec(StrictModel):
         if self.router_replicas > 1 and self.prediction_log == "memory":
             raise ValueError("router_replicas: more than one router replica needs a shared prediction log "
                              "(prediction_log: sqlite on one node, or redis)")
+        if self.attach == "rayservice" and self.in_router_models:
+            raise ValueError("attach: rayservice adds each generation as its own RayService application; "
+                             "in_router_models (models inside the router) cannot be attached that way")
         if self.prediction_log == "redis" and not self.resolved_redis_url():
             raise ValueError(f"redis_url: the redis prediction log needs redis_url (or the environment "
                              f"variable {self.redis_url_env})")

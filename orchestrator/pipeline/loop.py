@@ -188,7 +188,25 @@ class PipelineRunner:
                        data={"generation_hash": generation_hash(self.cfg, name), "stage": stage.value})
         self.log(f"[{name}] {reason}")
 
+    # --- hooks: what a use of the loop adds (the demo's summary and progress) --------------
+
+    def evaluated(self, name: str, ev: Any) -> None:
+        """After `name`'s offline evaluation was recorded."""
+
+    def rollout_progress(self, name: str) -> Optional[Callable[[Any], None]]:
+        """Called with each controller tick of `name`'s rollout (None: nothing to print)."""
+        return None
+
+    def rolled_out(self, name: str, state: str) -> None:
+        """After `name`'s rollout reached `state` (promoted or rolled_back), before the
+        generation that no longer serves leaves the router."""
+
     # --- serving ---------------------------------------------------------------------------
+
+    def use_router(self, url: str, client: Any, owned: bool) -> None:
+        """Serve through the router at `url` (`owned`: this process deployed it, so it
+        removes generations that no longer serve)."""
+        self.url, self.client, self.started_serving = url, client, owned
 
     def ensure_serving(self) -> None:
         """A router at serving.host:port: the one that answers, else one started here."""
@@ -204,6 +222,11 @@ class PipelineRunner:
             requests.get(url + "/healthz", timeout=2).raise_for_status()
             self.log(f"serving: using the router that answers at {url}")
         except requests.RequestException:
+            if self.cfg.serving.attach == "rayservice":
+                # The RayService serves; a router started here, on the orchestrator's own
+                # cluster, would be one nobody reaches. Retried on the next pass.
+                raise RuntimeError(f"no router answers at {url} (serving.attach: rayservice: the RayService "
+                                   f"serves, this process never starts a router)") from None
             from orchestrator.apps import build_catalogue, serving_plan, start_router
 
             plan = serving_plan(self.cfg, self.reg)
@@ -241,6 +264,7 @@ class PipelineRunner:
                 raise GenerationFailed(f"{type(e).__name__}: {e}") from e
             for line in render(ev).splitlines():
                 self.log(line)
+            self.evaluated(name, ev)
         elif stage is Stage.ROLLOUT:
             self.ensure_serving()
             if self._lease_held_elsewhere(name):
@@ -248,11 +272,12 @@ class PipelineRunner:
             try:
                 state = drive_rollout(self.cfg, self.reg, self.client, name, self.stop,
                                       self.cfg.pipeline.rollout_max_seconds, f"graceful run: {name}",
-                                      attach=self._attach())
+                                      attach=self._attach(), on_tick=self.rollout_progress(name))
             except RolloutRefused as e:
                 raise GenerationFailed(f"rollout refused: {e}") from e
             if state is not None:
                 self.log(f"[{name}] {state}")
+                self.rolled_out(name, state)
                 self._free(name, state)
 
     def _lease_held_elsewhere(self, name: str) -> bool:
@@ -275,15 +300,22 @@ class PipelineRunner:
 
     def _free(self, name: str, state: str) -> None:
         """After a final rollout, the generation that no longer serves leaves the router
-        (only when this process deployed the serving plane: another's is its own)."""
-        if not self.started_serving:
+        (when this process deployed the serving plane, or adds applications to the
+        RayService: another plane's generations are its own)."""
+        rayservice = self.cfg.serving.attach == "rayservice"
+        if not (self.started_serving or rayservice):
             return
         from serving import deploy
 
         rec = self.reg.latest_rollout(name)
         gone = rec.baseline if state == "promoted" else name
         try:
-            deploy.remove_generation(gone)
+            if rayservice:
+                from orchestrator.kuberay import detach_via_rayservice
+
+                detach_via_rayservice(self.cfg, gone)
+            else:
+                deploy.remove_generation(gone)
         except Exception as e:  # it keeps serving nothing; the next plan leaves it out anyway
             log_.warning("pipeline: could not remove %s from the router (%s)", gone, e)
 

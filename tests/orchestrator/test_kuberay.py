@@ -484,8 +484,10 @@ def test_no_admin_token_is_refused_before_anything_is_written(tmp_path, kube, ro
 
 
 def test_models_inside_the_router_cannot_be_attached_through_the_rayservice(tmp_path, kube, router, account, reg):
-    with pytest.raises(ValueError, match="in_router_models"):
-        _attach(_cfg(tmp_path, kube, router, in_router_models=True), reg, account)
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match="serving: attach: rayservice .* in_router_models"):
+        _cfg(tmp_path, kube, router, in_router_models=True)
 
 
 # --- detach ---------------------------------------------------------------------------------

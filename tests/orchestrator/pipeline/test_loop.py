@@ -100,3 +100,20 @@ def test_pause_and_resume_are_audited_and_shown(run):
     assert acts == [("alice", "pipeline_pause"), ("bob", "pipeline_resume")]
     st = pipeline_status(cfg, reg)
     assert st["next"] == "g1" and [g["stage"] for g in st["generations"]] == ["promoted", "evaluate", "train"]
+
+
+def test_the_evaluated_hook_gets_the_recorded_evaluation_and_the_stage_moves_on(run):
+    """What a use of the loop (the demo) builds on: `evaluated` is called with the
+    evaluation the registry now holds, after which the generation leaves EVALUATE."""
+    cfg, reg = run
+    seen = []
+
+    class Hooked(PipelineRunner):
+        def evaluated(self, name, ev):
+            seen.append((name, ev.baseline, ev.verdict))
+
+    Hooked(cfg, reg, log=lambda m: None).act("g1", Stage.EVALUATE)
+    recorded = reg.evaluations("g1")
+    assert len(recorded) == 1 and recorded[0]["baseline"] == "g0"
+    assert [(n, b) for n, b, _ in seen] == [("g1", "g0")] and seen[0][2] in ("pass", "fail", "inconclusive")
+    assert stages(cfg, reg)["g1"] is not Stage.EVALUATE
