@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from tests.helpers import free_port, require_tool
+from tests.server_process import ServerProcess
 
 START_TIMEOUT_S = 30.0
 USER = "graceful"
@@ -51,7 +52,10 @@ def _as_user(uid: Optional[int], gid: Optional[int]):
     return run
 
 
-class PostgresServer:
+class PostgresServer(ServerProcess):
+    STOP_SIGNAL = signal.SIGINT  # fast shutdown: open transactions roll back, clients are disconnected
+    STOP_WAIT_S = 20.0
+
     def __init__(self, password: Optional[str] = None):
         self.initdb = require_tool("initdb", install_hint=APT, also_in=_bin_dirs())
         self.postgres = require_tool("postgres", install_hint=APT, also_in=_bin_dirs())
@@ -131,32 +135,6 @@ class PostgresServer:
             c.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
-    def stop(self) -> None:
-        """SIGINT: fast shutdown (open transactions roll back, clients are disconnected)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def kill(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def restart(self) -> "PostgresServer":
-        self.stop()
-        return self.start()
-
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> "PostgresServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -22,6 +22,7 @@ from typing import Optional
 import redis
 
 from tests.helpers import free_port, require_tool
+from tests.server_process import ServerProcess
 
 START_TIMEOUT_S = 10.0
 
@@ -35,7 +36,7 @@ def _die_with_parent() -> None:
         pass
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     def __init__(self, persistence: bool = False, directory: Optional[Path] = None, binary: Optional[str] = None):
         self.binary = binary or require_tool("redis-server", install_hint="apt-get install redis-server")
         self.persistence = persistence
@@ -90,35 +91,7 @@ class RedisServer:
         finally:
             client.close()
 
-    def stop(self) -> None:
-        """SIGTERM and wait: Redis flushes its append-only file and exits."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def kill(self) -> None:
-        """SIGKILL: what is not on disk is lost."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def restart(self) -> "RedisServer":
-        """Stop, then start on the same port and directory."""
-        self.stop()
-        return self.start()
-
     def close(self) -> None:
         self.stop()
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> "RedisServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()

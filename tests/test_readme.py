@@ -36,6 +36,6 @@ def test_the_readme_links_every_page_of_docs():
 def test_the_readme_shows_the_demo_and_its_output():
     start = README.index("$ bash scripts/install.sh && .venv/bin/graceful demo")
     output = README[start:README.index("```", start)]
-    for line in ("== g1: rollout", "[g1] promoted", "[g2] rolled back", "wall time", "summary: runs/demo/summary.json"):
+    for line in ("== g1: rollout", "[g1] promoted", "[g2] rolled_back", "[g2] stage rollout -> rolled_back", "wall time", "summary: runs/demo/summary.json"):
         assert line in output, line
     assert "\n```\n                 config/*.yaml ──validate──▶ RunConfig" in README  # the architecture picture

@@ -13,6 +13,7 @@ generation is final), 1 when the loop stopped on repeated errors, 2 for a bad co
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import threading
@@ -24,6 +25,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.pipeline.loop import run_pipeline
 
     cfg = load_or_exit(args.config)
+    # The library's own progress (graceful.* loggers: the RayService attach's waits) on
+    # stderr beside the loop's lines; Ray's loggers keep their own handlers.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    logging.getLogger("graceful").addHandler(handler)
+    logging.getLogger("graceful").setLevel(logging.INFO)
     stop = threading.Event()
     got = {"signal": None}
 

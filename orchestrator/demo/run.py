@@ -5,14 +5,16 @@ Stages (each prints progress):
   2. serve the first generation as production on Ray Serve, with the retrieval gallery its
      embeddings fill (never re-indexed), under simulated live traffic whose labels arrive
      later by request id;
-  3. for each later generation: the offline gate against production (and its report); a
-     candidate that passes (or whose gate is `advisory`) joins as a shadow and the rollout
-     controller moves it through the canary steps to promoted, or rolls it back;
+  3. `graceful run`'s loop (`orchestrator.pipeline.loop.PipelineRunner`) over the later
+     generations: each in turn is gated against the production it would replace (with
+     its report); a candidate that passes (or whose gate is `advisory`) joins as a shadow
+     and the rollout controller moves it through the canary steps to promoted, or rolls
+     it back; every stage is recorded in the registry like any pipeline's;
   4. a summary table and `run_dir/summary.json`.
 
 Side effects stay here and in the modules it drives; the demo adds no logic of its own
-beyond sequencing, so what it shows is what `graceful train / evaluate / serve / rollout`
-do one by one.
+beyond its traffic and its summary (`DemoRunner`'s hooks), so what it shows is what
+`graceful run` does.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from orchestrator.config import RunConfig, init_ray
+from orchestrator.pipeline.loop import PipelineRunner, stages
+from orchestrator.pipeline.stages import Stage
 from orchestrator.rundir import generation_dir, registry_path, summary_path
 
 OUTCOMES = ("promoted", "rolled_back", "rejected")
@@ -181,22 +185,8 @@ def _live_counts(client, candidate: str, by_disagreements: bool = False) -> tupl
     return (c.negative_flips / c.labelled if c.labelled else None), c.labelled
 
 
-def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, log: Callable[[str], None],
-             stop: threading.Event, max_seconds: float, reason: str) -> str:
-    """Attach `candidate` as a shadow and let the controller take it to a final state
-    (`orchestrator.pipeline.loop.drive_rollout`, as `graceful run` does), printing its
-    progress. Returns the final rollout state (promoted | rolled_back), or raises
-    DemoInterrupted."""
-    from orchestrator.apps import attach_on_cluster
-    from orchestrator.pipeline.loop import drive_rollout
-    from serving import deploy
-
-    deploy_beside = attach_on_cluster(cfg, registry)  # this process's Ray is the demo's own
-
-    def attach(name: str) -> None:
-        deploy_beside(name)
-        log(f"[{name}] deployed beside {production} as a shadow: it sees every request, answers none")
-
+def _progress(cfg: RunConfig, client, candidate: str, log: Callable[[str], None]) -> Callable[[Any], None]:
+    """A controller tick printer: transitions, rollbacks and errors at once, else every 5 s."""
     t0 = time.monotonic()
     last_print = [0.0]
 
@@ -210,17 +200,69 @@ def roll_out(cfg: RunConfig, registry, client, candidate: str, production: str, 
             log(f"[{candidate}] {now - t0:5.1f}s {res.state} step {res.step} weight {res.weight or 0:.2f}: "
                 f"{res.decision} ({live}){move}")
 
-    # The library's start: the gate (advisory generations pass with the reason), the
-    # registry's production as baseline, and the candidate attached.
-    state = drive_rollout(cfg, registry, client, candidate, stop, max_seconds, reason, actor="demo", attach=attach,
-                          on_tick=on_tick)
-    _check(stop)
-    if state is None:
-        raise RuntimeError(f"rollout of {candidate} did not finish within {max_seconds:.0f}s; "
-                           f"raise --rollout-seconds or lower rollout.steps[].min_labels")
-    # Free the CPU of the generation that no longer serves.
-    deploy.remove_generation(production if state == "promoted" else candidate)
-    return state
+    return on_tick
+
+
+class DemoRunner(PipelineRunner):
+    """The pipeline's loop (`graceful run`) over the demo's chain, with what the demo adds:
+    each gate's report and summary row, the rollout's progress, and the live NFR and
+    retrieval quality after each rollout."""
+
+    def __init__(self, cfg: RunConfig, registry, log: Callable[[str], None], stop: threading.Event, client,
+                 query, gallery: Path, rows: list[GenerationSummary], wanted_only: bool):
+        super().__init__(cfg, registry, log, stop)
+        self.query, self.gallery, self.rows, self.wanted_only = query, gallery, rows, wanted_only
+        self.demo_client = client
+
+    def act(self, name: str, stage: Stage) -> None:
+        prod = self.reg.production()
+        if stage is Stage.EVALUATE:
+            _stage(self.log, f"{name}: offline gate against {prod.name if prod else '(none)'}")
+        elif stage is Stage.ROLLOUT and self.reg.active_rollout() is None:
+            _stage(self.log, f"{name}: rollout (shadow -> canary "
+                             f"{' -> '.join(f'{100 * s.weight:g}%' for s in self.cfg.rollout.steps)} -> promoted)")
+        super().act(name, stage)
+
+    def evaluated(self, name: str, ev: Any) -> None:
+        from orchestrator.evaluation.report import write_report
+
+        report = write_report(self.cfg, ev, self.reg)
+        self.log(f"report: {report}")
+        enforced = self.cfg.generation(name).offline_gate == "enforce"
+        if ev.verdict == "fail":
+            self.log(f"[{name}] offline gate failed: " + ("rejected, it never goes live" if enforced else
+                                                          "the gate is advisory for it, so it goes live and the "
+                                                          "controller decides"))
+        elif ev.verdict == "inconclusive":
+            goes = not enforced or self.cfg.gates.allow_inconclusive
+            self.log(f"[{name}] offline gate inconclusive (the test set is too small to decide): "
+                     + ("it goes live and the controller decides" if goes else
+                        "it does not go live (gates.allow_inconclusive lets the live rollout decide)"))
+        self.rows[:] = [r for r in self.rows if r.name != name]  # re-evaluated: the latest gate counts
+        self.rows.append(GenerationSummary(
+            name, ev.metrics["error_candidate"], ev.metrics["nfr"], "pending", against=ev.baseline,
+            top1_vs_gallery=gallery_top1(self.cfg, self.reg, name, self.query, self.gallery), gate_passed=ev.passed,
+            gate_verdict=ev.verdict, reasons=list(ev.reasons), report=str(report)))
+
+    def rollout_progress(self, name: str) -> Callable[[Any], None]:
+        return _progress(self.cfg, self.demo_client, name, self.log)
+
+    def _attach(self) -> Callable[[str], None]:
+        deploy_beside = super()._attach()  # this process's Ray is the demo's own
+
+        def attach(name: str) -> None:
+            deploy_beside(name)
+            self.log(f"[{name}] deployed beside {self.reg.production().name} as a shadow: it sees every "
+                     f"request, answers none")
+
+        return attach
+
+    def rolled_out(self, name: str, state: str) -> None:
+        row = next(r for r in self.rows if r.name == name)
+        row.live_nfr, row.live_labelled = _live_counts(self.demo_client, name, self.wanted_only)
+        top1, by = live_retrieval_top1(self.demo_client, self.query.x[:512], self.query.y[:512])
+        self.log(f"/v1/search: top-1 {100 * top1:.1f}% with queries embedded by {by} in "
+                 f"{self.cfg.gallery}'s gallery (not re-indexed)")
 
 
 def archive_registry(cfg: RunConfig, log: Callable[[str], None]) -> None:
@@ -326,28 +368,28 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
             log(f"simulated users: {traffic_rps:.0f} requests/s of 8 rows, labels arrive 0.5s later"
                 + (" for the requests the router flags (a candidate disagreed): /v1/labels/wanted"
                    if wanted_only else ""))
-            for gen in cfg.generations:
-                if gen.name == production or any(r.name == gen.name for r in rows):
+            # The rest is `graceful run`'s loop over the chain: each generation in turn is
+            # gated against the production it would replace and rolled out by the
+            # controller, every stage recorded in the registry (audit `pipeline_stage`).
+            loop_cfg = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(
+                update={"rollout_max_seconds": rollout_seconds, "poll_seconds": 0.5})})
+            runner = DemoRunner(loop_cfg, registry, log, stop, client, ds.query, gallery, rows, wanted_only)
+            runner.use_router(url, client, owned=True)
+            runner.run(until_idle=True, max_seconds=budget)
+            _check(stop)
+            final = stages(loop_cfg, registry)
+            late = [n for n, st in final.items() if not st.final]
+            if late:
+                raise RuntimeError(f"{', '.join(late)} did not reach a final stage within {budget:.0f}s "
+                                   f"(at {', '.join(final[n].value for n in late)}); raise --rollout-seconds or "
+                                   f"lower rollout.steps[].min_labels")
+            for row in rows:
+                st = final.get(row.name)
+                if st is None or row.name == rows[0].name:
                     continue
-                _check(stop)
-                _stage(log, f"{gen.name}: offline gate against {production}")
-                row = offline_gate(cfg, registry, gen.name, production, ds.query, gallery, log)
-                rows.append(row)
-                if row.outcome in ("rejected", "inconclusive"):  # the offline gate keeps it offline
-                    continue
-                _stage(log, f"{gen.name}: rollout (shadow -> canary "
-                            f"{' -> '.join(f'{100 * s.weight:g}%' for s in cfg.rollout.steps)} -> promoted)")
-                # The library's start adds the gate's verdict (and "advisory") to the reason.
-                state = roll_out(cfg, registry, client, gen.name, production, log, stop, rollout_seconds,
-                                 "graceful demo")
-                row.live_nfr, row.live_labelled = _live_counts(client, gen.name, wanted_only)
-                row.outcome = state
-                log(f"[{gen.name}] {state.replace('_', ' ')}")
-                if state == "promoted":
-                    production = gen.name
-                top1, by = live_retrieval_top1(client, q.x, q.y)
-                log(f"/v1/search: top-1 {100 * top1:.1f}% with queries embedded by {by} in "
-                    f"{cfg.gallery}'s gallery (not re-indexed)")
+                # an enforced gate that could not decide keeps the generation offline
+                row.outcome = ("inconclusive" if st is Stage.REJECTED and row.gate_verdict == "inconclusive"
+                               else st.value)
             stats = traffic.gen.stats
         log(f"traffic: {stats.ok}/{stats.sent} requests answered, {stats.labelled} labelled"
             + (" (only those flagged: labels wanted)" if wanted_only else "") + f", p50 {stats.p50_ms():.1f} ms")
@@ -376,36 +418,3 @@ def gallery_top1(cfg: RunConfig, registry, name: str, query, gallery: Path) -> f
     ref = generation_ref(cfg, registry, name, actor="demo")
     model = load_model(ref.uri, ref.sha256, factory=ref.factory)[0]
     return catalogue_top1(gallery, predict(model, query.x)[0], query.y)
-
-
-def offline_gate(cfg: RunConfig, registry, candidate: str, production: str, query, gallery,
-                 log: Callable[[str], None]) -> GenerationSummary:
-    """`graceful evaluate` of `candidate` against production, with its report. The row's
-    outcome is 'rejected' when the gate fails and the generation's gate is enforced, and
-    'inconclusive' when it cannot decide, the gate is enforced and gates.allow_inconclusive
-    is false (a rollout would be refused)."""
-    from orchestrator.evaluation.evaluate import evaluate, render
-    from orchestrator.evaluation.report import write_report
-
-    ev = evaluate(cfg, candidate, against=production, registry=registry)
-    report = write_report(cfg, ev, registry)
-    for line in render(ev).splitlines():
-        log(line)
-    log(f"report: {report}")
-    enforced = cfg.generation(candidate).offline_gate == "enforce"
-    outcome = "pending"
-    if ev.verdict == "fail":
-        log(f"[{candidate}] offline gate failed: " + ("rejected, it never goes live" if enforced else
-                                                       "the gate is advisory for it, so it goes live and the "
-                                                       "controller decides"))
-        outcome = "rejected" if enforced else outcome
-    elif ev.verdict == "inconclusive":
-        goes = not enforced or cfg.gates.allow_inconclusive
-        log(f"[{candidate}] offline gate inconclusive (the test set is too small to decide): "
-            + ("it goes live and the controller decides" if goes else
-               "it does not go live (gates.allow_inconclusive lets the live rollout decide)"))
-        outcome = outcome if goes else "inconclusive"
-    return GenerationSummary(candidate, ev.metrics["error_candidate"], ev.metrics["nfr"], outcome, against=production,
-                             top1_vs_gallery=gallery_top1(cfg, registry, candidate, query, gallery), gate_passed=ev.passed,
-                             gate_verdict=ev.verdict,
-                             reasons=list(ev.reasons), report=str(report))

@@ -89,7 +89,13 @@ def test_demo_promotes_the_compatible_generation_and_rolls_back_the_regression(t
     promoted = db.execute("SELECT COUNT(*) FROM events WHERE subject = 'g1' AND action LIKE '%promot%' "
                           "AND to_state = 'promoted'").fetchone()[0]
     assert promoted == 1
-    assert "summary:" in proc.stderr and "rolled back" in proc.stderr
+    # The gates and rollouts were the pipeline's loop: each stage audited once.
+    stages = db.execute("SELECT subject, from_state, to_state FROM events WHERE action = 'pipeline_stage' "
+                        "ORDER BY id").fetchall()
+    assert [s for s in stages if s[0] == "g2"] == [("g2", None, "evaluate"), ("g2", "evaluate", "rollout"),
+                                                    ("g2", "rollout", "rolled_back")], stages
+    assert ("g1", "rollout", "promoted") in stages and len(stages) == len(set(stages))
+    assert "summary:" in proc.stderr and "[g2] rolled_back" in proc.stderr
     assert not _wait_gone(before), "the demo left Ray processes behind"
 
 
