@@ -513,11 +513,13 @@ def test_every_generation_app_of_the_rayservice_is_what_with_generation_app_adds
 
 
 def test_services_expose_only_the_router_and_metrics_ports():
+    """... and the registry's 5432, on its own Service (its NetworkPolicy below)."""
     for path in sorted((DEPLOY / "kuberay").glob("*.yaml")):
         for d in yaml.safe_load_all(path.read_text()):
             if d and d["kind"] == "Service":
                 ports = {p["port"] for p in d["spec"]["ports"]}
-                assert ports <= {8000, 8080, 9108}, (path.name, ports)
+                allowed = {5432} if d["metadata"]["name"] == "graceful-registry" else {8000, 8080, 9108}
+                assert ports <= allowed, (path.name, ports)
 
 
 def _ingress(policy: dict) -> list[tuple[Optional[str], set[int]]]:
@@ -564,3 +566,55 @@ def test_a_rule_open_to_every_port_and_peer_is_caught():
     """The check above fails on a policy with an `ingress: [{}]` rule (admits everything)."""
     rules = _ingress({"spec": {"ingress": [{}]}})
     assert rules == [(None, set())] and [p for w, p in rules if w is None] != [{8000}]
+
+
+# --- the shared registry (PostgreSQL) ----------------------------------------------------------
+
+REGISTRY_URL = "postgresql://graceful@graceful-registry:5432/graceful"
+
+
+def _registry_env(container: dict) -> Optional[dict]:
+    return next((e for e in container.get("env", []) if e["name"] == "GRACEFUL_REGISTRY_PASSWORD"), None)
+
+
+def test_every_pod_that_opens_the_registry_gets_its_password_from_the_secret():
+    """The RayService's pods (router replicas, builders), the RayJob drivers (heads) and the
+    controller read registry.password_env's default from the Secret registry.yaml's server
+    uses; the password is never a literal."""
+    from orchestrator.config import RegistrySpec
+
+    want = {"name": RegistrySpec().password_env,
+            "valueFrom": {"secretKeyRef": {"name": "graceful-registry", "key": "password"}}}
+    opening = (_pod_specs("rayservice.yaml") + [_pod_specs(n)[0] for n in RAY_JOBS]
+               + [_docs("controller.yaml")[0]["spec"]["template"]["spec"]])
+    for spec in opening:
+        assert _registry_env(spec["containers"][0]) == want, spec["containers"][0]["name"]
+    server = next(d for d in _docs("registry.yaml") if d["kind"] == "StatefulSet")
+    env = {e["name"]: e for e in server["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"] == want["valueFrom"]
+    assert env["POSTGRES_USER"]["value"] == "graceful" and env["POSTGRES_DB"]["value"] == "graceful"
+
+
+def test_the_documented_registry_url_names_the_registry_service_and_loads():
+    """The URL the manifests document is the Service of registry.yaml, and the config
+    accepts it (no password in it)."""
+    from urllib.parse import urlsplit
+
+    from orchestrator.config import RegistrySpec
+
+    service = next(d for d in _docs("registry.yaml") if d["kind"] == "Service")
+    u = urlsplit(REGISTRY_URL)
+    assert (u.hostname, u.port) == (service["metadata"]["name"], service["spec"]["ports"][0]["port"])
+    assert RegistrySpec(url=REGISTRY_URL).url == REGISTRY_URL
+    for name in ("registry.yaml", "orchestrator.yaml"):
+        assert REGISTRY_URL in (DEPLOY / "kuberay" / name).read_text(), name
+
+
+def test_the_registry_port_is_open_to_the_graceful_pods_only():
+    policy = next(d for d in _docs("networkpolicy.yaml") if d["metadata"]["name"] == "graceful-registry")
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"app": "graceful-registry"}}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [5432]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"ray.io/is-ray-node": "yes"}}},
+                            {"podSelector": {"matchLabels": {"app": "graceful-controller"}}}]
