@@ -65,8 +65,8 @@ def _verdict(reg: Registry, name: str, production: Optional[str]) -> Optional[st
 
 
 def _failure(reg: Registry, name: str, ghash: str) -> Optional[str]:
-    for e in reversed(reg.events(name)):
-        if e.action == "pipeline_failed" and e.data.get("generation_hash") == ghash:
+    for e in reversed(reg.events(name, actions=("pipeline_failed",))):
+        if e.data.get("generation_hash") == ghash:
             return e.reason
     return None
 
@@ -88,17 +88,13 @@ def stages(cfg: RunConfig, reg: Registry) -> dict[str, Stage]:
 
 
 def recorded_stage(reg: Registry, name: str) -> Optional[str]:
-    for e in reversed(reg.events(name)):
-        if e.action == "pipeline_stage":
-            return e.to_state
-    return None
+    last = reg.events(name, limit=1, actions=("pipeline_stage",))
+    return last[0].to_state if last else None
 
 
 def is_paused(reg: Registry) -> bool:
-    for e in reversed(reg.events(SUBJECT)):
-        if e.action in ("pipeline_pause", "pipeline_resume"):
-            return e.action == "pipeline_pause"
-    return False
+    last = reg.events(SUBJECT, limit=1, actions=("pipeline_pause", "pipeline_resume"))
+    return bool(last) and last[0].action == "pipeline_pause"
 
 
 def set_paused(reg: Registry, paused: bool, actor: str, reason: str) -> bool:

@@ -71,8 +71,8 @@ def _snapshot_generations(cfg: RunConfig, reg: Optional[Registry], taken: set[st
                           record: bool) -> list[GenerationSpec]:
     spec = cfg.pipeline.snapshots
     known = {g.name for g in cfg.generations}
-    recorded = {e.data.get("path"): e.data.get("generation") for e in (reg.events(SUBJECT) if reg is not None else [])
-                if e.action == "pipeline_snapshot"}
+    recorded = {e.data.get("path"): e.data.get("generation")
+                for e in (reg.events(SUBJECT, actions=("pipeline_snapshot",)) if reg is not None else [])}
     out = []
     for path in snapshot_files(cfg):
         name = recorded.get(str(path)) or generation_name(spec.name, path.stem)
@@ -95,7 +95,7 @@ def _schedule_generations(cfg: RunConfig, reg: Optional[Registry], taken: set[st
     if every is None or reg is None:
         return []
     now = time.time() if now is None else now
-    start = next((e.data.get("start") for e in reg.events(SUBJECT) if e.action == "pipeline_schedule"), None)
+    start = next((e.data.get("start") for e in reg.events(SUBJECT, actions=("pipeline_schedule",))), None)
     if start is None:
         if not record:
             return []

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from orchestrator.registry.records import (ACTIVE_STATES, COMMANDS, FINAL_STATES, GEN_STATUSES, HELD_STATES, ROLLOUT_STATES,
                                            SERVED_STATUSES, Command, CommandKind, Event, GenerationRecord,
@@ -641,12 +641,19 @@ class Registry:
         """Append one event to the audit log."""
         return self._write(lambda db: self._audit_in(db, actor, action, subject, reason, from_state, to_state, data))
 
-    def events(self, subject: Optional[str] = None, limit: Optional[int] = None) -> list[Event]:
-        """Audit events, oldest first; with `limit`, the newest `limit` of them."""
-        sql, args = "SELECT * FROM events", ()
+    def events(self, subject: Optional[str] = None, limit: Optional[int] = None,
+               actions: Optional[Sequence[str]] = None) -> list[Event]:
+        """Audit events (of `subject`, of the given `actions`), oldest first; with `limit`,
+        the newest `limit` of them."""
+        where, args = [], ()
         if subject is not None:
-            sql, args = sql + " WHERE subject = ?", (subject,)
-        sql += " ORDER BY id DESC"
+            where, args = where + ["subject = ?"], args + (subject,)
+        if actions is not None:
+            if not actions:
+                return []
+            where.append("action IN (" + ", ".join("?" * len(actions)) + ")")
+            args += tuple(actions)
+        sql = "SELECT * FROM events" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC"
         if limit is not None:
             sql, args = sql + " LIMIT ?", args + (int(limit),)
         return [self._event(r) for r in self._read(sql, args)][::-1]

@@ -508,3 +508,15 @@ def test_graceful_train_of_a_served_generation_fails_before_training(tmp_path, c
     assert model.read_bytes() == b"g0 weights v1"
     with Registry(registry_path(cfg)) as reg:
         assert (reg.generations(), len(reg.events())) == before
+
+
+def test_events_filter_by_subject_and_action_newest_last(reg):
+    """Six events: a/x, b/x, a/y, a/x, a/z, b/y. Of subject a, actions x or y: ids 1, 3, 4
+    in order; the newest one of them: 4; actions=() selects nothing."""
+    for subject, action in (("a", "x"), ("b", "x"), ("a", "y"), ("a", "x"), ("a", "z"), ("b", "y")):
+        reg.audit("t", action, subject, f"{subject}/{action}")
+    got = reg.events("a", actions=("x", "y"))
+    assert [e.reason for e in got] == ["a/x", "a/y", "a/x"] and got[0].id < got[1].id < got[2].id
+    assert [e.id for e in reg.events("a", limit=1, actions=("x", "y"))] == [got[-1].id]
+    assert [e.reason for e in reg.events(actions=("y",))] == ["a/y", "b/y"]
+    assert reg.events("a", actions=()) == []
