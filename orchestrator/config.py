@@ -311,10 +311,13 @@ class RegistrySpec(StrictModel):
     @classmethod
     def _no_password_in_url(cls, v: Optional[str]) -> Optional[str]:
         if v is not None:
-            from urllib.parse import urlsplit
-            if urlsplit(v).password is not None:
-                raise ValueError("a password in registry.url would sit in the config file and in logs; "
-                                 "put it in the environment variable named by registry.password_env")
+            from orchestrator.registry.backends import url_secrets
+
+            found = url_secrets(v)
+            if found:
+                raise ValueError(f"registry.url carries a secret ({', '.join(found)}), which would sit in the "
+                                 f"config file and in logs; put the password in the environment variable "
+                                 f"named by registry.password_env")
         return v
 
 

@@ -22,17 +22,22 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from orchestrator.registry.schema import MIGRATIONS, PG_BASELINE, PG_BASELINE_VERSION, PG_MIGRATIONS, SCHEMA_VERSION, statements
 
 BUSY_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10
+LOCK_TIMEOUT_S = 4 * BUSY_TIMEOUT_S  # as long as SQLite's writers retry
+IDLE_IN_TRANSACTION_S = 60.0
 
 # Any constant works: every graceful registry writer in one database takes this lock first.
 _PG_WRITE_LOCK = 0x6772616365  # "grace"
 
 T = TypeVar("T")
+
+# libpq connection parameters that are secrets, in a URL's query string
+SECRET_PARAMS = ("password", "sslpassword")
 
 
 class BackendError(RuntimeError):
@@ -54,13 +59,22 @@ def is_url(location: str | Path) -> bool:
 
 
 def redact(url: str) -> str:
-    """`url` without a password (logs and messages never carry one)."""
+    """`url` without a password, in its user info or its query (logs, messages and pickles
+    never carry one)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = (f"{parts.username}@" if parts.username else "") + host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, hosts = netloc.rsplit("@", 1)
+        netloc = userinfo.split(":", 1)[0] + "@" + hosts
+    query = "&".join(kv for kv in parts.query.split("&") if kv and kv.split("=", 1)[0] not in SECRET_PARAMS)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def url_secrets(url: str) -> list[str]:
+    """Where `url` carries a secret: 'password' (user info) and any secret query key."""
+    parts = urlsplit(url)
+    found = ["password"] if "@" in parts.netloc and ":" in parts.netloc.rsplit("@", 1)[0] else []
+    return found + [k for k in parse_qs(parts.query, keep_blank_values=True) if k in SECRET_PARAMS]
 
 
 # --- SQLite ------------------------------------------------------------------------------------
@@ -247,12 +261,21 @@ class PostgresBackend:
             if v > SCHEMA_VERSION:
                 raise BackendError(f"{self.location}: schema version {v} is newer than this code understands "
                                    f"({SCHEMA_VERSION}); upgrade graceful")
-        else:
+        elif self.read(self._version) != SCHEMA_VERSION:
+            # Only a new or older database takes the write lock and runs DDL; a current one
+            # is opened with data privileges alone.
             self.write(self._migrate)
 
     def _connect(self) -> None:
-        kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S,
-                                  "row_factory": _row_factory, "application_name": "graceful"}
+        kwargs: dict[str, Any] = {
+            "autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S, "row_factory": _row_factory,
+            "application_name": "graceful",
+            # A writer never waits on the lock longer than SQLite's busy retries allow, and a
+            # holder that hangs mid-transaction (or whose network vanished: keepalives) is
+            # cut off by the server instead of blocking every writer.
+            "options": f"-c lock_timeout={int(LOCK_TIMEOUT_S * 1000)} "
+                       f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_S * 1000)}",
+            "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
         if self._password is not None:
             kwargs["password"] = self._password
         try:
@@ -260,6 +283,10 @@ class PostgresBackend:
         except self._psycopg.Error as e:
             raise BackendError(f"cannot connect to the registry at {self.location}: "
                                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        # The advisory lock serialises writers only under READ COMMITTED (each statement
+        # sees the previous writer's commit); a database default of REPEATABLE READ would
+        # read a snapshot from before the lock.
+        self._conn.isolation_level = self._psycopg.IsolationLevel.READ_COMMITTED
         if self.readonly:
             self._conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
 
@@ -277,14 +304,23 @@ class PostgresBackend:
 
     def write(self, fn: Callable[[Tx], T]) -> T:
         with self._lock:
-            conn = self._live()
-            try:
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_WRITE_LOCK,))
-                    return fn(_PgTx(conn))
-            except self._psycopg.OperationalError as e:
-                raise BackendError(f"registry at {self.location}: {str(e).strip() or type(e).__name__} "
-                                   f"(the write was not confirmed)") from e
+            for attempt in (0, 1):
+                conn = self._live()
+                locked = False
+                try:
+                    with conn.transaction():
+                        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_WRITE_LOCK,))
+                        locked = True
+                        return fn(_PgTx(conn))
+                except self._psycopg.OperationalError as e:
+                    # A connection found dead before the transaction did anything (the
+                    # server restarted since the last call) applied nothing: once more on a
+                    # new one. After that, a failure may have been at COMMIT: not repeated.
+                    if not locked and not attempt and (conn.closed or conn.broken):
+                        continue
+                    raise BackendError(f"registry at {self.location}: {str(e).strip() or type(e).__name__} "
+                                       f"(the write was not confirmed)") from e
+            raise AssertionError("unreachable")
 
     def read(self, fn: Callable[[Tx], T]) -> T:
         with self._lock:

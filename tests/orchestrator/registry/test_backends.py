@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import pickle
 import sqlite3
+import threading
+import time
 
 import psycopg
 import pytest
 
 from orchestrator.apps import RegistryPlan
 from orchestrator.config import load_config
-from orchestrator.registry import SCHEMA_VERSION, Registry, RegistryError, open_registry
+from orchestrator.registry import SCHEMA_VERSION, Registry, RegistryError, StaleTransition, open_registry
 from orchestrator.registry.backends import redact
 
 PASSWORD_ENV = "GRACEFUL_REGISTRY_PASSWORD"
@@ -152,6 +154,68 @@ def test_the_router_plan_source_reads_postgres_and_pickles_without_a_password(po
 
 
 def test_redact_drops_only_the_password():
-    """postgresql://u:secret@h:5/db -> postgresql://u@h:5/db; a URL without one is unchanged."""
+    """postgresql://u:secret@h:5/db -> postgresql://u@h:5/db; a password in the query goes
+    too; several hosts and IPv6 brackets stay; a URL without one is unchanged."""
     assert redact("postgresql://u:secret@h:5/db?sslmode=require") == "postgresql://u@h:5/db?sslmode=require"
+    assert redact("postgresql://u@h/db?password=s3&sslmode=require") == "postgresql://u@h/db?sslmode=require"
+    assert redact("postgresql://u:p@h1:5432,h2:5433/db") == "postgresql://u@h1:5432,h2:5433/db"
+    assert redact("postgresql://u:p@[::1]:5432/db") == "postgresql://u@[::1]:5432/db"
     assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+@pytest.mark.parametrize("url", ["postgresql://graceful@db/graceful?password=hunter2",
+                                 "postgresql://graceful@db/graceful?sslmode=verify-full&sslpassword=hunter2"])
+def test_a_password_in_the_query_string_is_refused_too(tmp_path, url):
+    from orchestrator.config import ConfigError
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"registry:\n  url: '{url}'\ngenerations:\n  - name: g0\n    arch: {{type: mlp, width: 8}}\n")
+    with pytest.raises(ConfigError, match=r"registry\.url: .*carries a secret") as e:
+        load_config(path)
+    assert "hunter2" not in str(e.value)
+
+
+def test_compare_and_set_holds_when_the_database_defaults_to_repeatable_read(postgres_url, postgres_server):
+    """The backend pins READ COMMITTED: under a REPEATABLE READ default a writer would read
+    a snapshot from before the lock and fail to serialise instead of seeing the move."""
+    with psycopg.connect(postgres_url, password=postgres_server.password, autocommit=True) as c:
+        c.execute("ALTER DATABASE " + postgres_url.rsplit("/", 1)[1] + " SET default_transaction_isolation "
+                  "TO 'repeatable read'")
+    a = Registry(postgres_url, password_env=PASSWORD_ENV)
+    b = Registry(postgres_url, password_env=PASSWORD_ENV)
+    try:
+        a.add_generation("g0", None, "mlp", "h", "/x/g0", "a" * 64)
+        a.add_generation("g1", "g0", "mlp", "h", "/x/g1", "b" * 64)
+        rid = a.start_rollout("g1", "g0", "ctl", "go").id
+        holding = threading.Event()
+
+        def move_slowly(tx):  # a moves the rollout and holds the write lock a while
+            tx.execute("UPDATE rollouts SET state = 'canary', step = 1 WHERE id = ?", (rid,))
+            holding.set()
+            time.sleep(1.5)
+
+        mover = threading.Thread(target=a._write, args=(move_slowly,))
+        mover.start()
+        assert holding.wait(30)
+        # b's transaction starts while a holds the lock: it must read a's commit, not a
+        # snapshot from before it
+        with pytest.raises(StaleTransition, match=r"at \(canary, step 1\)"):
+            b.transition(rid, ("shadow", 0), state="rolled_back", step=0, weight=0.0, actor="b", action="rb",
+                         reason="")
+        mover.join(30)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_first_write_after_the_server_dropped_the_connection_succeeds(postgres_url, postgres_server):
+    reg = Registry(postgres_url, password_env=PASSWORD_ENV)
+    try:
+        reg.audit("t", "before", "s")
+        with psycopg.connect(postgres_url, password=postgres_server.password, autocommit=True) as c:
+            c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'graceful' "
+                      "AND datname = current_database() AND pid <> pg_backend_pid()")
+        reg.audit("t", "after", "s")  # nothing had been sent on the dead connection: retried once
+        assert [e.action for e in reg.events("s")] == ["before", "after"]
+    finally:
+        reg.close()
