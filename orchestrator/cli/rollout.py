@@ -237,7 +237,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         if args.candidate and (r is None or r.candidate != args.candidate):
             r = reg.latest_rollout(args.candidate)
             if r is None:
-                raise UsageError(f"no rollout of {args.candidate!r} in {registry_path(cfg)}")
+                raise UsageError(f"no rollout of {args.candidate!r} in {reg.location}")
         if r is not None:
             live = _live(cfg)
             last_tick = (live or {}).get("last_tick") if (live or {}).get("rollout", {}) and \
@@ -267,7 +267,7 @@ def _enqueue(args: argparse.Namespace, command: str, reason: str, force: bool = 
     with _open_registry(cfg) as reg:
         r: Optional[RolloutRecord] = reg.active_rollout()
         if r is None:
-            raise UsageError("no active rollout in " + str(registry_path(cfg)))
+            raise UsageError(f"no active rollout in {reg.location}")
         if args.candidate and r.candidate != args.candidate:
             raise UsageError(f"the active rollout is of {r.candidate!r}, not {args.candidate!r}")
         if command == "pause" and r.state == RolloutState.PAUSED:

@@ -46,9 +46,9 @@ class DemoInterrupted(Exception):
 @dataclass
 class GenerationSummary:
     name: str
-    error: float
+    error: Optional[float]  # None when it failed before its gate
     nfr: Optional[float]  # offline NFR against the production model it was compared with
-    outcome: str  # promoted | rolled_back | rejected | inconclusive (an enforced gate that could not decide)
+    outcome: str  # promoted | rolled_back | rejected | failed | inconclusive (an enforced gate that could not decide)
     against: Optional[str] = None
     top1_vs_gallery: Optional[float] = None  # M(this generation, gallery generation)
     live_nfr: Optional[float] = None
@@ -258,7 +258,9 @@ class DemoRunner(PipelineRunner):
         return attach
 
     def rolled_out(self, name: str, state: str) -> None:
-        row = next(r for r in self.rows if r.name == name)
+        row = next((r for r in self.rows if r.name == name), None)
+        if row is None:  # resumed past its gate in an earlier process: nothing to add to
+            return
         row.live_nfr, row.live_labelled = _live_counts(self.demo_client, name, self.wanted_only)
         top1, by = live_retrieval_top1(self.demo_client, self.query.x[:512], self.query.y[:512])
         self.log(f"/v1/search: top-1 {100 * top1:.1f}% with queries embedded by {by} in "
@@ -306,6 +308,9 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
     from serving.client import RouterClient
     from workers.data import load_dataset
 
+    if cfg.registry.url is not None:
+        raise ValueError("registry.url: the demo keeps its registry in run_dir (it replays the lifecycle from an "
+                         "empty one on every run); remove registry.url, or use `graceful run` on a shared registry")
     stop = stop or threading.Event()
     t_start = time.perf_counter()
     trap_sigterm()
@@ -375,14 +380,24 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
                 update={"rollout_max_seconds": rollout_seconds, "poll_seconds": 0.5})})
             runner = DemoRunner(loop_cfg, registry, log, stop, client, ds.query, gallery, rows, wanted_only)
             runner.use_router(url, client, owned=True)
-            runner.run(until_idle=True, max_seconds=budget)
+            rc = runner.run(until_idle=True, max_seconds=budget)
             _check(stop)
+            if rc != 0:
+                last = registry.events("pipeline", limit=1, actions=("pipeline_error",))
+                raise RuntimeError("the pipeline loop stopped on repeated errors"
+                                   + (f": {last[0].reason}" if last else ""))
             final = stages(loop_cfg, registry)
             late = [n for n, st in final.items() if not st.final]
             if late:
                 raise RuntimeError(f"{', '.join(late)} did not reach a final stage within {budget:.0f}s "
                                    f"(at {', '.join(final[n].value for n in late)}); raise --rollout-seconds or "
                                    f"lower rollout.steps[].min_labels")
+            for name, st in final.items():
+                if st is Stage.FAILED and not any(r.name == name for r in rows):
+                    # failed before its gate (training, or the gate could not run): a row all the same
+                    why = registry.events(name, limit=1, actions=("pipeline_failed",))
+                    rows.append(GenerationSummary(name, None, None, "failed",
+                                                  reasons=[why[0].reason] if why else []))
             for row in rows:
                 st = final.get(row.name)
                 if st is None or row.name == rows[0].name:

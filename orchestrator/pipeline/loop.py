@@ -44,6 +44,11 @@ class GenerationFailed(RuntimeError):
     """A stage failed for a reason of the generation itself: recorded, the pipeline goes on."""
 
 
+class RouterUnavailable(RuntimeError):
+    """No router answers and this process must not start one (`serving.attach: rayservice`):
+    waited for, never counted as a failing pass (a RayService upgrade is not an error)."""
+
+
 def generation_hash(cfg: RunConfig, name: str) -> str:
     """The generation's config, hashed: a failure is recorded against it, so a corrected
     config is tried again."""
@@ -220,9 +225,9 @@ class PipelineRunner:
         except requests.RequestException:
             if self.cfg.serving.attach == "rayservice":
                 # The RayService serves; a router started here, on the orchestrator's own
-                # cluster, would be one nobody reaches. Retried on the next pass.
-                raise RuntimeError(f"no router answers at {url} (serving.attach: rayservice: the RayService "
-                                   f"serves, this process never starts a router)") from None
+                # cluster, would be one nobody reaches.
+                raise RouterUnavailable(f"no router answers at {url} (serving.attach: rayservice: the RayService "
+                                        f"serves, this process never starts a router); waiting for it") from None
             from orchestrator.apps import build_catalogue, serving_plan, start_router
 
             plan = serving_plan(self.cfg, self.reg)
@@ -305,6 +310,13 @@ class PipelineRunner:
 
         rec = self.reg.latest_rollout(name)
         gone = rec.baseline if state == "promoted" else name
+        if rayservice and state == "promoted":
+            # The router replicas KubeRay built before this promotion wait for the old
+            # production's application when they restart: it stays in serveConfigV2 until
+            # the RayService manifest lists the new production and is applied again.
+            self.log(f"[{name}] {gone}'s application stays in the RayService (a router replica built before "
+                     f"this promotion needs it); update rayservice.yaml to retire it")
+            return
         try:
             if rayservice:
                 from orchestrator.kuberay import detach_via_rayservice
@@ -321,7 +333,7 @@ class PipelineRunner:
         """Reconcile until every listed generation is final (`until_idle`), `stop` is set,
         or `max_seconds` pass. Returns 0, or 1 when the loop stopped on repeated errors."""
         deadline = time.monotonic() + max_seconds if max_seconds else None
-        said_paused = False
+        said_paused = said_waiting = False
         while not self.stop.is_set() and (deadline is None or time.monotonic() < deadline):
             try:
                 self.cfg = effective_config(self.base, self.reg, record=True)
@@ -350,8 +362,14 @@ class PipelineRunner:
                 except GenerationFailed as e:
                     self.fail(todo, stage, e.__cause__ or e)
                 self.errors = 0
+                said_waiting = False
             except KeyboardInterrupt:
                 raise
+            except RouterUnavailable as e:
+                if not said_waiting:
+                    self.log(f"pipeline: {e}")
+                    said_waiting = True
+                self.stop.wait(self.cfg.pipeline.poll_seconds)
             except Exception as e:  # outside any one generation: retried, then the loop stops
                 self.errors += 1
                 self.reg.audit(ACTOR, "pipeline_error", SUBJECT, f"{type(e).__name__}: {e}"[:2000])

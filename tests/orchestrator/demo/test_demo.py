@@ -58,3 +58,22 @@ def test_demo_cli_refuses_bad_config_and_missing_default(tmp_path, monkeypatch, 
     monkeypatch.setattr(cli_demo, "DEFAULT_CONFIGS", (tmp_path / "nope.yaml",))
     assert main(["demo"]) == 2
     assert "pass a config file" in capsys.readouterr().err
+
+
+def test_a_generation_that_failed_before_its_gate_shows_dashes_and_its_reason(tmp_path):
+    rows = [GenerationSummary("g0", 0.25, None, "promoted"),
+            GenerationSummary("g1", None, None, "failed", reasons=["train failed: RuntimeError: out of memory"])]
+    assert format_summary(rows, 1.0).splitlines()[3].split() == ["g1", "-", "-", "-", "-", "failed"]
+    data = json.loads(write_summary(_cfg(tmp_path), rows, 1.0).read_text())
+    assert data["generations"][1]["error"] is None
+    assert data["generations"][1]["reasons"] == ["train failed: RuntimeError: out of memory"]
+
+
+def test_run_demo_refuses_a_shared_registry(tmp_path):
+    from orchestrator.demo.run import run_demo
+
+    cfg = parse_config({"run_dir": str(tmp_path / "run"), "generations": [{"name": "g0"}],
+                        "registry": {"url": "postgresql://graceful@db/graceful"}})
+    with pytest.raises(ValueError, match="registry.url: the demo keeps its registry in run_dir"):
+        run_demo(cfg)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

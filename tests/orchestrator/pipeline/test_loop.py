@@ -117,3 +117,34 @@ def test_the_evaluated_hook_gets_the_recorded_evaluation_and_the_stage_moves_on(
     assert len(recorded) == 1 and recorded[0]["baseline"] == "g0"
     assert [(n, b) for n, b, _ in seen] == [("g1", "g0")] and seen[0][2] in ("pass", "fail", "inconclusive")
     assert stages(cfg, reg)["g1"] is not Stage.EVALUATE
+
+
+def test_with_rayservice_attach_a_missing_router_is_waited_for_not_counted_as_errors(run):
+    """serving.attach: rayservice: nothing answers at serving.host:port, and the loop never
+    starts a router of its own: it says so once and waits, with no failing pass counted (a
+    RayService upgrade must not use up the RayJob's retries)."""
+    cfg, reg = run
+    cfg = cfg.model_copy(update={
+        "serving": cfg.serving.model_copy(update={"attach": "rayservice", "port": free_port()}),
+        "pipeline": cfg.pipeline.model_copy(update={"poll_seconds": 0.1, "max_consecutive_errors": 1})})
+    lines = []
+    runner = PipelineRunner(cfg, reg, log=lines.append)
+    assert runner.run(max_seconds=1.0) == 0
+    waiting = [m for m in lines if "no router answers" in m]
+    assert len(waiting) == 1 and "never starts a router" in waiting[0]
+    assert runner.errors == 0 and runner.client is None and not runner.started_serving
+    assert not [e for e in reg.events("pipeline") if e.action == "pipeline_error"]
+
+
+def test_with_rayservice_attach_the_old_productions_app_stays_after_a_promotion(run):
+    """Router replicas KubeRay built before the promotion wait for the old production's
+    application on restart: the loop leaves it in the RayService and says so."""
+    cfg, reg = run
+    cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"attach": "rayservice"})})
+    r = reg.start_rollout("g1", "g0", "ctl", "go")
+    reg.transition(r.id, ("shadow", 0), state="promoted", step=0, weight=1.0, actor="ctl", action="promote",
+                   reason="ok")
+    lines = []
+    PipelineRunner(cfg, reg, log=lines.append)._free("g1", "promoted")
+    assert lines == ["[g1] g0's application stays in the RayService (a router replica built before this "
+                     "promotion needs it); update rayservice.yaml to retire it"]
