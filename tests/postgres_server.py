@@ -4,8 +4,8 @@
 The PostgreSQL registry backend is tested against the server it runs on, not a fake: its
 locks, constraints, triggers and transactions are the server's. PostgreSQL refuses to run
 as root, so as root the server runs as the `postgres` user (Debian's package creates it).
-Durability settings are off (fsync): these tests check transactions and concurrency, not
-crash recovery, and the machine is shared.
+Durability settings are off (fsync) unless `durable`: these tests check transactions and
+concurrency, not crash recovery, and the machine is shared.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ USER = "graceful"
 APT = "apt-get install postgresql"
 
 
-def _bin_dirs() -> tuple[str, ...]:
+def bin_dirs() -> tuple[str, ...]:
     # Debian keeps the server binaries off PATH, under /usr/lib/postgresql/<major>/bin.
     return tuple(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True))
 
@@ -56,9 +56,15 @@ class PostgresServer(ServerProcess):
     STOP_SIGNAL = signal.SIGINT  # fast shutdown: open transactions roll back, clients are disconnected
     STOP_WAIT_S = 20.0
 
-    def __init__(self, password: Optional[str] = None):
-        self.initdb = require_tool("initdb", install_hint=APT, also_in=_bin_dirs())
-        self.postgres = require_tool("postgres", install_hint=APT, also_in=_bin_dirs())
+    def __init__(self, password: Optional[str] = None, bin_dir: Optional[str] = None, durable: bool = False):
+        """`bin_dir`: where initdb and postgres are (the benchmarks pass it: no pytest
+        lookup). `durable`: keep PostgreSQL's fsync on, as a production server has it."""
+        if bin_dir is not None:
+            self.initdb, self.postgres = os.path.join(bin_dir, "initdb"), os.path.join(bin_dir, "postgres")
+        else:
+            self.initdb = require_tool("initdb", install_hint=APT, also_in=bin_dirs())
+            self.postgres = require_tool("postgres", install_hint=APT, also_in=bin_dirs())
+        self.durable = durable
         self.password = password or uuid.uuid4().hex
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="graceful-pg-"))
@@ -104,8 +110,9 @@ class PostgresServer(ServerProcess):
         try:
             self.proc = subprocess.Popen(
                 [self.postgres, "-D", str(self.data), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
-                 "-c", f"unix_socket_directories={self.dir}", "-c", "fsync=off", "-c", "synchronous_commit=off",
-                 "-c", "full_page_writes=off", "-c", "max_connections=100"],
+                 "-c", f"unix_socket_directories={self.dir}", "-c", "max_connections=100"]
+                + ([] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off",
+                                            "-c", "full_page_writes=off"]),
                 stdout=log, stderr=log, preexec_fn=_as_user(self._uid, self._gid), cwd=self.dir)
         finally:
             log.close()

@@ -57,3 +57,14 @@ def test_lqf_rows_cover_both_regimes_with_three_seeds():
 @pytest.mark.parametrize("name", ["nfr_pareto.json", "lqf.json", "rollout_sim.json"])
 def test_results_are_plain_json_lists(name):
     assert all(isinstance(r, dict) for r in _rows(name))
+
+
+def test_registry_backends_rows_compare_both_backends_on_every_operation():
+    data = json.loads((RESULTS / "registry_backends.json").read_text())
+    rows = {(r["backend"], r["op"]): r for r in data["rows"]}
+    assert set(rows) == {(b, op) for b in ("sqlite", "postgresql")
+                         for op in ("audit", "transition", "pass_reads", "two_writers")}
+    for r in rows.values():
+        assert r["n"] > 0 and r["per_s"] > 0
+        if r["op"] != "two_writers":
+            assert 0 < r["p50_ms"] <= r["p99_ms"], r
