@@ -103,11 +103,12 @@ def is_paused(reg: Registry) -> bool:
 
 
 def set_paused(reg: Registry, paused: bool, actor: str, reason: str) -> bool:
-    """Pause or resume taking new generations (audited); returns whether it changed."""
+    """Pause or resume taking new generations (audited); returns whether it changed (two
+    operators pausing at once: one of them changes it)."""
     if is_paused(reg) == paused:
         return False
-    reg.audit(actor, "pipeline_pause" if paused else "pipeline_resume", SUBJECT, reason)
-    return True
+    return reg.audit_change(actor, "pipeline_pause" if paused else "pipeline_resume", SUBJECT,
+                            among=("pipeline_pause", "pipeline_resume"), reason=reason) is not None
 
 
 def pipeline_status(cfg: RunConfig, reg: Registry) -> dict:
@@ -174,13 +175,13 @@ class PipelineRunner:
         """Audit (and post) each generation's stage once, when it differs from the last
         recorded: idempotent across restarts."""
         for name, st in current.items():
-            last = recorded_stage(self.reg, name)
-            if last == st.value:
+            if recorded_stage(self.reg, name) == st.value:  # the usual case, without a write
                 continue
-            self.reg.audit(ACTOR, "pipeline_stage", name, f"{last or 'new'} -> {st.value}",
-                           from_state=last, to_state=st.value)
-            self.log(f"[{name}] stage {last or '-'} -> {st.value}")
-            self.webhook.post({"generation": name, "from": last, "to": st.value, "at": time.time(),
+            ev = self.reg.audit_change(ACTOR, "pipeline_stage", name, st.value)
+            if ev is None:  # another process recorded it a moment ago
+                continue
+            self.log(f"[{name}] stage {ev.from_state or '-'} -> {st.value}")
+            self.webhook.post({"generation": name, "from": ev.from_state, "to": st.value, "at": time.time(),
                                "run_dir": str(self.cfg.run_dir)})
 
     def fail(self, name: str, stage: Stage, e: BaseException) -> None:

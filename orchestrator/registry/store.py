@@ -641,6 +641,28 @@ class Registry:
         """Append one event to the audit log."""
         return self._write(lambda db: self._audit_in(db, actor, action, subject, reason, from_state, to_state, data))
 
+    def audit_change(self, actor: str, action: str, subject: str, to_state: Optional[str] = None,
+                     among: Sequence[str] = (), reason: Optional[str] = None,
+                     data: Optional[dict] = None) -> Optional[Event]:
+        """Append (`action`, `to_state`) for `subject` unless it is what the newest of its
+        events among the actions `among` (default: `action` alone) already says; None when
+        nothing changed. The check and the append are one transaction, so processes that
+        record the same change at once record it once. `from_state` is that newest event's
+        `to_state`; `reason` defaults to "<from or new> -> <to>"."""
+        kinds = tuple(among) or (action,)
+
+        def run(db: Tx) -> Optional[Event]:
+            last = db.execute("SELECT action, to_state FROM events WHERE subject = ? AND action IN ("
+                              + ", ".join("?" * len(kinds)) + ") ORDER BY id DESC LIMIT 1",
+                              (subject, *kinds)).fetchone()
+            if last is not None and (last["action"], last["to_state"]) == (action, to_state):
+                return None
+            before = last["to_state"] if last is not None else None
+            why = reason if reason is not None else f"{before or 'new'} -> {to_state}"
+            return self._audit_in(db, actor, action, subject, why, before, to_state, data)
+
+        return self._write(run)
+
     def events(self, subject: Optional[str] = None, limit: Optional[int] = None,
                actions: Optional[Sequence[str]] = None) -> list[Event]:
         """Audit events (of `subject`, of the given `actions`), oldest first; with `limit`,

@@ -520,3 +520,43 @@ def test_events_filter_by_subject_and_action_newest_last(reg):
     assert [e.id for e in reg.events("a", limit=1, actions=("x", "y"))] == [got[-1].id]
     assert [e.reason for e in reg.events(actions=("y",))] == ["a/y", "b/y"]
     assert reg.events("a", actions=()) == []
+
+
+def test_audit_change_appends_only_a_change(reg):
+    """Stage events of g1: evaluate, evaluate again (nothing), rollout; from_state follows
+    the previous one; pause/resume tracked together among two actions."""
+    first = reg.audit_change("p", "stage", "g1", "evaluate")
+    assert (first.from_state, first.to_state, first.reason) == (None, "evaluate", "new -> evaluate")
+    assert reg.audit_change("p", "stage", "g1", "evaluate") is None
+    nxt = reg.audit_change("p", "stage", "g1", "rollout")
+    assert (nxt.from_state, nxt.to_state) == ("evaluate", "rollout")
+    kinds = ("pause", "resume")
+    assert reg.audit_change("alice", "pause", "pipe", among=kinds, reason="freeze").reason == "freeze"
+    assert reg.audit_change("bob", "pause", "pipe", among=kinds) is None
+    assert reg.audit_change("bob", "resume", "pipe", among=kinds) is not None
+    assert [e.action for e in reg.events("pipe")] == ["pause", "resume"]
+
+
+def test_processes_recording_the_same_change_at_once_record_it_once(location):
+    """Four threads, each with its own connection, record g1's move to `rollout` at the
+    same moment: one event; the others are told nothing changed."""
+    import threading
+
+    regs = [Registry(location, password_env=PASSWORD_ENV) for _ in range(4)]
+    barrier, got = threading.Barrier(4), []
+
+    def record(r):
+        barrier.wait(10)
+        got.append(r.audit_change("p", "pipeline_stage", "g1", "rollout"))
+
+    threads = [threading.Thread(target=record, args=(r,)) for r in regs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert sum(e is not None for e in got) == 1 and len(got) == 4
+        assert len(regs[0].events("g1", actions=("pipeline_stage",))) == 1
+    finally:
+        for r in regs:
+            r.close()
