@@ -24,8 +24,8 @@ from typing import Callable, Optional, Sequence
 
 from orchestrator.config import RunConfig, init_ray
 from orchestrator.registry import (EXCLUDED_FROM_LINEAGE, Registry, RegistryError, open_registry, production_of,
-                                   register_trained, registry_path)
-from orchestrator.rundir import generation_dir, model_file, ray_storage, read_metrics
+                                   register_trained)
+from orchestrator.rundir import generation_dir, has_registry, model_file, ray_storage, read_metrics
 from workers.checkpoint import expected_factory, sha256_file
 from workers.losses import ancestor_importances
 from workers.train import ConstraintModel, TrainJob, TrainResult, clear_caches, run_training
@@ -262,7 +262,7 @@ def check_retrainable(cfg: RunConfig, name: str) -> None:
     """Raise ChainError when the registry serves generation `name` (production, shadow,
     canary, or named by an active rollout): training would overwrite the bytes being
     served and could not be recorded anyway. Asked before any training starts."""
-    if cfg.registry.url is None and not registry_path(cfg).is_file():
+    if not has_registry(cfg):
         return  # no registry yet: nothing is served
     with open_registry(cfg) as reg:
         try:

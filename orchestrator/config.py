@@ -227,6 +227,11 @@ class RetrievalSpec(StrictModel):
     backfill_order: Literal["uncertainty", "random"] = "random"
 
 
+def _nested(prefix: str, e: ValidationError) -> str:
+    """A nested model's errors as one message under `prefix` (key.path: message; ...)."""
+    return f"{prefix}: " + "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+
+
 class SnapshotTrigger(StrictModel):
     """New data as files: each file matching `pattern` becomes a generation of
     `pipeline.template`, trained on that file (docs/pipeline.md, Triggers)."""
@@ -286,15 +291,13 @@ class PipelineSpec(StrictModel):
             try:
                 GenerationSpec.model_validate({**self.template, "name": "template"})
             except ValidationError as e:
-                raise ValueError("template: " + "; ".join(
-                    f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())) from None
+                raise ValueError(_nested("template", e)) from None
         if self.snapshots is not None and self.snapshots.data is not None:
             try:
                 DataSpec.model_validate({**self.snapshots.data, **({"path": "/dev/null"} if "path" in
                                                                       self.snapshots.data else {})})
             except ValidationError as e:
-                raise ValueError("snapshots.data: " + "; ".join(
-                    f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())) from None
+                raise ValueError(_nested("snapshots.data", e)) from None
         return self
 
 

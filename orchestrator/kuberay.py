@@ -326,7 +326,7 @@ def attach_via_rayservice(cfg: "RunConfig", reg: "Registry", *, account_dir: Pat
                 log.info("%s is in %s's serveConfigV2 already", app, kube.where)
         finally:
             kube.close()
-        _attach_when_running(RouterClient(_router_url(cfg), token), name, app, rec.sha256,
+        _attach_when_running(RouterClient(cfg.serving.base_url(), token), name, app, rec.sha256,
                              spec.rayservice.ready_timeout_s, poll_s, sleep, clock)
 
     return attach
@@ -338,7 +338,7 @@ def detach_via_rayservice(cfg: "RunConfig", name: str, *, account_dir: Path = SE
     attached, or has no application, is skipped. The application stays when the router
     cannot confirm the detach, since a router still holding it would call a deleted app."""
     _check_name(name)
-    router = RouterClient(_router_url(cfg), _admin_token(cfg))
+    router = RouterClient(cfg.serving.base_url(), _admin_token(cfg))
     try:
         router.detach(name)
         log.info("detached %s from the router", name)
@@ -359,10 +359,6 @@ def detach_via_rayservice(cfg: "RunConfig", name: str, *, account_dir: Path = SE
             log.info("removed %s from %s's serveConfigV2", app_name_for(name), kube.where)
     finally:
         kube.close()
-
-
-def _router_url(cfg: "RunConfig") -> str:
-    return f"http://{cfg.serving.host}:{cfg.serving.port}"
 
 
 def _admin_token(cfg: "RunConfig") -> str:

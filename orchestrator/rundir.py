@@ -41,6 +41,12 @@ def registry_location(cfg: Any) -> str | Path:
     return url if url else registry_path(cfg)
 
 
+def has_registry(cfg: Any) -> bool:
+    """Whether the run may have a registry yet: always with `registry.url` (the database
+    says), else when `registry_path(cfg)` is a file."""
+    return bool(getattr(getattr(cfg, "registry", None), "url", None)) or registry_path(cfg).is_file()
+
+
 def generation_dir(cfg: Any, name: str) -> Path:
     return root(cfg) / "generations" / name
 

@@ -174,11 +174,7 @@ def start_serving(spec: ServingSpec, production: ModelRef, candidates: Sequence[
     serve.run(router_application(spec, production, candidates, catalogue, weights, shadows, admin_token,
                                  plan_source=plan_source, feedback_token=feedback_token),
               name=app_name, route_prefix=route_prefix)
-    return base_url(spec) + route_prefix.rstrip("/")
-
-
-def base_url(spec: ServingSpec) -> str:
-    return f"http://{spec.host}:{spec.port}"
+    return spec.base_url() + route_prefix.rstrip("/")
 
 
 def router_handle():

@@ -108,6 +108,10 @@ class ServingSpec(StrictModel):
                              f"variable {self.redis_url_env})")
         return self
 
+    def base_url(self) -> str:
+        """The router's URL at `host:port` (where it binds, and where clients on this host reach it)."""
+        return f"http://{self.host}:{self.port}"
+
     def resolved_admin_token(self) -> Optional[str]:
         """The admin bearer token: `admin_token`, else the `admin_token_env` variable, else None (admin off)."""
         return self.admin_token or os.environ.get(self.admin_token_env) or None

@@ -31,17 +31,16 @@ def _stdout_to_stderr() -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from orchestrator.demo.run import DemoInterrupted, run_demo
+    from orchestrator.demo.run import DemoInterrupted, refuse_shared_registry, run_demo
 
     path = args.config or default_config()
     cfg = load_or_exit(path)
     if args.port is not None:
         cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"port": args.port})})
-    if cfg.registry.url is not None:
-        # The demo replays the lifecycle from an empty registry each run and archives the
-        # previous file; a shared database is the pipeline's (`graceful run`), not a demo's.
-        raise UsageError(f"{path}: registry.url: the demo keeps its registry in run_dir; remove "
-                         f"registry.url (or use `graceful run` on a shared registry)")
+    try:
+        refuse_shared_registry(cfg)
+    except ValueError as e:
+        raise UsageError(f"{path}: {e}") from None
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
     # With --json, stdout carries the summary only: Ray's own messages (its C++ core writes
     # to file descriptor 1 directly) go to stderr with the progress.

@@ -23,19 +23,19 @@ from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, UsageError, add_config
 from orchestrator.config import RunConfig
 from orchestrator.registry import (FINAL_STATES, HELD_STATES, Registry, RolloutRecord, RolloutState, open_registry,
                                    registry_path)
+from orchestrator.rundir import has_registry
 from serving.client import RouterError
 
 EXIT_INTERRUPTED = 130
 
 
 def router_url(cfg: RunConfig, override: Optional[str]) -> str:
-    return (override or f"http://{cfg.serving.host}:{cfg.serving.port}").rstrip("/")
+    return (override or cfg.serving.base_url()).rstrip("/")
 
 
 def _open_registry(cfg: RunConfig, must_exist: bool = True) -> Registry:
-    path = registry_path(cfg)
-    if must_exist and cfg.registry.url is None and not path.is_file():
-        raise UsageError(f"no registry at {path}: nothing has been trained or registered for this run yet "
+    if must_exist and not has_registry(cfg):
+        raise UsageError(f"no registry at {registry_path(cfg)}: nothing has been trained or registered for this run yet "
                          f"(graceful train CONFIG)")
     return open_registry(cfg)
 

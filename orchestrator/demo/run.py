@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from orchestrator.config import RunConfig, init_ray
-from orchestrator.pipeline.loop import PipelineRunner, stages
+from orchestrator.pipeline.loop import SUBJECT, PipelineRunner, stages
 from orchestrator.pipeline.stages import Stage
 from orchestrator.rundir import generation_dir, registry_path, summary_path
 
@@ -208,11 +208,11 @@ class DemoRunner(PipelineRunner):
     each gate's report and summary row, the rollout's progress, and the live NFR and
     retrieval quality after each rollout."""
 
-    def __init__(self, cfg: RunConfig, registry, log: Callable[[str], None], stop: threading.Event, client,
-                 query, gallery: Path, rows: list[GenerationSummary], wanted_only: bool):
+    def __init__(self, cfg: RunConfig, registry, log: Callable[[str], None], stop: threading.Event, url: str,
+                 client, query, gallery: Path, rows: list[GenerationSummary], wanted_only: bool):
         super().__init__(cfg, registry, log, stop)
+        self.use_router(url, client, owned=True)  # the demo's own serving plane
         self.query, self.gallery, self.rows, self.wanted_only = query, gallery, rows, wanted_only
-        self.demo_client = client
 
     def act(self, name: str, stage: Stage) -> None:
         prod = self.reg.production()
@@ -245,7 +245,7 @@ class DemoRunner(PipelineRunner):
             gate_verdict=ev.verdict, reasons=list(ev.reasons), report=str(report)))
 
     def rollout_progress(self, name: str) -> Callable[[Any], None]:
-        return _progress(self.cfg, self.demo_client, name, self.log)
+        return _progress(self.cfg, self.client, name, self.log)
 
     def _attach(self) -> Callable[[str], None]:
         deploy_beside = super()._attach()  # this process's Ray is the demo's own
@@ -261,10 +261,19 @@ class DemoRunner(PipelineRunner):
         row = next((r for r in self.rows if r.name == name), None)
         if row is None:  # resumed past its gate in an earlier process: nothing to add to
             return
-        row.live_nfr, row.live_labelled = _live_counts(self.demo_client, name, self.wanted_only)
-        top1, by = live_retrieval_top1(self.demo_client, self.query.x[:512], self.query.y[:512])
+        row.live_nfr, row.live_labelled = _live_counts(self.client, name, self.wanted_only)
+        top1, by = live_retrieval_top1(self.client, self.query.x[:512], self.query.y[:512])
         self.log(f"/v1/search: top-1 {100 * top1:.1f}% with queries embedded by {by} in "
                  f"{self.cfg.gallery}'s gallery (not re-indexed)")
+
+
+def refuse_shared_registry(cfg: RunConfig) -> None:
+    """ValueError when `registry.url` is set: the demo replays the lifecycle from an empty
+    registry on every run and archives the previous file; a shared database is the
+    pipeline's (`graceful run`), not a demo's."""
+    if cfg.registry.url is not None:
+        raise ValueError("registry.url: the demo keeps its registry in run_dir (it replays the lifecycle from an "
+                         "empty one on every run); remove registry.url, or use `graceful run` on a shared registry")
 
 
 def archive_registry(cfg: RunConfig, log: Callable[[str], None]) -> None:
@@ -308,9 +317,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
     from serving.client import RouterClient
     from workers.data import load_dataset
 
-    if cfg.registry.url is not None:
-        raise ValueError("registry.url: the demo keeps its registry in run_dir (it replays the lifecycle from an "
-                         "empty one on every run); remove registry.url, or use `graceful run` on a shared registry")
+    refuse_shared_registry(cfg)
     stop = stop or threading.Event()
     t_start = time.perf_counter()
     trap_sigterm()
@@ -358,7 +365,7 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
         rows.append(GenerationSummary(production, 1 - m0["test_accuracy"], None, "promoted",
                                       top1_vs_gallery=gallery_top1(cfg, registry, production, ds.query, gallery)))
 
-        _stage(log, f"serve {production} on Ray Serve at http://{cfg.serving.host}:{cfg.serving.port} "
+        _stage(log, f"serve {production} on Ray Serve at {cfg.serving.base_url()} "
                     f"(retrieval gallery built once by {cfg.gallery})")
         _check(stop)
         url = start_router(cfg, registry, plan, catalogue=gallery, admin_token=token)
@@ -378,12 +385,11 @@ def run_demo(cfg: RunConfig, log: Callable[[str], None] = print, stop: Optional[
             # controller, every stage recorded in the registry (audit `pipeline_stage`).
             loop_cfg = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(
                 update={"rollout_max_seconds": rollout_seconds, "poll_seconds": 0.5})})
-            runner = DemoRunner(loop_cfg, registry, log, stop, client, ds.query, gallery, rows, wanted_only)
-            runner.use_router(url, client, owned=True)
+            runner = DemoRunner(loop_cfg, registry, log, stop, url, client, ds.query, gallery, rows, wanted_only)
             rc = runner.run(until_idle=True, max_seconds=budget)
             _check(stop)
             if rc != 0:
-                last = registry.events("pipeline", limit=1, actions=("pipeline_error",))
+                last = registry.events(SUBJECT, limit=1, actions=("pipeline_error",))
                 raise RuntimeError("the pipeline loop stopped on repeated errors"
                                    + (f": {last[0].reason}" if last else ""))
             final = stages(loop_cfg, registry)

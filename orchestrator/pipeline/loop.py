@@ -120,9 +120,8 @@ def pipeline_status(cfg: RunConfig, reg: Registry) -> dict:
     active = reg.active_rollout()
     return {"paused": is_paused(reg), "current_rollout": active.candidate if active else None,
             "next": next((n for n, s in st.items() if not s.final), None), "next_trigger": next_trigger(cfg),
-            "generations": [{"name": n, "stage": s.value, "status": (reg.generation(n).status
-                                                                     if reg.generation(n) else None)}
-                            for n, s in st.items()]}
+            "generations": [{"name": n, "stage": s.value, "status": rec.status if rec else None}
+                            for n, s in st.items() for rec in (reg.generation(n),)]}
 
 
 def drive_rollout(cfg: RunConfig, reg: Registry, client: Any, candidate: str, stop: threading.Event,
@@ -219,7 +218,7 @@ class PipelineRunner:
         from serving.client import RouterClient
 
         token = self.cfg.serving.resolved_admin_token()
-        url = f"http://{self.cfg.serving.host}:{self.cfg.serving.port}"
+        url = self.cfg.serving.base_url()
         try:
             requests.get(url + "/healthz", timeout=2).raise_for_status()
             self.log(f"serving: using the router that answers at {url}")
@@ -307,8 +306,6 @@ class PipelineRunner:
         rayservice = self.cfg.serving.attach == "rayservice"
         if not (self.started_serving or rayservice):
             return
-        from serving import deploy
-
         rec = self.reg.latest_rollout(name)
         gone = rec.baseline if state == "promoted" else name
         if rayservice and state == "promoted":
@@ -324,6 +321,8 @@ class PipelineRunner:
 
                 detach_via_rayservice(self.cfg, gone)
             else:
+                from serving import deploy
+
                 deploy.remove_generation(gone)
         except Exception as e:  # it keeps serving nothing; the next plan leaves it out anyway
             log_.warning("pipeline: could not remove %s from the router (%s)", gone, e)

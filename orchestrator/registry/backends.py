@@ -44,6 +44,12 @@ class BackendError(RuntimeError):
     """The registry's storage cannot be opened or used (the message names it and why)."""
 
 
+def _refuse_newer(location: str, version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise BackendError(f"{location}: schema version {version} is newer than this code understands "
+                           f"({SCHEMA_VERSION}); upgrade graceful")
+
+
 class Tx(Protocol):
     """One transaction's (or one read's) view of the database, qmark parameters."""
 
@@ -99,12 +105,9 @@ class SQLiteBackend:
     """One registry file. WAL lets readers go on while one writer writes; a busy timeout
     and a retry on "database is locked" on top make concurrent writers wait, not fail."""
 
-    kind = "sqlite"
-
     def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
         self.location = str(self.path)
-        self.readonly = readonly
         self._lock = threading.RLock()
         if readonly:
             if not self.path.is_file():
@@ -166,18 +169,17 @@ class SQLiteBackend:
         with self._lock:
             return self._retry(lambda: fn(_SQLiteTx(self._db)))
 
+    @staticmethod
+    def _version(tx: Tx) -> int:
+        return int(tx.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0])
+
     def _check_version(self) -> None:
-        v = self.read(lambda tx: int(tx.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]))
-        if v > SCHEMA_VERSION:
-            raise BackendError(f"{self.location}: schema version {v} is newer than this code understands "
-                               f"({SCHEMA_VERSION}); upgrade graceful")
+        _refuse_newer(self.location, self.read(self._version))
 
     def _migrate(self, tx: Tx) -> None:
         tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-        current = int(tx.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0])
-        if current > SCHEMA_VERSION:
-            raise BackendError(f"{self.location}: schema version {current} is newer than this code "
-                               f"understands ({SCHEMA_VERSION}); upgrade graceful")
+        current = self._version(tx)
+        _refuse_newer(self.location, current)
         for version in range(current + 1, SCHEMA_VERSION + 1):
             migration = MIGRATIONS[version - 1]
             if callable(migration):
@@ -204,9 +206,6 @@ class _Row:
 
     def __getitem__(self, key: Any) -> Any:
         return self._values[self._index[key]] if isinstance(key, str) else self._values[key]
-
-    def keys(self) -> list[str]:
-        return list(self._index)
 
 
 def _row_factory(cursor: Any) -> Callable[[Any], _Row]:
@@ -238,8 +237,6 @@ class PostgresBackend:
     transaction that first takes a transaction-scoped advisory lock, so writers of any
     process are serialised exactly as SQLite's write lock serialises them."""
 
-    kind = "postgresql"
-
     def __init__(self, url: str, readonly: bool = False, password: Optional[str] = None):
         try:
             import psycopg
@@ -258,9 +255,7 @@ class PostgresBackend:
             v = self.read(self._version)
             if v == 0:
                 raise BackendError(f"no registry at {self.location} (the database has no graceful schema)")
-            if v > SCHEMA_VERSION:
-                raise BackendError(f"{self.location}: schema version {v} is newer than this code understands "
-                                   f"({SCHEMA_VERSION}); upgrade graceful")
+            _refuse_newer(self.location, v)
         elif self.read(self._version) != SCHEMA_VERSION:
             # Only a new or older database takes the write lock and runs DDL; a current one
             # is opened with data privileges alone.
@@ -344,9 +339,7 @@ class PostgresBackend:
         tx.execute("CREATE TABLE IF NOT EXISTS schema_version "
                    "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
         current = self._version(tx)
-        if current > SCHEMA_VERSION:
-            raise BackendError(f"{self.location}: schema version {current} is newer than this code "
-                               f"understands ({SCHEMA_VERSION}); upgrade graceful")
+        _refuse_newer(self.location, current)
         if current == 0:
             # A new database starts at the first schema released with PostgreSQL support.
             tx.execute(PG_BASELINE)
